@@ -1,0 +1,353 @@
+use cqrs_es::test::TestFramework;
+
+use super::*;
+use crate::money::{MAX_AMOUNT, MAX_BALANCE};
+
+type AccountTest = TestFramework<Account>;
+
+const TENANT: &str = "acme";
+
+fn eur() -> Currency {
+    Currency::parse("EUR").unwrap()
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").unwrap()
+}
+
+fn amount(minor_units: i64) -> Amount {
+    Amount::parse(minor_units).unwrap()
+}
+
+fn opened(overdraft: i64) -> AccountEvent {
+    AccountEvent::AccountOpened {
+        tenant: TENANT.into(),
+        owner: Owner::parse("Ada Lovelace").unwrap(),
+        currency: eur(),
+        overdraft_limit: OverdraftLimit::parse(overdraft).unwrap(),
+    }
+}
+
+fn deposited(minor_units: i64, balance_after: i64) -> AccountEvent {
+    AccountEvent::MoneyDeposited {
+        amount: amount(minor_units),
+        currency: eur(),
+        balance_after,
+    }
+}
+
+fn open(tenant: &str) -> AccountCommand {
+    AccountCommand::Open {
+        tenant: tenant.into(),
+        owner: Owner::parse("Ada Lovelace").unwrap(),
+        currency: eur(),
+        overdraft_limit: OverdraftLimit::default(),
+    }
+}
+
+fn deposit(minor_units: i64) -> AccountCommand {
+    AccountCommand::Deposit {
+        tenant: TENANT.into(),
+        amount: amount(minor_units),
+        currency: eur(),
+    }
+}
+
+fn withdraw(minor_units: i64) -> AccountCommand {
+    AccountCommand::Withdraw {
+        tenant: TENANT.into(),
+        amount: amount(minor_units),
+        currency: eur(),
+    }
+}
+
+fn freeze() -> AccountCommand {
+    AccountCommand::Freeze {
+        tenant: TENANT.into(),
+    }
+}
+
+fn unfreeze() -> AccountCommand {
+    AccountCommand::Unfreeze {
+        tenant: TENANT.into(),
+    }
+}
+
+fn close() -> AccountCommand {
+    AccountCommand::Close {
+        tenant: TENANT.into(),
+    }
+}
+
+fn every_command() -> Vec<AccountCommand> {
+    vec![
+        open(TENANT),
+        deposit(10),
+        withdraw(10),
+        freeze(),
+        unfreeze(),
+        close(),
+    ]
+}
+
+#[test]
+fn open_a_new_account() {
+    AccountTest::with(())
+        .given_no_previous_events()
+        .when(open(TENANT))
+        .then_expect_events(vec![opened(0)]);
+}
+
+#[test]
+fn every_command_but_open_on_a_missing_account_is_not_found() {
+    for command in every_command().into_iter().skip(1) {
+        AccountTest::with(())
+            .given_no_previous_events()
+            .when(command)
+            .then_expect_error(AccountError::NotFound);
+    }
+}
+
+#[test]
+fn opening_twice_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(0)])
+        .when(open(TENANT))
+        .then_expect_error(AccountError::AlreadyOpen);
+}
+
+#[test]
+fn another_tenant_sees_no_account_whatever_the_command() {
+    let commands = [
+        open("globex"),
+        AccountCommand::Deposit {
+            tenant: "globex".into(),
+            amount: amount(1),
+            currency: eur(),
+        },
+        AccountCommand::Withdraw {
+            tenant: "globex".into(),
+            amount: amount(1),
+            currency: eur(),
+        },
+        AccountCommand::Freeze {
+            tenant: "globex".into(),
+        },
+        AccountCommand::Unfreeze {
+            tenant: "globex".into(),
+        },
+        AccountCommand::Close {
+            tenant: "globex".into(),
+        },
+    ];
+    for command in commands {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(50, 50)])
+            .when(command)
+            .then_expect_error(AccountError::NotFound);
+    }
+}
+
+#[test]
+fn deposit_adds_to_the_balance() {
+    AccountTest::with(())
+        .given(vec![opened(0), deposited(100, 100)])
+        .when(deposit(250))
+        .then_expect_events(vec![deposited(250, 350)]);
+}
+
+#[test]
+fn deposit_in_another_currency_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(0)])
+        .when(AccountCommand::Deposit {
+            tenant: TENANT.into(),
+            amount: amount(1),
+            currency: usd(),
+        })
+        .then_expect_error(AccountError::CurrencyMismatch {
+            account: eur(),
+            requested: usd(),
+        });
+}
+
+#[test]
+fn deposit_beyond_the_maximum_balance_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(0), deposited(MAX_AMOUNT, MAX_BALANCE)])
+        .when(deposit(1))
+        .then_expect_error(AccountError::BalanceLimitExceeded);
+}
+
+#[test]
+fn withdraw_down_to_zero() {
+    AccountTest::with(())
+        .given(vec![opened(0), deposited(100, 100)])
+        .when(withdraw(100))
+        .then_expect_events(vec![AccountEvent::MoneyWithdrawn {
+            amount: amount(100),
+            currency: eur(),
+            balance_after: 0,
+        }]);
+}
+
+#[test]
+fn withdraw_into_the_overdraft_up_to_its_limit() {
+    AccountTest::with(())
+        .given(vec![opened(50), deposited(100, 100)])
+        .when(withdraw(150))
+        .then_expect_events(vec![AccountEvent::MoneyWithdrawn {
+            amount: amount(150),
+            currency: eur(),
+            balance_after: -50,
+        }]);
+}
+
+#[test]
+fn withdraw_beyond_the_overdraft_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(50), deposited(100, 100)])
+        .when(withdraw(151))
+        .then_expect_error(AccountError::InsufficientFunds {
+            available: 150,
+            requested: 151,
+        });
+}
+
+#[test]
+fn withdraw_in_another_currency_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(0), deposited(100, 100)])
+        .when(AccountCommand::Withdraw {
+            tenant: TENANT.into(),
+            amount: amount(1),
+            currency: usd(),
+        })
+        .then_expect_error(AccountError::CurrencyMismatch {
+            account: eur(),
+            requested: usd(),
+        });
+}
+
+#[test]
+fn freeze_and_unfreeze() {
+    AccountTest::with(())
+        .given(vec![opened(0)])
+        .when(freeze())
+        .then_expect_events(vec![AccountEvent::AccountFrozen]);
+    AccountTest::with(())
+        .given(vec![opened(0), AccountEvent::AccountFrozen])
+        .when(unfreeze())
+        .then_expect_events(vec![AccountEvent::AccountUnfrozen]);
+}
+
+#[test]
+fn unfreezing_an_active_account_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(0)])
+        .when(unfreeze())
+        .then_expect_error(AccountError::NotFrozen);
+}
+
+#[test]
+fn nothing_but_unfreeze_works_on_a_frozen_account() {
+    for command in [open(TENANT), deposit(1), withdraw(1), freeze(), close()] {
+        let expected = match command {
+            AccountCommand::Open { .. } => AccountError::AlreadyOpen,
+            _ => AccountError::Frozen,
+        };
+        AccountTest::with(())
+            .given(vec![opened(0), AccountEvent::AccountFrozen])
+            .when(command)
+            .then_expect_error(expected);
+    }
+}
+
+#[test]
+fn frozen_then_unfrozen_account_moves_money_again() {
+    AccountTest::with(())
+        .given(vec![
+            opened(0),
+            AccountEvent::AccountFrozen,
+            AccountEvent::AccountUnfrozen,
+        ])
+        .when(deposit(5))
+        .then_expect_events(vec![deposited(5, 5)]);
+}
+
+#[test]
+fn close_at_zero_balance() {
+    AccountTest::with(())
+        .given(vec![opened(0)])
+        .when(close())
+        .then_expect_events(vec![AccountEvent::AccountClosed]);
+}
+
+#[test]
+fn close_with_money_or_debt_is_refused() {
+    AccountTest::with(())
+        .given(vec![opened(0), deposited(10, 10)])
+        .when(close())
+        .then_expect_error(AccountError::NonZeroBalance { balance: 10 });
+    AccountTest::with(())
+        .given(vec![
+            opened(20),
+            AccountEvent::MoneyWithdrawn {
+                amount: amount(20),
+                currency: eur(),
+                balance_after: -20,
+            },
+        ])
+        .when(close())
+        .then_expect_error(AccountError::NonZeroBalance { balance: -20 });
+}
+
+#[test]
+fn nothing_works_on_a_closed_account() {
+    for command in every_command() {
+        let expected = match command {
+            AccountCommand::Open { .. } => AccountError::AlreadyOpen,
+            _ => AccountError::Closed,
+        };
+        AccountTest::with(())
+            .given(vec![opened(0), AccountEvent::AccountClosed])
+            .when(command)
+            .then_expect_error(expected);
+    }
+}
+
+#[test]
+fn folding_the_events_gives_the_state() {
+    let mut account = Account::default();
+    for event in [
+        opened(30),
+        deposited(100, 100),
+        AccountEvent::MoneyWithdrawn {
+            amount: amount(120),
+            currency: eur(),
+            balance_after: -20,
+        },
+        AccountEvent::AccountFrozen,
+    ] {
+        account.apply(event);
+    }
+    let state = account.state().unwrap();
+    assert_eq!(state.balance, -20);
+    assert_eq!(state.status, AccountStatus::Frozen);
+    assert_eq!(state.overdraft_limit.minor_units(), 30);
+}
+
+#[test]
+fn events_name_their_type_and_version() {
+    let events = [
+        (opened(0), "AccountOpened"),
+        (deposited(1, 1), "MoneyDeposited"),
+        (AccountEvent::AccountFrozen, "AccountFrozen"),
+        (AccountEvent::AccountUnfrozen, "AccountUnfrozen"),
+        (AccountEvent::AccountClosed, "AccountClosed"),
+    ];
+    for (event, event_type) in events {
+        assert_eq!(event.event_type(), event_type);
+        assert_eq!(event.event_version(), "1");
+    }
+}
