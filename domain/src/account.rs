@@ -174,6 +174,13 @@ impl Account {
         self.opened.as_ref()
     }
 
+    /// True if the account is open and belongs to `tenant`.
+    pub fn belongs_to(&self, tenant: &str) -> bool {
+        self.opened
+            .as_ref()
+            .is_some_and(|account| account.tenant == tenant)
+    }
+
     /// Decides which event a command produces, without changing anything.
     pub fn decide(&self, command: AccountCommand) -> Result<AccountEvent, AccountError> {
         let account = match &self.opened {

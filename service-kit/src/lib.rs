@@ -1,1 +1,21 @@
-pub fn x() {}
+//! Plumbing every Ledger process needs, so that each service crate holds only its own logic.
+//!
+//! # Layout
+//! - [`config`]: reading typed settings from the environment, with errors that name the variable.
+//! - [`telemetry`]: `tracing` subscriber (human or JSON lines).
+//! - [`problem`]: RFC 9457 `application/problem+json` responses.
+//! - [`auth`]: JWT bearer authentication, claims and roles.
+//! - [`http`]: request ids, request tracing, health probes and graceful shutdown.
+//! - [`db`]: the Postgres pool and the embedded migrations.
+//! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
+//! - `testing` (feature `test-support`): a fresh, migrated database per test.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod hash_chain;
+pub mod http;
+pub mod problem;
+pub mod telemetry;
+#[cfg(feature = "test-support")]
+pub mod testing;

@@ -1,0 +1,342 @@
+//! Routes, request and response bodies, and the OpenAPI document.
+
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use domain::{AccountCommand, Amount, Currency, OverdraftLimit, Owner};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::commands::{CommandContext, Committed, Idempotency, Target};
+use crate::error::ApiError;
+use crate::extract::{AccountId, AppJson, CommandHeaders, Teller};
+
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/accounts", post(open_account))
+        .route("/v1/accounts/{id}/deposits", post(deposit))
+        .route("/v1/accounts/{id}/withdrawals", post(withdraw))
+        .route("/v1/accounts/{id}/freeze", post(freeze))
+        .route("/v1/accounts/{id}/unfreeze", post(unfreeze))
+        .route("/v1/accounts/{id}/close", post(close))
+        .route("/health/live", get(service_kit::http::live))
+        .route("/health/ready", get(ready))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .with_state(state)
+}
+
+/// Opens an account.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OpenAccountRequest {
+    /// The holder's name, 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200, example = "Ada Lovelace")]
+    owner: String,
+    /// ISO 4217 code.
+    #[schema(min_length = 3, max_length = 3, example = "EUR")]
+    currency: String,
+    /// How far below zero the balance may go, in minor units.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64, example = 0)]
+    overdraft_limit: i64,
+}
+
+/// Moves money into or out of an account.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MoneyRequest {
+    /// Minor units (cents for EUR), strictly positive.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 2500)]
+    amount: i64,
+    /// ISO 4217 code; must be the account's currency.
+    #[schema(min_length = 3, max_length = 3, example = "EUR")]
+    currency: String,
+}
+
+/// The outcome of a command.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct CommandAccepted {
+    account_id: Uuid,
+    /// The account's stream version after the command: pass it as `If-Match` to build on it,
+    /// or as `min_version` to the query API to read your write.
+    version: u64,
+}
+
+/// RFC 9457 problem details (`application/problem+json`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ProblemDetails {
+    /// Stable URN per error kind, e.g. `urn:ledger:problem:insufficient-funds`.
+    r#type: String,
+    title: String,
+    status: u16,
+    detail: Option<String>,
+}
+
+/// Documents an account command handler: all share parameters, security and error kinds.
+macro_rules! account_command {
+    ($path:literal, $summary:literal, body: [$($body:ty)?], $handler:item) => {
+        #[utoipa::path(
+            post, path = $path, tag = "accounts", summary = $summary,
+            $(request_body = $body,)?
+            params(
+                ("id" = Uuid, Path, description = "Account id"),
+                ("If-Match" = Option<String>, Header, description = "Apply only at this version, e.g. \"3\"; 409 otherwise."),
+                ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response."),
+                ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id."),
+            ),
+            responses(
+                (status = 200, description = "Applied", body = CommandAccepted),
+                (status = 400, description = "Malformed body or header", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 401, description = "Missing, invalid or expired token", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 403, description = "Role `teller` required", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 404, description = "No such account for this tenant", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 409, description = "Version conflict; `current_version` is the current one", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 413, description = "Body too large", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 415, description = "Body is not JSON", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 422, description = "Invalid value or business rule violated", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 503, description = "Database unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+            ),
+            security(("bearer" = []))
+        )]
+        $handler
+    };
+}
+
+#[utoipa::path(
+    post, path = "/v1/accounts", tag = "accounts",
+    request_body = OpenAccountRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id."),
+    ),
+    responses(
+        (status = 201, description = "Account opened", body = CommandAccepted),
+        (status = 400, description = "Malformed body or header", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, description = "Role `teller` required", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid value or reused idempotency key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn open_account(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    headers: CommandHeaders,
+    AppJson(body): AppJson<OpenAccountRequest>,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::Open {
+        tenant: principal.tenant.clone(),
+        owner: Owner::parse(&body.owner)?,
+        currency: Currency::parse(&body.currency)?,
+        overdraft_limit: OverdraftLimit::parse(body.overdraft_limit)?,
+    };
+    let target = Target::New(Uuid::now_v7());
+    let context = context(&principal, &headers, "POST /v1/accounts", &body);
+    let committed = state
+        .commands
+        .execute(&context, target, command, None)
+        .await?;
+    Ok(accepted(StatusCode::CREATED, committed))
+}
+
+account_command!(
+    "/v1/accounts/{id}/deposits",
+    "Deposit money",
+    body: [MoneyRequest],
+    async fn deposit(
+        State(state): State<AppState>,
+        Teller(principal): Teller,
+        AccountId(id): AccountId,
+        headers: CommandHeaders,
+        AppJson(body): AppJson<MoneyRequest>,
+    ) -> Result<Response, ApiError> {
+        let command = AccountCommand::Deposit {
+            tenant: principal.tenant.clone(),
+            amount: Amount::parse(body.amount)?,
+            currency: Currency::parse(&body.currency)?,
+        };
+        let route = format!("POST /v1/accounts/{id}/deposits");
+        run(&state, &principal, &headers, id, command, &route, &body).await
+    });
+
+account_command!(
+    "/v1/accounts/{id}/withdrawals",
+    "Withdraw money",
+    body: [MoneyRequest],
+    async fn withdraw(
+        State(state): State<AppState>,
+        Teller(principal): Teller,
+        AccountId(id): AccountId,
+        headers: CommandHeaders,
+        AppJson(body): AppJson<MoneyRequest>,
+    ) -> Result<Response, ApiError> {
+        let command = AccountCommand::Withdraw {
+            tenant: principal.tenant.clone(),
+            amount: Amount::parse(body.amount)?,
+            currency: Currency::parse(&body.currency)?,
+        };
+        let route = format!("POST /v1/accounts/{id}/withdrawals");
+        run(&state, &principal, &headers, id, command, &route, &body).await
+    });
+
+account_command!(
+    "/v1/accounts/{id}/freeze",
+    "Freeze: no money moves until unfrozen",
+    body: [],
+    async fn freeze(
+        State(state): State<AppState>,
+        Teller(principal): Teller,
+        AccountId(id): AccountId,
+        headers: CommandHeaders,
+    ) -> Result<Response, ApiError> {
+        let command = AccountCommand::Freeze {
+            tenant: principal.tenant.clone(),
+        };
+        let route = format!("POST /v1/accounts/{id}/freeze");
+        run(&state, &principal, &headers, id, command, &route, &()).await
+    });
+
+account_command!(
+    "/v1/accounts/{id}/unfreeze",
+    "Unfreeze",
+    body: [],
+    async fn unfreeze(
+        State(state): State<AppState>,
+        Teller(principal): Teller,
+        AccountId(id): AccountId,
+        headers: CommandHeaders,
+    ) -> Result<Response, ApiError> {
+        let command = AccountCommand::Unfreeze {
+            tenant: principal.tenant.clone(),
+        };
+        let route = format!("POST /v1/accounts/{id}/unfreeze");
+        run(&state, &principal, &headers, id, command, &route, &()).await
+    });
+
+account_command!(
+    "/v1/accounts/{id}/close",
+    "Close an account whose balance is zero",
+    body: [],
+    async fn close(
+        State(state): State<AppState>,
+        Teller(principal): Teller,
+        AccountId(id): AccountId,
+        headers: CommandHeaders,
+    ) -> Result<Response, ApiError> {
+        let command = AccountCommand::Close {
+            tenant: principal.tenant.clone(),
+        };
+        let route = format!("POST /v1/accounts/{id}/close");
+        run(&state, &principal, &headers, id, command, &route, &()).await
+    });
+
+async fn run(
+    state: &AppState,
+    principal: &service_kit::auth::Principal,
+    headers: &CommandHeaders,
+    id: Uuid,
+    command: AccountCommand,
+    route: &str,
+    body: &impl Serialize,
+) -> Result<Response, ApiError> {
+    let context = context(principal, headers, route, body);
+    let committed = state
+        .commands
+        .execute(&context, Target::Existing(id), command, headers.if_match)
+        .await?;
+    Ok(accepted(StatusCode::OK, committed))
+}
+
+fn context(
+    principal: &service_kit::auth::Principal,
+    headers: &CommandHeaders,
+    route: &str,
+    body: &impl Serialize,
+) -> CommandContext {
+    let idempotency = headers.idempotency_key.clone().map(|key| {
+        // The fingerprint of what was asked: the route (with the account id) and the parsed
+        // body, so formatting differences in the JSON do not count as a different request.
+        let mut hasher = Sha256::new();
+        hasher.update(route.as_bytes());
+        hasher.update([0]);
+        hasher.update(serde_json::to_vec(body).unwrap_or_default());
+        Idempotency {
+            key,
+            request_hash: hex::encode(hasher.finalize()),
+        }
+    });
+    CommandContext {
+        tenant: principal.tenant.clone(),
+        actor: principal.subject.clone(),
+        request_id: headers.request_id.clone(),
+        correlation_id: headers.correlation_id.clone(),
+        traceparent: headers.traceparent.clone(),
+        idempotency,
+    }
+}
+
+fn accepted(status: StatusCode, committed: Committed) -> Response {
+    let mut response = (
+        status,
+        Json(CommandAccepted {
+            account_id: committed.account_id,
+            version: committed.version,
+        }),
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", committed.version)) {
+        headers.insert(header::ETAG, etag);
+    }
+    if status == StatusCode::CREATED {
+        if let Ok(location) = HeaderValue::from_str(&format!("/v1/accounts/{}", committed.account_id)) {
+            headers.insert(header::LOCATION, location);
+        }
+    }
+    if committed.replayed {
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    service_kit::http::ready(&state.pool).await
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ledger command API", description = "Open accounts and move money. Every change is an event in the ledger's event store."),
+    paths(open_account, deposit, withdraw, freeze, unfreeze, close),
+    components(schemas(OpenAccountRequest, MoneyRequest, CommandAccepted, ProblemDetails)),
+    modifiers(&BearerAuth),
+)]
+pub(crate) struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! The command API's settings, read once at start-up.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+
+use service_kit::auth::AuthConfig;
+use service_kit::config::{self, ConfigError};
+use service_kit::db::DatabaseConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `COMMAND_API_ADDR`: where to listen (default `127.0.0.1:8080`; port 0 picks one).
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    /// `COMMAND_API_MAX_BODY_BYTES`: larger request bodies are answered 413 (default 16 KiB).
+    pub max_body_bytes: usize,
+    /// `COMMAND_API_AGGREGATE_CACHE`: accounts whose state is kept in memory between
+    /// commands (default 100,000).
+    pub aggregate_cache: NonZeroUsize,
+    /// `COMMAND_API_CONFLICT_RETRIES`: how often a command without `If-Match` is retried
+    /// after losing a race on its stream before answering 409 (default 5).
+    pub conflict_retries: u32,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: config::parsed_or("COMMAND_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            database: DatabaseConfig::from_env()?,
+            auth: AuthConfig::from_env()?,
+            max_body_bytes: config::parsed_or("COMMAND_API_MAX_BODY_BYTES", 16 * 1024)?,
+            aggregate_cache: config::parsed_or(
+                "COMMAND_API_AGGREGATE_CACHE",
+                NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
+            )?,
+            conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
+        })
+    }
+}

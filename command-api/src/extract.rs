@@ -1,0 +1,189 @@
+//! Extractors whose rejections are [`ApiError`]s, so every malformed request gets the same
+//! problem+json as every other error.
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use service_kit::auth::{AuthError, Principal, Role};
+use service_kit::http::RequestId;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The longest accepted `Idempotency-Key`, `X-Correlation-Id` or `traceparent`.
+const MAX_HEADER_CHARS: usize = 255;
+
+/// A JSON body. Malformed JSON, unknown or missing fields and wrong types are told apart.
+pub(crate) struct AppJson<T>(pub(crate) T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for AppJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim();
+                mime.eq_ignore_ascii_case("application/json")
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::MalformedJson("the body could not be read".into())
+                }
+            })?;
+        serde_json::from_slice(&body).map(AppJson).map_err(classify)
+    }
+}
+
+fn classify(err: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let message = err.to_string();
+    match err.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::MalformedJson(message),
+        Category::Data if message.starts_with("unknown field") => ApiError::UnknownField(message),
+        Category::Data if message.starts_with("missing field") => ApiError::MissingField(message),
+        Category::Data => ApiError::WrongType(message),
+    }
+}
+
+/// An authenticated caller holding the `teller` role.
+pub(crate) struct Teller(pub(crate) Principal);
+
+impl FromRequestParts<AppState> for Teller {
+    type Rejection = AuthError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        principal.require_any(&[Role::Teller])?;
+        Ok(Self(principal))
+    }
+}
+
+/// The `{id}` of an account path. Anything but a UUID names no account: 404.
+pub(crate) struct AccountId(pub(crate) Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::NotFound)?;
+        raw.parse().map(AccountId).map_err(|_| ApiError::NotFound)
+    }
+}
+
+/// The headers a command reads besides authentication.
+#[derive(Debug, Clone)]
+pub(crate) struct CommandHeaders {
+    pub(crate) request_id: String,
+    /// `If-Match: "<version>"`; `*` or absent means any version.
+    pub(crate) if_match: Option<u64>,
+    pub(crate) idempotency_key: Option<String>,
+    /// `X-Correlation-Id`, defaulting to the request id.
+    pub(crate) correlation_id: String,
+    /// W3C `traceparent`, carried into event metadata when well-formed.
+    pub(crate) traceparent: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(RequestId(request_id)) = RequestId::from_request_parts(parts, state).await;
+        let text = |name: &str, header: &'static str| -> Result<Option<String>, ApiError> {
+            match parts.headers.get(name) {
+                None => Ok(None),
+                Some(value) => {
+                    let value = value.to_str().ok().map(str::trim).filter(|value| {
+                        !value.is_empty()
+                            && value.len() <= MAX_HEADER_CHARS
+                            && value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                    });
+                    match value {
+                        Some(value) => Ok(Some(value.to_owned())),
+                        None => Err(ApiError::InvalidHeader {
+                            header,
+                            reason: "must be 1 to 255 printable ASCII characters",
+                        }),
+                    }
+                }
+            }
+        };
+        let if_match = match text("if-match", "If-Match")?.as_deref() {
+            None | Some("*") => None,
+            Some(value) => Some(parse_etag_version(value).ok_or(ApiError::InvalidHeader {
+                header: "If-Match",
+                reason: "expected a version in quotes, e.g. \"3\"",
+            })?),
+        };
+        let idempotency_key = text("idempotency-key", "Idempotency-Key")?;
+        let correlation_id =
+            text("x-correlation-id", "X-Correlation-Id")?.unwrap_or_else(|| request_id.clone());
+        let traceparent = text("traceparent", "traceparent")?.filter(|value| is_traceparent(value));
+        Ok(Self {
+            request_id,
+            if_match,
+            idempotency_key,
+            correlation_id,
+            traceparent,
+        })
+    }
+}
+
+fn parse_etag_version(value: &str) -> Option<u64> {
+    value
+        .strip_prefix('"')?
+        .strip_suffix('"')?
+        .parse()
+        .ok()
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`.
+fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2]
+            .iter()
+            .zip(&parts)
+            .all(|(len, part)| part.len() == *len && part.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etag_versions() {
+        assert_eq!(parse_etag_version("\"3\""), Some(3));
+        assert_eq!(parse_etag_version("3"), None);
+        assert_eq!(parse_etag_version("W/\"3\""), None);
+        assert_eq!(parse_etag_version("\"-1\""), None);
+    }
+
+    #[test]
+    fn traceparents() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_traceparent("00-xyz-00f067aa0ba902b7-01"));
+    }
+}

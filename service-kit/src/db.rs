@@ -1,0 +1,141 @@
+//! The Postgres pool and the schema migrations.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use crate::config::{self, ConfigError};
+
+/// Every schema change of the ledger, embedded so that each binary can migrate on start-up.
+/// sqlx takes an advisory lock while migrating, so replicas starting together are safe.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Used when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ledger";
+
+/// Where the database is and how the pool behaves.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    /// Connection URL; may hold a password, so it is never printed.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before it is answered 503.
+    pub acquire_timeout: Duration,
+    /// Server-side cap on any one statement, so no request can hang on the database.
+    pub statement_timeout: Duration,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &"[redacted]")
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+impl DatabaseConfig {
+    /// Reads `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 16),
+    /// `DATABASE_ACQUIRE_TIMEOUT_MS` (default 3000), `DATABASE_STATEMENT_TIMEOUT_MS` (default 5000).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let config = Self {
+            url: config::optional("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            max_connections: config::parsed_or("DATABASE_MAX_CONNECTIONS", 16)?,
+            acquire_timeout: Duration::from_millis(config::parsed_or(
+                "DATABASE_ACQUIRE_TIMEOUT_MS",
+                3000,
+            )?),
+            statement_timeout: Duration::from_millis(config::parsed_or(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                5000,
+            )?),
+        };
+        config.connect_options()?;
+        Ok(config)
+    }
+
+    /// A config for `url` with the defaults above.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
+        // The parse error may quote the URL, password included: it is not passed on.
+        let options =
+            PgConnectOptions::from_str(&self.url).map_err(|_| ConfigError::Invalid {
+                name: "DATABASE_URL",
+                reason: "not a valid postgres:// URL".to_owned(),
+            })?;
+        let timeout_ms = self.statement_timeout.as_millis().to_string();
+        Ok(options
+            .options([("statement_timeout", timeout_ms.as_str())])
+            .log_statements(tracing::log::LevelFilter::Trace))
+    }
+}
+
+/// Why the database could not be used at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot connect to the database named by DATABASE_URL: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Opens the pool, failing fast if the database is unreachable.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DatabaseError> {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_with(config.connect_options()?)
+        .await
+        .map_err(DatabaseError::Connect)
+}
+
+/// Applies the pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Creates the database named in `config.url` if it does not exist, by connecting to the
+/// server's `postgres` database.
+pub async fn ensure_database_exists(config: &DatabaseConfig) -> Result<(), DatabaseError> {
+    let options = config.connect_options()?;
+    let name = options
+        .get_database()
+        .unwrap_or("postgres")
+        .to_owned();
+    let mut admin = PgConnection::connect_with(&options.database("postgres"))
+        .await
+        .map_err(DatabaseError::Connect)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(DatabaseError::Connect)?;
+    if !exists {
+        let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(&statement).execute(&mut admin).await {
+            Ok(_) => {}
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => {}
+            Err(err) => return Err(DatabaseError::Connect(err)),
+        }
+    }
+    admin.close().await.map_err(DatabaseError::Connect)
+}
