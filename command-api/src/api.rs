@@ -152,95 +152,95 @@ async fn open_account(
 }
 
 account_command!(
-    "/v1/accounts/{id}/deposits",
-    "Deposit money",
-    body: [MoneyRequest],
-    async fn deposit(
-        State(state): State<AppState>,
-        Teller(principal): Teller,
-        AccountId(id): AccountId,
-        headers: CommandHeaders,
-        AppJson(body): AppJson<MoneyRequest>,
-    ) -> Result<Response, ApiError> {
-        let command = AccountCommand::Deposit {
-            tenant: principal.tenant.clone(),
-            amount: Amount::parse(body.amount)?,
-            currency: Currency::parse(&body.currency)?,
-        };
-        let route = format!("POST /v1/accounts/{id}/deposits");
-        run(&state, &principal, &headers, id, command, &route, &body).await
-    });
+"/v1/accounts/{id}/deposits",
+"Deposit money",
+body: [MoneyRequest],
+async fn deposit(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    AccountId(id): AccountId,
+    headers: CommandHeaders,
+    AppJson(body): AppJson<MoneyRequest>,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::Deposit {
+        tenant: principal.tenant.clone(),
+        amount: Amount::parse(body.amount)?,
+        currency: Currency::parse(&body.currency)?,
+    };
+    let route = format!("POST /v1/accounts/{id}/deposits");
+    run(&state, &principal, &headers, id, command, &route, &body).await
+});
 
 account_command!(
-    "/v1/accounts/{id}/withdrawals",
-    "Withdraw money",
-    body: [MoneyRequest],
-    async fn withdraw(
-        State(state): State<AppState>,
-        Teller(principal): Teller,
-        AccountId(id): AccountId,
-        headers: CommandHeaders,
-        AppJson(body): AppJson<MoneyRequest>,
-    ) -> Result<Response, ApiError> {
-        let command = AccountCommand::Withdraw {
-            tenant: principal.tenant.clone(),
-            amount: Amount::parse(body.amount)?,
-            currency: Currency::parse(&body.currency)?,
-        };
-        let route = format!("POST /v1/accounts/{id}/withdrawals");
-        run(&state, &principal, &headers, id, command, &route, &body).await
-    });
+"/v1/accounts/{id}/withdrawals",
+"Withdraw money",
+body: [MoneyRequest],
+async fn withdraw(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    AccountId(id): AccountId,
+    headers: CommandHeaders,
+    AppJson(body): AppJson<MoneyRequest>,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::Withdraw {
+        tenant: principal.tenant.clone(),
+        amount: Amount::parse(body.amount)?,
+        currency: Currency::parse(&body.currency)?,
+    };
+    let route = format!("POST /v1/accounts/{id}/withdrawals");
+    run(&state, &principal, &headers, id, command, &route, &body).await
+});
 
 account_command!(
-    "/v1/accounts/{id}/freeze",
-    "Freeze: no money moves until unfrozen",
-    body: [],
-    async fn freeze(
-        State(state): State<AppState>,
-        Teller(principal): Teller,
-        AccountId(id): AccountId,
-        headers: CommandHeaders,
-    ) -> Result<Response, ApiError> {
-        let command = AccountCommand::Freeze {
-            tenant: principal.tenant.clone(),
-        };
-        let route = format!("POST /v1/accounts/{id}/freeze");
-        run(&state, &principal, &headers, id, command, &route, &()).await
-    });
+"/v1/accounts/{id}/freeze",
+"Freeze: no money moves until unfrozen",
+body: [],
+async fn freeze(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    AccountId(id): AccountId,
+    headers: CommandHeaders,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::Freeze {
+        tenant: principal.tenant.clone(),
+    };
+    let route = format!("POST /v1/accounts/{id}/freeze");
+    run(&state, &principal, &headers, id, command, &route, &()).await
+});
 
 account_command!(
-    "/v1/accounts/{id}/unfreeze",
-    "Unfreeze",
-    body: [],
-    async fn unfreeze(
-        State(state): State<AppState>,
-        Teller(principal): Teller,
-        AccountId(id): AccountId,
-        headers: CommandHeaders,
-    ) -> Result<Response, ApiError> {
-        let command = AccountCommand::Unfreeze {
-            tenant: principal.tenant.clone(),
-        };
-        let route = format!("POST /v1/accounts/{id}/unfreeze");
-        run(&state, &principal, &headers, id, command, &route, &()).await
-    });
+"/v1/accounts/{id}/unfreeze",
+"Unfreeze",
+body: [],
+async fn unfreeze(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    AccountId(id): AccountId,
+    headers: CommandHeaders,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::Unfreeze {
+        tenant: principal.tenant.clone(),
+    };
+    let route = format!("POST /v1/accounts/{id}/unfreeze");
+    run(&state, &principal, &headers, id, command, &route, &()).await
+});
 
 account_command!(
-    "/v1/accounts/{id}/close",
-    "Close an account whose balance is zero",
-    body: [],
-    async fn close(
-        State(state): State<AppState>,
-        Teller(principal): Teller,
-        AccountId(id): AccountId,
-        headers: CommandHeaders,
-    ) -> Result<Response, ApiError> {
-        let command = AccountCommand::Close {
-            tenant: principal.tenant.clone(),
-        };
-        let route = format!("POST /v1/accounts/{id}/close");
-        run(&state, &principal, &headers, id, command, &route, &()).await
-    });
+"/v1/accounts/{id}/close",
+"Close an account whose balance is zero",
+body: [],
+async fn close(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    AccountId(id): AccountId,
+    headers: CommandHeaders,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::Close {
+        tenant: principal.tenant.clone(),
+    };
+    let route = format!("POST /v1/accounts/{id}/close");
+    run(&state, &principal, &headers, id, command, &route, &()).await
+});
 
 async fn run(
     state: &AppState,
@@ -300,10 +300,11 @@ fn accepted(status: StatusCode, committed: Committed) -> Response {
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", committed.version)) {
         headers.insert(header::ETAG, etag);
     }
-    if status == StatusCode::CREATED {
-        if let Ok(location) = HeaderValue::from_str(&format!("/v1/accounts/{}", committed.account_id)) {
-            headers.insert(header::LOCATION, location);
-        }
+    if status == StatusCode::CREATED
+        && let Ok(location) =
+            HeaderValue::from_str(&format!("/v1/accounts/{}", committed.account_id))
+    {
+        headers.insert(header::LOCATION, location);
     }
     if committed.replayed {
         headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));

@@ -214,12 +214,12 @@ async fn decide(
         // Before the version check, so other tenants learn nothing, not even a version.
         return Err(ApiError::NotFound);
     }
-    if let Some(expected) = expected_version {
-        if expected != state.version {
-            return Err(ApiError::Conflict {
-                current_version: Some(state.version),
-            });
-        }
+    if let Some(expected) = expected_version
+        && expected != state.version
+    {
+        return Err(ApiError::Conflict {
+            current_version: Some(state.version),
+        });
     }
     let mut next = state.clone();
     let sink = EventSink::default();

@@ -26,7 +26,10 @@ pub struct Config {
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
-            listen: config::parsed_or("COMMAND_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            listen: config::parsed_or(
+                "COMMAND_API_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8080)),
+            )?,
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
             max_body_bytes: config::parsed_or("COMMAND_API_MAX_BODY_BYTES", 16 * 1024)?,

@@ -53,12 +53,7 @@ impl From<sqlx::Error> for ApiError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => Self::Unavailable(err),
-            // 57014: statement timeout; 08*: connection exceptions; 57P0*: server shutting down.
-            sqlx::Error::Database(ref db)
-                if db.code().is_some_and(|code| {
-                    code == "57014" || code.starts_with("08") || code.starts_with("57P0")
-                }) =>
-            {
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| is_outage(&c)) => {
                 Self::Unavailable(err)
             }
             other => Self::Internal(other.into()),
@@ -66,13 +61,28 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// SQLSTATEs that mean the database cannot serve right now, rather than that a statement is
+/// wrong: connection exceptions (08), insufficient resources (53), statement timeout (57014),
+/// shutdown (57P0x), database not accepting connections (55000) or missing (3D000).
+fn is_outage(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P0")
+        || matches!(code, "57014" | "55000" | "3D000")
+}
+
 impl From<LoadError> for ApiError {
     fn from(err: LoadError) -> Self {
+        use cqrs_es::persist::PersistenceError;
         match err {
             LoadError::Database(err) => err.into(),
-            LoadError::Repository(cqrs_es::persist::PersistenceError::ConnectionError(err)) => {
-                Self::Unavailable(sqlx::Error::Io(std::io::Error::other(err)))
-            }
+            // postgres-es boxes the sqlx error; unbox it to tell an outage from a bug.
+            LoadError::Repository(
+                PersistenceError::ConnectionError(boxed) | PersistenceError::UnknownError(boxed),
+            ) => match boxed.downcast::<sqlx::Error>() {
+                Ok(err) => (*err).into(),
+                Err(other) => Self::Internal(anyhow::anyhow!(other)),
+            },
             other => Self::Internal(other.into()),
         }
     }

@@ -10,8 +10,8 @@ use service_kit::auth::{AuthError, Principal, Role};
 use service_kit::http::RequestId;
 use uuid::Uuid;
 
-use crate::error::ApiError;
 use crate::AppState;
+use crate::error::ApiError;
 
 /// The longest accepted `Idempotency-Key`, `X-Correlation-Id` or `traceparent`.
 const MAX_HEADER_CHARS: usize = 255;
@@ -150,11 +150,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
 }
 
 fn parse_etag_version(value: &str) -> Option<u64> {
-    value
-        .strip_prefix('"')?
-        .strip_suffix('"')?
-        .parse()
-        .ok()
+    value.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`.

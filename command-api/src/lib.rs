@@ -85,12 +85,13 @@ impl Application {
         let router = service_kit::http::with_standard_layers(
             api::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes)),
         );
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         Ok(Self { listener, router })
     }
 

@@ -102,20 +102,18 @@ impl AccountStore {
     /// Locks the account's slot; commands on one account run one at a time in this process.
     pub(crate) async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot> {
         let slot = {
-            let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            cache
-                .get_or_insert_ref(aggregate_id, Arc::default)
-                .clone()
+            let mut cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            cache.get_or_insert_ref(aggregate_id, Arc::default).clone()
         };
         slot.lock_owned().await
     }
 
     /// The whole stream, folded.
     pub(crate) async fn load(&self, aggregate_id: &str) -> Result<Versioned, LoadError> {
-        let events = self
-            .repository
-            .get_events::<Account>(aggregate_id)
-            .await?;
+        let events = self.repository.get_events::<Account>(aggregate_id).await?;
         let mut state = Versioned::default();
         state.apply(deserialize(events)?);
         Ok(state)
@@ -149,9 +147,10 @@ impl AccountStore {
         for event in events {
             types.push(event.event_type());
             versions.push(event.event_version());
-            payloads.push(serde_json::to_string(event).map_err(|err| {
-                AppendError::Database(sqlx::Error::Encode(Box::new(err)))
-            })?);
+            payloads.push(
+                serde_json::to_string(event)
+                    .map_err(|err| AppendError::Database(sqlx::Error::Encode(Box::new(err))))?,
+            );
         }
         let result = sqlx::query(APPEND)
             .bind(Account::TYPE)
@@ -186,11 +185,13 @@ impl AccountStore {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|(aggregate_id, sequence, request_hash)| KeyedEvent {
-            aggregate_id,
-            sequence: sequence as u64,
-            request_hash,
-        }))
+        Ok(
+            row.map(|(aggregate_id, sequence, request_hash)| KeyedEvent {
+                aggregate_id,
+                sequence: sequence as u64,
+                request_hash,
+            }),
+        )
     }
 }
 

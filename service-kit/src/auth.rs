@@ -216,8 +216,10 @@ impl IntoResponse for AuthError {
                     .header(header::WWW_AUTHENTICATE, challenge)
             }
             Self::Forbidden { needed } => {
-                Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden")
-                    .detail(format!("This action needs one of the roles: {}.", needed.join(", ")))
+                Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden").detail(format!(
+                    "This action needs one of the roles: {}.",
+                    needed.join(", ")
+                ))
             }
         };
         problem.into_response()

@@ -7,7 +7,10 @@ use std::str::FromStr;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{name} must be set: {hint}")]
-    Missing { name: &'static str, hint: &'static str },
+    Missing {
+        name: &'static str,
+        hint: &'static str,
+    },
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
 }

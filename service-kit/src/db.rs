@@ -17,6 +17,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ledger";
 
+/// Prefix of every database a test creates; `cargo xtask test` drops leftovers by it.
+pub const TEST_DATABASE_PREFIX: &str = "ledger_test_";
+
 /// Where the database is and how the pool behaves.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -72,11 +75,10 @@ impl DatabaseConfig {
 
     fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
         // The parse error may quote the URL, password included: it is not passed on.
-        let options =
-            PgConnectOptions::from_str(&self.url).map_err(|_| ConfigError::Invalid {
-                name: "DATABASE_URL",
-                reason: "not a valid postgres:// URL".to_owned(),
-            })?;
+        let options = PgConnectOptions::from_str(&self.url).map_err(|_| ConfigError::Invalid {
+            name: "DATABASE_URL",
+            reason: "not a valid postgres:// URL".to_owned(),
+        })?;
         let timeout_ms = self.statement_timeout.as_millis().to_string();
         Ok(options
             .options([("statement_timeout", timeout_ms.as_str())])
@@ -115,10 +117,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
 /// server's `postgres` database.
 pub async fn ensure_database_exists(config: &DatabaseConfig) -> Result<(), DatabaseError> {
     let options = config.connect_options()?;
-    let name = options
-        .get_database()
-        .unwrap_or("postgres")
-        .to_owned();
+    let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut admin = PgConnection::connect_with(&options.database("postgres"))
         .await
         .map_err(DatabaseError::Connect)?;

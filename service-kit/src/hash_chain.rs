@@ -76,8 +76,7 @@ pub struct StoredEvent<'a> {
 /// Checks one stream's rows, in sequence order, and returns the first break.
 pub fn verify_stream<'a>(rows: impl IntoIterator<Item = StoredEvent<'a>>) -> Option<ChainBreak> {
     let mut previous: Option<&[u8]> = None;
-    let mut expected_sequence = 1;
-    for row in rows {
+    for (expected_sequence, row) in (1..).zip(rows) {
         let sequence = row.event.sequence;
         let broken = |reason| Some(ChainBreak { sequence, reason });
         if sequence != expected_sequence {
@@ -90,7 +89,6 @@ pub fn verify_stream<'a>(rows: impl IntoIterator<Item = StoredEvent<'a>>) -> Opt
             return broken(BreakReason::HashMismatch);
         }
         previous = Some(row.hash);
-        expected_sequence += 1;
     }
     None
 }

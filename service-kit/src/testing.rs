@@ -10,10 +10,7 @@ use testcontainers_modules::testcontainers::ContainerAsync;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use tokio::sync::OnceCell;
 
-use crate::db::{self, DatabaseConfig};
-
-/// Prefix of every database a test creates; `cargo xtask test` drops leftovers by it.
-pub const TEST_DATABASE_PREFIX: &str = "ledger_test_";
+use crate::db::{self, DatabaseConfig, TEST_DATABASE_PREFIX};
 
 struct Server {
     url: String,
@@ -69,7 +66,9 @@ impl TestDatabase {
             .expect("create test database");
         let url = url_with_database(&server.url, &name);
         let config = DatabaseConfig::with_url(url);
-        let pool = db::connect(&config).await.expect("connect to test database");
+        let pool = db::connect(&config)
+            .await
+            .expect("connect to test database");
         db::migrate(&pool).await.expect("migrate test database");
         Self { config, pool }
     }

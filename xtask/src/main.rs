@@ -1,1 +1,51 @@
-fn main() {}
+//! Developer commands: `cargo xtask <command>`.
+//!
+//! # Layout
+//! - `dev`: `up`, `migrate`, `token`: run the system locally.
+//! - `test`: prepare what the tests need and run them.
+//! - `bench`: benchmarks that write `BENCHMARKS.md`.
+
+#![allow(clippy::print_stdout)]
+
+use anyhow::{Context, bail};
+
+mod args;
+mod bench;
+mod dev;
+mod test;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  up                     migrate, start every service, print URLs and a dev token
+  migrate                create the database if missing and apply migrations
+  token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]
+                         mint a development JWT
+  test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
+  bench commands         command throughput/latency vs pgbench; writes BENCHMARKS.md
+";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next();
+    let rest: Vec<String> = args.collect();
+    match command.as_deref() {
+        Some("up") => dev::up().await,
+        Some("migrate") => dev::migrate().await,
+        Some("token") => dev::token(&rest),
+        Some("test") => test::run(&rest).await,
+        Some("bench") => match rest.first().map(String::as_str) {
+            Some("commands") => bench::commands(&rest[1..]).await,
+            _ => bail!("usage: cargo xtask bench commands"),
+        },
+        Some("help" | "--help" | "-h") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => {
+            Err(anyhow::anyhow!("unknown command `{other}`\n\n{USAGE}")).context("cargo xtask")
+        }
+    }
+}

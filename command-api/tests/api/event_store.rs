@@ -1,0 +1,179 @@
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use service_kit::hash_chain::{BreakReason, ChainBreak, ChainedEvent, StoredEvent, verify_stream};
+use uuid::Uuid;
+
+use crate::helpers::TestApp;
+
+type Row = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Uuid,
+    DateTime<Utc>,
+    String,
+    String,
+    Option<Vec<u8>>,
+    Vec<u8>,
+);
+
+/// Reads the stream's raw rows and recomputes its chain in Rust.
+async fn verify(app: &TestApp, account: Uuid) -> Option<ChainBreak> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, event_id,
+                recorded_at, payload::text, metadata::text, prev_hash, hash
+           FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(account.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    verify_stream(rows.iter().map(|row| StoredEvent {
+        event: ChainedEvent {
+            aggregate_type: &row.0,
+            aggregate_id: &row.1,
+            sequence: row.2,
+            event_type: &row.3,
+            event_version: &row.4,
+            event_id: row.5,
+            recorded_at_micros: row.6.timestamp_micros(),
+            payload: &row.7,
+            metadata: &row.8,
+        },
+        prev_hash: row.9.as_deref(),
+        hash: &row.10,
+    }))
+}
+
+/// Runs `statement` as a superuser bypassing the append-only trigger, as an attacker with
+/// database access would.
+async fn tamper(app: &TestApp, statement: &str, account: Uuid) {
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(statement)
+        .bind(account.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn account_with_history(app: &TestApp) -> Uuid {
+    let account = app.open_account(&app.teller(), 0).await;
+    for amount in [10, 20, 30, 40] {
+        app.deposit(account, amount).await.version();
+    }
+    app.post(
+        &format!("/v1/accounts/{account}/withdrawals"),
+        json!({"amount": 5, "currency": "EUR"}),
+    )
+    .await
+    .version();
+    account
+}
+
+#[tokio::test]
+async fn the_stored_chain_recomputes_in_rust() {
+    let app = TestApp::spawn().await;
+    let account = account_with_history(&app).await;
+    assert_eq!(verify(&app, account).await, None);
+}
+
+#[tokio::test]
+async fn a_rewritten_payload_is_detected_at_its_version() {
+    let app = TestApp::spawn().await;
+    let account = account_with_history(&app).await;
+    tamper(
+        &app,
+        r#"UPDATE events SET payload = '{"MoneyDeposited":{"amount":3000,"currency":"EUR","balance_after":3010}}'
+            WHERE aggregate_id = $1 AND sequence = 3"#,
+        account,
+    )
+    .await;
+    assert_eq!(
+        verify(&app, account).await,
+        Some(ChainBreak {
+            sequence: 3,
+            reason: BreakReason::HashMismatch
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_event_or_a_recomputed_hash_is_detected() {
+    let app = TestApp::spawn().await;
+    let deleted = account_with_history(&app).await;
+    tamper(
+        &app,
+        "DELETE FROM events WHERE aggregate_id = $1 AND sequence = 4",
+        deleted,
+    )
+    .await;
+    assert_eq!(
+        verify(&app, deleted).await,
+        Some(ChainBreak {
+            sequence: 5,
+            reason: BreakReason::SequenceGap
+        })
+    );
+
+    let rehashed = account_with_history(&app).await;
+    tamper(
+        &app,
+        "UPDATE events SET hash = sha256(hash) WHERE aggregate_id = $1 AND sequence = 2",
+        rehashed,
+    )
+    .await;
+    assert_eq!(
+        verify(&app, rehashed).await,
+        Some(ChainBreak {
+            sequence: 2,
+            reason: BreakReason::HashMismatch
+        })
+    );
+}
+
+#[tokio::test]
+async fn the_log_refuses_updates_and_deletes() {
+    let app = TestApp::spawn().await;
+    let account = account_with_history(&app).await;
+    for statement in [
+        "UPDATE events SET payload = '{}' WHERE aggregate_id = $1",
+        "DELETE FROM events WHERE aggregate_id = $1",
+    ] {
+        let err = sqlx::query(statement)
+            .bind(account.to_string())
+            .execute(&app.pool)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+    assert_eq!(verify(&app, account).await, None);
+}
+
+#[tokio::test]
+async fn a_writer_cannot_forge_the_hash_or_skip_a_version() {
+    let app = TestApp::spawn().await;
+    let account = account_with_history(&app).await;
+    let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, hash)
+                  VALUES ('account', $1, $2, 'AccountFrozen', '1', '\"AccountFrozen\"', '{}', '\\x00')";
+    let gap = sqlx::query(insert)
+        .bind(account.to_string())
+        .bind(9_i64)
+        .execute(&app.pool)
+        .await;
+    assert!(gap.unwrap_err().to_string().contains("no predecessor"));
+    sqlx::query(insert)
+        .bind(account.to_string())
+        .bind(7_i64)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    // The trigger replaced the forged hash with the real one.
+    assert_eq!(verify(&app, account).await, None);
+}

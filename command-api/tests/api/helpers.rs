@@ -1,0 +1,227 @@
+use std::num::NonZeroUsize;
+use std::sync::Once;
+
+use command_api::{Application, Config};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::db::DatabaseConfig;
+use service_kit::testing::TestDatabase;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub(crate) const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub(crate) const TENANT: &str = "acme";
+
+static TRACING: Once = Once::new();
+
+/// Logs only when `TEST_LOG` is set, so test output stays readable.
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter("info,command_api=debug")
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+pub(crate) fn config(database: DatabaseConfig) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database,
+        auth: AuthConfig {
+            issuer: "ledger".into(),
+            audience: "ledger".into(),
+            key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+        },
+        max_body_bytes: 16 * 1024,
+        aggregate_cache: NonZeroUsize::new(1000).unwrap(),
+        conflict_retries: 5,
+    }
+}
+
+/// A running command API on its own database.
+pub(crate) struct TestApp {
+    pub(crate) base: String,
+    pub(crate) pool: PgPool,
+    pub(crate) database: DatabaseConfig,
+    client: reqwest::Client,
+}
+
+/// A JSON response: status, headers and body.
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Value,
+}
+
+impl Reply {
+    /// The problem `type` slug, asserting the media type is problem+json.
+    pub(crate) fn problem(&self) -> &str {
+        assert_eq!(
+            self.headers["content-type"], "application/problem+json",
+            "status {} body {}",
+            self.status, self.body
+        );
+        assert_eq!(self.body["status"], self.status.as_u16());
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
+            .expect("problem type")
+    }
+
+    pub(crate) fn version(&self) -> i64 {
+        assert!(self.status.is_success(), "{} {}", self.status, self.body);
+        self.body["version"].as_i64().expect("version")
+    }
+}
+
+impl TestApp {
+    pub(crate) async fn spawn() -> Self {
+        let database = TestDatabase::create().await;
+        Self::spawn_on(database.config, database.pool).await
+    }
+
+    /// Another replica on the same database (its own cache and locks).
+    pub(crate) async fn replica(&self) -> Self {
+        Self::spawn_on(self.database.clone(), self.pool.clone()).await
+    }
+
+    async fn spawn_on(database: DatabaseConfig, pool: PgPool) -> Self {
+        init_tracing();
+        let app = Application::build(config(database.clone()))
+            .await
+            .expect("build app");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        Self {
+            base,
+            pool,
+            database,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub(crate) fn token(&self, tenant: &str, roles: &[&str]) -> String {
+        token_with(SECRET, tenant, roles, 600)
+    }
+
+    pub(crate) fn teller(&self) -> String {
+        self.token(TENANT, &["teller"])
+    }
+
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Reply {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// POST a JSON body as a teller of [`TENANT`].
+    pub(crate) async fn post(&self, path: &str, body: Value) -> Reply {
+        self.post_with(path, &self.teller(), &[], Some(body)).await
+    }
+
+    pub(crate) async fn post_with(
+        &self,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        self.send(Method::POST, path, Some(token), &all, body).await
+    }
+
+    pub(crate) async fn open_account(&self, token: &str, overdraft: i64) -> Uuid {
+        let reply = self
+            .post_with(
+                "/v1/accounts",
+                token,
+                &[],
+                Some(json!({"owner": "Ada", "currency": "EUR", "overdraft_limit": overdraft})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        reply.body["account_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub(crate) async fn deposit(&self, account: Uuid, amount: i64) -> Reply {
+        self.post(
+            &format!("/v1/accounts/{account}/deposits"),
+            json!({"amount": amount, "currency": "EUR"}),
+        )
+        .await
+    }
+
+    pub(crate) async fn event_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// The balance recorded by the stream's last money event (0 if none).
+    pub(crate) async fn balance(&self, account: Uuid) -> i64 {
+        let payloads: Vec<Value> = sqlx::query_scalar(
+            "SELECT payload::jsonb FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(account.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        payloads
+            .iter()
+            .rev()
+            .find_map(|p| {
+                p.as_object()?
+                    .values()
+                    .next()?
+                    .get("balance_after")?
+                    .as_i64()
+            })
+            .unwrap_or(0)
+    }
+}
+
+pub(crate) fn token_with(secret: &str, tenant: &str, roles: &[&str], ttl: u64) -> String {
+    mint_hs256(
+        &Secret::new(secret.into()),
+        "ledger",
+        "ledger",
+        &TokenRequest {
+            subject: "tester",
+            tenant,
+            roles,
+            ttl_seconds: ttl,
+        },
+    )
+    .unwrap()
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the command API: real HTTP against a real Postgres, one fresh database
+//! per test.
+
+mod auth;
+mod commands;
+mod concurrency;
+mod errors;
+mod event_store;
+mod helpers;
+mod idempotency;
+mod operations;

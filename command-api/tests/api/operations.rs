@@ -1,0 +1,105 @@
+use reqwest::{Method, StatusCode};
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn health_probes_answer() {
+    let app = TestApp::spawn().await;
+    let live = app.send(Method::GET, "/health/live", None, &[], None).await;
+    assert_eq!(live.status, StatusCode::OK);
+    let ready = app
+        .send(Method::GET, "/health/ready", None, &[], None)
+        .await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.body["database"], "ok");
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_command() {
+    let app = TestApp::spawn().await;
+    let doc = app
+        .send(Method::GET, "/openapi.json", None, &[], None)
+        .await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.body["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/accounts",
+        "/v1/accounts/{id}/deposits",
+        "/v1/accounts/{id}/withdrawals",
+        "/v1/accounts/{id}/freeze",
+        "/v1/accounts/{id}/unfreeze",
+        "/v1/accounts/{id}/close",
+    ] {
+        let operation = &doc.body["paths"][path]["post"];
+        assert!(operation.is_object(), "{path} missing");
+        assert!(
+            operation["responses"]["422"].is_object(),
+            "{path} documents no 422"
+        );
+    }
+    assert_eq!(
+        doc.body["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let ui = app.send(Method::GET, "/docs/", None, &[], None).await;
+    assert_eq!(ui.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_database_outage_is_503_not_a_hang_and_recovers() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    let name = app
+        .pool
+        .connect_options()
+        .get_database()
+        .unwrap()
+        .to_owned();
+    let admin = sqlx::PgPool::connect(&app.database.url.replace(&name, "postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    // A fresh account id: nothing cached, so the command must reach the database.
+    let missing = uuid::Uuid::new_v4();
+    for path in [
+        format!("/v1/accounts/{account}/deposits"),
+        format!("/v1/accounts/{missing}/deposits"),
+    ] {
+        let reply = app
+            .post(&path, serde_json::json!({"amount": 1, "currency": "EUR"}))
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.body
+        );
+        assert_eq!(reply.problem(), "service-unavailable");
+        assert!(reply.headers.contains_key("retry-after"));
+    }
+    let ready = app
+        .send(Method::GET, "/health/ready", None, &[], None)
+        .await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    assert_eq!(app.deposit(account, 1).await.version(), 2);
+    let ready = app
+        .send(Method::GET, "/health/ready", None, &[], None)
+        .await;
+    assert_eq!(ready.status, StatusCode::OK);
+}

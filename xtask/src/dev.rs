@@ -1,0 +1,161 @@
+//! Running the system on a developer's machine.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use service_kit::auth::{Secret, TokenRequest, mint_hs256};
+use service_kit::db::{self, DatabaseConfig};
+use tokio::process::{Child, Command};
+
+use crate::args::Flags;
+
+/// The HS256 secret `up` gives the services when `JWT_HS256_SECRET` is not set. Development
+/// only: production deployments configure their own secret or a public key.
+const DEV_JWT_SECRET: &str = "ledger-development-secret-do-not-use-in-production";
+const DEV_ISSUER: &str = "ledger";
+const DEV_AUDIENCE: &str = "ledger";
+
+fn dev_secret() -> Secret {
+    Secret::new(std::env::var("JWT_HS256_SECRET").unwrap_or_else(|_| DEV_JWT_SECRET.to_owned()))
+}
+
+fn dev_token(
+    tenant: &str,
+    roles: &[&str],
+    subject: &str,
+    ttl_seconds: u64,
+) -> anyhow::Result<String> {
+    let issuer = std::env::var("JWT_ISSUER").unwrap_or_else(|_| DEV_ISSUER.to_owned());
+    let audience = std::env::var("JWT_AUDIENCE").unwrap_or_else(|_| DEV_AUDIENCE.to_owned());
+    Ok(mint_hs256(
+        &dev_secret(),
+        &issuer,
+        &audience,
+        &TokenRequest {
+            subject,
+            tenant,
+            roles,
+            ttl_seconds,
+        },
+    )?)
+}
+
+/// `cargo xtask token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]`
+pub(crate) fn token(args: &[String]) -> anyhow::Result<()> {
+    let flags = Flags::parse(args, &["tenant", "role", "sub", "ttl"])?;
+    let tenant = flags.one("tenant").context("--tenant is required")?;
+    let roles = flags.all("role");
+    if roles.is_empty() {
+        bail!("at least one --role is required (teller, viewer, auditor, admin)");
+    }
+    let ttl = flags
+        .one("ttl")
+        .map(str::parse)
+        .transpose()
+        .context("--ttl must be a number of seconds")?
+        .unwrap_or(3600);
+    let subject = flags.one("sub").unwrap_or("dev-user");
+    println!("{}", dev_token(tenant, &roles, subject, ttl)?);
+    Ok(())
+}
+
+async fn prepare_database() -> anyhow::Result<DatabaseConfig> {
+    let config = DatabaseConfig::from_env()?;
+    db::ensure_database_exists(&config).await.context(
+        "is Postgres running? Set DATABASE_URL to reach it (default postgres://postgres@127.0.0.1:5432/ledger)",
+    )?;
+    let pool = db::connect(&config).await?;
+    db::migrate(&pool).await?;
+    pool.close().await;
+    Ok(config)
+}
+
+/// `cargo xtask migrate`
+pub(crate) async fn migrate() -> anyhow::Result<()> {
+    prepare_database().await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// `cargo xtask up`: everything, in the foreground, until ctrl-c.
+pub(crate) async fn up() -> anyhow::Result<()> {
+    let database = prepare_database().await?;
+    println!("building the services (release)...");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--package", "command-api"])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let command_addr =
+        std::env::var("COMMAND_API_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
+    let mut command_api = Command::new(workspace_root().join("target/release/command-api"))
+        .env("DATABASE_URL", &database.url)
+        .env("JWT_HS256_SECRET", dev_secret().expose())
+        .env("COMMAND_API_ADDR", &command_addr)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting command-api")?;
+    let base = format!("http://{command_addr}");
+    wait_ready(&base, &mut command_api).await?;
+    let token = dev_token(
+        "dev",
+        &["teller", "viewer", "auditor", "admin"],
+        "dev-user",
+        86_400,
+    )?;
+    println!(
+        "\nLedger is running.\n\n  command API   {base}\n  OpenAPI       {base}/openapi.json\n  Swagger UI    {base}/docs\n\n\
+         Dev token (tenant `dev`, all roles, valid 24 h):\n\n  export TOKEN={token}\n\n\
+         Try:\n  curl -s -X POST {base}/v1/accounts -H \"Authorization: Bearer $TOKEN\" \\\n    -H 'Content-Type: application/json' -d '{{\"owner\":\"Ada\",\"currency\":\"EUR\"}}'\n\n\
+         More tokens: cargo xtask token --tenant T --role teller\nPress ctrl-c to stop.\n"
+    );
+    tokio::select! {
+        status = command_api.wait() => bail!("command-api exited: {}", status?),
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    stop(&mut command_api).await;
+    Ok(())
+}
+
+async fn wait_ready(base: &str, child: &mut Child) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait()? {
+            bail!("service exited during start-up: {status}");
+        }
+        if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{base} did not become ready within 20 s")
+}
+
+/// SIGTERM (graceful shutdown), then a kill if it does not exit in time.
+pub(crate) async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask test`: the README's test command.
+
+use anyhow::bail;
+use service_kit::db::TEST_DATABASE_PREFIX;
+use sqlx::{Connection, PgConnection};
+use tokio::process::Command;
+
+/// Where tests look for Postgres when `DATABASE_URL` is not set.
+const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
+    let database_url = match std::env::var("DATABASE_URL") {
+        Ok(url) => Some(url),
+        Err(_) => match PgConnection::connect(LOCAL_POSTGRES).await {
+            Ok(connection) => {
+                let _ = connection.close().await;
+                Some(LOCAL_POSTGRES.to_owned())
+            }
+            Err(_) => {
+                println!(
+                    "no DATABASE_URL and no Postgres on 127.0.0.1:5432: tests will start one with testcontainers"
+                );
+                None
+            }
+        },
+    };
+    if let Some(url) = &database_url {
+        drop_leftover_databases(url).await?;
+    }
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(crate::dev::workspace_root())
+        .args(["test", "--workspace"])
+        .args(args);
+    if let Some(url) = &database_url {
+        cargo.env("DATABASE_URL", url);
+    }
+    let status = cargo.status().await?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// Tests create one database each; drop what earlier runs left behind.
+async fn drop_leftover_databases(url: &str) -> anyhow::Result<()> {
+    let mut connection = PgConnection::connect(url).await?;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("{TEST_DATABASE_PREFIX}%"))
+            .fetch_all(&mut connection)
+            .await?;
+    for name in names {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut connection)
+            .await?;
+    }
+    connection.close().await?;
+    Ok(())
+}
