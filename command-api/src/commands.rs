@@ -11,6 +11,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::relay::AppendSignal;
 use crate::store::{AccountStore, AppendError, Versioned};
 
 /// Who asked for a command and why: becomes the metadata of every event it appends.
@@ -94,13 +95,21 @@ impl Target {
 pub(crate) struct CommandService {
     store: AccountStore,
     conflict_retries: u32,
+    /// Wakes the relay after each append.
+    appended: AppendSignal,
 }
 
 impl CommandService {
-    pub(crate) fn new(pool: PgPool, cache_capacity: NonZeroUsize, conflict_retries: u32) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        cache_capacity: NonZeroUsize,
+        conflict_retries: u32,
+        appended: AppendSignal,
+    ) -> Self {
         Self {
             store: AccountStore::new(pool, cache_capacity),
             conflict_retries,
+            appended,
         }
     }
 
@@ -149,6 +158,7 @@ impl CommandService {
                 .await
             {
                 Ok(()) => {
+                    self.appended.appended();
                     let version = next.version;
                     *slot = Some(next);
                     return Ok(Committed {

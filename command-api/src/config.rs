@@ -2,10 +2,14 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::time::Duration;
 
 use service_kit::auth::AuthConfig;
 use service_kit::config::{self, ConfigError};
 use service_kit::db::DatabaseConfig;
+use service_kit::kafka::KafkaConfig;
+
+use crate::relay::RelayConfig;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -21,6 +25,9 @@ pub struct Config {
     /// `COMMAND_API_CONFLICT_RETRIES`: how often a command without `If-Match` is retried
     /// after losing a race on its stream before answering 409 (default 5).
     pub conflict_retries: u32,
+    /// `COMMAND_API_RELAY` (`true` by default): run the Kafka relay in this process (one
+    /// replica leads at a time). `false` when the relay runs as `command-api relay` elsewhere.
+    pub relay: Option<RelayConfig>,
 }
 
 impl Config {
@@ -38,6 +45,24 @@ impl Config {
                 NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
             )?,
             conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
+            relay: if config::parsed_or("COMMAND_API_RELAY", true)? {
+                Some(RelayConfig::from_env()?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl RelayConfig {
+    /// `KAFKA_*` (see `KafkaConfig`), `RELAY_BATCH_SIZE` (default 1000), `RELAY_IDLE_POLL_MS`
+    /// (default 1000), `RELAY_LEADER_RETRY_MS` (default 2000).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            kafka: KafkaConfig::from_env()?,
+            batch_size: config::parsed_or("RELAY_BATCH_SIZE", 1000)?,
+            idle_poll: Duration::from_millis(config::parsed_or("RELAY_IDLE_POLL_MS", 1000)?),
+            leader_retry: Duration::from_millis(config::parsed_or("RELAY_LEADER_RETRY_MS", 2000)?),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! - `extract`: extractors whose rejections are problem+json.
 //! - `commands`: one command end to end (idempotency, If-Match, retries).
 //! - `store`: loading and appending account streams; the per-account lock and state cache.
+//! - [`relay`]: publishing the event log to Kafka, in commit order, from one leader.
 //! - `error`: the one error type and its mapping to problem+json.
 //!
 //! [`Application::build`] starts exactly what production starts; tests call it with port 0.
@@ -27,9 +28,11 @@ mod commands;
 pub mod config;
 mod error;
 mod extract;
+pub mod relay;
 mod store;
 
 pub use config::Config;
+use relay::{AppendSignal, Relay};
 
 /// Shared by every request.
 #[derive(Clone)]
@@ -54,6 +57,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Database(#[from] DatabaseError),
+    #[error("cannot create the Kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -65,6 +70,9 @@ pub enum StartError {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    pool: PgPool,
+    signal: AppendSignal,
+    relay: Option<Relay>,
 }
 
 impl Application {
@@ -73,14 +81,20 @@ impl Application {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
         let auth = Arc::new(Authenticator::new(&config.auth)?);
+        let signal = AppendSignal::default();
+        let relay = config
+            .relay
+            .map(|relay| Relay::new(relay, pool.clone(), signal.clone()))
+            .transpose()?;
         let state = AppState {
             commands: Arc::new(commands::CommandService::new(
                 pool.clone(),
                 config.aggregate_cache,
                 config.conflict_retries,
+                signal.clone(),
             )),
             auth,
-            pool,
+            pool: pool.clone(),
         };
         let router = service_kit::http::with_standard_layers(
             api::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes)),
@@ -92,7 +106,13 @@ impl Application {
                     addr: config.listen,
                     source,
                 })?;
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            pool,
+            signal,
+            relay,
+        })
     }
 
     /// The bound port (useful when configured with port 0).
@@ -103,14 +123,33 @@ impl Application {
             .unwrap_or_default()
     }
 
-    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    /// Serves (and relays, if configured) until `shutdown` resolves, then lets in-flight
+    /// requests finish and stops the background tasks.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+            }
+        };
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(self.signal.forward(self.pool.clone(), until_stopped()));
+        if let Some(relay) = self.relay {
+            background.spawn(relay.run(until_stopped()));
+        }
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
         tracing::info!(addr = ?self.listener.local_addr().ok(), "command-api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(until_stopped())
+            .await;
+        background.join_all().await;
+        served
     }
 }

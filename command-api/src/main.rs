@@ -1,12 +1,29 @@
+use command_api::relay::{AppendSignal, Relay, RelayConfig};
 use command_api::{Application, Config};
+use service_kit::db::{self, DatabaseConfig};
+use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat};
+
+const USAGE: &str = "usage: command-api [relay]
+  (no argument)  serve the command API (and the Kafka relay unless COMMAND_API_RELAY=false)
+  relay          run only the Kafka relay";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init(LogFormat::from_env()?);
-    let config = Config::from_env()?;
-    let app = Application::build(config).await?;
-    app.run_until_stopped(service_kit::http::shutdown_signal())
-        .await?;
+    match std::env::args().nth(1).as_deref() {
+        None => {
+            let app = Application::build(Config::from_env()?).await?;
+            app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Some("relay") => {
+            let pool = db::connect(&DatabaseConfig::from_env()?).await?;
+            db::migrate(&pool).await?;
+            Relay::new(RelayConfig::from_env()?, pool, AppendSignal::default())?
+                .run(shutdown_signal())
+                .await;
+        }
+        Some(_) => anyhow::bail!(USAGE),
+    }
     Ok(())
 }

@@ -7,14 +7,18 @@
 //! - [`auth`]: JWT bearer authentication, claims and roles.
 //! - [`http`]: request ids, request tracing, health probes and graceful shutdown.
 //! - [`db`]: the Postgres pool and the embedded migrations.
+//! - [`event_log`]: reading the global event log in commit order, and readers' checkpoints.
+//! - [`kafka`]: Kafka client settings, topic names, the CloudEvents envelope.
 //! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
 //! - `testing` (feature `test-support`): a fresh, migrated database per test.
 
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod event_log;
 pub mod hash_chain;
 pub mod http;
+pub mod kafka;
 pub mod problem;
 pub mod telemetry;
 #[cfg(feature = "test-support")]

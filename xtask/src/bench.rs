@@ -125,19 +125,27 @@ pub(crate) async fn commands(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A new, empty, migrated database (the old one is dropped), plus the pgbench baseline table.
 async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<()> {
-    db::ensure_database_exists(database)
+    let name = database
+        .url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .filter(|name| name.starts_with("ledger_bench"))
+        .context("the benchmark database's name must start with ledger_bench")?;
+    let admin_url = database.url.replace(&format!("/{name}"), "/postgres");
+    let admin = sqlx::PgPool::connect(&admin_url)
         .await
         .context("is Postgres running? Set DATABASE_URL")?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    db::ensure_database_exists(database).await?;
     let pool = db::connect(database).await?;
-    sqlx::query("DROP TABLE IF EXISTS events, _sqlx_migrations, pgbench_events CASCADE")
-        .execute(&pool)
-        .await?;
-    sqlx::query("DROP FUNCTION IF EXISTS events_chain_hash, events_append_only, event_hash_field CASCADE")
-        .execute(&pool)
-        .await?;
     db::migrate(&pool).await?;
-    // The baseline: the same columns postgres-es names, no trigger, no extra index.
+    // The baseline: the same columns and key as postgres-es's table, no trigger, no extra index.
     sqlx::query(
         "CREATE TABLE pgbench_events (
              aggregate_type text NOT NULL, aggregate_id text NOT NULL, sequence bigint NOT NULL,

@@ -39,6 +39,7 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
         max_body_bytes: 16 * 1024,
         aggregate_cache: NonZeroUsize::new(1000).unwrap(),
         conflict_retries: 5,
+        relay: None,
     }
 }
 

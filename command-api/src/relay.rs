@@ -1,0 +1,232 @@
+//! The relay: publishes the event log to Kafka in commit order, at least once.
+//!
+//! One relay is active among all replicas: the holder of a Postgres advisory lock, taken on a
+//! connection of its own, so the lock goes when the leader's process or connection dies and
+//! another replica takes over at its next try. The leader reads a batch of final events after
+//! its checkpoint (see `service_kit::event_log`), sends them with an idempotent producer, and
+//! advances the checkpoint only once the broker acknowledged every one of them. A failure
+//! before that resends the batch: duplicates are possible (consumers dedupe by `ce_id`), loss
+//! is not.
+//!
+//! It sleeps until an append in this process, a `NOTIFY ledger_events` from another replica,
+//! or a slow poll, whichever comes first.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::convert::Infallible;
+
+use cqrs_es::Aggregate;
+use domain::Account;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use service_kit::event_log::{self, LoggedEvent};
+use service_kit::kafka::{self, KafkaConfig};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::Notify;
+
+/// The `log_checkpoints` row of the Kafka relay.
+const READER: &str = "kafka-relay";
+/// Key of the leadership advisory lock (`hashtext('ledger.relay')` would do as well; a
+/// constant is easier to find in `pg_locks`).
+const LEADER_LOCK: i64 = 0x4c45_4447_4552;
+/// Longest pause between attempts after a failure.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The channel other replicas notify after appending.
+pub(crate) const CHANNEL: &str = "ledger_events";
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub kafka: KafkaConfig,
+    /// Events per batch read and sent.
+    pub batch_size: i64,
+    /// The fallback poll, when nothing wakes the relay.
+    pub idle_poll: Duration,
+    /// How often a non-leader tries to become the leader.
+    pub leader_retry: Duration,
+}
+
+/// Wakes relays after an append: the one in this process directly, those of other replicas
+/// through `NOTIFY`, sent off the request path and coalesced (one pending notification stands
+/// for any number of appends).
+#[derive(Debug, Clone, Default)]
+pub struct AppendSignal {
+    local: Arc<Notify>,
+    remote: Arc<Notify>,
+}
+
+impl AppendSignal {
+    pub(crate) fn appended(&self) {
+        self.local.notify_one();
+        self.remote.notify_one();
+    }
+
+    /// Forwards appends to `NOTIFY` until `shutdown`.
+    pub(crate) async fn forward(self, pool: PgPool, shutdown: impl Future<Output = ()> + Send) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.remote.notified() => {}
+            }
+            if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CHANNEL)
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(error = %err, "could not notify other relays");
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("another relay moved the checkpoint: leadership lost")]
+    Deposed,
+    #[error("the producer dropped a delivery")]
+    ProducerGone,
+}
+
+pub struct Relay {
+    config: RelayConfig,
+    pool: PgPool,
+    producer: FutureProducer,
+    signal: AppendSignal,
+}
+
+impl Relay {
+    pub fn new(
+        config: RelayConfig,
+        pool: PgPool,
+        signal: AppendSignal,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let producer = config.kafka.producer().create()?;
+        Ok(Self {
+            config,
+            pool,
+            producer,
+            signal,
+        })
+    }
+
+    /// Runs until `shutdown` resolves: waits for leadership, relays while leader, and starts
+    /// over after any failure (with a pause), so a broker or database outage heals itself.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            // A leader that ran for a while and then failed starts its retries afresh.
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                () = &mut shutdown => return,
+                result = self.lead() => {
+                    let Err(err) = result;
+                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "relay interrupted");
+                }
+            }
+            if started.elapsed() > MAX_BACKOFF {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Becomes the leader, then relays until something fails.
+    async fn lead(&self) -> Result<Infallible, RelayError> {
+        let mut lock = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        loop {
+            let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK)
+                .fetch_one(&mut lock)
+                .await?;
+            if acquired {
+                break;
+            }
+            tokio::time::sleep(self.config.leader_retry).await;
+        }
+        tracing::info!("relay is the leader");
+        let topics = vec![
+            self.config.kafka.events_topic(Account::TYPE),
+            self.config.kafka.deadletter_topic(),
+        ];
+        if let Err(err) = self.config.kafka.ensure_topics(&topics).await {
+            tracing::warn!(error = %err, "could not ensure topics exist");
+        }
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        let mut position = event_log::load_checkpoint(&self.pool, READER).await?;
+        loop {
+            let batch =
+                event_log::read_committed(&self.pool, position, self.config.batch_size).await?;
+            if let Some(last) = batch.last().map(|event| event.position) {
+                self.publish(&batch).await?;
+                if !event_log::advance_checkpoint(&self.pool, READER, position, last).await? {
+                    return Err(RelayError::Deposed);
+                }
+                position = last;
+                continue;
+            }
+            // Nothing final to send. If something is waiting behind an open transaction, look
+            // again soon; otherwise sleep until woken. Either way, check the lock is still ours.
+            let pending = event_log::has_pending(&self.pool, position).await?;
+            let wait = if pending {
+                Duration::from_millis(10)
+            } else {
+                self.config.idle_poll
+            };
+            tokio::select! {
+                () = self.signal.local.notified() => {}
+                notification = listener.recv() => { notification?; }
+                () = tokio::time::sleep(wait) => {}
+            }
+            lock.ping().await?;
+        }
+    }
+
+    /// Sends `batch` and waits until the broker acknowledged all of it.
+    async fn publish(&self, batch: &[LoggedEvent]) -> Result<(), RelayError> {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for event in batch {
+            let envelope = kafka::envelope(event);
+            let topic = self.config.kafka.events_topic(&event.aggregate_type);
+            let mut record = FutureRecord::to(&topic)
+                .key(&envelope.key)
+                .payload(&envelope.value)
+                .headers(envelope.headers);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((err, _)) => return Err(err.into()),
+                }
+            }
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((err, _))) => return Err(err.into()),
+                Err(_) => return Err(RelayError::ProducerGone),
+            }
+        }
+        Ok(())
+    }
+}

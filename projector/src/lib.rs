@@ -1,0 +1,322 @@
+//! The projector: turns the account events on Kafka into the read models the query API serves.
+//!
+//! # Layout
+//! - [`model`]: the read-model rows and how one event changes them.
+//! - [`store`]: reading and writing those rows; reading streams back from the event store.
+//! - `projection` (here): the consumer loop.
+//! - [`rebuild`]: replaying the event store into fresh tables and swapping them in.
+//!
+//! Guarantees: offsets are committed only after the read-model transaction committed; each row
+//! records the last stream version applied, so a re-delivered event is skipped and a gap (an
+//! event arriving before its predecessors) is healed from the event store; a message that
+//! cannot be applied goes to the dead-letter topic with the reason, and the partition moves on.
+//! Database failures are retried until they pass: nothing is skipped because Postgres was down.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use cqrs_es::Aggregate;
+use domain::{Account, AccountEvent};
+use futures::StreamExt;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use service_kit::config::{self, ConfigError};
+use service_kit::db::{self, DatabaseConfig, DatabaseError};
+use service_kit::kafka::{self, KafkaConfig, headers};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::model::{AccountRow, EntryRow, FoldError, StreamEvent};
+use crate::store::{StoredEventError, Tables};
+
+pub mod model;
+pub mod rebuild;
+pub mod store;
+
+/// Messages applied in one read-model transaction, at most.
+const MAX_BATCH: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    /// `PROJECTOR_GROUP` (default `ledger-projector`): the consumer group.
+    pub group: String,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            database: DatabaseConfig::from_env()?,
+            kafka: KafkaConfig::from_env()?,
+            group: config::optional("PROJECTOR_GROUP").unwrap_or_else(|| "ledger-projector".into()),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Setup(#[from] kafka::KafkaSetupError),
+}
+
+/// A message that will not be applied, and why.
+struct Rejected {
+    partition: i32,
+    offset: i64,
+    reason: String,
+}
+
+pub struct Projector {
+    pool: PgPool,
+    consumer: StreamConsumer,
+    dead_letters: FutureProducer,
+    topic: String,
+    deadletter_topic: String,
+}
+
+impl Projector {
+    /// Connects to the database (migrating it) and the brokers, creates the topics if needed,
+    /// and joins the consumer group.
+    pub async fn build(config: Config) -> Result<Self, ProjectorError> {
+        let pool = db::connect(&config.database).await?;
+        db::migrate(&pool).await?;
+        let topic = config.kafka.events_topic(Account::TYPE);
+        let deadletter_topic = config.kafka.deadletter_topic();
+        config
+            .kafka
+            .ensure_topics(&[topic.clone(), deadletter_topic.clone()])
+            .await?;
+        let consumer: StreamConsumer = config.kafka.consumer(&config.group).create()?;
+        consumer.subscribe(&[&topic])?;
+        Ok(Self {
+            pool,
+            consumer,
+            dead_letters: config.kafka.producer().create()?,
+            topic,
+            deadletter_topic,
+        })
+    }
+
+    /// Projects until `shutdown` resolves. The batch in hand is finished first.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) {
+        tokio::pin!(shutdown);
+        let mut batches = self.consumer.stream().ready_chunks(MAX_BATCH);
+        loop {
+            let batch = tokio::select! {
+                () = &mut shutdown => break,
+                batch = batches.next() => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
+            let messages: Vec<BorrowedMessage<'_>> = batch
+                .into_iter()
+                .filter_map(|message| {
+                    message
+                        .map_err(|err| tracing::warn!(error = %err, "kafka consumer error"))
+                        .ok()
+                })
+                .collect();
+            self.handle(&messages).await;
+        }
+        tracing::info!("projector stopped");
+    }
+
+    /// Applies a batch and commits its offsets; retries database failures until they pass.
+    #[tracing::instrument(skip_all, fields(messages = messages.len()))]
+    async fn handle(&self, messages: &[BorrowedMessage<'_>]) {
+        let mut events = Vec::with_capacity(messages.len());
+        let mut rejected = Vec::new();
+        for message in messages {
+            match decode(message) {
+                Ok(event) => events.push((message.partition(), message.offset(), event)),
+                Err(reason) => rejected.push(Rejected {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    reason,
+                }),
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        let refused = loop {
+            match self.apply(&events).await {
+                Ok(refused) => break refused,
+                Err(err) => {
+                    tracing::error!(error = %err, retry_in_ms = backoff.as_millis() as u64, "applying a batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        rejected.extend(refused);
+        for rejection in &rejected {
+            if let Some(message) = messages
+                .iter()
+                .find(|m| m.partition() == rejection.partition && m.offset() == rejection.offset)
+            {
+                self.dead_letter(message, &rejection.reason).await;
+            }
+        }
+        for message in messages {
+            if let Err(err) = self.consumer.store_offset_from_message(message) {
+                tracing::warn!(error = %err, "storing offset failed");
+            }
+        }
+        if let Err(err) = self.consumer.commit_consumer_state(CommitMode::Async) {
+            tracing::warn!(error = %err, "committing offsets failed; they will be re-delivered");
+        }
+    }
+
+    /// Applies the events in one transaction. Returns the events refused as poison.
+    async fn apply(
+        &self,
+        events: &[(i32, i64, StreamEvent)],
+    ) -> Result<Vec<Rejected>, StoredEventError> {
+        let mut tx = self.pool.begin().await?;
+        let mut ids: Vec<Uuid> = events.iter().map(|(_, _, e)| e.account_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut rows: HashMap<Uuid, AccountRow> = store::lock_rows(&mut tx, Tables::LIVE, &ids).await?;
+        let mut changed: Vec<Uuid> = Vec::new();
+        let mut entries: Vec<EntryRow> = Vec::new();
+        let mut refused = Vec::new();
+        for (partition, offset, event) in events {
+            let mut row = rows.remove(&event.account_id);
+            let version = row.as_ref().map_or(0, |row| row.version);
+            let result = if event.sequence <= version {
+                Ok(())
+            } else if event.sequence == version + 1 {
+                model::apply(&mut row, event, &mut entries).map_err(|err| err.to_string())
+            } else {
+                self.heal(&mut tx, &mut row, event, &mut entries).await?
+            };
+            match result {
+                Ok(()) => {
+                    if row.as_ref().map_or(0, |row| row.version) > version {
+                        changed.push(event.account_id);
+                    }
+                }
+                Err(reason) => refused.push(Rejected {
+                    partition: *partition,
+                    offset: *offset,
+                    reason,
+                }),
+            }
+            if let Some(row) = row {
+                rows.insert(event.account_id, row);
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        let changed_rows: Vec<&AccountRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
+        store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
+        tx.commit().await?;
+        Ok(refused)
+    }
+
+    /// `event` is ahead of `row`: applies the missing versions and `event` itself from the
+    /// event store, which has them all.
+    async fn heal(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        row: &mut Option<AccountRow>,
+        event: &StreamEvent,
+        entries: &mut Vec<EntryRow>,
+    ) -> Result<Result<(), String>, StoredEventError> {
+        let version = row.as_ref().map_or(0, |row| row.version);
+        let missing = store::stream_events(tx, event.account_id, version, event.sequence).await?;
+        if missing.len() as i64 != event.sequence - version {
+            return Ok(Err(format!(
+                "event {} of account {} is not in the event store",
+                event.sequence, event.account_id
+            )));
+        }
+        tracing::info!(account = %event.account_id, from = version + 1, to = event.sequence, "healing a gap from the event store");
+        for stored in &missing {
+            if let Err(err) = model::apply(row, stored, entries) {
+                return Ok(Err(FoldError::to_string(&err)));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Publishes `message` to the dead-letter topic with `reason`, retrying until the broker
+    /// takes it: a poison message is never dropped.
+    async fn dead_letter(&self, message: &BorrowedMessage<'_>, reason: &str) {
+        tracing::warn!(partition = message.partition(), offset = message.offset(), reason, "dead-lettering a message");
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(header);
+            }
+        }
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        for (key, value) in [
+            (headers::ERROR, reason),
+            (headers::ORIGINAL_TOPIC, self.topic.as_str()),
+            (headers::ORIGINAL_PARTITION, partition.as_str()),
+            (headers::ORIGINAL_OFFSET, offset.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let key = message.key().unwrap_or_default();
+        let payload = message.payload().unwrap_or_default();
+        loop {
+            let record = FutureRecord::to(&self.deadletter_topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
+            match self.dead_letters.send(record, Duration::from_secs(10)).await {
+                Ok(_) => return,
+                Err((err, _)) => {
+                    tracing::error!(error = %err, "dead-lettering failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The account event a message carries, or why it is not one.
+fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
+    let received = kafka::decode(Account::TYPE, message.headers(), message.payload())
+        .map_err(|err| err.to_string())?;
+    if received.event_version != "1" {
+        return Err(format!("unsupported event version {}", received.event_version));
+    }
+    let account_id: Uuid = received
+        .aggregate_id
+        .parse()
+        .map_err(|_| "ce_subject is not an account id".to_owned())?;
+    if message.key() != Some(received.aggregate_id.as_bytes()) {
+        return Err("message key is not ce_subject".into());
+    }
+    // The value is the data without cqrs-es's enum wrapper; put it back to read the event.
+    let tagged = match &received.data {
+        serde_json::Value::Object(fields) if fields.is_empty() => {
+            serde_json::Value::String(received.event_type.clone())
+        }
+        data => serde_json::json!({ received.event_type.clone(): data }),
+    };
+    let event: AccountEvent =
+        serde_json::from_value(tagged).map_err(|err| format!("unreadable {}: {err}", received.event_type))?;
+    Ok(StreamEvent {
+        account_id,
+        sequence: received.sequence,
+        tenant: received.tenant,
+        event_id: received.event_id,
+        recorded_at: received.time,
+        event,
+    })
+}

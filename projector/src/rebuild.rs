@@ -1,0 +1,212 @@
+//! Rebuilding the read models from the event store (not Kafka, whose retention is finite).
+//!
+//! The event store is folded into fresh tables while the live ones keep serving. Then, in one
+//! transaction that locks the live tables (pausing readers and the projector for a moment),
+//! the events committed since are folded in too and the tables are swapped by renaming. The
+//! projector, resuming, skips what the new tables already hold by version.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use service_kit::event_log::{self, LogPosition, LoggedEvent};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::model::{self, AccountRow, EntryRow};
+use crate::store::{self, StoredEventError, Tables};
+
+/// Events read per query.
+const BATCH: i64 = 20_000;
+/// Rows written per statement.
+const WRITE_CHUNK: usize = 10_000;
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub accounts: usize,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Stored(#[from] StoredEventError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("the event store does not fold: {0}")]
+    Fold(#[from] model::FoldError),
+}
+
+struct Fold {
+    rows: HashMap<Uuid, AccountRow>,
+    entries: Vec<EntryRow>,
+    events: u64,
+}
+
+impl Fold {
+    fn apply(&mut self, event: &LoggedEvent) -> Result<(), RebuildError> {
+        if event.aggregate_type != "account" {
+            return Ok(());
+        }
+        let account: Uuid = event.aggregate_id.parse().map_err(|_| {
+            StoredEventError::Unreadable {
+                aggregate_id: event.aggregate_id.clone(),
+                sequence: event.sequence,
+                reason: "aggregate id is not a UUID".into(),
+            }
+        })?;
+        let stream_event = store::stored_event(
+            account,
+            event.sequence,
+            event.event_id,
+            event.recorded_at,
+            &event.payload,
+            &event.metadata,
+        )?;
+        let mut row = self.rows.remove(&account);
+        let applied = model::apply(&mut row, &stream_event, &mut self.entries);
+        if let Some(row) = row {
+            self.rows.insert(account, row);
+        }
+        applied?;
+        self.events += 1;
+        Ok(())
+    }
+
+    async fn flush_entries(&mut self, connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+        for chunk in self.entries.chunks(WRITE_CHUNK) {
+            store::save(connection, Tables::REBUILD, &[], chunk).await?;
+        }
+        self.entries.clear();
+        Ok(())
+    }
+}
+
+/// Rebuilds `accounts` and `account_entries`. `show_progress` draws a progress line on stderr
+/// when it is a terminal.
+pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    let progress = show_progress && std::io::stderr().is_terminal();
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'account'")
+        .fetch_one(pool)
+        .await?;
+    let mut connection = pool.acquire().await?;
+    sqlx::query(
+        "DROP TABLE IF EXISTS accounts_rebuild, account_entries_rebuild;
+         CREATE TABLE accounts_rebuild (LIKE accounts INCLUDING ALL);
+         CREATE TABLE account_entries_rebuild (LIKE account_entries INCLUDING ALL);",
+    )
+    .execute(&mut *connection)
+    .await?;
+
+    let mut fold = Fold {
+        rows: HashMap::new(),
+        entries: Vec::new(),
+        events: 0,
+    };
+    let mut position = LogPosition::START;
+    loop {
+        let batch = event_log::read_committed(pool, position, BATCH).await?;
+        let Some(last) = batch.last().map(|event| event.position) else {
+            break;
+        };
+        for event in &batch {
+            fold.apply(event)?;
+        }
+        fold.flush_entries(&mut connection).await?;
+        position = last;
+        if progress {
+            draw(fold.events, total, started);
+        }
+    }
+
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE accounts, account_entries IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    // Under the lock, everything committed is visible and nothing new can be projected, so
+    // this pass needs no horizon: it takes every event the first pass had not reached.
+    let rest = events_after(&mut tx, position).await?;
+    for event in &rest {
+        fold.apply(event)?;
+    }
+    fold.flush_entries(&mut tx).await?;
+    let rows: Vec<&AccountRow> = fold.rows.values().collect();
+    for chunk in rows.chunks(WRITE_CHUNK) {
+        store::save(&mut tx, Tables::REBUILD, chunk, &[]).await?;
+    }
+    sqlx::query(
+        "ALTER TABLE accounts RENAME TO accounts_retired;
+         ALTER TABLE account_entries RENAME TO account_entries_retired;
+         ALTER TABLE accounts_rebuild RENAME TO accounts;
+         ALTER TABLE account_entries_rebuild RENAME TO account_entries;
+         DROP TABLE accounts_retired, account_entries_retired;",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if progress {
+        draw(fold.events, total, started);
+        eprintln!();
+    }
+    Ok(RebuildReport {
+        events: fold.events,
+        accounts: fold.rows.len(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Every committed event after `position`, ordered by stream.
+async fn events_after(
+    connection: &mut PgConnection,
+    position: LogPosition,
+) -> Result<Vec<LoggedEvent>, sqlx::Error> {
+    type Row = (String, String, i64, String, String, Uuid, DateTime<Utc>, String, String, Vec<u8>, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, event_id,
+                recorded_at, payload::text, metadata::text, hash, global_position
+           FROM events
+          WHERE (tx_id, global_position) > ($1::text::xid8, $2)
+          ORDER BY aggregate_type, aggregate_id, sequence",
+    )
+    .bind(position.tx_id.to_string())
+    .bind(position.global_position)
+    .fetch_all(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| LoggedEvent {
+            position: LogPosition {
+                tx_id: 0,
+                global_position: r.10,
+            },
+            aggregate_type: r.0,
+            aggregate_id: r.1,
+            sequence: r.2,
+            event_type: r.3,
+            event_version: r.4,
+            event_id: r.5,
+            recorded_at: r.6,
+            payload: r.7,
+            metadata: r.8,
+            hash: r.9,
+        })
+        .collect())
+}
+
+#[allow(clippy::print_stderr)]
+fn draw(done: u64, total: i64, started: Instant) {
+    let total = total.max(1) as u64;
+    let width = 40;
+    let filled = (done.min(total) * width / total) as usize;
+    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+    eprint!(
+        "\r[{}{}] {done}/{total} events, {rate:.0}/s",
+        "#".repeat(filled),
+        " ".repeat(width as usize - filled)
+    );
+    let _ = std::io::stderr().flush();
+}

@@ -1,0 +1,202 @@
+//! Reading and writing the read-model tables, and reading streams back from the event store.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use domain::AccountEvent;
+use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::model::{AccountRow, EntryRow, StreamEvent};
+
+/// Which pair of tables to write: the live ones, or the ones a rebuild fills.
+#[derive(Debug, Clone, Copy)]
+pub struct Tables {
+    pub accounts: &'static str,
+    pub entries: &'static str,
+}
+
+impl Tables {
+    pub const LIVE: Self = Self {
+        accounts: "accounts",
+        entries: "account_entries",
+    };
+    pub const REBUILD: Self = Self {
+        accounts: "accounts_rebuild",
+        entries: "account_entries_rebuild",
+    };
+}
+
+type AccountTuple = (
+    Uuid,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+/// The rows of `ids`, locked until the transaction ends, in id order (so that two projectors
+/// during a rebalance cannot deadlock).
+pub async fn lock_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    tables: Tables,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, AccountRow>, sqlx::Error> {
+    let rows: Vec<AccountTuple> = sqlx::query_as(&format!(
+        "SELECT id, tenant, owner, currency, overdraft_limit, balance, status, version, opened_at, updated_at
+           FROM {} WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        tables.accounts
+    ))
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.0,
+                AccountRow {
+                    id: r.0,
+                    tenant: r.1,
+                    owner: r.2,
+                    currency: r.3,
+                    overdraft_limit: r.4,
+                    balance: r.5,
+                    status: r.6,
+                    version: r.7,
+                    opened_at: r.8,
+                    updated_at: r.9,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Writes `rows` (insert or move forward, never back) and `entries` (once each).
+pub async fn save(
+    connection: &mut PgConnection,
+    tables: Tables,
+    rows: &[&AccountRow],
+    entries: &[EntryRow],
+) -> Result<(), sqlx::Error> {
+    if !rows.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO {0} (id, tenant, owner, currency, overdraft_limit, balance, status, version, opened_at, updated_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[],
+                                  $7::text[], $8::int8[], $9::timestamptz[], $10::timestamptz[])
+             ON CONFLICT (id) DO UPDATE
+                SET balance = EXCLUDED.balance, status = EXCLUDED.status,
+                    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+              WHERE {0}.version < EXCLUDED.version",
+            tables.accounts
+        ))
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+        .execute(&mut *connection)
+        .await?;
+    }
+    if !entries.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[],
+                                  $7::int8[], $8::uuid[], $9::timestamptz[])
+             ON CONFLICT (account_id, version) DO NOTHING",
+            tables.entries
+        ))
+        .bind(entries.iter().map(|e| e.account_id).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.version).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.tenant.as_str()).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.kind).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.amount).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.currency.as_str()).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.balance_after).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.event_id).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>())
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Why a stored event could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoredEventError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("stored event {aggregate_id}/{sequence} is unreadable: {reason}")]
+    Unreadable {
+        aggregate_id: String,
+        sequence: i64,
+        reason: String,
+    },
+}
+
+/// The stream's events with `after < sequence <= up_to`, from the event store.
+pub async fn stream_events(
+    connection: &mut PgConnection,
+    account: Uuid,
+    after: i64,
+    up_to: i64,
+) -> Result<Vec<StreamEvent>, StoredEventError> {
+    let rows: Vec<(i64, Uuid, DateTime<Utc>, String, String)> = sqlx::query_as(
+        "SELECT sequence, event_id, recorded_at, payload::text, metadata::text
+           FROM events
+          WHERE aggregate_type = 'account' AND aggregate_id = $1 AND sequence > $2 AND sequence <= $3
+          ORDER BY sequence",
+    )
+    .bind(account.to_string())
+    .bind(after)
+    .bind(up_to)
+    .fetch_all(connection)
+    .await?;
+    rows.into_iter()
+        .map(|(sequence, event_id, recorded_at, payload, metadata)| {
+            stored_event(account, sequence, event_id, recorded_at, &payload, &metadata)
+        })
+        .collect()
+}
+
+/// Reads one stored account event.
+pub fn stored_event(
+    account: Uuid,
+    sequence: i64,
+    event_id: Uuid,
+    recorded_at: DateTime<Utc>,
+    payload: &str,
+    metadata: &str,
+) -> Result<StreamEvent, StoredEventError> {
+    let unreadable = |reason: String| StoredEventError::Unreadable {
+        aggregate_id: account.to_string(),
+        sequence,
+        reason,
+    };
+    let event: AccountEvent =
+        serde_json::from_str(payload).map_err(|err| unreadable(err.to_string()))?;
+    let metadata: serde_json::Value =
+        serde_json::from_str(metadata).map_err(|err| unreadable(err.to_string()))?;
+    let tenant = metadata["tenant"]
+        .as_str()
+        .ok_or_else(|| unreadable("metadata has no tenant".into()))?
+        .to_owned();
+    Ok(StreamEvent {
+        account_id: account,
+        sequence,
+        tenant,
+        event_id,
+        recorded_at,
+        event,
+    })
+}

@@ -1,0 +1,337 @@
+//! Kafka: client settings, topic names, and the CloudEvents envelope analysts read.
+//!
+//! Messages use CloudEvents 1.0 in Kafka binary content mode: the value is the event's data as
+//! JSON, and the attributes are `ce_*` headers. The header names and their meaning are the
+//! contract with analysts; change them only with a new documented version.
+
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::{self, ConfigError};
+use crate::event_log::LoggedEvent;
+
+/// Where the brokers are and how topics are named.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `KAFKA_BROKERS`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// `KAFKA_TOPIC_PREFIX` (default `ledger`): topics are `<prefix>.<aggregate>.events` and
+    /// `<prefix>.deadletter`.
+    pub topic_prefix: String,
+    /// `KAFKA_PARTITIONS` (default 3): partitions of topics this deployment creates.
+    pub partitions: i32,
+}
+
+impl KafkaConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            brokers: config::required("KAFKA_BROKERS", "the Kafka bootstrap servers, host:port")?,
+            topic_prefix: config::optional("KAFKA_TOPIC_PREFIX").unwrap_or_else(|| "ledger".into()),
+            partitions: config::parsed_or("KAFKA_PARTITIONS", 3)?,
+        })
+    }
+
+    /// The topic of one aggregate type's events, e.g. `ledger.account.events`.
+    pub fn events_topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}.events", self.topic_prefix)
+    }
+
+    /// Where messages that cannot be processed go, with the error in headers.
+    pub fn deadletter_topic(&self) -> String {
+        format!("{}.deadletter", self.topic_prefix)
+    }
+
+    /// Base client settings shared by producers and consumers.
+    pub fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", "ledger")
+            .set("log_level", "4");
+        config
+    }
+
+    /// An idempotent producer: acks from all in-sync replicas, no duplicates or reordering
+    /// from its own retries.
+    pub fn producer(&self) -> ClientConfig {
+        let mut config = self.client();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000");
+        config
+    }
+
+    /// A consumer in `group` that commits offsets only when told to.
+    pub fn consumer(&self, group: &str) -> ClientConfig {
+        let mut config = self.client();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        config
+    }
+
+    /// Creates `topics` if missing. Brokers differ in what else they support (partition
+    /// changes, topic-config reads), so this does nothing else.
+    pub async fn ensure_topics(&self, topics: &[String]) -> Result<(), KafkaSetupError> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client().create().map_err(KafkaSetupError::Client)?;
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|name| NewTopic::new(name, self.partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&new_topics, &options)
+            .await
+            .map_err(KafkaSetupError::Client)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(KafkaSetupError::Topic { topic, code }),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("kafka client: {0}")]
+    Client(#[source] rdkafka::error::KafkaError),
+    #[error("creating topic {topic}: {code}")]
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// Header names of the CloudEvents binary mode, plus our extensions.
+pub mod headers {
+    pub const SPECVERSION: &str = "ce_specversion";
+    pub const ID: &str = "ce_id";
+    pub const SOURCE: &str = "ce_source";
+    pub const TYPE: &str = "ce_type";
+    pub const SUBJECT: &str = "ce_subject";
+    pub const TIME: &str = "ce_time";
+    pub const CONTENT_TYPE: &str = "content-type";
+    pub const SEQUENCE: &str = "ce_sequence";
+    pub const TENANT: &str = "ce_tenant";
+    pub const CORRELATION_ID: &str = "ce_correlationid";
+    pub const CAUSATION_ID: &str = "ce_causationid";
+    pub const HASH: &str = "ce_hash";
+    pub const TRACEPARENT: &str = "traceparent";
+    /// On dead letters: why the message could not be processed, and where it came from.
+    pub const ERROR: &str = "ledger_error";
+    pub const ORIGINAL_TOPIC: &str = "ledger_original_topic";
+    pub const ORIGINAL_PARTITION: &str = "ledger_original_partition";
+    pub const ORIGINAL_OFFSET: &str = "ledger_original_offset";
+}
+
+/// `ce_type` of an event, e.g. `ledger.account.MoneyDeposited.v1`.
+pub fn cloudevent_type(aggregate_type: &str, event_type: &str, event_version: &str) -> String {
+    format!("ledger.{aggregate_type}.{event_type}.v{event_version}")
+}
+
+/// An event as published: the message value and headers.
+pub struct Envelope {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: OwnedHeaders,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct MetadataView {
+    #[serde(default)]
+    tenant: String,
+    #[serde(default)]
+    correlation_id: String,
+    #[serde(default)]
+    causation_id: String,
+    #[serde(default)]
+    traceparent: Option<String>,
+}
+
+/// The CloudEvents message for a stored event.
+pub fn envelope(event: &LoggedEvent) -> Envelope {
+    let metadata: MetadataView = serde_json::from_str(&event.metadata).unwrap_or_default();
+    let time = event
+        .recorded_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let source = format!("/ledger/{}", event.aggregate_type);
+    let ce_type = cloudevent_type(&event.aggregate_type, &event.event_type, &event.event_version);
+    let sequence = event.sequence.to_string();
+    let id = event.event_id.to_string();
+    let hash = hex::encode(&event.hash);
+    let mut headers = OwnedHeaders::new_with_capacity(14);
+    for (key, value) in [
+        (headers::SPECVERSION, "1.0"),
+        (headers::ID, id.as_str()),
+        (headers::SOURCE, source.as_str()),
+        (headers::TYPE, ce_type.as_str()),
+        (headers::SUBJECT, event.aggregate_id.as_str()),
+        (headers::TIME, time.as_str()),
+        (headers::CONTENT_TYPE, "application/json"),
+        (headers::SEQUENCE, sequence.as_str()),
+        (headers::TENANT, metadata.tenant.as_str()),
+        (headers::CORRELATION_ID, metadata.correlation_id.as_str()),
+        (headers::CAUSATION_ID, metadata.causation_id.as_str()),
+        (headers::HASH, hash.as_str()),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    if let Some(traceparent) = &metadata.traceparent {
+        headers = headers.insert(Header {
+            key: headers::TRACEPARENT,
+            value: Some(traceparent),
+        });
+    }
+    Envelope {
+        key: event.aggregate_id.clone(),
+        value: event_data(&event.payload, &event.event_type),
+        headers,
+    }
+}
+
+/// The event's data: the stored payload without cqrs-es's `{"<EventType>": ...}` wrapper, so
+/// analysts see `{"amount": 100, ...}`; `{}` for events without fields.
+pub fn event_data(payload: &str, event_type: &str) -> Vec<u8> {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(mut wrapper)) if wrapper.len() == 1 => wrapper
+            .remove(event_type)
+            .map(|data| serde_json::to_vec(&data).unwrap_or_default())
+            .unwrap_or_else(|| payload.as_bytes().to_vec()),
+        Ok(serde_json::Value::String(unit)) if unit == event_type => b"{}".to_vec(),
+        _ => payload.as_bytes().to_vec(),
+    }
+}
+
+/// A header's value as UTF-8, if present.
+pub fn header<'a>(headers: &'a impl Headers, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|header| header.key == name)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+}
+
+/// A received event message, decoded and checked.
+#[derive(Debug, Clone)]
+pub struct ReceivedEvent {
+    pub event_id: uuid::Uuid,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    /// `ce_type` split back into its parts.
+    pub event_type: String,
+    pub event_version: String,
+    pub tenant: String,
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub data: serde_json::Value,
+}
+
+/// Why a message is not a valid event message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeError(pub String);
+
+impl fmt::Display for EnvelopeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EnvelopeError {}
+
+/// Decodes the message of an event of `aggregate_type`.
+pub fn decode(
+    aggregate_type: &str,
+    headers: Option<&impl Headers>,
+    value: Option<&[u8]>,
+) -> Result<ReceivedEvent, EnvelopeError> {
+    let missing = |name: &str| EnvelopeError(format!("missing or non-UTF-8 header {name}"));
+    let headers = headers.ok_or_else(|| EnvelopeError("no headers".into()))?;
+    let get = |name: &'static str| header(headers, name).ok_or_else(|| missing(name));
+    if get(headers::SPECVERSION)? != "1.0" {
+        return Err(EnvelopeError("unsupported ce_specversion".into()));
+    }
+    let ce_type = get(headers::TYPE)?;
+    let prefix = format!("ledger.{aggregate_type}.");
+    let (event_type, event_version) = ce_type
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.rsplit_once(".v"))
+        .ok_or_else(|| EnvelopeError(format!("unexpected ce_type {ce_type}")))?;
+    let data = serde_json::from_slice(value.ok_or_else(|| EnvelopeError("no value".into()))?)
+        .map_err(|err| EnvelopeError(format!("value is not JSON: {err}")))?;
+    Ok(ReceivedEvent {
+        event_id: get(headers::ID)?
+            .parse()
+            .map_err(|_| EnvelopeError("ce_id is not a UUID".into()))?,
+        aggregate_id: get(headers::SUBJECT)?.to_owned(),
+        sequence: get(headers::SEQUENCE)?
+            .parse()
+            .ok()
+            .filter(|sequence: &i64| *sequence >= 1)
+            .ok_or_else(|| EnvelopeError("ce_sequence is not a positive integer".into()))?,
+        event_type: event_type.to_owned(),
+        event_version: event_version.to_owned(),
+        tenant: get(headers::TENANT)?.to_owned(),
+        time: chrono::DateTime::parse_from_rfc3339(get(headers::TIME)?)
+            .map_err(|_| EnvelopeError("ce_time is not RFC 3339".into()))?
+            .with_timezone(&chrono::Utc),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_drops_the_enum_wrapper() {
+        assert_eq!(
+            event_data(r#"{"MoneyDeposited":{"amount":1}}"#, "MoneyDeposited"),
+            br#"{"amount":1}"#
+        );
+        assert_eq!(event_data(r#""AccountFrozen""#, "AccountFrozen"), b"{}");
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let event = LoggedEvent {
+            position: crate::event_log::LogPosition::START,
+            aggregate_type: "account".into(),
+            aggregate_id: "a1".into(),
+            sequence: 7,
+            event_type: "MoneyDeposited".into(),
+            event_version: "1".into(),
+            event_id: uuid::Uuid::new_v4(),
+            recorded_at: chrono::Utc::now(),
+            payload: r#"{"MoneyDeposited":{"amount":5}}"#.into(),
+            metadata: r#"{"tenant":"acme","correlation_id":"c","causation_id":"r"}"#.into(),
+            hash: vec![1, 2],
+        };
+        let envelope = envelope(&event);
+        assert_eq!(header(&envelope.headers, headers::HASH), Some("0102"));
+        let received = decode("account", Some(&envelope.headers), Some(&envelope.value)).unwrap();
+        assert_eq!(received.sequence, 7);
+        assert_eq!(received.tenant, "acme");
+        assert_eq!(received.event_type, "MoneyDeposited");
+        assert_eq!(received.event_version, "1");
+        assert_eq!(received.data, serde_json::json!({"amount": 5}));
+        assert!(decode("account", Some(&envelope.headers), Some(b"{")).is_err());
+        assert!(decode("transfer", Some(&envelope.headers), Some(&envelope.value)).is_err());
+    }
+}
