@@ -8,10 +8,11 @@ use axum::{Json, Router};
 use domain::{AccountCommand, Amount, Currency, OverdraftLimit, Owner};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
+
+use service_kit::problem::{BearerAuth, ProblemDocument};
 
 use crate::AppState;
 use crate::commands::{CommandContext, Committed, Idempotency, Target};
@@ -71,16 +72,6 @@ pub(crate) struct CommandAccepted {
     version: u64,
 }
 
-/// RFC 9457 problem details (`application/problem+json`).
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct ProblemDetails {
-    /// Stable URN per error kind, e.g. `urn:ledger:problem:insufficient-funds`.
-    r#type: String,
-    title: String,
-    status: u16,
-    detail: Option<String>,
-}
-
 /// Documents an account command handler: all share parameters, security and error kinds.
 macro_rules! account_command {
     ($path:literal, $summary:literal, body: [$($body:ty)?], $handler:item) => {
@@ -95,15 +86,15 @@ macro_rules! account_command {
             ),
             responses(
                 (status = 200, description = "Applied", body = CommandAccepted),
-                (status = 400, description = "Malformed body or header", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 401, description = "Missing, invalid or expired token", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 403, description = "Role `teller` required", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 404, description = "No such account for this tenant", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 409, description = "Version conflict; `current_version` is the current one", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 413, description = "Body too large", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 415, description = "Body is not JSON", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 422, description = "Invalid value or business rule violated", body = ProblemDetails, content_type = "application/problem+json"),
-                (status = 503, description = "Database unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+                (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 409, description = "Version conflict; `current_version` is the current one", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 415, description = "Body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 422, description = "Invalid value or business rule violated", body = ProblemDocument, content_type = "application/problem+json"),
+                (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
             ),
             security(("bearer" = []))
         )]
@@ -120,13 +111,13 @@ macro_rules! account_command {
     ),
     responses(
         (status = 201, description = "Account opened", body = CommandAccepted),
-        (status = 400, description = "Malformed body or header", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 403, description = "Role `teller` required", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid value or reused idempotency key", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid value or reused idempotency key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -320,24 +311,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 #[openapi(
     info(title = "Ledger command API", description = "Open accounts and move money. Every change is an event in the ledger's event store."),
     paths(open_account, deposit, withdraw, freeze, unfreeze, close),
-    components(schemas(OpenAccountRequest, MoneyRequest, CommandAccepted, ProblemDetails)),
+    components(schemas(OpenAccountRequest, MoneyRequest, CommandAccepted, ProblemDocument)),
     modifiers(&BearerAuth),
 )]
 pub(crate) struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}

@@ -47,28 +47,12 @@ pub(crate) enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(err),
-            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| is_outage(&c)) => {
-                Self::Unavailable(err)
-            }
-            other => Self::Internal(other.into()),
+        if service_kit::db::is_outage(&err) {
+            Self::Unavailable(err)
+        } else {
+            Self::Internal(err.into())
         }
     }
-}
-
-/// SQLSTATEs that mean the database cannot serve right now, rather than that a statement is
-/// wrong: connection exceptions (08), insufficient resources (53), statement timeout (57014),
-/// shutdown (57P0x), database not accepting connections (55000) or missing (3D000).
-fn is_outage(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("53")
-        || code.starts_with("57P0")
-        || matches!(code, "57014" | "55000" | "3D000")
 }
 
 impl From<LoadError> for ApiError {

@@ -183,7 +183,8 @@ impl Projector {
         let mut ids: Vec<Uuid> = events.iter().map(|(_, _, e)| e.account_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut rows: HashMap<Uuid, AccountRow> = store::lock_rows(&mut tx, Tables::LIVE, &ids).await?;
+        let mut rows: HashMap<Uuid, AccountRow> =
+            store::lock_rows(&mut tx, Tables::LIVE, &ids).await?;
         let mut changed: Vec<Uuid> = Vec::new();
         let mut entries: Vec<EntryRow> = Vec::new();
         let mut refused = Vec::new();
@@ -250,7 +251,12 @@ impl Projector {
     /// Publishes `message` to the dead-letter topic with `reason`, retrying until the broker
     /// takes it: a poison message is never dropped.
     async fn dead_letter(&self, message: &BorrowedMessage<'_>, reason: &str) {
-        tracing::warn!(partition = message.partition(), offset = message.offset(), reason, "dead-lettering a message");
+        tracing::warn!(
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "dead-lettering a message"
+        );
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for header in original.iter() {
@@ -277,7 +283,11 @@ impl Projector {
                 .key(key)
                 .payload(payload)
                 .headers(headers.clone());
-            match self.dead_letters.send(record, Duration::from_secs(10)).await {
+            match self
+                .dead_letters
+                .send(record, Duration::from_secs(10))
+                .await
+            {
                 Ok(_) => return,
                 Err((err, _)) => {
                     tracing::error!(error = %err, "dead-lettering failed; retrying");
@@ -293,7 +303,10 @@ fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
     let received = kafka::decode(Account::TYPE, message.headers(), message.payload())
         .map_err(|err| err.to_string())?;
     if received.event_version != "1" {
-        return Err(format!("unsupported event version {}", received.event_version));
+        return Err(format!(
+            "unsupported event version {}",
+            received.event_version
+        ));
     }
     let account_id: Uuid = received
         .aggregate_id
@@ -309,8 +322,8 @@ fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
         }
         data => serde_json::json!({ received.event_type.clone(): data }),
     };
-    let event: AccountEvent =
-        serde_json::from_value(tagged).map_err(|err| format!("unreadable {}: {err}", received.event_type))?;
+    let event: AccountEvent = serde_json::from_value(tagged)
+        .map_err(|err| format!("unreadable {}: {err}", received.event_type))?;
     Ok(StreamEvent {
         account_id,
         sequence: received.sequence,

@@ -53,7 +53,9 @@ pub enum FoldError {
     NotOpened { account: Uuid, sequence: i64 },
     #[error("account {account} opened again at version {sequence}")]
     OpenedTwice { account: Uuid, sequence: i64 },
-    #[error("event {sequence} of account {account} names tenant {got}, the account is {expected}'s")]
+    #[error(
+        "event {sequence} of account {account} names tenant {got}, the account is {expected}'s"
+    )]
     TenantMismatch {
         account: Uuid,
         sequence: i64,
@@ -131,12 +133,22 @@ pub fn apply(
             amount,
             currency,
             balance_after,
-        } => movement("deposit", amount.minor_units(), *balance_after, currency.to_string()),
+        } => movement(
+            "deposit",
+            amount.minor_units(),
+            *balance_after,
+            currency.to_string(),
+        ),
         AccountEvent::MoneyWithdrawn {
             amount,
             currency,
             balance_after,
-        } => movement("withdrawal", amount.minor_units(), *balance_after, currency.to_string()),
+        } => movement(
+            "withdrawal",
+            amount.minor_units(),
+            *balance_after,
+            currency.to_string(),
+        ),
         AccountEvent::AccountFrozen => account.status = "frozen".into(),
         AccountEvent::AccountUnfrozen => account.status = "active".into(),
         AccountEvent::AccountClosed => account.status = "closed".into(),
@@ -189,7 +201,10 @@ mod tests {
             apply(&mut row, &e, &mut entries).unwrap();
         }
         let row = row.unwrap();
-        assert_eq!((row.balance, row.status.as_str(), row.version), (30, "frozen", 3));
+        assert_eq!(
+            (row.balance, row.status.as_str(), row.version),
+            (30, "frozen", 3)
+        );
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].kind, "deposit");
     }
@@ -199,12 +214,20 @@ mod tests {
         let mut entries = Vec::new();
         let mut row = None;
         assert!(matches!(
-            apply(&mut row, &event(2, "acme", AccountEvent::AccountFrozen), &mut entries),
+            apply(
+                &mut row,
+                &event(2, "acme", AccountEvent::AccountFrozen),
+                &mut entries
+            ),
             Err(FoldError::NotOpened { .. })
         ));
         apply(&mut row, &event(1, "acme", opened()), &mut entries).unwrap();
         assert!(matches!(
-            apply(&mut row, &event(2, "globex", AccountEvent::AccountFrozen), &mut entries),
+            apply(
+                &mut row,
+                &event(2, "globex", AccountEvent::AccountFrozen),
+                &mut entries
+            ),
             Err(FoldError::TenantMismatch { .. })
         ));
         assert!(matches!(

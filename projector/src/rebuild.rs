@@ -51,13 +51,15 @@ impl Fold {
         if event.aggregate_type != "account" {
             return Ok(());
         }
-        let account: Uuid = event.aggregate_id.parse().map_err(|_| {
-            StoredEventError::Unreadable {
-                aggregate_id: event.aggregate_id.clone(),
-                sequence: event.sequence,
-                reason: "aggregate id is not a UUID".into(),
-            }
-        })?;
+        let account: Uuid =
+            event
+                .aggregate_id
+                .parse()
+                .map_err(|_| StoredEventError::Unreadable {
+                    aggregate_id: event.aggregate_id.clone(),
+                    sequence: event.sequence,
+                    reason: "aggregate id is not a UUID".into(),
+                })?;
         let stream_event = store::stored_event(
             account,
             event.sequence,
@@ -90,9 +92,10 @@ impl Fold {
 pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
     let progress = show_progress && std::io::stderr().is_terminal();
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'account'")
-        .fetch_one(pool)
-        .await?;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'account'")
+            .fetch_one(pool)
+            .await?;
     let mut connection = pool.acquire().await?;
     sqlx::query(
         "DROP TABLE IF EXISTS accounts_rebuild, account_entries_rebuild;
@@ -164,7 +167,19 @@ async fn events_after(
     connection: &mut PgConnection,
     position: LogPosition,
 ) -> Result<Vec<LoggedEvent>, sqlx::Error> {
-    type Row = (String, String, i64, String, String, Uuid, DateTime<Utc>, String, String, Vec<u8>, i64);
+    type Row = (
+        String,
+        String,
+        i64,
+        String,
+        String,
+        Uuid,
+        DateTime<Utc>,
+        String,
+        String,
+        Vec<u8>,
+        i64,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, event_id,
                 recorded_at, payload::text, metadata::text, hash, global_position

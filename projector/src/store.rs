@@ -164,7 +164,14 @@ pub async fn stream_events(
     .await?;
     rows.into_iter()
         .map(|(sequence, event_id, recorded_at, payload, metadata)| {
-            stored_event(account, sequence, event_id, recorded_at, &payload, &metadata)
+            stored_event(
+                account,
+                sequence,
+                event_id,
+                recorded_at,
+                &payload,
+                &metadata,
+            )
         })
         .collect()
 }

@@ -138,3 +138,24 @@ pub async fn ensure_database_exists(config: &DatabaseConfig) -> Result<(), Datab
     }
     admin.close().await.map_err(DatabaseError::Connect)
 }
+
+/// True if `err` means the database cannot serve right now, rather than that a statement is
+/// wrong: the caller should answer 503, not 500. Connection and pool failures, and the SQLSTATEs
+/// of connection exceptions (08), insufficient resources (53), statement timeout (57014),
+/// shutdown (57P0x), a database not accepting connections (55000) or missing (3D000).
+pub fn is_outage(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P0")
+                || matches!(code.as_ref(), "57014" | "55000" | "3D000")
+        }),
+        _ => false,
+    }
+}

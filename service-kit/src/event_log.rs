@@ -88,7 +88,10 @@ pub async fn read_committed(
         .map(|row| {
             Ok(LoggedEvent {
                 position: LogPosition {
-                    tx_id: row.0.parse().map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
+                    tx_id: row
+                        .0
+                        .parse()
+                        .map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
                     global_position: row.1,
                 },
                 aggregate_type: row.2,

@@ -170,7 +170,11 @@ pub fn envelope(event: &LoggedEvent) -> Envelope {
         .recorded_at
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let source = format!("/ledger/{}", event.aggregate_type);
-    let ce_type = cloudevent_type(&event.aggregate_type, &event.event_type, &event.event_version);
+    let ce_type = cloudevent_type(
+        &event.aggregate_type,
+        &event.event_type,
+        &event.event_version,
+    );
     let sequence = event.sequence.to_string();
     let id = event.event_id.to_string();
     let hash = hex::encode(&event.hash);

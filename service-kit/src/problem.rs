@@ -100,6 +100,35 @@ impl IntoResponse for Problem {
     }
 }
 
+/// The schema of [`Problem`] for OpenAPI documents.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProblemDocument {
+    /// Stable URN per error kind, e.g. `urn:ledger:problem:insufficient-funds`.
+    pub r#type: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: Option<String>,
+}
+
+/// Adds the `bearer` (JWT) security scheme to an OpenAPI document.
+pub struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

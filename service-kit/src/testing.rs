@@ -1,16 +1,20 @@
-//! A fresh, migrated database for each test.
+//! What each test needs, isolated from every other test: a fresh, migrated database and its
+//! own Kafka topics.
 //!
-//! The server is `DATABASE_URL` when set (any database on it; tests create their own next to
-//! it), otherwise a Postgres container started once per test binary with testcontainers.
+//! The Postgres server is `DATABASE_URL` when set (tests create their own database next to
+//! it), otherwise a container started once per test binary with testcontainers. The broker is
+//! `KAFKA_BROKERS` when set (`cargo xtask test` starts one), otherwise a Kafka container.
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
+use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
 use testcontainers_modules::postgres::Postgres;
 use testcontainers_modules::testcontainers::ContainerAsync;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use tokio::sync::OnceCell;
 
 use crate::db::{self, DatabaseConfig, TEST_DATABASE_PREFIX};
+use crate::kafka::KafkaConfig;
 
 struct Server {
     url: String,
@@ -43,6 +47,44 @@ async fn server() -> &'static Server {
             }
         })
         .await
+}
+
+struct Broker {
+    address: String,
+    _container: Option<ContainerAsync<Kafka>>,
+}
+
+static BROKER: OnceCell<Broker> = OnceCell::const_new();
+
+/// Kafka settings with topics and groups no other test uses.
+pub async fn kafka() -> KafkaConfig {
+    let broker = BROKER
+        .get_or_init(|| async {
+            if let Ok(address) = std::env::var("KAFKA_BROKERS") {
+                return Broker {
+                    address,
+                    _container: None,
+                };
+            }
+            let container = Kafka::default()
+                .start()
+                .await
+                .expect("KAFKA_BROKERS is not set and no Kafka container could be started");
+            let port = container
+                .get_host_port_ipv4(KAFKA_PORT)
+                .await
+                .expect("kafka container port");
+            Broker {
+                address: format!("127.0.0.1:{port}"),
+                _container: Some(container),
+            }
+        })
+        .await;
+    KafkaConfig {
+        brokers: broker.address.clone(),
+        topic_prefix: format!("test{}", uuid::Uuid::new_v4().simple()),
+        partitions: 3,
+    }
 }
 
 /// A database that exists for one test.

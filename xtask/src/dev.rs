@@ -9,6 +9,7 @@ use service_kit::db::{self, DatabaseConfig};
 use tokio::process::{Child, Command};
 
 use crate::args::Flags;
+use crate::broker;
 
 /// The HS256 secret `up` gives the services when `JWT_HS256_SECRET` is not set. Development
 /// only: production deployments configure their own secret or a public key.
@@ -81,26 +82,63 @@ pub(crate) async fn migrate() -> anyhow::Result<()> {
 /// `cargo xtask up`: everything, in the foreground, until ctrl-c.
 pub(crate) async fn up() -> anyhow::Result<()> {
     let database = prepare_database().await?;
+    let (brokers, _broker) = match std::env::var("KAFKA_BROKERS") {
+        Ok(brokers) => (brokers, None),
+        Err(_) => {
+            // Postgres storage, so a restart of `up` keeps what was published.
+            let storage =
+                DatabaseConfig::with_url(database_url_named(&database.url, "ledger_kafka"));
+            db::ensure_database_exists(&storage).await?;
+            let broker = broker::start(broker::Storage::Postgres(format!(
+                "{}?sslmode=disable",
+                storage.url
+            )))
+            .await?;
+            (broker.address.clone(), Some(broker))
+        }
+    };
     println!("building the services (release)...");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--package", "command-api"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "command-api",
+            "-p",
+            "projector",
+            "-p",
+            "query-api",
+        ])
         .status()
         .await?;
     if !status.success() {
         bail!("cargo build failed");
     }
-    let command_addr =
-        std::env::var("COMMAND_API_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
-    let mut command_api = Command::new(workspace_root().join("target/release/command-api"))
-        .env("DATABASE_URL", &database.url)
-        .env("JWT_HS256_SECRET", dev_secret().expose())
-        .env("COMMAND_API_ADDR", &command_addr)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting command-api")?;
-    let base = format!("http://{command_addr}");
-    wait_ready(&base, &mut command_api).await?;
+    let command_addr = env_or("COMMAND_API_ADDR", "127.0.0.1:8080");
+    let query_addr = env_or("QUERY_API_ADDR", "127.0.0.1:8081");
+    let service = |name: &str| {
+        let mut command = Command::new(workspace_root().join("target/release").join(name));
+        command
+            .env("DATABASE_URL", &database.url)
+            .env("JWT_HS256_SECRET", dev_secret().expose())
+            .env("KAFKA_BROKERS", &brokers)
+            .env("COMMAND_API_ADDR", &command_addr)
+            .env("QUERY_API_ADDR", &query_addr)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    };
+    let mut children = vec![
+        service("command-api")
+            .spawn()
+            .context("starting command-api")?,
+        service("projector").spawn().context("starting projector")?,
+        service("query-api").spawn().context("starting query-api")?,
+    ];
+    let commands = format!("http://{command_addr}");
+    let queries = format!("http://{query_addr}");
+    wait_ready(&commands, &mut children[0]).await?;
+    wait_ready(&queries, &mut children[2]).await?;
     let token = dev_token(
         "dev",
         &["teller", "viewer", "auditor", "admin"],
@@ -108,17 +146,63 @@ pub(crate) async fn up() -> anyhow::Result<()> {
         86_400,
     )?;
     println!(
-        "\nLedger is running.\n\n  command API   {base}\n  OpenAPI       {base}/openapi.json\n  Swagger UI    {base}/docs\n\n\
+        "\nLedger is running.\n\n  command API   {commands}   (OpenAPI {commands}/openapi.json, Swagger UI {commands}/docs)\n  \
+         query API     {queries}   (OpenAPI {queries}/openapi.json, Swagger UI {queries}/docs)\n  \
+         Kafka         {brokers}   (topics ledger.account.events, ledger.deadletter)\n  Postgres      {}\n\n\
          Dev token (tenant `dev`, all roles, valid 24 h):\n\n  export TOKEN={token}\n\n\
-         Try:\n  curl -s -X POST {base}/v1/accounts -H \"Authorization: Bearer $TOKEN\" \\\n    -H 'Content-Type: application/json' -d '{{\"owner\":\"Ada\",\"currency\":\"EUR\"}}'\n\n\
-         More tokens: cargo xtask token --tenant T --role teller\nPress ctrl-c to stop.\n"
+         Try:\n  curl -s -X POST {commands}/v1/accounts -H \"Authorization: Bearer $TOKEN\" \\\n    -H 'Content-Type: application/json' -d '{{\"owner\":\"Ada\",\"currency\":\"EUR\"}}'\n  \
+         curl -s {queries}/v1/accounts -H \"Authorization: Bearer $TOKEN\"\n\n\
+         More tokens: cargo xtask token --tenant T --role teller\nPress ctrl-c to stop.\n",
+        redact(&database.url)
     );
-    tokio::select! {
-        status = command_api.wait() => bail!("command-api exited: {}", status?),
-        _ = tokio::signal::ctrl_c() => {}
+    if let Some(status) = first_exit(&mut children).await {
+        eprintln!("a service exited ({status}); stopping the others");
     }
-    stop(&mut command_api).await;
+    for child in &mut children {
+        stop(child).await;
+    }
     Ok(())
+}
+
+/// Waits for ctrl-c (`None`) or for a child to exit (its status), whichever comes first.
+async fn first_exit(children: &mut [Child]) -> Option<std::process::ExitStatus> {
+    loop {
+        for child in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return None,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// `url` with its database name replaced by `name`.
+fn database_url_named(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let base = base.rsplit_once('/').map_or(base, |(head, _)| head);
+    if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    }
+}
+
+/// The URL without its password, for printing.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if url[scheme + 3..at].contains(':') => {
+            let user_end = scheme + 3 + url[scheme + 3..at].find(':').unwrap_or(0);
+            format!("{}:***{}", &url[..user_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 async fn wait_ready(base: &str, child: &mut Child) -> anyhow::Result<()> {

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - `dev`: `up`, `migrate`, `token`: run the system locally.
-//! - `test`: prepare what the tests need and run them.
+//! - `test`: prepare what the tests need (Postgres, a broker) and run them.
+//! - `broker`: installing and starting the development Kafka-protocol broker.
 //! - `bench`: benchmarks that write `BENCHMARKS.md`.
 
 #![allow(clippy::print_stdout)]
@@ -11,6 +12,7 @@ use anyhow::{Context, bail};
 
 mod args;
 mod bench;
+mod broker;
 mod dev;
 mod test;
 

@@ -5,6 +5,8 @@ use service_kit::db::TEST_DATABASE_PREFIX;
 use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
 
+use crate::broker;
+
 /// Where tests look for Postgres when `DATABASE_URL` is not set.
 const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -27,6 +29,12 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(url) = &database_url {
         drop_leftover_databases(url).await?;
     }
+    ensure_python_kafka_client().await?;
+    // A broker for the tests, unless one is named; it stops when this command ends.
+    let broker = match std::env::var("KAFKA_BROKERS") {
+        Ok(_) => None,
+        Err(_) => Some(broker::start(broker::Storage::Memory).await?),
+    };
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(crate::dev::workspace_root())
@@ -34,6 +42,9 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         .args(args);
     if let Some(url) = &database_url {
         cargo.env("DATABASE_URL", url);
+    }
+    if let Some(broker) = &broker {
+        cargo.env("KAFKA_BROKERS", &broker.address);
     }
     let status = cargo.status().await?;
     if !status.success() {
@@ -56,5 +67,27 @@ async fn drop_leftover_databases(url: &str) -> anyhow::Result<()> {
             .await?;
     }
     connection.close().await?;
+    Ok(())
+}
+
+/// The analyst tests read topics with a client that is not ours: the PyPI `confluent-kafka`
+/// wheel, which bundles a current librdkafka.
+async fn ensure_python_kafka_client() -> anyhow::Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .await
+        .is_ok_and(|status| status.success());
+    if present {
+        return Ok(());
+    }
+    println!("installing the confluent-kafka Python package for the analyst tests...");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "confluent-kafka"])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("pip install confluent-kafka failed");
+    }
     Ok(())
 }

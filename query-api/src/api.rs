@@ -1,0 +1,408 @@
+//! Routes, response bodies and the OpenAPI document.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use service_kit::auth::{AuthError, Principal, Role};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+use uuid::Uuid;
+
+use service_kit::problem::{BearerAuth, ProblemDocument};
+
+use crate::AppState;
+use crate::error::QueryError;
+
+/// Page size when `limit` is absent, and the largest accepted.
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 500;
+/// How often a `min_version` query looks at the read model again.
+const WAIT_POLL: Duration = Duration::from_millis(10);
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/accounts", get(list_accounts))
+        .route("/v1/accounts/{id}", get(get_account))
+        .route("/v1/accounts/{id}/entries", get(list_entries))
+        .route("/health/live", get(service_kit::http::live))
+        .route("/health/ready", get(ready))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .with_state(state)
+}
+
+/// An authenticated caller allowed to read: role `viewer` or `teller`.
+pub(crate) struct Reader(Principal);
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = AuthError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        principal.require_any(&[Role::Viewer, Role::Teller])?;
+        Ok(Self(principal))
+    }
+}
+
+/// `{id}`: anything but a UUID names no account.
+struct AccountId(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+    type Rejection = QueryError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| QueryError::NotFound)?;
+        raw.parse().map(AccountId).map_err(|_| QueryError::NotFound)
+    }
+}
+
+/// Query-string parameters, with malformed ones answered as problem+json.
+struct Params<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = QueryError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(params)| Params(params))
+            .map_err(|rejection| QueryError::InvalidQuery(rejection.body_text()))
+    }
+}
+
+/// An account as the read model holds it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct AccountView {
+    id: Uuid,
+    owner: String,
+    /// ISO 4217 code.
+    currency: String,
+    /// Minor units.
+    balance: i64,
+    overdraft_limit: i64,
+    /// `active`, `frozen` or `closed`.
+    status: String,
+    /// The last stream version applied to this view.
+    version: i64,
+    opened_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// A money movement.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct EntryView {
+    /// The stream version of the event that moved the money.
+    version: i64,
+    /// `deposit` or `withdrawal`.
+    kind: String,
+    amount: i64,
+    currency: String,
+    balance_after: i64,
+    event_id: Uuid,
+    recorded_at: DateTime<Utc>,
+}
+
+/// A page of results; pass `next_cursor` as `cursor` for the next one.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Page<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReadParams {
+    /// Wait (bounded) until the view reflects at least this stream version, e.g. the version
+    /// a command returned; 503 with `Retry-After` if it does not in time.
+    min_version: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListAccountsParams {
+    owner: Option<String>,
+    /// `active`, `frozen` or `closed`.
+    status: Option<String>,
+    /// 1 to 500, default 50.
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListEntriesParams {
+    /// 1 to 500, default 50.
+    limit: Option<i64>,
+    cursor: Option<String>,
+    /// As for the account: wait until the account's view reached this version.
+    min_version: Option<i64>,
+}
+
+type AccountTuple = (
+    Uuid,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+fn account_view(row: AccountTuple) -> AccountView {
+    AccountView {
+        id: row.0,
+        owner: row.1,
+        currency: row.2,
+        balance: row.3,
+        overdraft_limit: row.4,
+        status: row.5,
+        version: row.6,
+        opened_at: row.7,
+        updated_at: row.8,
+    }
+}
+
+const ACCOUNT_COLUMNS: &str =
+    "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
+
+async fn find_account(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Option<AccountView>, QueryError> {
+    let row: Option<AccountTuple> = sqlx::query_as(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 AND tenant = $2"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(&state.pool)
+    .await?;
+    Ok(row.map(account_view))
+}
+
+/// The account, once its view reached `min_version` (waiting at most the configured time).
+async fn account_at(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+    min_version: Option<i64>,
+) -> Result<AccountView, QueryError> {
+    let deadline = tokio::time::Instant::now() + state.max_wait;
+    loop {
+        let account = find_account(state, tenant, id).await?;
+        match (account, min_version) {
+            (Some(account), None) => return Ok(account),
+            (None, None) => return Err(QueryError::NotFound),
+            (Some(account), Some(wanted)) if account.version >= wanted => return Ok(account),
+            (_, Some(wanted)) if tokio::time::Instant::now() >= deadline => {
+                return Err(QueryError::NotYetVisible { wanted });
+            }
+            (_, Some(_)) => tokio::time::sleep(WAIT_POLL).await,
+        }
+    }
+}
+
+fn limit(requested: Option<i64>) -> Result<i64, QueryError> {
+    match requested {
+        None => Ok(DEFAULT_LIMIT),
+        Some(limit) if (1..=MAX_LIMIT).contains(&limit) => Ok(limit),
+        Some(_) => Err(QueryError::InvalidQuery(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        ))),
+    }
+}
+
+/// Cursors are opaque to clients: the hex of the last key of the previous page.
+fn encode_cursor(key: &str) -> String {
+    hex::encode(key)
+}
+
+fn decode_cursor<T: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<T>, QueryError> {
+    cursor
+        .map(|cursor| {
+            hex::decode(cursor)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|key| key.parse().ok())
+                .ok_or_else(|| QueryError::InvalidQuery("cursor is not one this API issued".into()))
+        })
+        .transpose()
+}
+
+#[utoipa::path(
+    get, path = "/v1/accounts/{id}", tag = "accounts",
+    params(("id" = Uuid, Path, description = "Account id"), ReadParams),
+    responses(
+        (status = 200, description = "The account; `ETag` is its version", body = AccountView),
+        (status = 304, description = "Unchanged since the `If-None-Match` version"),
+        (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`min_version` not reached in time, or database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn get_account(
+    State(state): State<AppState>,
+    Reader(principal): Reader,
+    AccountId(id): AccountId,
+    Params(params): Params<ReadParams>,
+    headers: HeaderMap,
+) -> Result<Response, QueryError> {
+    let account = account_at(&state, &principal.tenant, id, params.min_version).await?;
+    let etag = format!("\"{}\"", account.version);
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(',')
+                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        });
+    let mut response = if unchanged {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        Json(account).into_response()
+    };
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    Ok(response)
+}
+
+#[utoipa::path(
+    get, path = "/v1/accounts", tag = "accounts",
+    params(ListAccountsParams),
+    responses(
+        (status = 200, description = "A page of the tenant's accounts, by id", body = Page<AccountView>),
+        (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn list_accounts(
+    State(state): State<AppState>,
+    Reader(principal): Reader,
+    Params(params): Params<ListAccountsParams>,
+) -> Result<Json<Page<AccountView>>, QueryError> {
+    let limit = limit(params.limit)?;
+    if let Some(status) = &params.status
+        && !matches!(status.as_str(), "active" | "frozen" | "closed")
+    {
+        return Err(QueryError::InvalidQuery(
+            "status must be active, frozen or closed".into(),
+        ));
+    }
+    let after: Option<Uuid> = decode_cursor(params.cursor.as_deref())?;
+    let rows: Vec<AccountTuple> = sqlx::query_as(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts
+          WHERE tenant = $1
+            AND ($2::text IS NULL OR owner = $2)
+            AND ($3::text IS NULL OR status = $3)
+            AND ($4::uuid IS NULL OR id > $4)
+          ORDER BY id
+          LIMIT $5"
+    ))
+    .bind(&principal.tenant)
+    .bind(&params.owner)
+    .bind(&params.status)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(
+        rows.into_iter().map(account_view).collect(),
+        limit,
+        |a| a.id.to_string(),
+    )))
+}
+
+#[utoipa::path(
+    get, path = "/v1/accounts/{id}/entries", tag = "accounts",
+    params(("id" = Uuid, Path, description = "Account id"), ListEntriesParams),
+    responses(
+        (status = 200, description = "A page of the account's money movements, oldest first", body = Page<EntryView>),
+        (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`min_version` not reached in time, or database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn list_entries(
+    State(state): State<AppState>,
+    Reader(principal): Reader,
+    AccountId(id): AccountId,
+    Params(params): Params<ListEntriesParams>,
+) -> Result<Json<Page<EntryView>>, QueryError> {
+    let limit = limit(params.limit)?;
+    let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
+    account_at(&state, &principal.tenant, id, params.min_version).await?;
+    type EntryTuple = (i64, String, i64, String, i64, Uuid, DateTime<Utc>);
+    let rows: Vec<EntryTuple> = sqlx::query_as(
+        "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at
+           FROM account_entries
+          WHERE account_id = $1 AND tenant = $2 AND ($3::int8 IS NULL OR version > $3)
+          ORDER BY version
+          LIMIT $4",
+    )
+    .bind(id)
+    .bind(&principal.tenant)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let entries = rows
+        .into_iter()
+        .map(|r| EntryView {
+            version: r.0,
+            kind: r.1,
+            amount: r.2,
+            currency: r.3,
+            balance_after: r.4,
+            event_id: r.5,
+            recorded_at: r.6,
+        })
+        .collect();
+    Ok(Json(page(entries, limit, |e| e.version.to_string())))
+}
+
+/// The first `limit` of `items` (fetched with one extra, to know whether more follow).
+fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| items.last().map(|last| encode_cursor(&key(last))))
+        .flatten();
+    Page { items, next_cursor }
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    service_kit::http::ready(&state.pool).await
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ledger query API", description = "Read models of the ledger: accounts and their money movements."),
+    paths(get_account, list_accounts, list_entries),
+    components(schemas(AccountView, EntryView, Page<AccountView>, Page<EntryView>, ProblemDocument)),
+    modifiers(&BearerAuth),
+)]
+pub(crate) struct ApiDoc;

@@ -1,0 +1,30 @@
+//! The query API's settings, read once at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use service_kit::auth::AuthConfig;
+use service_kit::config::{self, ConfigError};
+use service_kit::db::DatabaseConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `QUERY_API_ADDR`: where to listen (default `127.0.0.1:8081`; port 0 picks one).
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    /// `QUERY_API_MAX_WAIT_MS`: how long a query with `min_version` waits for the read model
+    /// to catch up before answering 503 (default 2000).
+    pub max_wait: Duration,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: config::parsed_or("QUERY_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8081)))?,
+            database: DatabaseConfig::from_env()?,
+            auth: AuthConfig::from_env()?,
+            max_wait: Duration::from_millis(config::parsed_or("QUERY_API_MAX_WAIT_MS", 2000)?),
+        })
+    }
+}

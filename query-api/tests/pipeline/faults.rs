@@ -1,0 +1,177 @@
+use std::time::Duration;
+
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use service_kit::kafka::{KafkaConfig, header, headers};
+
+use crate::system::{System, TENANT, token};
+
+/// Every message now on `topic`, read by a fresh consumer group.
+async fn read_all(kafka: &KafkaConfig, topic: &str, at_least: usize) -> Vec<OwnedMessage> {
+    let consumer: StreamConsumer = kafka
+        .consumer(&format!("reader-{}", uuid::Uuid::new_v4()))
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut messages = Vec::new();
+    let mut stream = consumer.stream();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while messages.len() < at_least {
+        let next = tokio::time::timeout_at(deadline, stream.next()).await;
+        match next {
+            Ok(Some(Ok(message))) => messages.push(message.detach()),
+            Ok(Some(Err(err))) => panic!("consumer error: {err}"),
+            Ok(None) | Err(_) => {
+                panic!("only {} of {at_least} messages on {topic}", messages.len())
+            }
+        }
+    }
+    messages
+}
+
+#[tokio::test]
+async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing() {
+    let mut system = System::start().await;
+    let mut accounts = Vec::new();
+    for _ in 0..8 {
+        accounts.push(system.open(0).await);
+    }
+    let base = system.commands.clone();
+    let client = system.client.clone();
+    let load = tokio::spawn(async move {
+        let teller = token(TENANT, &["teller"]);
+        let mut sent = 0;
+        for round in 0..40 {
+            let requests = accounts.iter().map(|account| {
+                client
+                    .post(format!("{base}/v1/accounts/{account}/deposits"))
+                    .bearer_auth(&teller)
+                    .json(&json!({"amount": round + 1, "currency": "EUR"}))
+                    .send()
+            });
+            for response in futures::future::join_all(requests).await {
+                assert!(response.unwrap().status().is_success());
+                sent += 1;
+            }
+        }
+        sent
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        system.kill_relay().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        system.kill_projector().await;
+        system.start_relay().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        system.start_projector().await;
+    }
+    assert_eq!(load.await.unwrap(), 320);
+    system.converged(Duration::from_secs(60)).await;
+}
+
+#[tokio::test]
+async fn redelivered_messages_change_nothing() {
+    let system = System::start().await;
+    let account = system.open(0).await;
+    for amount in [10, 20, 30] {
+        system.move_money(account, amount).await;
+    }
+    system.account_at(account, 4).await;
+    let topic = system.kafka.events_topic("account");
+    let messages = read_all(&system.kafka, &topic, 4).await;
+
+    let producer: FutureProducer = system.kafka.producer().create().unwrap();
+    for message in &messages {
+        let mut record = FutureRecord::to(&topic)
+            .key(message.key().unwrap())
+            .payload(message.payload().unwrap());
+        if let Some(headers) = message.headers() {
+            record = record.headers(headers.clone());
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    // Same key, same partition: once this one is applied, the duplicates before it were seen.
+    let version = system.move_money(account, 1).await;
+    let view = system.account_at(account, version).await;
+    assert_eq!(view["balance"], 61);
+    let (_, _, entries) = system
+        .query(&format!("/v1/accounts/{account}/entries"), &system.viewer())
+        .await;
+    assert_eq!(entries["items"].as_array().unwrap().len(), 4);
+    assert!(system.differences().await.is_empty());
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_partition_moves_on() {
+    let system = System::start().await;
+    let account = system.open(0).await;
+    system.account_at(account, 1).await;
+    let topic = system.kafka.events_topic("account");
+    let producer: FutureProducer = system.kafka.producer().create().unwrap();
+    let key = account.to_string();
+
+    // Not JSON, no CloudEvents headers.
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(&key)
+                .payload("not json at all"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // Well-formed, but version 9 of a stream the event store knows only to version 1.
+    let mut forged = OwnedHeaders::new();
+    for (name, value) in [
+        (headers::SPECVERSION, "1.0"),
+        (headers::ID, "7d0f1a52-7c4b-4d6b-9a1e-2f3c4d5e6f70"),
+        (headers::TYPE, "ledger.account.MoneyDeposited.v1"),
+        (headers::SUBJECT, key.as_str()),
+        (headers::TIME, "2026-01-01T00:00:00Z"),
+        (headers::SEQUENCE, "9"),
+        (headers::TENANT, TENANT),
+    ] {
+        forged = forged.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(&key)
+                .payload(r#"{"amount":1000000,"currency":"EUR","balance_after":1000000}"#)
+                .headers(forged),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    // The next good event on the same partition is applied.
+    let version = system.move_money(account, 5).await;
+    assert_eq!(system.account_at(account, version).await["balance"], 5);
+
+    let dead = read_all(&system.kafka, &system.kafka.deadletter_topic(), 2).await;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|m| header(m.headers().unwrap(), headers::ERROR).unwrap())
+        .collect();
+    assert!(reasons[0].contains("header"), "{reasons:?}");
+    assert!(reasons[1].contains("not in the event store"), "{reasons:?}");
+    for message in &dead {
+        assert_eq!(message.key(), Some(key.as_bytes()));
+        assert_eq!(
+            header(message.headers().unwrap(), headers::ORIGINAL_TOPIC),
+            Some(topic.as_str())
+        );
+    }
+    assert_eq!(dead[0].payload(), Some(&b"not json at all"[..]));
+    assert!(system.differences().await.is_empty());
+}

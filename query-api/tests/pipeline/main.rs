@@ -1,0 +1,8 @@
+//! The whole loop with real Postgres and a real broker: command API → event store → relay →
+//! Kafka → projector → read models → query API.
+
+mod analysts;
+mod faults;
+mod loop_;
+mod queries;
+mod system;

@@ -1,0 +1,318 @@
+//! Starts the system for one test: its own database and topics; the relay and the projector
+//! as tasks that a test can kill and restart.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Once;
+use std::time::Duration;
+
+use command_api::relay::{AppendSignal, Relay, RelayConfig};
+use projector::model::{self, AccountRow};
+use projector::{Projector, store};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::kafka::KafkaConfig;
+use service_kit::testing::{self, TestDatabase};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub(crate) const SECRET: &str = "pipeline-test-secret-0123456789abcdef";
+pub(crate) const TENANT: &str = "acme";
+
+static TRACING: Once = Once::new();
+
+fn auth() -> AuthConfig {
+    AuthConfig {
+        issuer: "ledger".into(),
+        audience: "ledger".into(),
+        key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+    }
+}
+
+pub(crate) fn token(tenant: &str, roles: &[&str]) -> String {
+    mint_hs256(
+        &Secret::new(SECRET.into()),
+        "ledger",
+        "ledger",
+        &TokenRequest {
+            subject: "tester",
+            tenant,
+            roles,
+            ttl_seconds: 600,
+        },
+    )
+    .unwrap()
+}
+
+pub(crate) struct System {
+    pub(crate) pool: PgPool,
+    pub(crate) database: TestDatabase,
+    pub(crate) kafka: KafkaConfig,
+    pub(crate) commands: String,
+    pub(crate) queries: String,
+    pub(crate) client: reqwest::Client,
+    relay: Option<JoinHandle<()>>,
+    projector: Option<JoinHandle<()>>,
+}
+
+impl System {
+    pub(crate) async fn start() -> Self {
+        Self::start_with_wait(Duration::from_secs(15)).await
+    }
+
+    pub(crate) async fn start_with_wait(max_wait: Duration) -> Self {
+        TRACING.call_once(|| {
+            if std::env::var_os("TEST_LOG").is_some() {
+                tracing_subscriber::fmt()
+                    .with_env_filter("info")
+                    .with_test_writer()
+                    .init();
+            }
+        });
+        let database = TestDatabase::create().await;
+        let kafka = testing::kafka().await;
+        let command_api = command_api::Application::build(command_api::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database: database.config.clone(),
+            auth: auth(),
+            max_body_bytes: 16 * 1024,
+            aggregate_cache: NonZeroUsize::new(1000).unwrap(),
+            conflict_retries: 5,
+            relay: None,
+        })
+        .await
+        .unwrap();
+        let commands = format!("http://127.0.0.1:{}", command_api.port());
+        tokio::spawn(command_api.run_until_stopped(std::future::pending()));
+        let query_api = query_api::Application::build(query_api::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database: database.config.clone(),
+            auth: auth(),
+            max_wait,
+        })
+        .await
+        .unwrap();
+        let queries = format!("http://127.0.0.1:{}", query_api.port());
+        tokio::spawn(query_api.run_until_stopped(std::future::pending()));
+        let mut system = Self {
+            pool: database.pool.clone(),
+            database,
+            kafka,
+            commands,
+            queries,
+            client: reqwest::Client::new(),
+            relay: None,
+            projector: None,
+        };
+        system.start_relay().await;
+        system.start_projector().await;
+        system
+    }
+
+    pub(crate) async fn start_relay(&mut self) {
+        let relay = Relay::new(
+            RelayConfig {
+                kafka: self.kafka.clone(),
+                batch_size: 500,
+                idle_poll: Duration::from_millis(200),
+                leader_retry: Duration::from_millis(200),
+            },
+            self.pool.clone(),
+            AppendSignal::default(),
+        )
+        .unwrap();
+        self.relay = Some(tokio::spawn(relay.run(std::future::pending())));
+    }
+
+    /// Kills the relay mid-stream, as a crash would.
+    pub(crate) async fn kill_relay(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
+            let _ = relay.await;
+        }
+    }
+
+    pub(crate) async fn start_projector(&mut self) {
+        let projector = Projector::build(projector::Config {
+            database: self.database.config.clone(),
+            kafka: self.kafka.clone(),
+            group: format!("{}-projector", self.kafka.topic_prefix),
+        })
+        .await
+        .unwrap();
+        self.projector = Some(tokio::spawn(
+            projector.run_until_stopped(std::future::pending()),
+        ));
+    }
+
+    /// Kills the projector mid-stream, as a crash would.
+    pub(crate) async fn kill_projector(&mut self) {
+        if let Some(projector) = self.projector.take() {
+            projector.abort();
+            let _ = projector.await;
+        }
+    }
+
+    pub(crate) async fn command(
+        &self,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.commands))
+            .bearer_auth(token(TENANT, &["teller"]));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub(crate) async fn open(&self, overdraft: i64) -> Uuid {
+        let (status, body) = self
+            .command(
+                "/v1/accounts",
+                Some(json!({"owner": "Ada", "currency": "EUR", "overdraft_limit": overdraft})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["account_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Deposits (positive) or withdraws (negative) and returns the new version.
+    pub(crate) async fn move_money(&self, account: Uuid, amount: i64) -> i64 {
+        let action = if amount >= 0 {
+            "deposits"
+        } else {
+            "withdrawals"
+        };
+        let (status, body) = self
+            .command(
+                &format!("/v1/accounts/{account}/{action}"),
+                Some(json!({"amount": amount.abs(), "currency": "EUR"})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["version"].as_i64().unwrap()
+    }
+
+    pub(crate) async fn query(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.queries))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        (
+            status,
+            headers,
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    pub(crate) fn viewer(&self) -> String {
+        token(TENANT, &["viewer"])
+    }
+
+    /// The account as the query API shows it once it reached `version`.
+    pub(crate) async fn account_at(&self, account: Uuid, version: i64) -> Value {
+        let (status, _, body) = self
+            .query(
+                &format!("/v1/accounts/{account}?min_version={version}"),
+                &self.viewer(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Folds the event store and compares every read-model row and entry count with it.
+    /// Returns the differences (empty when consistent).
+    pub(crate) async fn differences(&self) -> Vec<String> {
+        let events: Vec<(
+            String,
+            i64,
+            Uuid,
+            chrono::DateTime<chrono::Utc>,
+            String,
+            String,
+        )> = sqlx::query_as(
+            "SELECT aggregate_id, sequence, event_id, recorded_at, payload::text, metadata::text
+               FROM events WHERE aggregate_type = 'account' ORDER BY aggregate_id, sequence",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let mut expected: HashMap<Uuid, (Option<AccountRow>, usize)> = HashMap::new();
+        for (id, sequence, event_id, at, payload, metadata) in events {
+            let id: Uuid = id.parse().unwrap();
+            let event =
+                store::stored_event(id, sequence, event_id, at, &payload, &metadata).unwrap();
+            let (row, entries) = expected.entry(id).or_default();
+            let mut new_entries = Vec::new();
+            model::apply(row, &event, &mut new_entries).unwrap();
+            *entries += new_entries.len();
+        }
+        let actual: Vec<(Uuid, i64, String, i64, i64)> = sqlx::query_as(
+            "SELECT a.id, a.balance, a.status, a.version,
+                    (SELECT count(*) FROM account_entries e WHERE e.account_id = a.id)
+               FROM accounts a",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let mut differences = Vec::new();
+        for (id, balance, status, version, entries) in &actual {
+            match expected.remove(id) {
+                Some((Some(row), count)) => {
+                    if (row.balance, row.status.as_str(), row.version, count as i64)
+                        != (*balance, status.as_str(), *version, *entries)
+                    {
+                        differences.push(format!(
+                            "{id}: store says balance {} status {} version {} entries {count}; read model says {balance} {status} {version} {entries}",
+                            row.balance, row.status, row.version
+                        ));
+                    }
+                }
+                _ => differences.push(format!("{id}: in the read model, not in the store")),
+            }
+        }
+        for id in expected.keys() {
+            differences.push(format!("{id}: in the store, not in the read model"));
+        }
+        differences
+    }
+
+    /// Waits until the read models equal a fold of the event store.
+    pub(crate) async fn converged(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let differences = self.differences().await;
+            if differences.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "read models did not converge: {differences:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The Kafka-protocol broker for development and tests: nisshi (the renamed Tansu), a Rust
+//! crate, installed with cargo and started on a free loopback port. Used only when
+//! `KAFKA_BROKERS` does not name a broker already.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+const VERSION: &str = "0.8.1";
+
+/// Where the broker keeps its data.
+pub(crate) enum Storage {
+    /// Fast, gone when the broker stops: for tests.
+    Memory,
+    /// Survives broker restarts: a Postgres database URL.
+    Postgres(String),
+}
+
+/// A running broker; stopped when dropped.
+pub(crate) struct Broker {
+    pub(crate) address: String,
+    _child: Child,
+}
+
+/// The nisshi binary, installed first if missing (about 13 minutes on a fresh machine: its
+/// dependencies need a newer Rust than stable 1.95, so it is built with the nightly toolchain).
+pub(crate) async fn ensure_installed() -> anyhow::Result<PathBuf> {
+    if let Some(path) = find() {
+        return Ok(path);
+    }
+    println!(
+        "installing nisshi {VERSION} (the Kafka-protocol broker; once per machine, ~13 min)..."
+    );
+    let status = Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "--locked",
+            &format!("nisshi@{VERSION}"),
+        ])
+        .status()
+        .await
+        .context("running cargo +nightly install nisshi")?;
+    if !status.success() {
+        bail!(
+            "installing nisshi failed (needs the nightly toolchain: rustup toolchain install nightly)"
+        );
+    }
+    find().context("nisshi was installed but is not in ~/.cargo/bin")
+}
+
+fn find() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))?;
+    let installed = home.join("bin").join("nisshi");
+    if installed.is_file() {
+        return Some(installed);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nisshi"))
+            .find(|path| path.is_file())
+    })
+}
+
+/// Starts a broker on a free loopback port and waits until it accepts connections.
+pub(crate) async fn start(storage: Storage) -> anyhow::Result<Broker> {
+    let binary = ensure_installed().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let storage = match storage {
+        Storage::Memory => "memory://nisshi/".to_owned(),
+        Storage::Postgres(url) => url,
+    };
+    let child = Command::new(binary)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            &storage,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting nisshi")?;
+    let address = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&address).await.is_ok() {
+            return Ok(Broker {
+                address,
+                _child: child,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("nisshi did not accept connections on {address} within 10 s")
+}
