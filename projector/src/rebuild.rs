@@ -97,7 +97,7 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
             .fetch_one(pool)
             .await?;
     let mut connection = pool.acquire().await?;
-    sqlx::query(
+    sqlx::raw_sql(
         "DROP TABLE IF EXISTS accounts_rebuild, account_entries_rebuild;
          CREATE TABLE accounts_rebuild (LIKE accounts INCLUDING ALL);
          CREATE TABLE account_entries_rebuild (LIKE account_entries INCLUDING ALL);",
@@ -141,7 +141,7 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
     for chunk in rows.chunks(WRITE_CHUNK) {
         store::save(&mut tx, Tables::REBUILD, chunk, &[]).await?;
     }
-    sqlx::query(
+    sqlx::raw_sql(
         "ALTER TABLE accounts RENAME TO accounts_retired;
          ALTER TABLE account_entries RENAME TO account_entries_retired;
          ALTER TABLE accounts_rebuild RENAME TO accounts;

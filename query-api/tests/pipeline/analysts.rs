@@ -45,7 +45,8 @@ async fn a_python_consumer_finds_every_event_with_the_documented_key_and_headers
     system
         .command(&format!("/v1/accounts/{first}/freeze"), None, &[])
         .await;
-    let stored: Vec<(String, i64, String, Uuid, DateTime<Utc>, Vec<u8>, String)> = sqlx::query_as(
+    type Stored = (String, i64, String, Uuid, DateTime<Utc>, Vec<u8>, String);
+    let stored: Vec<Stored> = sqlx::query_as(
         "SELECT aggregate_id, sequence, event_type, event_id, recorded_at, hash, payload::text
            FROM events ORDER BY global_position",
     )

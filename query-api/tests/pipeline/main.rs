@@ -5,4 +5,5 @@ mod analysts;
 mod faults;
 mod loop_;
 mod queries;
+mod rebuild;
 mod system;

@@ -145,7 +145,7 @@ async fn entries_page_and_accounts_carry_etags() {
 async fn a_version_not_reached_in_time_is_503_with_retry_after() {
     let system = System::start_with_wait(Duration::from_millis(300)).await;
     let account = system.open(0).await;
-    system.account_at(account, 1).await;
+    system.projected(account, 1).await;
     let started = std::time::Instant::now();
     let (status, headers, body) = system
         .query(

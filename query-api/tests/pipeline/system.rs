@@ -243,6 +243,24 @@ impl System {
         body
     }
 
+    /// Waits (up to 30 s) until the read model holds `version` of `account`, looking at the
+    /// table itself rather than through the query API.
+    pub(crate) async fn projected(&self, account: Uuid, version: i64) {
+        for _ in 0..300 {
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
+                    .bind(account)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .unwrap();
+            if current.is_some_and(|current| current >= version) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("account {account} did not reach version {version}");
+    }
+
     /// Folds the event store and compares every read-model row and entry count with it.
     /// Returns the differences (empty when consistent).
     pub(crate) async fn differences(&self) -> Vec<String> {
