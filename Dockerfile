@@ -1,5 +1,6 @@
 # One multi-stage build for every service: `docker build --build-arg SERVICE=command-api .`
 FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake libcurl4-openssl-dev && rm -rf /var/lib/apt/lists/*
 ARG SERVICE=command-api
 WORKDIR /src
 COPY . .

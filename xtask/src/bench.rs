@@ -37,29 +37,17 @@ impl Run {
     }
 
     fn percentile_ms(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(self.latencies[index]) / 1000.0
+        percentile_ms(&self.latencies, p)
     }
 }
 
-pub(crate) async fn commands(args: &[String]) -> anyhow::Result<()> {
+/// `cargo xtask bench <name> [flags]`, always in a release build: a debug-built load
+/// generator would eat the CPU the measured services need.
+pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
-        // A debug-built load generator would eat the CPU the measured service needs.
         let status = Command::new(env!("CARGO"))
             .current_dir(workspace_root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "xtask",
-                "--",
-                "bench",
-                "commands",
-            ])
+            .args(["run", "--quiet", "--release", "--package", "xtask", "--", "bench"])
             .args(args)
             .status()
             .await?;
@@ -68,6 +56,14 @@ pub(crate) async fn commands(args: &[String]) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    match args.first().map(String::as_str) {
+        Some("commands") => commands(&args[1..]).await,
+        Some("pipeline") => crate::pipeline_bench::run(&args[1..]).await,
+        _ => bail!("usage: cargo xtask bench commands|pipeline [flags]"),
+    }
+}
+
+async fn commands(args: &[String]) -> anyhow::Result<()> {
     let flags = Flags::parse(args, &["seconds", "database-url"])?;
     let seconds: u64 = flags.one("seconds").unwrap_or("10").parse()?;
     let duration = Duration::from_secs(seconds);
@@ -184,13 +180,45 @@ pub(crate) async fn commands(args: &[String]) -> anyhow::Result<()> {
 
     let report = report(&runs, seconds, hot_events).await?;
     println!("{report}");
-    std::fs::write(workspace_root().join("BENCHMARKS.md"), report)?;
+    write_section("commands", &report)?;
     println!("written to BENCHMARKS.md");
     Ok(())
 }
 
+/// The `p` quantile of sorted microsecond samples, in milliseconds.
+pub(crate) fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[index]) / 1000.0
+}
+
+/// Replaces the `name` section of `BENCHMARKS.md` (between its markers), keeping the others.
+pub(crate) fn write_section(name: &str, content: &str) -> anyhow::Result<()> {
+    let path = workspace_root().join("BENCHMARKS.md");
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    let begin = format!("<!-- bench:{name} -->");
+    let end = format!("<!-- /bench:{name} -->");
+    let section = format!("{begin}\n{content}{end}\n");
+    let header = "# Benchmarks\n\nEach section is written by the `cargo xtask bench` command it names; do not edit by hand.\n\n";
+    let updated = match (existing.find(&begin), existing.find(&end)) {
+        (Some(start), Some(stop)) => format!(
+            "{}{section}{}",
+            &existing[..start],
+            &existing[stop + end.len()..].trim_start_matches('\n')
+        ),
+        _ if existing.starts_with("# Benchmarks") && existing.contains("<!-- bench:") => {
+            format!("{}\n{section}", existing.trim_end())
+        }
+        _ => format!("{header}{section}"),
+    };
+    std::fs::write(path, updated)?;
+    Ok(())
+}
+
 /// A new, empty, migrated database (the old one is dropped), plus the pgbench baseline table.
-async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<()> {
+pub(crate) async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<()> {
     let name = database
         .url
         .rsplit('/')
@@ -222,13 +250,13 @@ async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-async fn wait_ready(base: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(base: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     for _ in 0..100 {
         if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
@@ -418,7 +446,8 @@ async fn pgbench(url: &str, concurrency: usize, seconds: u64) -> anyhow::Result<
     })
 }
 
-async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<String> {
+/// The machine and database the numbers come from.
+pub(crate) async fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -431,41 +460,35 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let memory = std::fs::read_to_string("/proc/meminfo")
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
-        })
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).map(str::to_owned))
         .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| format!("{} GiB", kb / 1024 / 1024))
-        .unwrap_or_default();
+        .map_or(0, |kb| kb / 1024 / 1024);
     let postgres = Command::new("psql")
         .arg("--version")
         .output()
         .await
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    format!("Machine: {cpu}, {cores} cores, {memory_gib} GiB RAM; {postgres} on the same machine (default settings)")
+}
 
+async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<String> {
     let mut out = String::new();
-    writeln!(out, "# Benchmarks\n")?;
-    writeln!(
-        out,
-        "Written by `cargo xtask bench commands`; do not edit by hand.\n"
-    )?;
     writeln!(
         out,
         "## Commands: deposits through the command API vs pgbench\n"
     )?;
     writeln!(
         out,
-        "Machine: {cpu}, {cores} cores, {memory} RAM; {postgres} on the same machine (default settings). \
-         The command API is the release build with JSON logs at `info` (to /dev/null) and its Kafka relay off (measured separately); the load generator \
+        "{}. `cargo xtask bench commands`: the command API is the release build with JSON logs at \
+         `info` (to /dev/null) and its Kafka relay off (measured separately); the load generator \
          (HTTP/1.1 keep-alive, one connection per client) and pgbench run on the same cores. \
          Each run lasts {seconds} s after a 1 s warm-up; latency is measured by the client, successful \
          requests only. pgbench inserts one ~300-byte row per transaction into a table with the event \
-         store's columns and primary key (no hash-chain trigger).\n"
+         store's columns and primary key (no hash-chain trigger).\n",
+        machine().await
     )?;
     writeln!(
         out,

@@ -4,14 +4,15 @@
 //! - `dev`: `up`, `migrate`, `token`: run the system locally.
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `broker`: installing and starting the development Kafka-protocol broker.
-//! - `bench`: benchmarks that write `BENCHMARKS.md`.
+//! - `bench`, `pipeline_bench`: benchmarks that write `BENCHMARKS.md`.
 
 #![allow(clippy::print_stdout)]
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 mod args;
 mod bench;
+mod pipeline_bench;
 mod broker;
 mod dev;
 mod test;
@@ -26,6 +27,8 @@ commands:
                          mint a development JWT
   test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
   bench commands         command throughput/latency vs pgbench; writes BENCHMARKS.md
+  bench pipeline [--events N] [--rate R] [--seconds S]
+                         relay, projector, rebuild throughput and end-to-end latency
 ";
 
 #[tokio::main]
@@ -38,10 +41,7 @@ async fn main() -> anyhow::Result<()> {
         Some("migrate") => dev::migrate().await,
         Some("token") => dev::token(&rest),
         Some("test") => test::run(&rest).await,
-        Some("bench") => match rest.first().map(String::as_str) {
-            Some("commands") => bench::commands(&rest[1..]).await,
-            _ => bail!("usage: cargo xtask bench commands"),
-        },
+        Some("bench") => bench::run(&rest).await,
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())
