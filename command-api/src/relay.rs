@@ -35,6 +35,8 @@ const READER: &str = "kafka-relay";
 const LEADER_LOCK: i64 = 0x4c45_4447_4552;
 /// Longest pause between attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Shortest pause between two `NOTIFY`s from one process.
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 /// The channel other replicas notify after appending.
 pub(crate) const CHANNEL: &str = "ledger_events";
 
@@ -51,8 +53,9 @@ pub struct RelayConfig {
 }
 
 /// Wakes relays after an append: the one in this process directly, those of other replicas
-/// through `NOTIFY`, sent off the request path and coalesced (one pending notification stands
-/// for any number of appends).
+/// through `NOTIFY`, sent off the request path, coalesced (one pending notification stands for
+/// any number of appends) and at most every [`NOTIFY_INTERVAL`], so that a busy command API does
+/// not double its transaction rate.
 #[derive(Debug, Clone, Default)]
 pub struct AppendSignal {
     local: Arc<Notify>,
@@ -80,6 +83,7 @@ impl AppendSignal {
             {
                 tracing::debug!(error = %err, "could not notify other relays");
             }
+            tokio::time::sleep(NOTIFY_INTERVAL).await;
         }
     }
 }
@@ -99,21 +103,20 @@ enum RelayError {
 pub struct Relay {
     config: RelayConfig,
     pool: PgPool,
-    producer: FutureProducer,
     signal: AppendSignal,
 }
 
 impl Relay {
+    /// Checks the producer settings; connects only when run.
     pub fn new(
         config: RelayConfig,
         pool: PgPool,
         signal: AppendSignal,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let producer = config.kafka.producer().create()?;
+        let _validated: FutureProducer = config.kafka.producer().create()?;
         Ok(Self {
             config,
             pool,
-            producer,
             signal,
         })
     }
@@ -158,6 +161,9 @@ impl Relay {
             tokio::time::sleep(self.config.leader_retry).await;
         }
         tracing::info!("relay is the leader");
+        // A producer per term: one that hit a fatal error (an idempotence violation after a
+        // broker lost state, say) cannot be used again.
+        let producer: FutureProducer = self.config.kafka.producer().create()?;
         let topics = vec![
             self.config.kafka.events_topic(Account::TYPE),
             self.config.kafka.deadletter_topic(),
@@ -172,7 +178,7 @@ impl Relay {
             let batch =
                 event_log::read_committed(&self.pool, position, self.config.batch_size).await?;
             if let Some(last) = batch.last().map(|event| event.position) {
-                self.publish(&batch).await?;
+                publish(&producer, &self.config.kafka, &batch).await?;
                 if !event_log::advance_checkpoint(&self.pool, READER, position, last).await? {
                     return Err(RelayError::Deposed);
                 }
@@ -195,38 +201,42 @@ impl Relay {
             lock.ping().await?;
         }
     }
+}
 
-    /// Sends `batch` and waits until the broker acknowledged all of it.
-    async fn publish(&self, batch: &[LoggedEvent]) -> Result<(), RelayError> {
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for event in batch {
-            let envelope = kafka::envelope(event);
-            let topic = self.config.kafka.events_topic(&event.aggregate_type);
-            let mut record = FutureRecord::to(&topic)
-                .key(&envelope.key)
-                .payload(&envelope.value)
-                .headers(envelope.headers);
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        record = returned;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((err, _)) => return Err(err.into()),
+/// Sends `batch` and waits until the broker acknowledged all of it.
+async fn publish(
+    producer: &FutureProducer,
+    config: &KafkaConfig,
+    batch: &[LoggedEvent],
+) -> Result<(), RelayError> {
+    let mut deliveries = Vec::with_capacity(batch.len());
+    for event in batch {
+        let envelope = kafka::envelope(event);
+        let topic = config.events_topic(&event.aggregate_type);
+        let mut record = FutureRecord::to(&topic)
+            .key(&envelope.key)
+            .payload(&envelope.value)
+            .headers(envelope.headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
                 }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((err, _)) => return Err(err.into()),
             }
         }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((err, _))) => return Err(err.into()),
-                Err(_) => return Err(RelayError::ProducerGone),
-            }
-        }
-        Ok(())
     }
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((err, _))) => return Err(err.into()),
+            Err(_) => return Err(RelayError::ProducerGone),
+        }
+    }
+    Ok(())
 }

@@ -53,6 +53,7 @@ impl KafkaConfig {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", "ledger")
+            .set("socket.nagle.disable", "true")
             .set("log_level", "4");
         config
     }
@@ -77,6 +78,9 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Latency over batching: some brokers hold a fetch for the whole wait even when
+            // data is there, which would add this much to every event's way to the read model.
+            .set("fetch.wait.max.ms", "10")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
         config

@@ -87,6 +87,33 @@ pub async fn kafka() -> KafkaConfig {
     }
 }
 
+/// The nisshi broker binary, for tests that stop and restart a broker of their own:
+/// `NISSHI_BIN` (set by `cargo xtask test`), else `~/.cargo/bin/nisshi`.
+pub fn nisshi_binary() -> Option<std::path::PathBuf> {
+    std::env::var_os("NISSHI_BIN")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::PathBuf::from(home).join(".cargo/bin/nisshi"))
+        })
+        .filter(|path| path.is_file())
+}
+
+/// The URL of a new, empty database (no migrations), for a broker's storage.
+pub async fn empty_database_url() -> String {
+    let server = server().await;
+    let options: PgConnectOptions = server.url.parse().expect("DATABASE_URL");
+    let name = format!("{TEST_DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect_with(&options)
+        .await
+        .expect("connect to the test database server");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    url_with_database(&server.url, &name)
+}
+
 /// A database that exists for one test.
 pub struct TestDatabase {
     pub config: DatabaseConfig,

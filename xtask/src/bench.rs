@@ -47,7 +47,15 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         let status = Command::new(env!("CARGO"))
             .current_dir(workspace_root())
-            .args(["run", "--quiet", "--release", "--package", "xtask", "--", "bench"])
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "xtask",
+                "--",
+                "bench",
+            ])
             .args(args)
             .status()
             .await?;
@@ -462,7 +470,12 @@ pub(crate) async fn machine() -> String {
         .unwrap_or(0);
     let memory_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).map(str::to_owned))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(str::to_owned)
+        })
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024 / 1024);
     let postgres = Command::new("psql")
@@ -471,7 +484,9 @@ pub(crate) async fn machine() -> String {
         .await
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    format!("Machine: {cpu}, {cores} cores, {memory_gib} GiB RAM; {postgres} on the same machine (default settings)")
+    format!(
+        "Machine: {cpu}, {cores} cores, {memory_gib} GiB RAM; {postgres} on the same machine (default settings)"
+    )
 }
 
 async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<String> {

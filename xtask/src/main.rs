@@ -12,9 +12,9 @@ use anyhow::Context;
 
 mod args;
 mod bench;
-mod pipeline_bench;
 mod broker;
 mod dev;
+mod pipeline_bench;
 mod test;
 
 const USAGE: &str = "\

@@ -46,6 +46,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(broker) = &broker {
         cargo.env("KAFKA_BROKERS", &broker.address);
     }
+    // For the tests that stop and restart a broker of their own.
+    cargo.env("NISSHI_BIN", broker::ensure_installed().await?);
     let status = cargo.status().await?;
     if !status.success() {
         bail!("tests failed");

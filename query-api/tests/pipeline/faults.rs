@@ -175,3 +175,111 @@ async fn poison_messages_are_dead_lettered_and_the_partition_moves_on() {
     assert_eq!(dead[0].payload(), Some(&b"not json at all"[..]));
     assert!(system.differences().await.is_empty());
 }
+
+#[tokio::test]
+async fn one_relay_leads_and_another_takes_over_when_it_dies() {
+    let mut system = System::start().await;
+    let account = system.open(0).await;
+    // The first relay has published, so it leads; the standby starts after it.
+    system.account_at(account, 1).await;
+    let standby = system.spawn_relay();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let leaders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(leaders, 1, "exactly one relay holds the leadership lock");
+
+    system.kill_relay().await;
+    let version = system.move_money(account, 9).await;
+    // The standby's next try (every 200 ms here) finds the lock free.
+    assert_eq!(system.account_at(account, version).await["balance"], 9);
+    standby.abort();
+}
+
+/// A broker of this test's own, storing in Postgres so that a restart keeps what it
+/// acknowledged, killed with SIGKILL and restarted on the same port.
+struct OwnBroker {
+    binary: std::path::PathBuf,
+    address: String,
+    storage: String,
+    process: Option<tokio::process::Child>,
+}
+
+impl OwnBroker {
+    async fn start() -> Self {
+        let binary = service_kit::testing::nisshi_binary()
+            .expect("this test needs the nisshi broker binary: run `cargo xtask test`, which installs it");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut broker = Self {
+            binary,
+            address: format!("127.0.0.1:{port}"),
+            storage: format!("{}?sslmode=disable", service_kit::testing::empty_database_url().await),
+            process: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    async fn restart(&mut self) {
+        let url = format!("tcp://{}", self.address);
+        self.process = Some(
+            tokio::process::Command::new(&self.binary)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", &self.storage])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start nisshi"),
+        );
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("nisshi did not start on {}", self.address);
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_delays_events_but_loses_none() {
+    let mut broker = OwnBroker::start().await;
+    let system = System::start_with(
+        Duration::from_secs(30),
+        KafkaConfig {
+            brokers: broker.address.clone(),
+            topic_prefix: "outage".into(),
+            partitions: 2,
+        },
+    )
+    .await;
+    let account = system.open(0).await;
+    system.move_money(account, 1).await;
+    system.account_at(account, 2).await;
+
+    broker.kill().await;
+    // Commands do not depend on the broker: they are accepted and stored meanwhile.
+    for _ in 0..10 {
+        system.move_money(account, 1).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.restart().await;
+
+    assert_eq!(system.account_at(account, 12).await["balance"], 11);
+    system.converged(Duration::from_secs(30)).await;
+}

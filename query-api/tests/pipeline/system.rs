@@ -63,6 +63,10 @@ impl System {
     }
 
     pub(crate) async fn start_with_wait(max_wait: Duration) -> Self {
+        Self::start_with(max_wait, testing::kafka().await).await
+    }
+
+    pub(crate) async fn start_with(max_wait: Duration, kafka: KafkaConfig) -> Self {
         TRACING.call_once(|| {
             if std::env::var_os("TEST_LOG").is_some() {
                 tracing_subscriber::fmt()
@@ -72,7 +76,6 @@ impl System {
             }
         });
         let database = TestDatabase::create().await;
-        let kafka = testing::kafka().await;
         let command_api = command_api::Application::build(command_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             database: database.config.clone(),
@@ -112,6 +115,11 @@ impl System {
     }
 
     pub(crate) async fn start_relay(&mut self) {
+        self.relay = Some(self.spawn_relay());
+    }
+
+    /// A relay task of its own, as another replica would run.
+    pub(crate) fn spawn_relay(&self) -> JoinHandle<()> {
         let relay = Relay::new(
             RelayConfig {
                 kafka: self.kafka.clone(),
@@ -123,7 +131,7 @@ impl System {
             AppendSignal::default(),
         )
         .unwrap();
-        self.relay = Some(tokio::spawn(relay.run(std::future::pending())));
+        tokio::spawn(relay.run(std::future::pending()))
     }
 
     /// Kills the relay mid-stream, as a crash would.
