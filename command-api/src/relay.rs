@@ -2,11 +2,12 @@
 //!
 //! One relay is active among all replicas: the holder of a Postgres advisory lock, taken on a
 //! connection of its own, so the lock goes when the leader's process or connection dies and
-//! another replica takes over at its next try. The leader reads a batch of final events after
-//! its checkpoint (see `service_kit::event_log`), sends them with an idempotent producer, and
-//! advances the checkpoint only once the broker acknowledged every one of them. A failure
-//! before that resends the batch: duplicates are possible (consumers dedupe by `ce_id`), loss
-//! is not.
+//! another replica takes over at its next try. The leader reads batches of final events after
+//! its checkpoint (see `service_kit::event_log`) and sends them with an idempotent producer,
+//! which keeps their order per partition. A few batches may be in flight at once; the
+//! checkpoint passes a batch only once the broker acknowledged it and every batch before. A
+//! failure before that resends from the checkpoint: duplicates are possible (consumers dedupe
+//! by `ce_id`), loss is not.
 //!
 //! It sleeps until an append in this process, a `NOTIFY ledger_events` from another replica,
 //! or a slow poll, whichever comes first.
@@ -15,14 +16,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use cqrs_es::Aggregate;
 use domain::Account;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use service_kit::event_log::{self, LoggedEvent};
+use service_kit::event_log::{self, LogPosition, LoggedEvent};
 use service_kit::kafka::{self, KafkaConfig};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -35,6 +37,8 @@ const READER: &str = "kafka-relay";
 const LEADER_LOCK: i64 = 0x4c45_4447_4552;
 /// Longest pause between attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Batches sent but not yet acknowledged, at most.
+const MAX_IN_FLIGHT: usize = 4;
 /// Shortest pause between two `NOTIFY`s from one process.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 /// The channel other replicas notify after appending.
@@ -173,21 +177,33 @@ impl Relay {
         }
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
-        let mut position = event_log::load_checkpoint(&self.pool, READER).await?;
+        // `acked`: the checkpoint, everything up to it acknowledged. `sent`: the last event
+        // handed to the producer. Up to MAX_IN_FLIGHT batches are between the two, so reading
+        // the next batch overlaps waiting for the broker.
+        let mut acked = event_log::load_checkpoint(&self.pool, READER).await?;
+        let mut sent = acked;
+        let mut in_flight: VecDeque<(LogPosition, Vec<DeliveryFuture>)> = VecDeque::new();
         loop {
-            let batch =
-                event_log::read_committed(&self.pool, position, self.config.batch_size).await?;
-            if let Some(last) = batch.last().map(|event| event.position) {
-                publish(&producer, &self.config.kafka, &batch).await?;
-                if !event_log::advance_checkpoint(&self.pool, READER, position, last).await? {
+            if in_flight.len() < MAX_IN_FLIGHT {
+                let batch =
+                    event_log::read_committed(&self.pool, sent, self.config.batch_size).await?;
+                if let Some(last) = batch.last().map(|event| event.position) {
+                    in_flight.push_back((last, send(&producer, &self.config.kafka, &batch).await?));
+                    sent = last;
+                    continue;
+                }
+            }
+            if let Some((last, deliveries)) = in_flight.pop_front() {
+                acknowledged(deliveries).await?;
+                if !event_log::advance_checkpoint(&self.pool, READER, acked, last).await? {
                     return Err(RelayError::Deposed);
                 }
-                position = last;
+                acked = last;
                 continue;
             }
             // Nothing final to send. If something is waiting behind an open transaction, look
             // again soon; otherwise sleep until woken. Either way, check the lock is still ours.
-            let pending = event_log::has_pending(&self.pool, position).await?;
+            let pending = event_log::has_pending(&self.pool, sent).await?;
             let wait = if pending {
                 Duration::from_millis(10)
             } else {
@@ -203,12 +219,12 @@ impl Relay {
     }
 }
 
-/// Sends `batch` and waits until the broker acknowledged all of it.
-async fn publish(
+/// Hands `batch` to the producer, in order; returns its pending acknowledgements.
+async fn send(
     producer: &FutureProducer,
     config: &KafkaConfig,
     batch: &[LoggedEvent],
-) -> Result<(), RelayError> {
+) -> Result<Vec<DeliveryFuture>, RelayError> {
     let mut deliveries = Vec::with_capacity(batch.len());
     for event in batch {
         let envelope = kafka::envelope(event);
@@ -231,6 +247,11 @@ async fn publish(
             }
         }
     }
+    Ok(deliveries)
+}
+
+/// Waits until the broker acknowledged every one of `deliveries`.
+async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), RelayError> {
     for delivery in deliveries {
         match delivery.await {
             Ok(Ok(_)) => {}

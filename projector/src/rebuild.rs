@@ -79,9 +79,7 @@ impl Fold {
     }
 
     async fn flush_entries(&mut self, connection: &mut PgConnection) -> Result<(), sqlx::Error> {
-        for chunk in self.entries.chunks(WRITE_CHUNK) {
-            store::save(connection, Tables::REBUILD, &[], chunk).await?;
-        }
+        store::copy_entries(connection, Tables::REBUILD, &self.entries).await?;
         self.entries.clear();
         Ok(())
     }
@@ -110,21 +108,36 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
         entries: Vec::new(),
         events: 0,
     };
-    let mut position = LogPosition::START;
-    loop {
-        let batch = event_log::read_committed(pool, position, BATCH).await?;
-        let Some(last) = batch.last().map(|event| event.position) else {
-            break;
-        };
+    // Reading the next batch overlaps folding and writing this one.
+    let (batches, mut received) = tokio::sync::mpsc::channel(2);
+    let reader = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut position = LogPosition::START;
+            loop {
+                let batch = event_log::read_committed(&pool, position, BATCH).await?;
+                let Some(last) = batch.last().map(|event| event.position) else {
+                    return Ok::<_, sqlx::Error>(position);
+                };
+                position = last;
+                if batches.send(batch).await.is_err() {
+                    return Ok(position);
+                }
+            }
+        }
+    });
+    while let Some(batch) = received.recv().await {
         for event in &batch {
             fold.apply(event)?;
         }
         fold.flush_entries(&mut connection).await?;
-        position = last;
         if progress {
             draw(fold.events, total, started);
         }
     }
+    let position = reader
+        .await
+        .map_err(|err| sqlx::Error::Io(std::io::Error::other(err)))??;
 
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE accounts, account_entries IN ACCESS EXCLUSIVE MODE")

@@ -131,6 +131,46 @@ pub async fn save(
     Ok(())
 }
 
+/// Writes `entries` with `COPY`, several times faster than INSERT for the bulk of a rebuild.
+/// Every field is a UUID, a number, a timestamp or a short validated token (tenant, kind,
+/// currency), so no value needs COPY escaping.
+pub async fn copy_entries(
+    connection: &mut PgConnection,
+    tables: Tables,
+    entries: &[EntryRow],
+) -> Result<(), sqlx::Error> {
+    use std::fmt::Write as _;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut data = String::with_capacity(entries.len() * 160);
+    for e in entries {
+        let _ = writeln!(
+            data,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            e.account_id,
+            e.version,
+            e.tenant,
+            e.kind,
+            e.amount,
+            e.currency,
+            e.balance_after,
+            e.event_id,
+            e.recorded_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        );
+    }
+    let mut copy = connection
+        .copy_in_raw(&format!(
+            "COPY {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at) FROM STDIN",
+            tables.entries
+        ))
+        .await?;
+    copy.send(data.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
 /// Why a stored event could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StoredEventError {

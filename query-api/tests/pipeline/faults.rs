@@ -211,8 +211,9 @@ struct OwnBroker {
 
 impl OwnBroker {
     async fn start() -> Self {
-        let binary = service_kit::testing::nisshi_binary()
-            .expect("this test needs the nisshi broker binary: run `cargo xtask test`, which installs it");
+        let binary = service_kit::testing::nisshi_binary().expect(
+            "this test needs the nisshi broker binary: run `cargo xtask test`, which installs it",
+        );
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -221,7 +222,10 @@ impl OwnBroker {
         let mut broker = Self {
             binary,
             address: format!("127.0.0.1:{port}"),
-            storage: format!("{}?sslmode=disable", service_kit::testing::empty_database_url().await),
+            storage: format!(
+                "{}?sslmode=disable",
+                service_kit::testing::empty_database_url().await
+            ),
             process: None,
         };
         broker.restart().await;
@@ -232,7 +236,13 @@ impl OwnBroker {
         let url = format!("tcp://{}", self.address);
         self.process = Some(
             tokio::process::Command::new(&self.binary)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
                 .args(["--storage-engine", &self.storage])
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null())
