@@ -105,7 +105,11 @@ impl System {
             kafka,
             commands,
             queries,
-            client: reqwest::Client::new(),
+            // A hang anywhere in the system fails the test instead of stalling it.
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
             relay: None,
             projector: None,
         };
