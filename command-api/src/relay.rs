@@ -24,6 +24,7 @@ use domain::Account;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use service_kit::db::channels;
 use service_kit::event_log::{self, LogPosition, LoggedEvent};
 use service_kit::kafka::{self, KafkaConfig};
 use sqlx::postgres::PgListener;
@@ -41,8 +42,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_IN_FLIGHT: usize = 4;
 /// Shortest pause between two `NOTIFY`s from one process.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
-/// The channel other replicas notify after appending.
-pub(crate) const CHANNEL: &str = "ledger_events";
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -81,7 +80,7 @@ impl AppendSignal {
                 () = self.remote.notified() => {}
             }
             if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CHANNEL)
+                .bind(channels::EVENTS_APPENDED)
                 .execute(&pool)
                 .await
             {
@@ -176,7 +175,7 @@ impl Relay {
             tracing::warn!(error = %err, "could not ensure topics exist");
         }
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(CHANNEL).await?;
+        listener.listen(channels::EVENTS_APPENDED).await?;
         // `acked`: the checkpoint, everything up to it acknowledged. `sent`: the last event
         // handed to the producer. Up to MAX_IN_FLIGHT batches are between the two, so reading
         // the next batch overlaps waiting for the broker.

@@ -218,6 +218,13 @@ impl Projector {
         changed.dedup();
         let changed_rows: Vec<&AccountRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
         store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
+        if !changed_rows.is_empty() {
+            // Delivered at commit: wakes queries waiting for a `min_version`.
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(db::channels::READ_MODELS_CHANGED)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(refused)
     }

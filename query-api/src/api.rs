@@ -23,8 +23,9 @@ use crate::error::QueryError;
 /// Page size when `limit` is absent, and the largest accepted.
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
-/// How often a `min_version` query looks at the read model again.
-const WAIT_POLL: Duration = Duration::from_millis(10);
+/// How often a `min_version` query looks at the read model again when no notification of a
+/// projection woke it first.
+const WAIT_POLL: Duration = Duration::from_millis(100);
 
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
@@ -201,6 +202,9 @@ async fn account_at(
     min_version: Option<i64>,
 ) -> Result<AccountView, QueryError> {
     let deadline = tokio::time::Instant::now() + state.max_wait;
+    // Subscribed before the first look, so a change between the look and the wait is not missed.
+    let mut changes = state.projected.clone();
+    changes.mark_unchanged();
     loop {
         let account = find_account(state, tenant, id).await?;
         match (account, min_version) {
@@ -210,7 +214,10 @@ async fn account_at(
             (_, Some(wanted)) if tokio::time::Instant::now() >= deadline => {
                 return Err(QueryError::NotYetVisible { wanted });
             }
-            (_, Some(_)) => tokio::time::sleep(WAIT_POLL).await,
+            (_, Some(_)) => {
+                let wake = deadline.min(tokio::time::Instant::now() + WAIT_POLL);
+                let _ = tokio::time::timeout_at(wake, changes.changed()).await;
+            }
         }
     }
 }

@@ -34,6 +34,8 @@ pub(crate) struct AppState {
     auth: Arc<Authenticator>,
     /// Longest wait for a `min_version`.
     max_wait: Duration,
+    /// Bumped whenever the projector commits a change: `min_version` waiters recheck then.
+    projected: tokio::sync::watch::Receiver<u64>,
 }
 
 impl FromRef<AppState> for Arc<Authenticator> {
@@ -55,6 +57,29 @@ pub enum StartError {
     },
 }
 
+/// Turns the projector's notifications into bumps of `projected`, until no one listens.
+/// Reconnects after a failure; waiters also poll slowly, so a gap only costs latency.
+async fn watch_projections(pool: PgPool, projected: tokio::sync::watch::Sender<u64>) {
+    while !projected.is_closed() {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(db::channels::READ_MODELS_CHANGED).await?;
+            loop {
+                listener.recv().await?;
+                projected.send_modify(|changes| *changes += 1);
+            }
+        };
+        let result: Result<(), sqlx::Error> = tokio::select! {
+            result = listening => result,
+            () = projected.closed() => return,
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "listening for projections failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// A query API bound to its port, ready to serve.
 pub struct Application {
     listener: TcpListener,
@@ -66,10 +91,13 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
+        let (projected_tx, projected) = tokio::sync::watch::channel(0);
+        tokio::spawn(watch_projections(pool.clone(), projected_tx));
         let state = AppState {
             pool,
             auth: Arc::new(Authenticator::new(&config.auth)?),
             max_wait: config.max_wait,
+            projected,
         };
         let router = service_kit::http::with_standard_layers(api::router(state));
         let listener =

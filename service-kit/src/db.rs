@@ -17,6 +17,14 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ledger";
 
+/// `LISTEN`/`NOTIFY` channels between the processes.
+pub mod channels {
+    /// Notified after events were appended: wakes relays of other replicas.
+    pub const EVENTS_APPENDED: &str = "ledger_events";
+    /// Notified when the projector committed a change: wakes `min_version` queries.
+    pub const READ_MODELS_CHANGED: &str = "ledger_projected";
+}
+
 /// Prefix of every database a test creates; `cargo xtask test` drops leftovers by it.
 pub const TEST_DATABASE_PREFIX: &str = "ledger_test_";
 

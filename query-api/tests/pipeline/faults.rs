@@ -269,7 +269,7 @@ impl OwnBroker {
 #[tokio::test]
 async fn a_broker_outage_delays_events_but_loses_none() {
     let mut broker = OwnBroker::start().await;
-    let system = System::start_with(
+    let mut system = System::start_with(
         Duration::from_secs(30),
         KafkaConfig {
             brokers: broker.address.clone(),
@@ -292,4 +292,8 @@ async fn a_broker_outage_delays_events_but_loses_none() {
 
     assert_eq!(system.account_at(account, 12).await["balance"], 11);
     system.converged(Duration::from_secs(30)).await;
+    // Kafka clients leave their group on drop, which needs the broker: stop them first.
+    system.kill_relay().await;
+    system.kill_projector().await;
+    drop(broker);
 }
