@@ -5,6 +5,7 @@
 //! - [`store`]: reading and writing those rows; reading streams back from the event store.
 //! - `projection` (here): the consumer loop.
 //! - [`rebuild`]: replaying the event store into fresh tables and swapping them in.
+//! - [`check`]: comparing the read models with a fold of the event store.
 //!
 //! Guarantees: offsets are committed only after the read-model transaction committed; each row
 //! records the last stream version applied, so a re-delivered event is skipped and a gap (an
@@ -31,6 +32,7 @@ use uuid::Uuid;
 use crate::model::{AccountRow, EntryRow, FoldError, StreamEvent};
 use crate::store::{StoredEventError, Tables};
 
+pub mod check;
 pub mod model;
 pub mod rebuild;
 pub mod store;

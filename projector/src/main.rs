@@ -1,14 +1,18 @@
-use projector::{Config, Projector, rebuild};
+use std::io::Write;
+use std::process::ExitCode;
+
+use projector::{Config, Projector, check, rebuild};
 use service_kit::db;
 use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat};
 
-const USAGE: &str = "usage: projector [run|rebuild]
+const USAGE: &str = "usage: projector [run|rebuild|check]
   run (default)  consume the event topics into the read models
-  rebuild        replay the event store into fresh read-model tables and swap them in";
+  rebuild        replay the event store into fresh read-model tables and swap them in
+  check          compare the read models with a fold of the event store; exit 1 on any difference";
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     telemetry::init(LogFormat::from_env()?);
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
@@ -28,7 +32,26 @@ async fn main() -> anyhow::Result<()> {
                 "read models rebuilt and swapped in"
             );
         }
+        Some("check") => {
+            let pool = db::connect(&db::DatabaseConfig::from_env()?).await?;
+            let report = check::check(&pool).await?;
+            let mut out = std::io::stdout().lock();
+            for difference in &report.differences {
+                writeln!(out, "{}: {}", difference.account, difference.what)?;
+            }
+            writeln!(
+                out,
+                "accounts: {}, events: {}, differences: {}, time taken: {:.2} s",
+                report.accounts,
+                report.events,
+                report.differences.len(),
+                report.elapsed.as_secs_f64()
+            )?;
+            if !report.differences.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Some(_) => anyhow::bail!(USAGE),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -6,11 +6,10 @@
 //! projector, resuming, skips what the new tables already hold by version.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use service_kit::event_log::{self, LogPosition, LoggedEvent};
+use service_kit::event_log::{self, EVENT_COLUMNS, LogPosition, LoggedEvent};
+use service_kit::progress::Progress;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -40,14 +39,17 @@ pub enum RebuildError {
     Fold(#[from] model::FoldError),
 }
 
-struct Fold {
-    rows: HashMap<Uuid, AccountRow>,
-    entries: Vec<EntryRow>,
-    events: u64,
+/// The read models folded from events in memory: rows by account, and the entries produced
+/// since they were last taken.
+#[derive(Default)]
+pub(crate) struct Fold {
+    pub(crate) rows: HashMap<Uuid, AccountRow>,
+    pub(crate) entries: Vec<EntryRow>,
+    pub(crate) events: u64,
 }
 
 impl Fold {
-    fn apply(&mut self, event: &LoggedEvent) -> Result<(), RebuildError> {
+    pub(crate) fn apply(&mut self, event: &LoggedEvent) -> Result<(), RebuildError> {
         if event.aggregate_type != "account" {
             return Ok(());
         }
@@ -89,11 +91,11 @@ impl Fold {
 /// when it is a terminal.
 pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
-    let progress = show_progress && std::io::stderr().is_terminal();
     let total: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'account'")
             .fetch_one(pool)
             .await?;
+    let progress = Progress::new("events", total as u64, show_progress);
     let mut connection = pool.acquire().await?;
     sqlx::raw_sql(
         "DROP TABLE IF EXISTS accounts_rebuild, account_entries_rebuild;
@@ -103,11 +105,7 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
     .execute(&mut *connection)
     .await?;
 
-    let mut fold = Fold {
-        rows: HashMap::new(),
-        entries: Vec::new(),
-        events: 0,
-    };
+    let mut fold = Fold::default();
     // Reading the next batch overlaps folding and writing this one.
     let (batches, mut received) = tokio::sync::mpsc::channel(2);
     let reader = tokio::spawn({
@@ -131,9 +129,7 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
             fold.apply(event)?;
         }
         fold.flush_entries(&mut connection).await?;
-        if progress {
-            draw(fold.events, total, started);
-        }
+        progress.update(fold.events);
     }
     let position = reader
         .await
@@ -164,10 +160,7 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    if progress {
-        draw(fold.events, total, started);
-        eprintln!();
-    }
+    progress.finish(fold.events);
     Ok(RebuildReport {
         events: fold.events,
         accounts: fold.rows.len(),
@@ -180,61 +173,14 @@ async fn events_after(
     connection: &mut PgConnection,
     position: LogPosition,
 ) -> Result<Vec<LoggedEvent>, sqlx::Error> {
-    type Row = (
-        String,
-        String,
-        i64,
-        String,
-        String,
-        Uuid,
-        DateTime<Utc>,
-        String,
-        String,
-        Vec<u8>,
-        i64,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, event_id,
-                recorded_at, payload::text, metadata::text, hash, global_position
+    sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS}
            FROM events
           WHERE (tx_id, global_position) > ($1::text::xid8, $2)
-          ORDER BY aggregate_type, aggregate_id, sequence",
-    )
+          ORDER BY aggregate_type, aggregate_id, sequence"
+    ))
     .bind(position.tx_id.to_string())
     .bind(position.global_position)
     .fetch_all(connection)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| LoggedEvent {
-            position: LogPosition {
-                tx_id: 0,
-                global_position: r.10,
-            },
-            aggregate_type: r.0,
-            aggregate_id: r.1,
-            sequence: r.2,
-            event_type: r.3,
-            event_version: r.4,
-            event_id: r.5,
-            recorded_at: r.6,
-            payload: r.7,
-            metadata: r.8,
-            hash: r.9,
-        })
-        .collect())
-}
-
-#[allow(clippy::print_stderr)]
-fn draw(done: u64, total: i64, started: Instant) {
-    let total = total.max(1) as u64;
-    let width = 40;
-    let filled = (done.min(total) * width / total) as usize;
-    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-    eprint!(
-        "\r[{}{}] {done}/{total} events, {rate:.0}/s",
-        "#".repeat(filled),
-        " ".repeat(width as usize - filled)
-    );
-    let _ = std::io::stderr().flush();
+    .await
 }

@@ -32,6 +32,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/accounts", get(list_accounts))
         .route("/v1/accounts/{id}", get(get_account))
         .route("/v1/accounts/{id}/entries", get(list_entries))
+        .merge(crate::audit::router())
         .route("/health/live", get(service_kit::http::live))
         .route("/health/ready", get(ready))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
@@ -55,7 +56,7 @@ impl FromRequestParts<AppState> for Reader {
 }
 
 /// `{id}`: anything but a UUID names no account.
-struct AccountId(Uuid);
+pub(crate) struct AccountId(pub(crate) Uuid);
 
 impl<S: Send + Sync> FromRequestParts<S> for AccountId {
     type Rejection = QueryError;
@@ -69,7 +70,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AccountId {
 }
 
 /// Query-string parameters, with malformed ones answered as problem+json.
-struct Params<T>(T);
+pub(crate) struct Params<T>(pub(crate) T);
 
 impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
     type Rejection = QueryError;
@@ -222,9 +223,9 @@ async fn account_at(
     }
 }
 
-fn limit(requested: Option<i64>) -> Result<i64, QueryError> {
+pub(crate) fn limit(requested: Option<i64>, default: i64) -> Result<i64, QueryError> {
     match requested {
-        None => Ok(DEFAULT_LIMIT),
+        None => Ok(default),
         Some(limit) if (1..=MAX_LIMIT).contains(&limit) => Ok(limit),
         Some(_) => Err(QueryError::InvalidQuery(format!(
             "limit must be between 1 and {MAX_LIMIT}"
@@ -308,7 +309,7 @@ async fn list_accounts(
     Reader(principal): Reader,
     Params(params): Params<ListAccountsParams>,
 ) -> Result<Json<Page<AccountView>>, QueryError> {
-    let limit = limit(params.limit)?;
+    let limit = limit(params.limit, DEFAULT_LIMIT)?;
     if let Some(status) = &params.status
         && !matches!(status.as_str(), "active" | "frozen" | "closed")
     {
@@ -359,7 +360,7 @@ async fn list_entries(
     AccountId(id): AccountId,
     Params(params): Params<ListEntriesParams>,
 ) -> Result<Json<Page<EntryView>>, QueryError> {
-    let limit = limit(params.limit)?;
+    let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
     account_at(&state, &principal.tenant, id, params.min_version).await?;
     type EntryTuple = (i64, String, i64, String, i64, Uuid, DateTime<Utc>);
@@ -407,9 +408,17 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Ledger query API", description = "Read models of the ledger: accounts and their money movements."),
-    paths(get_account, list_accounts, list_entries),
-    components(schemas(AccountView, EntryView, Page<AccountView>, Page<EntryView>, ProblemDocument)),
+    info(title = "Ledger query API", description = "Read models of the ledger (accounts and their money movements) and, for auditors, the event history itself."),
+    paths(
+        get_account, list_accounts, list_entries,
+        crate::audit::stream_events, crate::audit::account_state, crate::audit::tenant_log,
+        crate::audit::verify_account,
+    ),
+    components(schemas(
+        AccountView, EntryView, Page<AccountView>, Page<EntryView>, ProblemDocument,
+        crate::audit::AuditEventView, crate::audit::EventPage, crate::audit::LogPage,
+        crate::audit::AccountStateView, crate::audit::VerificationView, crate::audit::BreakView,
+    )),
     modifiers(&BearerAuth),
 )]
 pub(crate) struct ApiDoc;

@@ -13,6 +13,8 @@ pub(crate) enum QueryError {
     InvalidQuery(String),
     #[error("account not found")]
     NotFound,
+    #[error("no state at that point: {0}")]
+    NoStateAt(String),
     #[error("read model has not reached version {wanted} yet")]
     NotYetVisible { wanted: i64 },
     #[error("database unavailable: {0}")]
@@ -41,6 +43,12 @@ impl IntoResponse for QueryError {
             }
             Self::NotFound => Problem::new(StatusCode::NOT_FOUND, "not-found", "Account not found")
                 .detail("No account with this id exists for your tenant."),
+            Self::NoStateAt(detail) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "no-state-at",
+                "No state at that point",
+            )
+            .detail(detail),
             Self::NotYetVisible { wanted } => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-yet-visible",

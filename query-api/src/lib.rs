@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: settings, read once from the environment.
 //! - `api`: routes, response bodies, OpenAPI document.
+//! - `audit`: the auditors' routes, which read the event store itself, never a read model.
 //! - `error`: the one error type and its mapping to problem+json.
 //!
 //! Every query is scoped to the caller's tenant. [`Application::build`] starts exactly what
@@ -21,6 +22,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 mod api;
+mod audit;
 pub mod config;
 mod error;
 

@@ -329,6 +329,7 @@ mod tests {
             recorded_at: chrono::Utc::now(),
             payload: r#"{"MoneyDeposited":{"amount":5}}"#.into(),
             metadata: r#"{"tenant":"acme","correlation_id":"c","causation_id":"r"}"#.into(),
+            prev_hash: None,
             hash: vec![1, 2],
         };
         let envelope = envelope(&event);

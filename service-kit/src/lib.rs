@@ -10,6 +10,7 @@
 //! - [`event_log`]: reading the global event log in commit order, and readers' checkpoints.
 //! - [`kafka`]: Kafka client settings, topic names, the CloudEvents envelope.
 //! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
+//! - [`progress`]: a progress bar on stderr for long command-line jobs.
 //! - `testing` (feature `test-support`): a fresh, migrated database per test.
 
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod hash_chain;
 pub mod http;
 pub mod kafka;
 pub mod problem;
+pub mod progress;
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -67,7 +67,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("commands") => commands(&args[1..]).await,
         Some("pipeline") => crate::pipeline_bench::run(&args[1..]).await,
-        _ => bail!("usage: cargo xtask bench commands|pipeline [flags]"),
+        Some("audit") => crate::audit_bench::run(&args[1..]).await,
+        _ => bail!("usage: cargo xtask bench commands|pipeline|audit [flags]"),
     }
 }
 

@@ -4,13 +4,14 @@
 //! - `dev`: `up`, `migrate`, `token`: run the system locally.
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `broker`: installing and starting the development Kafka-protocol broker.
-//! - `bench`, `pipeline_bench`: benchmarks that write `BENCHMARKS.md`.
+//! - `bench`, `pipeline_bench`, `audit_bench`: benchmarks that write `BENCHMARKS.md`.
 
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context;
 
 mod args;
+mod audit_bench;
 mod bench;
 mod broker;
 mod dev;
@@ -29,6 +30,8 @@ commands:
   bench commands         command throughput/latency vs pgbench; writes BENCHMARKS.md
   bench pipeline [--events N] [--rate R] [--seconds S]
                          relay, projector, rebuild throughput and end-to-end latency
+  bench audit [--events N]
+                         verify, replay, export, check throughput; audit query latency
 ";
 
 #[tokio::main]

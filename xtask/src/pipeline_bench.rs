@@ -21,7 +21,7 @@ use crate::broker;
 use crate::dev::{stop, workspace_root};
 
 const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
-const SEED_ACCOUNTS: i64 = 1000;
+pub(crate) const SEED_ACCOUNTS: i64 = 1000;
 
 pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let flags = Flags::parse(args, &["events", "rate", "seconds"])?;
@@ -101,7 +101,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
 
 /// `events` deposits spread over [`SEED_ACCOUNTS`] accounts (plus their openings), appended
 /// through the real table and trigger.
-async fn seed(pool: &PgPool, events: i64) -> anyhow::Result<()> {
+pub(crate) async fn seed(pool: &PgPool, events: i64) -> anyhow::Result<()> {
     sqlx::query(
         r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
            SELECT 'account', md5('bench' || a)::uuid::text, 1, 'AccountOpened', '1',

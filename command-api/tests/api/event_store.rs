@@ -117,7 +117,7 @@ async fn a_deleted_event_or_a_recomputed_hash_is_detected() {
     assert_eq!(
         verify(&app, deleted).await,
         Some(ChainBreak {
-            sequence: 5,
+            sequence: 4,
             reason: BreakReason::SequenceGap
         })
     );

@@ -2,6 +2,7 @@
 //! Kafka → projector → read models → query API.
 
 mod analysts;
+mod audit;
 mod faults;
 mod loop_;
 mod queries;

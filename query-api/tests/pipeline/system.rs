@@ -1,14 +1,12 @@
 //! Starts the system for one test: its own database and topics; the relay and the projector
 //! as tasks that a test can kill and restart.
 
-use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Once;
 use std::time::Duration;
 
 use command_api::relay::{AppendSignal, Relay, RelayConfig};
-use projector::model::{self, AccountRow};
-use projector::{Projector, store};
+use projector::Projector;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
@@ -273,61 +271,15 @@ impl System {
         panic!("account {account} did not reach version {version}");
     }
 
-    /// Folds the event store and compares every read-model row and entry count with it.
-    /// Returns the differences (empty when consistent).
+    /// `projector check`: the differences between the read models and a fold of the event
+    /// store (empty when consistent).
     pub(crate) async fn differences(&self) -> Vec<String> {
-        let events: Vec<(
-            String,
-            i64,
-            Uuid,
-            chrono::DateTime<chrono::Utc>,
-            String,
-            String,
-        )> = sqlx::query_as(
-            "SELECT aggregate_id, sequence, event_id, recorded_at, payload::text, metadata::text
-               FROM events WHERE aggregate_type = 'account' ORDER BY aggregate_id, sequence",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
-        let mut expected: HashMap<Uuid, (Option<AccountRow>, usize)> = HashMap::new();
-        for (id, sequence, event_id, at, payload, metadata) in events {
-            let id: Uuid = id.parse().unwrap();
-            let event =
-                store::stored_event(id, sequence, event_id, at, &payload, &metadata).unwrap();
-            let (row, entries) = expected.entry(id).or_default();
-            let mut new_entries = Vec::new();
-            model::apply(row, &event, &mut new_entries).unwrap();
-            *entries += new_entries.len();
-        }
-        let actual: Vec<(Uuid, i64, String, i64, i64)> = sqlx::query_as(
-            "SELECT a.id, a.balance, a.status, a.version,
-                    (SELECT count(*) FROM account_entries e WHERE e.account_id = a.id)
-               FROM accounts a",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
-        let mut differences = Vec::new();
-        for (id, balance, status, version, entries) in &actual {
-            match expected.remove(id) {
-                Some((Some(row), count)) => {
-                    if (row.balance, row.status.as_str(), row.version, count as i64)
-                        != (*balance, status.as_str(), *version, *entries)
-                    {
-                        differences.push(format!(
-                            "{id}: store says balance {} status {} version {} entries {count}; read model says {balance} {status} {version} {entries}",
-                            row.balance, row.status, row.version
-                        ));
-                    }
-                }
-                _ => differences.push(format!("{id}: in the read model, not in the store")),
-            }
-        }
-        for id in expected.keys() {
-            differences.push(format!("{id}: in the store, not in the read model"));
-        }
-        differences
+        let report = projector::check::check(&self.pool).await.unwrap();
+        report
+            .differences
+            .into_iter()
+            .map(|difference| format!("{}: {}", difference.account, difference.what))
+            .collect()
     }
 
     /// Waits until the read models equal a fold of the event store.

@@ -1,0 +1,330 @@
+//! `ledger-audit` as an auditor runs it: the real binary against a real event store written
+//! by the real command API, whose relay publishes to a real broker.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use command_api::relay::RelayConfig;
+use serde_json::{Value, json};
+use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::kafka::KafkaConfig;
+use service_kit::testing::{self, TestDatabase};
+use uuid::Uuid;
+
+const SECRET: &str = "audit-cli-test-secret-0123456789abcdef";
+
+struct Ledger {
+    database: TestDatabase,
+    kafka: KafkaConfig,
+    commands: String,
+    client: reqwest::Client,
+}
+
+impl Ledger {
+    async fn start() -> Self {
+        let database = TestDatabase::create().await;
+        let kafka = testing::kafka().await;
+        let app = command_api::Application::build(command_api::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database: database.config.clone(),
+            auth: AuthConfig {
+                issuer: "ledger".into(),
+                audience: "ledger".into(),
+                key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+            },
+            max_body_bytes: 16 * 1024,
+            aggregate_cache: NonZeroUsize::new(100).unwrap(),
+            conflict_retries: 5,
+            relay: Some(RelayConfig {
+                kafka: kafka.clone(),
+                batch_size: 500,
+                idle_poll: Duration::from_millis(200),
+                leader_retry: Duration::from_millis(200),
+            }),
+        })
+        .await
+        .unwrap();
+        let commands = format!("http://127.0.0.1:{}", app.port());
+        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        Self {
+            database,
+            kafka,
+            commands,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let teller = mint_hs256(
+            &Secret::new(SECRET.into()),
+            "ledger",
+            "ledger",
+            &TokenRequest {
+                subject: "teller-1",
+                tenant: "acme",
+                roles: &["teller"],
+                ttl_seconds: 600,
+            },
+        )
+        .unwrap();
+        let response = self
+            .client
+            .post(format!("{}{path}", self.commands))
+            .bearer_auth(teller)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    /// Opens an account and deposits each of `amounts`.
+    async fn account(&self, amounts: &[i64]) -> Uuid {
+        let opened = self
+            .post("/v1/accounts", json!({"owner": "Ada", "currency": "EUR"}))
+            .await;
+        let id: Uuid = opened["account_id"].as_str().unwrap().parse().unwrap();
+        for amount in amounts {
+            self.post(
+                &format!("/v1/accounts/{id}/deposits"),
+                json!({"amount": amount, "currency": "EUR"}),
+            )
+            .await;
+        }
+        id
+    }
+
+    /// Waits until the relay has published every stored event.
+    async fn published(&self) {
+        for _ in 0..300 {
+            let caught_up: bool = sqlx::query_scalar(
+                "SELECT coalesce((SELECT max(global_position) FROM log_checkpoints), 0)
+                     >= coalesce((SELECT max(global_position) FROM events), 0)",
+            )
+            .fetch_one(&self.database.pool)
+            .await
+            .unwrap();
+            if caught_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the relay did not publish everything within 30 s");
+    }
+
+    /// Runs `ledger-audit` with `args`; returns whether it succeeded and what it printed.
+    async fn audit(&self, args: &[&str]) -> (bool, String) {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledger-audit"))
+            .args(args)
+            .env("DATABASE_URL", &self.database.config.url)
+            .env("KAFKA_BROKERS", &self.kafka.brokers)
+            .env("KAFKA_TOPIC_PREFIX", &self.kafka.topic_prefix)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.code().is_some_and(|code| code <= 1),
+            "ledger-audit {args:?} failed: {stderr}"
+        );
+        (output.status.success(), stdout)
+    }
+
+    /// Runs `statement` (with the account id as `$1`) with triggers off, as someone with
+    /// direct database access would.
+    async fn tamper(&self, statement: &str, account: Uuid) {
+        let mut tx = self.database.pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL session_replication_role = replica")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(statement)
+            .bind(account.to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    async fn recorded_at(&self, account: Uuid, version: i64) -> DateTime<Utc> {
+        sqlx::query_scalar(
+            "SELECT recorded_at FROM events WHERE aggregate_id = $1 AND sequence = $2",
+        )
+        .bind(account.to_string())
+        .bind(version)
+        .fetch_one(&self.database.pool)
+        .await
+        .unwrap()
+    }
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn verify_export_reverify_offline_and_replay() {
+    let ledger = Ledger::start().await;
+    let first = ledger.account(&[100, 200, 300]).await;
+    let second = ledger.account(&[7]).await;
+    // Between `first`'s version 3 and 4: its balance then was 300.
+    let cut = ledger.recorded_at(first, 3).await;
+    let events = 4 + 2;
+
+    let (ok, out) = ledger.audit(&["verify"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("streams checked: 2"), "{out}");
+    assert!(out.contains(&format!("events checked: {events}")), "{out}");
+    assert!(out.contains("breaks found: 0"), "{out}");
+    let (ok, out) = ledger.audit(&["verify", "--tenant", "acme"]).await;
+    assert!(
+        ok && out.contains(&format!("events checked: {events}")),
+        "{out}"
+    );
+    let (ok, out) = ledger.audit(&["verify", "--tenant", "globex"]).await;
+    assert!(ok && out.contains("events checked: 0"), "{out}");
+    let first_id = first.to_string();
+    let (ok, out) = ledger.audit(&["verify", "--account", &first_id]).await;
+    assert!(ok && out.contains("events checked: 4"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = path(dir.path(), "all.jsonl");
+    let csv = path(dir.path(), "all.csv");
+    let suffix = path(dir.path(), "suffix.jsonl");
+    let from = cut.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    for args in [
+        vec!["export", "--output", &jsonl],
+        vec!["export", "--output", &csv],
+        vec![
+            "export",
+            "--account",
+            &first_id,
+            "--from",
+            &from,
+            "--output",
+            &suffix,
+        ],
+    ] {
+        let (ok, _) = ledger.audit(&args).await;
+        assert!(ok, "{args:?}");
+    }
+    for (file, count) in [(&jsonl, events), (&csv, events), (&suffix, 2)] {
+        let (ok, out) = ledger.audit(&["verify", "--file", file]).await;
+        assert!(ok, "{file}: {out}");
+        assert!(out.contains(&format!("events checked: {count}")), "{out}");
+    }
+    let (_, out) = ledger.audit(&["verify", "--file", &suffix]).await;
+    assert!(out.contains("starting after version 1"), "{out}");
+
+    // An export edited after the fact no longer verifies, and says where.
+    let edited: Vec<String> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut record: Value = serde_json::from_str(line).unwrap();
+            if record["aggregate_id"] == first_id && record["sequence"] == 3 {
+                record["payload"] = json!(
+                    r#"{"MoneyDeposited":{"amount":201,"currency":"EUR","balance_after":301}}"#
+                );
+            }
+            record.to_string()
+        })
+        .collect();
+    let tampered = path(dir.path(), "tampered.jsonl");
+    std::fs::write(&tampered, edited.join("\n")).unwrap();
+    let (ok, out) = ledger.audit(&["verify", "--file", &tampered]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("account/{first} version 3: hash-mismatch")),
+        "{out}"
+    );
+
+    // Balances as of the cut: `first` had 300 (versions 1-3), `second` did not exist yet
+    // unless it was opened before the cut (it was not: it came after every deposit of `first`).
+    let until = cut.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let (ok, out) = ledger.audit(&["replay", "--until", &until]).await;
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|line| line.starts_with(&first_id))
+        .unwrap();
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        columns[columns.len() - 3..],
+        ["300", "active", "3"],
+        "{line}"
+    );
+    assert!(!out.contains(&second.to_string()), "{out}");
+    assert!(out.contains("accounts: 1, events folded: 3"), "{out}");
+}
+
+#[tokio::test]
+async fn a_history_rewritten_after_publication_is_caught_against_kafka() {
+    let ledger = Ledger::start().await;
+    let rehashed = ledger.account(&[10, 20, 30]).await;
+    let truncated = ledger.account(&[5, 6]).await;
+    ledger.published().await;
+    let (ok, out) = ledger.audit(&["verify", "--kafka"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("messages compared: 7"), "{out}");
+    assert!(out.contains("hash mismatches: 0"), "{out}");
+
+    // Version 2 rewritten with its hash recomputed as the trigger would: the chain breaks
+    // only at version 3; the published hash pins version 2 itself.
+    ledger
+        .tamper(
+            r#"UPDATE events
+                  SET payload = '{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}',
+                      hash = sha256(prev_hash
+                          || event_hash_field(aggregate_type) || event_hash_field(aggregate_id)
+                          || event_hash_field(sequence::text) || event_hash_field(event_type)
+                          || event_hash_field(event_version) || event_hash_field(event_id::text)
+                          || event_hash_field(((extract(epoch FROM recorded_at) * 1000000)::bigint)::text)
+                          || event_hash_field('{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}')
+                          || event_hash_field(metadata::text))
+                WHERE aggregate_id = $1 AND sequence = 2"#,
+            rehashed,
+        )
+        .await;
+    // The last event deleted: no chain can tell, the topic can.
+    ledger
+        .tamper(
+            "DELETE FROM events WHERE aggregate_id = $1 AND sequence = 3",
+            truncated,
+        )
+        .await;
+
+    let (ok, out) = ledger.audit(&["verify", "--kafka"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("breaks found: 1"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "account/{rehashed} version 3: previous-hash-mismatch"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("hash mismatches: 2"), "{out}");
+    let mismatch = |account: Uuid, version: i64| {
+        out.lines().any(|line| {
+            line.trim_start()
+                .starts_with(&format!("account/{account} version {version} (partition"))
+        })
+    };
+    assert!(mismatch(rehashed, 2), "{out}");
+    assert!(mismatch(truncated, 3), "{out}");
+    assert!(out.contains("stored nothing (event missing)"), "{out}");
+
+    let (_, out) = ledger.audit(&["verify", "--kafka", "--sample", "3"]).await;
+    assert!(out.contains("messages compared: 3"), "{out}");
+}

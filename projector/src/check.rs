@@ -1,0 +1,111 @@
+//! `projector check`: the read models compared with a fold of the event store, row by row.
+//! Run it once the projector has caught up: a row that is merely behind shows as a difference.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use service_kit::event_log::{self, LogPosition};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::model::AccountRow;
+use crate::rebuild::{Fold, RebuildError};
+
+/// Events read per query.
+const BATCH: i64 = 20_000;
+
+/// One way an account's read model differs from its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub account: Uuid,
+    pub what: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub accounts: usize,
+    pub events: u64,
+    pub differences: Vec<Difference>,
+    pub elapsed: Duration,
+}
+
+type ReadRow = (Uuid, String, String, String, i64, i64, String, i64, i64);
+
+/// Folds every committed event and compares each account's balance, status, version,
+/// owner, currency, overdraft limit and number of entries with the read models.
+pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
+    let started = Instant::now();
+    let mut fold = Fold::default();
+    let mut entry_counts: HashMap<Uuid, i64> = HashMap::new();
+    let mut position = LogPosition::START;
+    loop {
+        let batch = event_log::read_committed(pool, position, BATCH).await?;
+        let Some(last) = batch.last() else { break };
+        position = last.position;
+        for event in &batch {
+            fold.apply(event)?;
+        }
+        for entry in fold.entries.drain(..) {
+            *entry_counts.entry(entry.account_id).or_default() += 1;
+        }
+    }
+    let rows: Vec<ReadRow> = sqlx::query_as(
+        "SELECT a.id, a.tenant, a.owner, a.currency, a.overdraft_limit, a.balance, a.status,
+                a.version, (SELECT count(*) FROM account_entries e WHERE e.account_id = a.id)
+           FROM accounts a",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut differences = Vec::new();
+    let mut seen = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id = row.0;
+        seen.insert(id, ());
+        let Some(expected) = fold.rows.get(&id) else {
+            differences.push(Difference {
+                account: id,
+                what: "in the read model, but no such account in the event store".into(),
+            });
+            continue;
+        };
+        let entries = entry_counts.get(&id).copied().unwrap_or(0);
+        compare(expected, entries, &row, &mut differences);
+    }
+    for id in fold.rows.keys().filter(|id| !seen.contains_key(id)) {
+        differences.push(Difference {
+            account: *id,
+            what: "in the event store, missing from the read model".into(),
+        });
+    }
+    differences.sort_by(|a, b| (a.account, &a.what).cmp(&(b.account, &b.what)));
+    Ok(CheckReport {
+        accounts: fold.rows.len(),
+        events: fold.events,
+        differences,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn compare(expected: &AccountRow, entries: i64, row: &ReadRow, out: &mut Vec<Difference>) {
+    let (id, tenant, owner, currency, overdraft, balance, status, version, entry_count) = row;
+    let mut differ = |field: &str, events: String, read_model: String| {
+        if events != read_model {
+            out.push(Difference {
+                account: *id,
+                what: format!("{field}: events say {events}, read model has {read_model}"),
+            });
+        }
+    };
+    differ("tenant", expected.tenant.clone(), tenant.clone());
+    differ("owner", expected.owner.clone(), owner.clone());
+    differ("currency", expected.currency.clone(), currency.clone());
+    differ(
+        "overdraft_limit",
+        expected.overdraft_limit.to_string(),
+        overdraft.to_string(),
+    );
+    differ("balance", expected.balance.to_string(), balance.to_string());
+    differ("status", expected.status.clone(), status.clone());
+    differ("version", expected.version.to_string(), version.to_string());
+    differ("entries", entries.to_string(), entry_count.to_string());
+}

@@ -1,0 +1,374 @@
+//! The auditors' routes (role `auditor`): the event history itself, read from the event
+//! store, never from a read model. Tenant-scoped like everything else: another tenant's
+//! stream is answered 404, exactly like a missing one.
+
+use audit::ACCOUNT;
+use audit::history::{self, EventMetadata};
+use audit::state::{self, AsOf, StateError};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use service_kit::auth::{AuthError, Principal, Role};
+use service_kit::event_log::{self, LogPosition, LoggedEvent};
+use service_kit::problem::ProblemDocument;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::api::{AccountId, Params, limit};
+use crate::error::QueryError;
+
+/// Events per page when `limit` is absent.
+const DEFAULT_LIMIT: i64 = 100;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/audit/accounts/{id}/events", get(stream_events))
+        .route("/v1/audit/accounts/{id}/state", get(account_state))
+        .route("/v1/audit/accounts/{id}/verify", get(verify_account))
+        .route("/v1/audit/log", get(tenant_log))
+}
+
+/// An authenticated caller with role `auditor`.
+pub(crate) struct Auditor(Principal);
+
+impl FromRequestParts<AppState> for Auditor {
+    type Rejection = AuthError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        principal.require_any(&[Role::Auditor])?;
+        Ok(Self(principal))
+    }
+}
+
+/// One stored event with who caused it, where it sits in the log and its hash-chain links.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct AuditEventView {
+    aggregate_type: String,
+    aggregate_id: String,
+    /// The stream version this event created.
+    version: i64,
+    event_id: Uuid,
+    event_type: String,
+    event_version: String,
+    recorded_at: DateTime<Utc>,
+    /// `<tx_id>-<global_position>`: the event's place in the commit-ordered log.
+    position: String,
+    /// The token subject that issued the command.
+    actor: Option<String>,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    request_id: Option<String>,
+    idempotency_key: Option<String>,
+    /// The stored payload.
+    payload: serde_json::Value,
+    /// Hex; absent for version 1.
+    prev_hash: Option<String>,
+    /// Hex SHA-256 over the previous hash and this event's stored fields.
+    hash: String,
+}
+
+impl From<LoggedEvent> for AuditEventView {
+    fn from(event: LoggedEvent) -> Self {
+        let metadata = EventMetadata::of(&event);
+        let payload = serde_json::from_str(&event.payload)
+            .unwrap_or_else(|_| serde_json::Value::String(event.payload.clone()));
+        Self {
+            position: event.position.to_string(),
+            prev_hash: event.prev_hash.as_ref().map(hex::encode),
+            hash: hex::encode(&event.hash),
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            version: event.sequence,
+            event_id: event.event_id,
+            event_type: event.event_type,
+            event_version: event.event_version,
+            recorded_at: event.recorded_at,
+            actor: metadata.actor,
+            correlation_id: metadata.correlation_id,
+            causation_id: metadata.causation_id,
+            request_id: metadata.request_id,
+            idempotency_key: metadata.idempotency_key,
+            payload,
+        }
+    }
+}
+
+/// A page of a stream's events; pass `next_from_version` as `from_version` for the next.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct EventPage {
+    items: Vec<AuditEventView>,
+    next_from_version: Option<i64>,
+}
+
+/// A page of the tenant's log. `next_after` is always set: passing it as `after` continues
+/// exactly after the last event returned (or where this page started, if it was empty), so
+/// polling with it never skips or repeats an event.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct LogPage {
+    items: Vec<AuditEventView>,
+    next_after: String,
+}
+
+/// The account as folded from its events up to a version or instant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct AccountStateView {
+    account_id: Uuid,
+    /// The last version folded.
+    version: i64,
+    /// When that version was recorded.
+    recorded_at: DateTime<Utc>,
+    owner: String,
+    currency: String,
+    overdraft_limit: i64,
+    balance: i64,
+    /// `active`, `frozen` or `closed`.
+    status: String,
+}
+
+/// The result of recomputing a stream's hash chain.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct VerificationView {
+    account_id: Uuid,
+    intact: bool,
+    events_checked: u64,
+    /// The last stored version.
+    head_version: i64,
+    /// The hash of the last version whose link held (hex).
+    verified_head_hash: Option<String>,
+    first_break: Option<BreakView>,
+}
+
+/// Where the chain first fails and why.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct BreakView {
+    version: i64,
+    /// `sequence-gap`, `previous-hash-mismatch` or `hash-mismatch`.
+    reason: String,
+    explanation: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StreamEventsParams {
+    /// First version to return (default 1).
+    from_version: Option<i64>,
+    /// 1 to 500, default 100.
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StateParams {
+    /// An RFC 3339 instant: the state from the events recorded by then.
+    at: Option<DateTime<Utc>>,
+    /// A version: the state right after it. At most one of `at` and `version`; neither means
+    /// the latest state.
+    version: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogParams {
+    /// A `next_after` from an earlier page; absent for the start of the log.
+    after: Option<String>,
+    /// 1 to 500, default 100.
+    limit: Option<i64>,
+}
+
+/// 404 unless the account's stream exists and belongs to the caller's tenant.
+async fn own_stream(state: &AppState, principal: &Principal, id: Uuid) -> Result<(), QueryError> {
+    let tenant = history::stream_tenant(&state.pool, ACCOUNT, &id.to_string()).await?;
+    if tenant.as_deref() == Some(principal.tenant.as_str()) {
+        Ok(())
+    } else {
+        Err(QueryError::NotFound)
+    }
+}
+
+impl From<StateError> for QueryError {
+    fn from(err: StateError) -> Self {
+        match err {
+            StateError::Database(err) => err.into(),
+            unreadable @ StateError::Unreadable { .. } => Self::Internal(unreadable.into()),
+        }
+    }
+}
+
+#[utoipa::path(
+    get, path = "/v1/audit/accounts/{id}/events", tag = "audit",
+    params(("id" = Uuid, Path, description = "Account id"), StreamEventsParams),
+    responses(
+        (status = 200, description = "The stream's events in version order, with metadata and hashes", body = EventPage),
+        (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn stream_events(
+    State(state): State<AppState>,
+    Auditor(principal): Auditor,
+    AccountId(id): AccountId,
+    Params(params): Params<StreamEventsParams>,
+) -> Result<Json<EventPage>, QueryError> {
+    let limit = limit(params.limit, DEFAULT_LIMIT)?;
+    let from_version = params.from_version.unwrap_or(1);
+    if from_version < 1 {
+        return Err(QueryError::InvalidQuery(
+            "from_version must be at least 1".into(),
+        ));
+    }
+    own_stream(&state, &principal, id).await?;
+    let mut events = history::stream_events(
+        &state.pool,
+        ACCOUNT,
+        &id.to_string(),
+        from_version,
+        limit + 1,
+    )
+    .await?;
+    let next_from_version = (events.len() as i64 > limit)
+        .then(|| events.pop().map(|next| next.sequence))
+        .flatten();
+    Ok(Json(EventPage {
+        items: events.into_iter().map(AuditEventView::from).collect(),
+        next_from_version,
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/audit/accounts/{id}/state", tag = "audit",
+    params(("id" = Uuid, Path, description = "Account id"), StateParams),
+    responses(
+        (status = 200, description = "The account's state folded from its events up to that point", body = AccountStateView),
+        (status = 400, description = "Invalid query, or both `at` and `version`", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such account for this tenant, or none yet at that point", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn account_state(
+    State(state): State<AppState>,
+    Auditor(principal): Auditor,
+    AccountId(id): AccountId,
+    Params(params): Params<StateParams>,
+) -> Result<Json<AccountStateView>, QueryError> {
+    let as_of = match (params.at, params.version) {
+        (Some(_), Some(_)) => {
+            return Err(QueryError::InvalidQuery(
+                "give at most one of `at` and `version`".into(),
+            ));
+        }
+        (Some(at), None) => AsOf::Instant(at),
+        (None, Some(version)) if version < 1 => {
+            return Err(QueryError::InvalidQuery(
+                "version must be at least 1".into(),
+            ));
+        }
+        (None, Some(version)) => AsOf::Version(version),
+        (None, None) => AsOf::Latest,
+    };
+    own_stream(&state, &principal, id).await?;
+    // A version past the stream's head folds to the head: that is not the version asked for.
+    let folded = state::account_as_of(&state.pool, &id.to_string(), as_of)
+        .await?
+        .filter(|folded| !matches!(as_of, AsOf::Version(wanted) if wanted != folded.version))
+        .ok_or_else(|| missing(as_of))?;
+    let open = folded.account.state().ok_or_else(|| missing(as_of))?;
+    Ok(Json(AccountStateView {
+        account_id: id,
+        version: folded.version,
+        recorded_at: folded.recorded_at,
+        owner: open.owner.as_str().to_owned(),
+        currency: open.currency.to_string(),
+        overdraft_limit: open.overdraft_limit.minor_units(),
+        balance: open.balance,
+        status: open.status.as_str().to_owned(),
+    }))
+}
+
+fn missing(as_of: AsOf) -> QueryError {
+    QueryError::NoStateAt(match as_of {
+        AsOf::Instant(at) => format!("The account did not exist yet at {at}."),
+        AsOf::Version(version) => format!("The account has no version {version}."),
+        AsOf::Latest => "The account has no state.".into(),
+    })
+}
+
+#[utoipa::path(
+    get, path = "/v1/audit/log", tag = "audit",
+    params(LogParams),
+    responses(
+        (status = 200, description = "The tenant's events in commit order (the order the relay publishes)", body = LogPage),
+        (status = 400, description = "Invalid query or cursor", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn tenant_log(
+    State(state): State<AppState>,
+    Auditor(principal): Auditor,
+    Params(params): Params<LogParams>,
+) -> Result<Json<LogPage>, QueryError> {
+    let limit = limit(params.limit, DEFAULT_LIMIT)?;
+    let after = match params.after.as_deref() {
+        None => LogPosition::START,
+        Some(after) => after.parse().map_err(|_| {
+            QueryError::InvalidQuery("after is not a position this API issued".into())
+        })?,
+    };
+    let events =
+        event_log::read_committed_of_tenant(&state.pool, &principal.tenant, after, limit).await?;
+    let next_after = events.last().map_or(after, |last| last.position);
+    Ok(Json(LogPage {
+        items: events.into_iter().map(AuditEventView::from).collect(),
+        next_after: next_after.to_string(),
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/audit/accounts/{id}/verify", tag = "audit",
+    params(("id" = Uuid, Path, description = "Account id")),
+    responses(
+        (status = 200, description = "The chain recomputed from the raw rows: intact, or where it first breaks", body = VerificationView),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn verify_account(
+    State(state): State<AppState>,
+    Auditor(principal): Auditor,
+    AccountId(id): AccountId,
+) -> Result<Json<VerificationView>, QueryError> {
+    own_stream(&state, &principal, id).await?;
+    let verification = audit::verify::verify_stream(&state.pool, ACCOUNT, &id.to_string()).await?;
+    Ok(Json(VerificationView {
+        account_id: id,
+        intact: verification.first_break.is_none(),
+        events_checked: verification.events,
+        head_version: verification.head_version,
+        verified_head_hash: verification.verified_head.map(hex::encode),
+        first_break: verification.first_break.map(|found| BreakView {
+            version: found.sequence,
+            reason: found.reason.as_str().to_owned(),
+            explanation: found.explain(),
+        }),
+    }))
+}
