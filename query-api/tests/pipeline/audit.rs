@@ -173,18 +173,21 @@ async fn history_and_state_as_of_any_point_of_a_long_stream() {
     assert!(system.differences().await.is_empty());
 }
 
-/// Rewrites history as someone with direct database access would: triggers off.
-async fn tamper(system: &System, statement: &str, account: Uuid) {
+/// Rewrites history as someone with direct database access would: triggers off. Each
+/// statement gets the account id as `$1`; `;` separates statements.
+async fn tamper(system: &System, statements: &str, account: Uuid) {
     let mut tx = system.pool.begin().await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica")
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(statement)
-        .bind(account.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    for statement in statements.split(';') {
+        sqlx::query(statement)
+            .bind(account.to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     tx.commit().await.unwrap();
 }
 
@@ -234,7 +237,8 @@ async fn tampering_in_sql_is_found_at_the_right_version() {
         ),
         // Versions 3 and 4 swapped.
         (
-            "UPDATE events SET sequence = 7 - sequence WHERE aggregate_id = $1 AND sequence IN (3, 4)",
+            "UPDATE events SET sequence = sequence + 100 WHERE aggregate_id = $1 AND sequence IN (3, 4);
+             UPDATE events SET sequence = 107 - sequence WHERE aggregate_id = $1 AND sequence IN (103, 104)",
             3,
             "previous-hash-mismatch",
         ),
