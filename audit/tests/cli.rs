@@ -141,20 +141,8 @@ impl Ledger {
         (output.status.success(), stdout)
     }
 
-    /// Runs `statement` (with the account id as `$1`) with triggers off, as someone with
-    /// direct database access would.
-    async fn tamper(&self, statement: &str, account: Uuid) {
-        let mut tx = self.database.pool.begin().await.unwrap();
-        sqlx::query("SET LOCAL session_replication_role = replica")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        sqlx::query(statement)
-            .bind(account.to_string())
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+    async fn tamper(&self, statements: &str, account: Uuid) {
+        testing::tamper(&self.database.pool, statements, &account.to_string()).await;
     }
 
     async fn recorded_at(&self, account: Uuid, version: i64) -> DateTime<Utc> {
@@ -284,16 +272,10 @@ async fn a_history_rewritten_after_publication_is_caught_against_kafka() {
     // only at version 3; the published hash pins version 2 itself.
     ledger
         .tamper(
-            r#"UPDATE events
-                  SET payload = '{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}',
-                      hash = sha256(prev_hash
-                          || event_hash_field(aggregate_type) || event_hash_field(aggregate_id)
-                          || event_hash_field(sequence::text) || event_hash_field(event_type)
-                          || event_hash_field(event_version) || event_hash_field(event_id::text)
-                          || event_hash_field(((extract(epoch FROM recorded_at) * 1000000)::bigint)::text)
-                          || event_hash_field('{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}')
-                          || event_hash_field(metadata::text))
-                WHERE aggregate_id = $1 AND sequence = 2"#,
+            &testing::rewrite_and_rehash(
+                2,
+                r#"{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}"#,
+            ),
             rehashed,
         )
         .await;

@@ -143,6 +143,46 @@ impl TestDatabase {
     }
 }
 
+/// Rewrites history as someone with direct database access would: in one transaction with
+/// triggers off (so the append-only guard and the hash trigger stay out of the way), runs each
+/// `;`-separated statement with `stream_id` bound as `$1`. For tests that prove tampering is
+/// caught.
+pub async fn tamper(pool: &PgPool, statements: &str, stream_id: &str) {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .expect("disable triggers (needs a superuser)");
+    for statement in statements.split(';') {
+        sqlx::query(statement)
+            .bind(stream_id)
+            .execute(&mut *tx)
+            .await
+            .expect("tampering statement");
+    }
+    tx.commit().await.expect("commit");
+}
+
+/// A statement for [`tamper`] that sets `version`'s payload to `payload` and recomputes its
+/// hash exactly as the trigger does: the rewritten event holds up on its own, and only its
+/// successor's link (or the hash published to Kafka) gives it away.
+pub fn rewrite_and_rehash(version: i64, payload: &str) -> String {
+    let payload = payload.replace('\'', "''");
+    format!(
+        "UPDATE events
+            SET payload = '{payload}',
+                hash = sha256(coalesce(prev_hash, '\\x{zeros}'::bytea)
+                    || event_hash_field(aggregate_type) || event_hash_field(aggregate_id)
+                    || event_hash_field(sequence::text) || event_hash_field(event_type)
+                    || event_hash_field(event_version) || event_hash_field(event_id::text)
+                    || event_hash_field(((extract(epoch FROM recorded_at) * 1000000)::bigint)::text)
+                    || event_hash_field('{payload}')
+                    || event_hash_field(metadata::text))
+          WHERE aggregate_id = $1 AND sequence = {version}",
+        zeros = "00".repeat(32)
+    )
+}
+
 /// `url` with its path (the database name) replaced by `database`.
 fn url_with_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {

@@ -1,6 +1,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use service_kit::hash_chain::{BreakReason, ChainBreak, ChainedEvent, StoredEvent, verify_stream};
+use service_kit::testing;
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
@@ -47,20 +48,8 @@ async fn verify(app: &TestApp, account: Uuid) -> Option<ChainBreak> {
     }))
 }
 
-/// Runs `statement` as a superuser bypassing the append-only trigger, as an attacker with
-/// database access would.
 async fn tamper(app: &TestApp, statement: &str, account: Uuid) {
-    let mut tx = app.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(statement)
-        .bind(account.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    testing::tamper(&app.pool, statement, &account.to_string()).await;
 }
 
 async fn account_with_history(app: &TestApp) -> Uuid {

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use service_kit::testing;
 use uuid::Uuid;
 
 use crate::system::{System, TENANT, token};
@@ -173,24 +174,6 @@ async fn history_and_state_as_of_any_point_of_a_long_stream() {
     assert!(system.differences().await.is_empty());
 }
 
-/// Rewrites history as someone with direct database access would: triggers off. Each
-/// statement gets the account id as `$1`; `;` separates statements.
-async fn tamper(system: &System, statements: &str, account: Uuid) {
-    let mut tx = system.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    for statement in statements.split(';') {
-        sqlx::query(statement)
-            .bind(account.to_string())
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
-}
-
 async fn verify(system: &System, account: Uuid) -> Value {
     let (status, _, body) = system
         .query(&format!("/v1/audit/accounts/{account}/verify"), &auditor())
@@ -198,19 +181,6 @@ async fn verify(system: &System, account: Uuid) -> Value {
     assert_eq!(status, StatusCode::OK, "{body}");
     body
 }
-
-/// Rewrites version 2's payload and recomputes its hash exactly as the trigger would.
-const REHASH_VERSION_2: &str = r#"
-UPDATE events
-   SET payload = '{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}',
-       hash = sha256(prev_hash
-           || event_hash_field(aggregate_type) || event_hash_field(aggregate_id)
-           || event_hash_field(sequence::text) || event_hash_field(event_type)
-           || event_hash_field(event_version) || event_hash_field(event_id::text)
-           || event_hash_field(((extract(epoch FROM recorded_at) * 1000000)::bigint)::text)
-           || event_hash_field('{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}')
-           || event_hash_field(metadata::text))
- WHERE aggregate_id = $1 AND sequence = 2"#;
 
 #[tokio::test]
 async fn tampering_in_sql_is_found_at_the_right_version() {
@@ -223,6 +193,10 @@ async fn tampering_in_sql_is_found_at_the_right_version() {
         }
         accounts.push(account);
     }
+    let rehashed = testing::rewrite_and_rehash(
+        2,
+        r#"{"MoneyDeposited":{"amount":11,"currency":"EUR","balance_after":11}}"#,
+    );
     let cases = [
         (
             r#"UPDATE events SET payload = '{"MoneyDeposited":{"amount":9000,"currency":"EUR","balance_after":9010}}'
@@ -251,11 +225,11 @@ async fn tampering_in_sql_is_found_at_the_right_version() {
         // Version 2 altered and its hash recomputed the way the trigger does: version 2 holds
         // up on its own, version 3 no longer links to it. (The Kafka check of `ledger-audit`
         // pins such a rewrite to version 2 itself.)
-        (REHASH_VERSION_2, 3, "previous-hash-mismatch"),
+        (rehashed.as_str(), 3, "previous-hash-mismatch"),
     ];
     for (account, (statement, version, reason)) in accounts.iter().zip(cases) {
         assert_eq!(verify(&system, *account).await["intact"], true);
-        tamper(&system, statement, *account).await;
+        testing::tamper(&system.pool, statement, &account.to_string()).await;
         let report = verify(&system, *account).await;
         assert_eq!(report["intact"], false, "{statement}");
         assert_eq!(report["first_break"]["version"], json!(version), "{report}");
