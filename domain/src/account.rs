@@ -3,9 +3,12 @@
 //! An account belongs to one tenant; a command carrying another tenant is answered exactly as
 //! if the account did not exist, so that ids of other tenants cannot be probed.
 
+use std::collections::HashMap;
+
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::money::{Amount, Currency, MAX_BALANCE, OverdraftLimit, Owner};
 
@@ -37,6 +40,27 @@ pub enum AccountCommand {
     Close {
         tenant: String,
     },
+    /// A transfer's first step: take its amount from this, the source account.
+    DebitForTransfer {
+        tenant: String,
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
+    /// A debited transfer's second step: pay its amount into this, the destination account.
+    CreditForTransfer {
+        tenant: String,
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
+    /// Gives back what a transfer debited from this account, after its destination declined.
+    RefundTransfer {
+        tenant: String,
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
 }
 
 impl AccountCommand {
@@ -47,7 +71,10 @@ impl AccountCommand {
             | Self::Withdraw { tenant, .. }
             | Self::Freeze { tenant }
             | Self::Unfreeze { tenant }
-            | Self::Close { tenant } => tenant,
+            | Self::Close { tenant }
+            | Self::DebitForTransfer { tenant, .. }
+            | Self::CreditForTransfer { tenant, .. }
+            | Self::RefundTransfer { tenant, .. } => tenant,
         }
     }
 
@@ -60,8 +87,53 @@ impl AccountCommand {
             Self::Freeze { .. } => "freeze",
             Self::Unfreeze { .. } => "unfreeze",
             Self::Close { .. } => "close",
+            Self::DebitForTransfer { .. } => "debit_for_transfer",
+            Self::CreditForTransfer { .. } => "credit_for_transfer",
+            Self::RefundTransfer { .. } => "refund_transfer",
         }
     }
+}
+
+/// A step a transfer takes on an account. Each happens at most once per transfer and account:
+/// its outcome is recorded, and asking again is refused with that outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferStep {
+    Debit,
+    Credit,
+    Refund,
+}
+
+/// Why an account declined a transfer's debit or credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferDecline {
+    InsufficientFunds,
+    CurrencyMismatch,
+    Frozen,
+    Closed,
+    BalanceLimitExceeded,
+}
+
+impl TransferDecline {
+    /// A stable name for APIs and read models.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::CurrencyMismatch => "currency_mismatch",
+            Self::Frozen => "frozen",
+            Self::Closed => "closed",
+            Self::BalanceLimitExceeded => "balance_limit_exceeded",
+        }
+    }
+}
+
+/// What became of a transfer step on an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    Applied,
+    Declined(TransferDecline),
 }
 
 /// What happened to an account. Names are past tense; `event_type` and `event_version` are
@@ -87,6 +159,62 @@ pub enum AccountEvent {
     AccountFrozen,
     AccountUnfrozen,
     AccountClosed,
+    TransferDebited {
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+        balance_after: i64,
+    },
+    /// The account refused a transfer's debit; the transfer is rejected. Recorded, so that
+    /// the refusal is final and every retry of the step gets the same answer.
+    TransferDebitDeclined {
+        transfer_id: Uuid,
+        reason: TransferDecline,
+    },
+    TransferCredited {
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+        balance_after: i64,
+    },
+    /// The account refused a transfer's credit; the source is refunded.
+    TransferCreditDeclined {
+        transfer_id: Uuid,
+        reason: TransferDecline,
+    },
+    TransferRefunded {
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+        balance_after: i64,
+    },
+}
+
+impl AccountEvent {
+    /// The transfer step this event records, if it records one.
+    pub fn transfer_step(&self) -> Option<(Uuid, TransferStep, StepOutcome)> {
+        use StepOutcome::{Applied, Declined};
+        match self {
+            Self::TransferDebited { transfer_id, .. } => {
+                Some((*transfer_id, TransferStep::Debit, Applied))
+            }
+            Self::TransferDebitDeclined {
+                transfer_id,
+                reason,
+            } => Some((*transfer_id, TransferStep::Debit, Declined(*reason))),
+            Self::TransferCredited { transfer_id, .. } => {
+                Some((*transfer_id, TransferStep::Credit, Applied))
+            }
+            Self::TransferCreditDeclined {
+                transfer_id,
+                reason,
+            } => Some((*transfer_id, TransferStep::Credit, Declined(*reason))),
+            Self::TransferRefunded { transfer_id, .. } => {
+                Some((*transfer_id, TransferStep::Refund, Applied))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl DomainEvent for AccountEvent {
@@ -98,6 +226,11 @@ impl DomainEvent for AccountEvent {
             Self::AccountFrozen => "AccountFrozen",
             Self::AccountUnfrozen => "AccountUnfrozen",
             Self::AccountClosed => "AccountClosed",
+            Self::TransferDebited { .. } => "TransferDebited",
+            Self::TransferDebitDeclined { .. } => "TransferDebitDeclined",
+            Self::TransferCredited { .. } => "TransferCredited",
+            Self::TransferCreditDeclined { .. } => "TransferCreditDeclined",
+            Self::TransferRefunded { .. } => "TransferRefunded",
         }
         .to_owned()
     }
@@ -131,6 +264,16 @@ pub enum AccountError {
     Closed,
     #[error("only an account with a zero balance can be closed; the balance is {balance}")]
     NonZeroBalance { balance: i64 },
+    #[error("the {step:?} of transfer {transfer_id} was already recorded: {outcome:?}")]
+    TransferStepRecorded {
+        transfer_id: Uuid,
+        step: TransferStep,
+        outcome: StepOutcome,
+    },
+    #[error(
+        "transfer {transfer_id} debited nothing from this account, so there is nothing to refund"
+    )]
+    NothingToRefund { transfer_id: Uuid },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +304,9 @@ pub struct OpenAccount {
     /// Minor units; negative down to `-overdraft_limit`.
     pub balance: i64,
     pub status: AccountStatus,
+    /// The transfer steps taken on this account and their outcomes, so that none happens
+    /// twice however often it is asked for.
+    pub transfer_steps: HashMap<Uuid, HashMap<TransferStep, StepOutcome>>,
 }
 
 /// The aggregate: nothing until `AccountOpened`, then an [`OpenAccount`].
@@ -207,6 +353,9 @@ impl Account {
         };
         if let AccountCommand::Open { .. } = command {
             return Err(AccountError::AlreadyOpen);
+        }
+        if let Some(decided) = account.decide_transfer_step(&command) {
+            return decided;
         }
         match account.status {
             AccountStatus::Closed => return Err(AccountError::Closed),
@@ -258,11 +407,120 @@ impl Account {
                 0 => Ok(AccountEvent::AccountClosed),
                 balance => Err(AccountError::NonZeroBalance { balance }),
             },
+            AccountCommand::DebitForTransfer { .. }
+            | AccountCommand::CreditForTransfer { .. }
+            | AccountCommand::RefundTransfer { .. } => {
+                unreachable!("transfer steps are decided by decide_transfer_step")
+            }
         }
     }
 }
 
 impl OpenAccount {
+    /// What became of `step` of `transfer_id` on this account, if it happened.
+    pub fn step_outcome(&self, transfer_id: Uuid, step: TransferStep) -> Option<StepOutcome> {
+        self.transfer_steps
+            .get(&transfer_id)
+            .and_then(|steps| steps.get(&step))
+            .copied()
+    }
+
+    /// Decides a transfer step; `None` for any other command. A debit or credit the account
+    /// cannot take is not an error but a recorded decline: the transfer's outcome must not
+    /// depend on which retry of the step happened to run.
+    fn decide_transfer_step(
+        &self,
+        command: &AccountCommand,
+    ) -> Option<Result<AccountEvent, AccountError>> {
+        let (transfer_id, step, amount, currency) = match command {
+            AccountCommand::DebitForTransfer {
+                transfer_id,
+                amount,
+                currency,
+                ..
+            } => (*transfer_id, TransferStep::Debit, *amount, *currency),
+            AccountCommand::CreditForTransfer {
+                transfer_id,
+                amount,
+                currency,
+                ..
+            } => (*transfer_id, TransferStep::Credit, *amount, *currency),
+            AccountCommand::RefundTransfer {
+                transfer_id,
+                amount,
+                currency,
+                ..
+            } => (*transfer_id, TransferStep::Refund, *amount, *currency),
+            _ => return None,
+        };
+        if let Some(outcome) = self.step_outcome(transfer_id, step) {
+            return Some(Err(AccountError::TransferStepRecorded {
+                transfer_id,
+                step,
+                outcome,
+            }));
+        }
+        let minor_units = amount.minor_units();
+        let decline = match self.status {
+            AccountStatus::Closed => Some(TransferDecline::Closed),
+            AccountStatus::Frozen => Some(TransferDecline::Frozen),
+            AccountStatus::Active => None,
+        }
+        .or((currency != self.currency).then_some(TransferDecline::CurrencyMismatch));
+        Some(match step {
+            TransferStep::Debit => {
+                let available = self.balance + self.overdraft_limit.minor_units();
+                match decline
+                    .or((minor_units > available).then_some(TransferDecline::InsufficientFunds))
+                {
+                    Some(reason) => Ok(AccountEvent::TransferDebitDeclined {
+                        transfer_id,
+                        reason,
+                    }),
+                    None => Ok(AccountEvent::TransferDebited {
+                        transfer_id,
+                        amount,
+                        currency,
+                        balance_after: self.balance - minor_units,
+                    }),
+                }
+            }
+            TransferStep::Credit => {
+                let balance_after = self
+                    .balance
+                    .checked_add(minor_units)
+                    .filter(|balance| *balance <= MAX_BALANCE);
+                match (decline, balance_after) {
+                    (Some(reason), _) => Ok(AccountEvent::TransferCreditDeclined {
+                        transfer_id,
+                        reason,
+                    }),
+                    (None, None) => Ok(AccountEvent::TransferCreditDeclined {
+                        transfer_id,
+                        reason: TransferDecline::BalanceLimitExceeded,
+                    }),
+                    (None, Some(balance_after)) => Ok(AccountEvent::TransferCredited {
+                        transfer_id,
+                        amount,
+                        currency,
+                        balance_after,
+                    }),
+                }
+            }
+            // Money this account sent comes back whatever its state since: frozen or even
+            // closed (it was emptied while the transfer was in flight), it is never lost.
+            TransferStep::Refund => match self.step_outcome(transfer_id, TransferStep::Debit) {
+                Some(StepOutcome::Applied) => Ok(AccountEvent::TransferRefunded {
+                    transfer_id,
+                    amount,
+                    currency,
+                    balance_after: self.balance + minor_units,
+                }),
+                _ => Err(AccountError::NothingToRefund { transfer_id }),
+            },
+        })
+    }
+
     fn check_currency(&self, requested: Currency) -> Result<(), AccountError> {
         if requested == self.currency {
             Ok(())
@@ -308,12 +566,20 @@ impl Aggregate for Account {
                     overdraft_limit,
                     balance: 0,
                     status: AccountStatus::Active,
+                    transfer_steps: HashMap::new(),
                 });
             }
             event => {
                 let Some(account) = self.opened.as_mut() else {
                     return;
                 };
+                if let Some((transfer_id, step, outcome)) = event.transfer_step() {
+                    account
+                        .transfer_steps
+                        .entry(transfer_id)
+                        .or_default()
+                        .insert(step, outcome);
+                }
                 match event {
                     AccountEvent::AccountOpened { .. } => {}
                     AccountEvent::MoneyDeposited { balance_after, .. }
@@ -323,6 +589,13 @@ impl Aggregate for Account {
                     AccountEvent::AccountFrozen => account.status = AccountStatus::Frozen,
                     AccountEvent::AccountUnfrozen => account.status = AccountStatus::Active,
                     AccountEvent::AccountClosed => account.status = AccountStatus::Closed,
+                    AccountEvent::TransferDebited { balance_after, .. }
+                    | AccountEvent::TransferCredited { balance_after, .. }
+                    | AccountEvent::TransferRefunded { balance_after, .. } => {
+                        account.balance = balance_after;
+                    }
+                    AccountEvent::TransferDebitDeclined { .. }
+                    | AccountEvent::TransferCreditDeclined { .. } => {}
                 }
             }
         }

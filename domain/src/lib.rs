@@ -3,13 +3,23 @@
 //! # Layout
 //! - [`money`]: validated value types (currency, amount, owner) so that an invalid value cannot
 //!   reach an aggregate.
-//! - [`account`]: the `Account` aggregate: its commands, events, errors and rules.
+//! - [`account`]: the `Account` aggregate: its commands, events, errors and rules, including
+//!   the steps transfers take on it.
+//! - [`transfer`]: the `Transfer` aggregate: the outcomes of a transfer's steps, in order.
 //!
 //! Every rule lives here and is tested with cqrs-es's given/when/then `TestFramework`; the
 //! services only translate HTTP and storage into these types.
 
 pub mod account;
 pub mod money;
+pub mod transfer;
 
-pub use account::{Account, AccountCommand, AccountError, AccountEvent, AccountStatus};
-pub use money::{Amount, Currency, OverdraftLimit, Owner, ValueError};
+pub use account::{
+    Account, AccountCommand, AccountError, AccountEvent, AccountStatus, StepOutcome,
+    TransferDecline, TransferStep,
+};
+pub use money::{Amount, Currency, OverdraftLimit, Owner, Reference, ValueError};
+pub use transfer::{
+    NextStep, Transfer, TransferCommand, TransferError, TransferEvent, TransferStatus,
+    TransferTerms,
+};

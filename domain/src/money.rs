@@ -14,6 +14,9 @@ pub const MAX_BALANCE: i64 = 100 * MAX_AMOUNT;
 /// Longest owner name accepted, in characters.
 pub const MAX_OWNER_CHARS: usize = 200;
 
+/// Longest transfer reference accepted, in characters.
+pub const MAX_REFERENCE_CHARS: usize = 140;
+
 /// Active ISO 4217 codes this ledger accepts.
 const SUPPORTED_CURRENCIES: &[&str] = &[
     "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN",
@@ -41,6 +44,8 @@ pub enum ValueError {
     UnsupportedCurrency(String),
     #[error("owner must be 1 to {max} characters, not blank", max = MAX_OWNER_CHARS)]
     InvalidOwner,
+    #[error("reference must be at most {max} characters, without control characters", max = MAX_REFERENCE_CHARS)]
+    InvalidReference,
 }
 
 /// An ISO 4217 currency code from the supported list.
@@ -178,6 +183,39 @@ impl TryFrom<String> for Owner {
 impl From<Owner> for String {
     fn from(owner: Owner) -> Self {
         owner.0
+    }
+}
+
+/// A transfer's free-text reference, trimmed: up to [`MAX_REFERENCE_CHARS`] characters, possibly
+/// empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Reference(String);
+
+impl Reference {
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
+        let text = text.trim();
+        if text.chars().count() > MAX_REFERENCE_CHARS || text.chars().any(char::is_control) {
+            return Err(ValueError::InvalidReference);
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Reference {
+    type Error = ValueError;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Self::parse(&text)
+    }
+}
+
+impl From<Reference> for String {
+    fn from(reference: Reference) -> Self {
+        reference.0
     }
 }
 

@@ -351,3 +351,275 @@ fn events_name_their_type_and_version() {
         assert_eq!(event.event_version(), "1");
     }
 }
+
+mod transfer_steps {
+    use super::*;
+
+    const TRANSFER: Uuid = Uuid::from_u128(7);
+
+    fn step(
+        step: TransferStep,
+        tenant: &str,
+        minor_units: i64,
+        currency: Currency,
+    ) -> AccountCommand {
+        let (tenant, transfer_id, amount) = (tenant.to_owned(), TRANSFER, amount(minor_units));
+        match step {
+            TransferStep::Debit => AccountCommand::DebitForTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+            TransferStep::Credit => AccountCommand::CreditForTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+            TransferStep::Refund => AccountCommand::RefundTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+        }
+    }
+
+    fn debit(minor_units: i64) -> AccountCommand {
+        step(TransferStep::Debit, TENANT, minor_units, eur())
+    }
+
+    fn credit(minor_units: i64) -> AccountCommand {
+        step(TransferStep::Credit, TENANT, minor_units, eur())
+    }
+
+    fn refund(minor_units: i64) -> AccountCommand {
+        step(TransferStep::Refund, TENANT, minor_units, eur())
+    }
+
+    fn debited(minor_units: i64, balance_after: i64) -> AccountEvent {
+        AccountEvent::TransferDebited {
+            transfer_id: TRANSFER,
+            amount: amount(minor_units),
+            currency: eur(),
+            balance_after,
+        }
+    }
+
+    fn debit_declined(reason: TransferDecline) -> AccountEvent {
+        AccountEvent::TransferDebitDeclined {
+            transfer_id: TRANSFER,
+            reason,
+        }
+    }
+
+    fn credit_declined(reason: TransferDecline) -> AccountEvent {
+        AccountEvent::TransferCreditDeclined {
+            transfer_id: TRANSFER,
+            reason,
+        }
+    }
+
+    fn recorded(step: TransferStep, outcome: StepOutcome) -> AccountError {
+        AccountError::TransferStepRecorded {
+            transfer_id: TRANSFER,
+            step,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_debit_takes_the_money_down_to_the_overdraft() {
+        AccountTest::with(())
+            .given(vec![opened(50), deposited(100, 100)])
+            .when(debit(150))
+            .then_expect_events(vec![debited(150, -50)]);
+    }
+
+    #[test]
+    fn a_debit_the_account_cannot_pay_is_declined_and_recorded() {
+        let cases = [
+            (
+                vec![opened(0), deposited(100, 100)],
+                debit(101),
+                TransferDecline::InsufficientFunds,
+            ),
+            (
+                vec![opened(0), deposited(100, 100), AccountEvent::AccountFrozen],
+                debit(1),
+                TransferDecline::Frozen,
+            ),
+            (
+                vec![opened(0), AccountEvent::AccountClosed],
+                debit(1),
+                TransferDecline::Closed,
+            ),
+            (
+                vec![opened(0), deposited(100, 100)],
+                step(TransferStep::Debit, TENANT, 1, usd()),
+                TransferDecline::CurrencyMismatch,
+            ),
+        ];
+        for (given, command, reason) in cases {
+            AccountTest::with(())
+                .given(given)
+                .when(command)
+                .then_expect_events(vec![debit_declined(reason)]);
+        }
+    }
+
+    #[test]
+    fn a_step_happens_once_and_a_repeat_gets_the_first_answer() {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(100, 100), debited(30, 70)])
+            .when(debit(30))
+            .then_expect_error(recorded(TransferStep::Debit, StepOutcome::Applied));
+        // Even once the account could pay, a declined debit stays declined.
+        AccountTest::with(())
+            .given(vec![
+                opened(0),
+                debit_declined(TransferDecline::InsufficientFunds),
+                deposited(100, 100),
+            ])
+            .when(debit(30))
+            .then_expect_error(recorded(
+                TransferStep::Debit,
+                StepOutcome::Declined(TransferDecline::InsufficientFunds),
+            ));
+        AccountTest::with(())
+            .given(vec![opened(0), credit_declined(TransferDecline::Frozen)])
+            .when(credit(5))
+            .then_expect_error(recorded(
+                TransferStep::Credit,
+                StepOutcome::Declined(TransferDecline::Frozen),
+            ));
+    }
+
+    #[test]
+    fn a_credit_pays_in_unless_the_account_cannot_take_it() {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(100, 100)])
+            .when(credit(40))
+            .then_expect_events(vec![AccountEvent::TransferCredited {
+                transfer_id: TRANSFER,
+                amount: amount(40),
+                currency: eur(),
+                balance_after: 140,
+            }]);
+        let cases = [
+            (
+                vec![opened(0), AccountEvent::AccountFrozen],
+                credit(1),
+                TransferDecline::Frozen,
+            ),
+            (
+                vec![opened(0), AccountEvent::AccountClosed],
+                credit(1),
+                TransferDecline::Closed,
+            ),
+            (
+                vec![opened(0)],
+                step(TransferStep::Credit, TENANT, 1, usd()),
+                TransferDecline::CurrencyMismatch,
+            ),
+            (
+                vec![opened(0), deposited(MAX_AMOUNT, MAX_BALANCE)],
+                credit(1),
+                TransferDecline::BalanceLimitExceeded,
+            ),
+        ];
+        for (given, command, reason) in cases {
+            AccountTest::with(())
+                .given(given)
+                .when(command)
+                .then_expect_events(vec![credit_declined(reason)]);
+        }
+    }
+
+    #[test]
+    fn a_refund_returns_a_debit_even_to_a_frozen_or_closed_account() {
+        for later in [
+            vec![],
+            vec![AccountEvent::AccountFrozen],
+            vec![AccountEvent::AccountClosed],
+        ] {
+            let mut given = vec![opened(0), deposited(30, 30), debited(30, 0)];
+            given.extend(later);
+            AccountTest::with(())
+                .given(given)
+                .when(refund(30))
+                .then_expect_events(vec![AccountEvent::TransferRefunded {
+                    transfer_id: TRANSFER,
+                    amount: amount(30),
+                    currency: eur(),
+                    balance_after: 30,
+                }]);
+        }
+    }
+
+    #[test]
+    fn only_an_applied_debit_is_refunded_and_only_once() {
+        for given in [
+            vec![opened(0)],
+            vec![
+                opened(0),
+                debit_declined(TransferDecline::InsufficientFunds),
+            ],
+        ] {
+            AccountTest::with(())
+                .given(given)
+                .when(refund(30))
+                .then_expect_error(AccountError::NothingToRefund {
+                    transfer_id: TRANSFER,
+                });
+        }
+        AccountTest::with(())
+            .given(vec![
+                opened(0),
+                deposited(30, 30),
+                debited(30, 0),
+                AccountEvent::TransferRefunded {
+                    transfer_id: TRANSFER,
+                    amount: amount(30),
+                    currency: eur(),
+                    balance_after: 30,
+                },
+            ])
+            .when(refund(30))
+            .then_expect_error(recorded(TransferStep::Refund, StepOutcome::Applied));
+    }
+
+    #[test]
+    fn another_tenant_or_a_missing_account_takes_no_step() {
+        for kind in [
+            TransferStep::Debit,
+            TransferStep::Credit,
+            TransferStep::Refund,
+        ] {
+            AccountTest::with(())
+                .given(vec![opened(0), deposited(50, 50)])
+                .when(step(kind, "globex", 1, eur()))
+                .then_expect_error(AccountError::NotFound);
+            AccountTest::with(())
+                .given_no_previous_events()
+                .when(step(kind, TENANT, 1, eur()))
+                .then_expect_error(AccountError::NotFound);
+        }
+    }
+
+    #[test]
+    fn folding_records_balances_and_outcomes() {
+        let mut account = Account::default();
+        for event in [opened(0), deposited(100, 100), debited(60, 40)] {
+            account.apply(event);
+        }
+        let state = account.state().unwrap();
+        assert_eq!(state.balance, 40);
+        assert_eq!(
+            state.step_outcome(TRANSFER, TransferStep::Debit),
+            Some(StepOutcome::Applied)
+        );
+        assert_eq!(state.step_outcome(TRANSFER, TransferStep::Credit), None);
+    }
+}
