@@ -5,7 +5,10 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use domain::{AccountCommand, Amount, Currency, OverdraftLimit, Owner};
+use domain::{
+    AccountCommand, Amount, Currency, OverdraftLimit, Owner, Reference, TransferCommand,
+    TransferError, TransferTerms,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
@@ -29,6 +32,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/freeze", post(freeze))
         .route("/v1/accounts/{id}/unfreeze", post(unfreeze))
         .route("/v1/accounts/{id}/close", post(close))
+        .route("/v1/transfers", post(request_transfer))
         .route("/health/live", get(service_kit::http::live))
         .route("/health/ready", get(ready))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
@@ -70,6 +74,32 @@ pub(crate) struct CommandAccepted {
     /// The account's stream version after the command: pass it as `If-Match` to build on it,
     /// or as `min_version` to the query API to read your write.
     version: u64,
+}
+
+/// Moves money between two accounts of the caller's tenant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TransferRequest {
+    from_account: Uuid,
+    to_account: Uuid,
+    /// Minor units, strictly positive.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 2500)]
+    amount: i64,
+    /// ISO 4217 code; both accounts must hold it.
+    #[schema(min_length = 3, max_length = 3, example = "EUR")]
+    currency: String,
+    /// Free text for both account holders, up to 140 characters.
+    #[serde(default)]
+    #[schema(max_length = 140, example = "November rent")]
+    reference: String,
+}
+
+/// A transfer taken on: the accounts are debited and credited asynchronously.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct TransferAccepted {
+    transfer_id: Uuid,
+    /// Where the query API reports the transfer's progress (`GET`, role `viewer`).
+    status_url: String,
 }
 
 /// Documents an account command handler: all share parameters, security and error kinds.
@@ -137,7 +167,7 @@ async fn open_account(
     let context = context(&principal, &headers, "POST /v1/accounts", &body);
     let committed = state
         .commands
-        .execute(&context, target, command, None)
+        .account(&context, target, command, None)
         .await?;
     Ok(accepted(StatusCode::CREATED, committed))
 }
@@ -233,6 +263,82 @@ async fn close(
     run(&state, &principal, &headers, id, command, &route, &()).await
 });
 
+#[utoipa::path(
+    post, path = "/v1/transfers", tag = "transfers",
+    summary = "Transfer money between two accounts of yours",
+    request_body = TransferRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id."),
+    ),
+    responses(
+        (status = 202, description = "Accepted: the process manager debits the source, then credits the destination (or refunds the source). Follow `status_url` on the query API.", body = TransferAccepted),
+        (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "An account does not exist for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid value, the same account twice, or a reused idempotency key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn request_transfer(
+    State(state): State<AppState>,
+    Teller(principal): Teller,
+    headers: CommandHeaders,
+    AppJson(body): AppJson<TransferRequest>,
+) -> Result<Response, ApiError> {
+    let terms = TransferTerms {
+        tenant: principal.tenant.clone(),
+        from: body.from_account,
+        to: body.to_account,
+        amount: Amount::parse(body.amount)?,
+        currency: Currency::parse(&body.currency)?,
+        reference: Reference::parse(&body.reference)?,
+    };
+    if terms.from == terms.to {
+        return Err(ApiError::TransferRule(TransferError::SameAccount));
+    }
+    // Another tenant's account is as absent as a missing one: nothing about it leaks.
+    for account in [terms.from, terms.to] {
+        if !state
+            .commands
+            .account_belongs_to(account, &principal.tenant)
+            .await?
+        {
+            return Err(ApiError::NotFound);
+        }
+    }
+    let context = context(&principal, &headers, "POST /v1/transfers", &body);
+    let committed = state
+        .commands
+        .transfer(
+            &context,
+            Target::New(Uuid::now_v7()),
+            TransferCommand::Request(terms),
+        )
+        .await?;
+    let status_url = format!("/v1/transfers/{}", committed.stream_id);
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(TransferAccepted {
+            transfer_id: committed.stream_id,
+            status_url: status_url.clone(),
+        }),
+    )
+        .into_response();
+    let response_headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&status_url) {
+        response_headers.insert(header::LOCATION, location);
+    }
+    if committed.replayed {
+        response_headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
 async fn run(
     state: &AppState,
     principal: &service_kit::auth::Principal,
@@ -245,7 +351,7 @@ async fn run(
     let context = context(principal, headers, route, body);
     let committed = state
         .commands
-        .execute(&context, Target::Existing(id), command, headers.if_match)
+        .account(&context, Target::Existing(id), command, headers.if_match)
         .await?;
     Ok(accepted(StatusCode::OK, committed))
 }
@@ -282,7 +388,7 @@ fn accepted(status: StatusCode, committed: Committed) -> Response {
     let mut response = (
         status,
         Json(CommandAccepted {
-            account_id: committed.account_id,
+            account_id: committed.stream_id,
             version: committed.version,
         }),
     )
@@ -293,7 +399,7 @@ fn accepted(status: StatusCode, committed: Committed) -> Response {
     }
     if status == StatusCode::CREATED
         && let Ok(location) =
-            HeaderValue::from_str(&format!("/v1/accounts/{}", committed.account_id))
+            HeaderValue::from_str(&format!("/v1/accounts/{}", committed.stream_id))
     {
         headers.insert(header::LOCATION, location);
     }
@@ -310,8 +416,11 @@ async fn ready(State(state): State<AppState>) -> Response {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ledger command API", description = "Open accounts and move money. Every change is an event in the ledger's event store."),
-    paths(open_account, deposit, withdraw, freeze, unfreeze, close),
-    components(schemas(OpenAccountRequest, MoneyRequest, CommandAccepted, ProblemDocument)),
+    paths(open_account, deposit, withdraw, freeze, unfreeze, close, request_transfer),
+    components(schemas(
+        OpenAccountRequest, MoneyRequest, CommandAccepted, TransferRequest, TransferAccepted,
+        ProblemDocument,
+    )),
     modifiers(&BearerAuth),
 )]
 pub(crate) struct ApiDoc;

@@ -1,18 +1,21 @@
-//! Running one account command: idempotency, optimistic concurrency and bounded retries around
-//! the aggregate's decision.
+//! Running one command on a stream (an account or a transfer): idempotency, optimistic
+//! concurrency and bounded retries around the aggregate's decision.
 
 use std::num::NonZeroUsize;
 
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
-use domain::{AccountCommand, AccountError};
+use domain::{
+    Account, AccountCommand, AccountError, StepOutcome, Transfer, TransferCommand, TransferError,
+    TransferStep,
+};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::relay::AppendSignal;
-use crate::store::{AccountStore, AppendError, Versioned};
+use crate::store::{AppendError, Store, Versioned, find_idempotency_key};
 
 /// Who asked for a command and why: becomes the metadata of every event it appends.
 #[derive(Debug, Clone)]
@@ -68,7 +71,7 @@ impl CommandContext {
 /// A command that took effect, now or (for an idempotent replay) earlier.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Committed {
-    pub(crate) account_id: Uuid,
+    pub(crate) stream_id: Uuid,
     /// The stream version after the command.
     pub(crate) version: u64,
     /// True when this is the stored outcome of an earlier request with the same key.
@@ -91,9 +94,83 @@ impl Target {
     }
 }
 
-/// Executes account commands against the event store.
+/// What running commands needs to know of an aggregate beyond cqrs-es's trait.
+pub(crate) trait Stream: Aggregate<Services = (), Command: Clone> + Default + Clone {
+    /// True if the stream exists and belongs to `tenant`.
+    fn belongs_to(&self, tenant: &str) -> bool;
+    /// True for the command that starts a stream.
+    fn starts(command: &Self::Command) -> bool;
+    fn tenant(command: &Self::Command) -> &str;
+    fn name(command: &Self::Command) -> &'static str;
+    /// The HTTP answer to a refused command.
+    fn refusal(error: Self::Error) -> ApiError;
+    /// The HTTP answer for a stream that does not exist for the caller's tenant.
+    fn not_found() -> ApiError;
+}
+
+impl Stream for Account {
+    fn belongs_to(&self, tenant: &str) -> bool {
+        Account::belongs_to(self, tenant)
+    }
+
+    fn starts(command: &AccountCommand) -> bool {
+        matches!(command, AccountCommand::Open { .. })
+    }
+
+    fn tenant(command: &AccountCommand) -> &str {
+        command.tenant()
+    }
+
+    fn name(command: &AccountCommand) -> &'static str {
+        command.name()
+    }
+
+    fn refusal(error: AccountError) -> ApiError {
+        match error {
+            AccountError::NotFound => ApiError::NotFound,
+            rule => ApiError::Rule(rule),
+        }
+    }
+
+    fn not_found() -> ApiError {
+        ApiError::NotFound
+    }
+}
+
+impl Stream for Transfer {
+    fn belongs_to(&self, tenant: &str) -> bool {
+        Transfer::belongs_to(self, tenant)
+    }
+
+    fn starts(command: &TransferCommand) -> bool {
+        matches!(command, TransferCommand::Request(_))
+    }
+
+    fn tenant(command: &TransferCommand) -> &str {
+        command.tenant()
+    }
+
+    fn name(command: &TransferCommand) -> &'static str {
+        command.name()
+    }
+
+    fn refusal(error: TransferError) -> ApiError {
+        match error {
+            TransferError::NotFound => ApiError::TransferNotFound,
+            rule => ApiError::TransferRule(rule),
+        }
+    }
+
+    fn not_found() -> ApiError {
+        ApiError::TransferNotFound
+    }
+}
+
+/// Executes commands against the event store.
 pub(crate) struct CommandService {
-    store: AccountStore,
+    pool: PgPool,
+    accounts: Store<Account>,
+    transfers: Store<Transfer>,
     conflict_retries: u32,
     /// Wakes the relay after each append.
     appended: AppendSignal,
@@ -107,20 +184,106 @@ impl CommandService {
         appended: AppendSignal,
     ) -> Self {
         Self {
-            store: AccountStore::new(pool, cache_capacity),
+            accounts: Store::new(pool.clone(), cache_capacity),
+            transfers: Store::new(pool.clone(), cache_capacity),
+            pool,
             conflict_retries,
             appended,
         }
     }
 
-    /// Runs `command` on `target`. With `expected_version` (from `If-Match`) the command only
-    /// applies to that version; without it, a lost race is retried on fresh state.
-    #[tracing::instrument(skip_all, fields(command = command.name(), account_id = %target.id()))]
-    pub(crate) async fn execute(
+    pub(crate) async fn account(
         &self,
         context: &CommandContext,
         target: Target,
         command: AccountCommand,
+        expected_version: Option<u64>,
+    ) -> Result<Committed, ApiError> {
+        self.execute(&self.accounts, context, target, command, expected_version)
+            .await
+    }
+
+    pub(crate) async fn transfer(
+        &self,
+        context: &CommandContext,
+        target: Target,
+        command: TransferCommand,
+    ) -> Result<Committed, ApiError> {
+        self.execute(&self.transfers, context, target, command, None)
+            .await
+    }
+
+    /// True if account `id` exists and belongs to `tenant`. An account never changes hands or
+    /// disappears, so a cached one that does is the answer without asking the database.
+    pub(crate) async fn account_belongs_to(
+        &self,
+        id: Uuid,
+        tenant: &str,
+    ) -> Result<bool, ApiError> {
+        {
+            let slot = self.accounts.lock(&id.to_string()).await;
+            if slot
+                .as_ref()
+                .is_some_and(|cached| cached.state.belongs_to(tenant))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(self
+            .latest(&self.accounts, id)
+            .await?
+            .state
+            .belongs_to(tenant))
+    }
+
+    /// What became of `step` of `transfer_id` on account `id`, if it happened.
+    pub(crate) async fn step_outcome(
+        &self,
+        id: Uuid,
+        transfer_id: Uuid,
+        step: TransferStep,
+    ) -> Result<Option<StepOutcome>, ApiError> {
+        let account = self.latest(&self.accounts, id).await?;
+        Ok(account
+            .state
+            .state()
+            .and_then(|open| open.step_outcome(transfer_id, step)))
+    }
+
+    /// The transfer's latest state.
+    pub(crate) async fn transfer_state(&self, id: Uuid) -> Result<Versioned<Transfer>, ApiError> {
+        self.latest(&self.transfers, id).await
+    }
+
+    /// A stream's state, brought up to date with the store (the cache may be behind another
+    /// replica's writes) and cached again.
+    async fn latest<A: Stream>(
+        &self,
+        store: &Store<A>,
+        id: Uuid,
+    ) -> Result<Versioned<A>, ApiError> {
+        let aggregate_id = id.to_string();
+        let mut slot = store.lock(&aggregate_id).await;
+        let state = match slot.take() {
+            Some(mut cached) => {
+                store.catch_up(&aggregate_id, &mut cached).await?;
+                cached
+            }
+            None => store.load(&aggregate_id).await?,
+        };
+        *slot = Some(state.clone());
+        Ok(state)
+    }
+
+    /// Runs `command` on `target`. With `expected_version` (from `If-Match`) the command only
+    /// applies to that version; without it, a lost race is retried on fresh state.
+    #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, command = A::name(&command), id = %target.id()))]
+    async fn execute<A: Stream>(
+        &self,
+        store: &Store<A>,
+        context: &CommandContext,
+        target: Target,
+        command: A::Command,
         expected_version: Option<u64>,
     ) -> Result<Committed, ApiError> {
         let aggregate_id = target.id().to_string();
@@ -130,18 +293,18 @@ impl CommandService {
             if let Some(replay) = self.replay(context).await? {
                 return Ok(replay);
             }
-            let mut slot = self.store.lock(&aggregate_id).await;
+            let mut slot = store.lock(&aggregate_id).await;
             let fresh = slot.is_none();
             let mut state = match slot.take() {
                 Some(cached) => cached,
                 None if matches!(target, Target::New(_)) => Versioned::default(),
-                None => self.store.load(&aggregate_id).await?,
+                None => store.load(&aggregate_id).await?,
             };
             let mut decision = decide(&state, &command, expected_version).await;
             if decision.is_err() && !fresh {
                 // A refusal may come from state another replica has since changed: only a
                 // refusal on the latest state is final.
-                self.store.catch_up(&aggregate_id, &mut state).await?;
+                store.catch_up(&aggregate_id, &mut state).await?;
                 decision = decide(&state, &command, expected_version).await;
             }
             let current_version = state.version;
@@ -152,8 +315,16 @@ impl CommandService {
                     return Err(err);
                 }
             };
-            match self
-                .store
+            if events.is_empty() {
+                // Nothing to record (a step already taken): no append, no new version.
+                *slot = Some(next);
+                return Ok(Committed {
+                    stream_id: target.id(),
+                    version: current_version,
+                    replayed: false,
+                });
+            }
+            match store
                 .append(&aggregate_id, current_version, &events, &metadata)
                 .await
             {
@@ -162,14 +333,14 @@ impl CommandService {
                     let version = next.version;
                     *slot = Some(next);
                     return Ok(Committed {
-                        account_id: target.id(),
+                        stream_id: target.id(),
                         version,
                         replayed: false,
                     });
                 }
                 Err(AppendError::StreamConflict) => {
                     tracing::debug!(attempt, "lost a race on the stream, retrying");
-                    self.store.catch_up(&aggregate_id, &mut state).await?;
+                    store.catch_up(&aggregate_id, &mut state).await?;
                     last_seen = Some(state.version);
                     *slot = Some(state);
                 }
@@ -190,23 +361,21 @@ impl CommandService {
         let Some(idempotency) = &context.idempotency else {
             return Ok(None);
         };
-        let Some(earlier) = self
-            .store
-            .find_idempotency_key(&context.tenant, &idempotency.key)
-            .await?
+        let Some(earlier) =
+            find_idempotency_key(&self.pool, &context.tenant, &idempotency.key).await?
         else {
             return Ok(None);
         };
         if earlier.request_hash.as_deref() != Some(idempotency.request_hash.as_str()) {
             return Err(ApiError::IdempotencyKeyReused);
         }
-        let account_id = earlier.aggregate_id.parse().map_err(|_| {
+        let stream_id = earlier.aggregate_id.parse().map_err(|_| {
             ApiError::Internal(anyhow::anyhow!(
                 "idempotent event has a non-uuid aggregate id"
             ))
         })?;
         Ok(Some(Committed {
-            account_id,
+            stream_id,
             version: earlier.sequence,
             replayed: true,
         }))
@@ -214,15 +383,14 @@ impl CommandService {
 }
 
 /// The aggregate's decision on `state`: the next state and the events that lead to it.
-async fn decide(
-    state: &Versioned,
-    command: &AccountCommand,
+async fn decide<A: Stream>(
+    state: &Versioned<A>,
+    command: &A::Command,
     expected_version: Option<u64>,
-) -> Result<(Versioned, Vec<domain::AccountEvent>), ApiError> {
-    let opening = matches!(command, AccountCommand::Open { .. });
-    if !opening && !state.account.belongs_to(command.tenant()) {
+) -> Result<(Versioned<A>, Vec<A::Event>), ApiError> {
+    if !A::starts(command) && !state.state.belongs_to(A::tenant(command)) {
         // Before the version check, so other tenants learn nothing, not even a version.
-        return Err(ApiError::NotFound);
+        return Err(A::not_found());
     }
     if let Some(expected) = expected_version
         && expected != state.version
@@ -233,13 +401,10 @@ async fn decide(
     }
     let mut next = state.clone();
     let sink = EventSink::default();
-    next.account
+    next.state
         .handle(command.clone(), &(), &sink)
         .await
-        .map_err(|err| match err {
-            AccountError::NotFound => ApiError::NotFound,
-            rule => ApiError::Rule(rule),
-        })?;
+        .map_err(A::refusal)?;
     let events = sink.collect().await;
     next.version += events.len() as u64;
     Ok((next, events))

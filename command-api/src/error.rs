@@ -2,7 +2,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use domain::{AccountError, ValueError};
+use domain::{AccountError, TransferError, ValueError};
 use service_kit::auth::AuthError;
 use service_kit::problem::Problem;
 
@@ -37,6 +37,10 @@ pub(crate) enum ApiError {
     Conflict { current_version: Option<u64> },
     #[error(transparent)]
     Rule(AccountError),
+    #[error("transfer not found")]
+    TransferNotFound,
+    #[error(transparent)]
+    TransferRule(TransferError),
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
     #[error("database unavailable: {0}")]
@@ -83,6 +87,8 @@ fn rule_slug(err: &AccountError) -> &'static str {
         AccountError::NotFrozen => "account-not-frozen",
         AccountError::Closed => "account-closed",
         AccountError::NonZeroBalance { .. } => "non-zero-balance",
+        AccountError::TransferStepRecorded { .. } => "transfer-step-recorded",
+        AccountError::NothingToRefund { .. } => "nothing-to-refund",
     }
 }
 
@@ -127,6 +133,7 @@ impl IntoResponse for ApiError {
                         ("unsupported-currency", "Unsupported currency")
                     }
                     ValueError::InvalidOwner => ("invalid-owner", "Invalid owner"),
+                    ValueError::InvalidReference => ("invalid-reference", "Invalid reference"),
                 };
                 Problem::new(S::UNPROCESSABLE_ENTITY, slug, title).detail(err.to_string())
             }
@@ -166,6 +173,20 @@ impl IntoResponse for ApiError {
                         .extension("requested", requested);
                 }
                 problem
+            }
+            Self::TransferNotFound => Problem::new(S::NOT_FOUND, "not-found", "Transfer not found")
+                .detail("No transfer with this id exists for your tenant."),
+            Self::TransferRule(TransferError::SameAccount) => Problem::new(
+                S::UNPROCESSABLE_ENTITY,
+                "same-account",
+                "Business rule violated",
+            )
+            .detail(TransferError::SameAccount.to_string()),
+            // Only the process manager records steps, and the accounts decide each step once:
+            // any other refusal of a transfer command is a bug, not the client's doing.
+            Self::TransferRule(err) => {
+                tracing::error!(error = %err, "transfer command refused");
+                Problem::internal()
             }
             Self::IdempotencyKeyReused => Problem::new(
                 S::UNPROCESSABLE_ENTITY,

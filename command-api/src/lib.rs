@@ -1,13 +1,14 @@
-//! The command API: validates requests into `Account` commands and appends their events to the
-//! event store.
+//! The command API: validates requests into `Account` and `Transfer` commands and appends their
+//! events to the event store.
 //!
 //! # Layout
 //! - [`config`]: settings, read once from the environment.
 //! - `api`: routes, request/response bodies, OpenAPI document.
 //! - `extract`: extractors whose rejections are problem+json.
 //! - `commands`: one command end to end (idempotency, If-Match, retries).
-//! - `store`: loading and appending account streams; the per-account lock and state cache.
+//! - `store`: loading and appending streams; the per-stream lock and state cache.
 //! - [`relay`]: publishing the event log to Kafka, in commit order, from one leader.
+//! - [`process`]: the transfer process manager (`command-api process-transfers`).
 //! - `error`: the one error type and its mapping to problem+json.
 //!
 //! [`Application::build`] starts exactly what production starts; tests call it with port 0.
@@ -28,6 +29,7 @@ mod commands;
 pub mod config;
 mod error;
 mod extract;
+pub mod process;
 pub mod relay;
 mod store;
 

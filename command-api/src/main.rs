@@ -1,12 +1,14 @@
+use command_api::process::{ProcessConfig, ProcessManager};
 use command_api::relay::{AppendSignal, Relay, RelayConfig};
 use command_api::{Application, Config};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat};
 
-const USAGE: &str = "usage: command-api [relay]
-  (no argument)  serve the command API (and the Kafka relay unless COMMAND_API_RELAY=false)
-  relay          run only the Kafka relay";
+const USAGE: &str = "usage: command-api [relay|process-transfers]
+  (no argument)      serve the command API (and the Kafka relay unless COMMAND_API_RELAY=false)
+  relay              run only the Kafka relay
+  process-transfers  run the transfer process manager";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,6 +22,12 @@ async fn main() -> anyhow::Result<()> {
             let pool = db::connect(&DatabaseConfig::from_env()?).await?;
             db::migrate(&pool).await?;
             Relay::new(RelayConfig::from_env()?, pool, AppendSignal::default())?
+                .run(shutdown_signal())
+                .await;
+        }
+        Some("process-transfers") => {
+            ProcessManager::build(ProcessConfig::from_env()?)
+                .await?
                 .run(shutdown_signal())
                 .await;
         }

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use cqrs_es::Aggregate;
-use domain::Account;
+use domain::{Account, Transfer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -169,6 +169,7 @@ impl Relay {
         let producer: FutureProducer = self.config.kafka.producer().create()?;
         let topics = vec![
             self.config.kafka.events_topic(Account::TYPE),
+            self.config.kafka.events_topic(Transfer::TYPE),
             self.config.kafka.deadletter_topic(),
         ];
         if let Err(err) = self.config.kafka.ensure_topics(&topics).await {

@@ -1,8 +1,9 @@
-//! The account event streams: loading, appending, and the in-memory state between commands.
+//! The event streams of one aggregate type (accounts, transfers): loading, appending, and the
+//! in-memory state between commands.
 //!
-//! Commands for one account are serialised in this process by a per-account async lock, and
+//! Commands for one stream are serialised in this process by a per-stream async lock, and
 //! the state each one leaves behind is kept (bounded, least recently used). A command on a
-//! cached account therefore costs one round trip: a single-statement INSERT. The cache is never
+//! cached stream therefore costs one round trip: a single-statement INSERT. The cache is never
 //! trusted for correctness: the insert names the next sequence number, so a stale state (another
 //! replica wrote meanwhile) fails on the primary key and the command is retried on fresh state.
 //!
@@ -15,30 +16,29 @@ use std::sync::{Arc, Mutex};
 
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
-use domain::{Account, AccountEvent};
 use lru::LruCache;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
-/// An account's state and the version (last sequence) it reflects.
+/// A stream's state and the version (last sequence) it reflects.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Versioned {
-    pub(crate) account: Account,
+pub(crate) struct Versioned<A> {
+    pub(crate) state: A,
     pub(crate) version: u64,
 }
 
-impl Versioned {
-    fn apply(&mut self, events: impl IntoIterator<Item = AccountEvent>) {
+impl<A: Aggregate> Versioned<A> {
+    pub(crate) fn apply(&mut self, events: impl IntoIterator<Item = A::Event>) {
         for event in events {
-            self.account.apply(event);
+            self.state.apply(event);
             self.version += 1;
         }
     }
 }
 
-/// The cached state of one account; `None` until loaded or after a failed append.
-pub(crate) type Slot = Option<Versioned>;
+/// The cached state of one stream; `None` until loaded or after a failed append.
+pub(crate) type Slot<A> = Option<Versioned<A>>;
 
 /// A stored event that carries an idempotency key.
 #[derive(Debug, Clone)]
@@ -83,14 +83,14 @@ SELECT aggregate_id, sequence, metadata ->> 'request_hash'
  ORDER BY sequence DESC
  LIMIT 1";
 
-/// The account streams of the event store.
-pub(crate) struct AccountStore {
+/// The streams of aggregate type `A` in the event store.
+pub(crate) struct Store<A: Aggregate> {
     pool: PgPool,
     repository: PostgresEventRepository,
-    cache: Mutex<LruCache<String, Arc<AsyncMutex<Slot>>>>,
+    cache: Mutex<LruCache<String, Arc<AsyncMutex<Slot<A>>>>>,
 }
 
-impl AccountStore {
+impl<A: Aggregate + Default> Store<A> {
     pub(crate) fn new(pool: PgPool, cache_capacity: NonZeroUsize) -> Self {
         Self {
             repository: PostgresEventRepository::new(pool.clone()),
@@ -99,8 +99,8 @@ impl AccountStore {
         }
     }
 
-    /// Locks the account's slot; commands on one account run one at a time in this process.
-    pub(crate) async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot> {
+    /// Locks the stream's slot; commands on one stream run one at a time in this process.
+    pub(crate) async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot<A>> {
         let slot = {
             let mut cache = self
                 .cache
@@ -112,10 +112,10 @@ impl AccountStore {
     }
 
     /// The whole stream, folded.
-    pub(crate) async fn load(&self, aggregate_id: &str) -> Result<Versioned, LoadError> {
-        let events = self.repository.get_events::<Account>(aggregate_id).await?;
+    pub(crate) async fn load(&self, aggregate_id: &str) -> Result<Versioned<A>, LoadError> {
+        let events = self.repository.get_events::<A>(aggregate_id).await?;
         let mut state = Versioned::default();
-        state.apply(deserialize(events)?);
+        state.apply(deserialize::<A>(events)?);
         Ok(state)
     }
 
@@ -123,13 +123,13 @@ impl AccountStore {
     pub(crate) async fn catch_up(
         &self,
         aggregate_id: &str,
-        state: &mut Versioned,
+        state: &mut Versioned<A>,
     ) -> Result<(), LoadError> {
         let events = self
             .repository
-            .get_last_events::<Account>(aggregate_id, state.version as usize)
+            .get_last_events::<A>(aggregate_id, state.version as usize)
             .await?;
-        state.apply(deserialize(events)?);
+        state.apply(deserialize::<A>(events)?);
         Ok(())
     }
 
@@ -138,7 +138,7 @@ impl AccountStore {
         &self,
         aggregate_id: &str,
         version: u64,
-        events: &[AccountEvent],
+        events: &[A::Event],
         metadata: &str,
     ) -> Result<(), AppendError> {
         let mut types = Vec::with_capacity(events.len());
@@ -153,7 +153,7 @@ impl AccountStore {
             );
         }
         let result = sqlx::query(APPEND)
-            .bind(Account::TYPE)
+            .bind(A::TYPE)
             .bind(aggregate_id)
             .bind(version as i64)
             .bind(metadata)
@@ -173,29 +173,31 @@ impl AccountStore {
             Err(err) => Err(err.into()),
         }
     }
-
-    /// The event that spent `key` for `tenant`, if any.
-    pub(crate) async fn find_idempotency_key(
-        &self,
-        tenant: &str,
-        key: &str,
-    ) -> Result<Option<KeyedEvent>, sqlx::Error> {
-        let row: Option<(String, i64, Option<String>)> = sqlx::query_as(FIND_IDEMPOTENCY_KEY)
-            .bind(tenant)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(
-            row.map(|(aggregate_id, sequence, request_hash)| KeyedEvent {
-                aggregate_id,
-                sequence: sequence as u64,
-                request_hash,
-            }),
-        )
-    }
 }
 
-fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<AccountEvent>, serde_json::Error> {
+/// The event that spent `key` for `tenant`, in any stream, if any.
+pub(crate) async fn find_idempotency_key(
+    pool: &PgPool,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<KeyedEvent>, sqlx::Error> {
+    let row: Option<(String, i64, Option<String>)> = sqlx::query_as(FIND_IDEMPOTENCY_KEY)
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    Ok(
+        row.map(|(aggregate_id, sequence, request_hash)| KeyedEvent {
+            aggregate_id,
+            sequence: sequence as u64,
+            request_hash,
+        }),
+    )
+}
+
+fn deserialize<A: Aggregate>(
+    events: Vec<SerializedEvent>,
+) -> Result<Vec<A::Event>, serde_json::Error> {
     events
         .into_iter()
         .map(|event| serde_json::from_value(event.payload))

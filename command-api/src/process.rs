@@ -1,0 +1,339 @@
+//! The transfer process manager: drives every transfer to completed, rejected or
+//! failed-and-refunded.
+//!
+//! It consumes the transfer topic, and for each message drives that transfer from its state in
+//! the event store (never from the message): ask the account the next step needs (debit the
+//! source, credit the destination, refund the source), record the account's answer on the
+//! transfer, repeat until the transfer is final. Every step can be repeated safely: an account
+//! takes each step of a transfer at most once and answers a repeat with the recorded outcome,
+//! and a transfer accepts an outcome it already holds without change. So re-delivered
+//! messages, a crash between two steps, or two managers on one transfer never move money twice.
+//! Offsets are committed once the batch's transfers were driven.
+//!
+//! Transfers can still stall (every manager was down, or a step kept failing); on start-up and
+//! then periodically the manager looks in the event store for transfers that made no progress
+//! for `stuck_after` and drives them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::{
+    AccountCommand, AccountError, NextStep, StepOutcome, Transfer, TransferCommand, TransferStatus,
+    TransferStep, TransferTerms,
+};
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use service_kit::config::{self, ConfigError};
+use service_kit::db::{self, DatabaseConfig};
+use service_kit::kafka::{self, KafkaConfig, headers};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use cqrs_es::Aggregate;
+
+use crate::StartError;
+use crate::commands::{CommandContext, CommandService, Target};
+use crate::error::ApiError;
+use crate::relay::AppendSignal;
+
+/// Messages taken per batch; their transfers are driven concurrently.
+const MAX_BATCH: usize = 200;
+/// The namespace of the process manager's deterministic command ids.
+const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d74_7261_6e73_6665_7273);
+
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    /// `PROCESS_MANAGER_GROUP` (default `ledger-process-manager`): the consumer group.
+    pub group: String,
+    /// `PROCESS_MANAGER_STUCK_AFTER_MS` (default 30000): a transfer with no progress for this
+    /// long is driven from the event store; also how often that is looked for.
+    pub stuck_after: Duration,
+    /// As the command API's `COMMAND_API_AGGREGATE_CACHE`.
+    pub aggregate_cache: std::num::NonZeroUsize,
+    /// As the command API's `COMMAND_API_CONFLICT_RETRIES`.
+    pub conflict_retries: u32,
+}
+
+impl ProcessConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            database: DatabaseConfig::from_env()?,
+            kafka: KafkaConfig::from_env()?,
+            group: config::optional("PROCESS_MANAGER_GROUP")
+                .unwrap_or_else(|| "ledger-process-manager".into()),
+            stuck_after: Duration::from_millis(config::parsed_or(
+                "PROCESS_MANAGER_STUCK_AFTER_MS",
+                30_000,
+            )?),
+            aggregate_cache: config::parsed_or(
+                "COMMAND_API_AGGREGATE_CACHE",
+                std::num::NonZeroUsize::new(100_000).unwrap_or(std::num::NonZeroUsize::MIN),
+            )?,
+            conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
+        })
+    }
+}
+
+pub struct ProcessManager {
+    pool: PgPool,
+    commands: CommandService,
+    consumer: StreamConsumer,
+    signal: AppendSignal,
+    stuck_after: Duration,
+}
+
+impl ProcessManager {
+    /// Connects to (and migrates) the database and joins the consumer group of the transfer
+    /// topic, creating it if needed.
+    pub async fn build(config: ProcessConfig) -> Result<Self, StartError> {
+        let pool = db::connect(&config.database).await?;
+        db::migrate(&pool).await?;
+        let topic = config.kafka.events_topic(Transfer::TYPE);
+        if let Err(err) = config
+            .kafka
+            .ensure_topics(std::slice::from_ref(&topic))
+            .await
+        {
+            tracing::warn!(error = %err, "could not ensure the transfer topic exists");
+        }
+        let consumer: StreamConsumer = config.kafka.consumer(&config.group).create()?;
+        consumer.subscribe(&[&topic])?;
+        let signal = AppendSignal::default();
+        Ok(Self {
+            commands: CommandService::new(
+                pool.clone(),
+                config.aggregate_cache,
+                config.conflict_retries,
+                signal.clone(),
+            ),
+            pool,
+            consumer,
+            signal,
+            stuck_after: config.stuck_after,
+        })
+    }
+
+    /// Runs until `shutdown` resolves; the batch in hand is finished first.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        tokio::pin!(shutdown);
+        let manager = Arc::new(self);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let forwarding = tokio::spawn(manager.signal.clone().forward(manager.pool.clone(), {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+            }
+        }));
+        let mut sweeps = tokio::time::interval(manager.stuck_after.max(Duration::from_secs(1)));
+        sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batches = manager.consumer.stream().ready_chunks(MAX_BATCH);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = sweeps.tick() => manager.sweep().await,
+                batch = batches.next() => match batch {
+                    Some(batch) => {
+                        let messages: Vec<BorrowedMessage<'_>> = batch
+                            .into_iter()
+                            .filter_map(|message| {
+                                message
+                                    .map_err(|err| tracing::warn!(error = %err, "kafka consumer error"))
+                                    .ok()
+                            })
+                            .collect();
+                        manager.handle(&messages).await;
+                    }
+                    None => break,
+                },
+            }
+        }
+        let _ = stop.send(true);
+        let _ = forwarding.await;
+        tracing::info!("process manager stopped");
+    }
+
+    /// Drives the transfers of a batch, then commits its offsets.
+    #[tracing::instrument(skip_all, fields(messages = messages.len()))]
+    async fn handle(&self, messages: &[BorrowedMessage<'_>]) {
+        let mut transfers: Vec<Uuid> = messages
+            .iter()
+            .filter_map(|message| {
+                let id = message
+                    .headers()
+                    .and_then(|headers| kafka::header(headers, headers::SUBJECT))
+                    .and_then(|subject| subject.parse().ok());
+                if id.is_none() {
+                    tracing::error!(
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "transfer message without a transfer id; skipped"
+                    );
+                }
+                id
+            })
+            .collect();
+        transfers.sort_unstable();
+        transfers.dedup();
+        self.drive_all(transfers).await;
+        for message in messages {
+            if let Err(err) = self.consumer.store_offset_from_message(message) {
+                tracing::warn!(error = %err, "storing offset failed");
+            }
+        }
+        if let Err(err) = self.consumer.commit_consumer_state(CommitMode::Async) {
+            tracing::warn!(error = %err, "committing offsets failed; they will be re-delivered");
+        }
+    }
+
+    /// Drives each transfer; retries those that failed because the database was unavailable
+    /// until they pass. Any other failure is logged and left to the sweep.
+    async fn drive_all(&self, mut transfers: Vec<Uuid>) {
+        let mut backoff = Duration::from_millis(100);
+        while !transfers.is_empty() {
+            let results =
+                futures::future::join_all(transfers.iter().map(|id| self.drive(*id))).await;
+            let mut retry = Vec::new();
+            for (id, result) in transfers.iter().zip(results) {
+                match result {
+                    Ok(status) => {
+                        tracing::debug!(transfer = %id, status = status.as_str(), "transfer driven")
+                    }
+                    Err(ApiError::Unavailable(err)) => {
+                        tracing::warn!(transfer = %id, error = %err, "database unavailable; retrying");
+                        retry.push(*id);
+                    }
+                    Err(err) => {
+                        tracing::error!(transfer = %id, error = %err, "driving a transfer failed; the sweep will retry it");
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            transfers = retry;
+        }
+    }
+
+    /// Takes the transfer's next steps until it is final, and returns that status.
+    #[tracing::instrument(skip(self))]
+    async fn drive(&self, id: Uuid) -> Result<TransferStatus, ApiError> {
+        loop {
+            let transfer = self.commands.transfer_state(id).await?;
+            let Some(requested) = transfer.state.state() else {
+                return Err(ApiError::TransferNotFound);
+            };
+            let NextStep::Ask { account, step } = transfer.state.next_step() else {
+                return Ok(requested.status);
+            };
+            let terms = requested.terms.clone();
+            let outcome = self.take_step(&terms, id, account, step).await?;
+            let tenant = terms.tenant.clone();
+            let record = match step {
+                TransferStep::Debit => TransferCommand::RecordDebit { tenant, outcome },
+                TransferStep::Credit => TransferCommand::RecordCredit { tenant, outcome },
+                TransferStep::Refund => TransferCommand::RecordRefund { tenant },
+            };
+            let context = step_context(&terms, id, &format!("record-{step:?}"));
+            self.commands
+                .transfer(&context, Target::Existing(id), record)
+                .await?;
+        }
+    }
+
+    /// Asks `account` for the transfer's `step` and returns its answer, the recorded one if
+    /// the step was already taken.
+    async fn take_step(
+        &self,
+        terms: &TransferTerms,
+        transfer_id: Uuid,
+        account: Uuid,
+        step: TransferStep,
+    ) -> Result<StepOutcome, ApiError> {
+        let (tenant, amount, currency) = (terms.tenant.clone(), terms.amount, terms.currency);
+        let command = match step {
+            TransferStep::Debit => AccountCommand::DebitForTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+            TransferStep::Credit => AccountCommand::CreditForTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+            TransferStep::Refund => AccountCommand::RefundTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+        };
+        let context = step_context(terms, transfer_id, &format!("{step:?}"));
+        match self
+            .commands
+            .account(&context, Target::Existing(account), command, None)
+            .await
+        {
+            Ok(_) => self
+                .commands
+                .step_outcome(account, transfer_id, step)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::Internal(anyhow::anyhow!(
+                        "account {account} took the {step:?} of transfer {transfer_id} but does not record it"
+                    ))
+                }),
+            Err(ApiError::Rule(AccountError::TransferStepRecorded { outcome, .. })) => Ok(outcome),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Drives every transfer that made no progress for `stuck_after`.
+    async fn sweep(&self) {
+        let stuck: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT aggregate_id FROM events
+              WHERE aggregate_type = $1
+              GROUP BY aggregate_id
+             HAVING bool_and(event_type NOT IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))
+                AND max(recorded_at) < now() - make_interval(secs => $2)",
+        )
+        .bind(Transfer::TYPE)
+        .bind(self.stuck_after.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await;
+        match stuck {
+            Ok(ids) if ids.is_empty() => {}
+            Ok(ids) => {
+                tracing::info!(transfers = ids.len(), "resuming stuck transfers");
+                let ids = ids.iter().filter_map(|id| id.parse().ok()).collect();
+                self.drive_all(ids).await;
+            }
+            Err(err) => tracing::warn!(error = %err, "looking for stuck transfers failed"),
+        }
+    }
+}
+
+/// Who the manager's commands come from. The request id is the command's deterministic id:
+/// the same for every repeat of a step, so a step's events name the command that took it.
+fn step_context(terms: &TransferTerms, transfer_id: Uuid, step: &str) -> CommandContext {
+    let command_id = Uuid::new_v5(
+        &COMMAND_NAMESPACE,
+        format!("{transfer_id}/{step}").as_bytes(),
+    );
+    CommandContext {
+        tenant: terms.tenant.clone(),
+        actor: "process-manager".into(),
+        request_id: command_id.to_string(),
+        correlation_id: transfer_id.to_string(),
+        traceparent: None,
+        idempotency: None,
+    }
+}
