@@ -1,4 +1,5 @@
-//! `projector check`: the read models compared with a fold of the event store, row by row.
+//! `projector check`: the read models (accounts, their entries, transfers) compared with a
+//! fold of the event store, row by row.
 //! Run it once the projector has caught up: a row that is merely behind shows as a difference.
 
 use std::collections::HashMap;
@@ -10,20 +11,23 @@ use uuid::Uuid;
 
 use crate::model::AccountRow;
 use crate::rebuild::{Fold, RebuildError};
+use crate::transfers;
 
 /// Events read per query.
 const BATCH: i64 = 20_000;
 
-/// One way an account's read model differs from its events.
+/// One way a row of a read model differs from its events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference {
-    pub account: Uuid,
+    /// The account or transfer.
+    pub id: Uuid,
     pub what: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct CheckReport {
     pub accounts: usize,
+    pub transfers: usize,
     pub events: u64,
     pub differences: Vec<Difference>,
     pub elapsed: Duration,
@@ -63,7 +67,7 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
         seen.insert(id, ());
         let Some(expected) = fold.rows.get(&id) else {
             differences.push(Difference {
-                account: id,
+                id,
                 what: "in the read model, but no such account in the event store".into(),
             });
             continue;
@@ -73,13 +77,15 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
     }
     for id in fold.rows.keys().filter(|id| !seen.contains_key(id)) {
         differences.push(Difference {
-            account: *id,
-            what: "in the event store, missing from the read model".into(),
+            id: *id,
+            what: "account in the event store, missing from the read model".into(),
         });
     }
-    differences.sort_by(|a, b| (a.account, &a.what).cmp(&(b.account, &b.what)));
+    let transfers = check_transfers(pool, &mut differences).await?;
+    differences.sort_by(|a, b| (a.id, &a.what).cmp(&(b.id, &b.what)));
     Ok(CheckReport {
         accounts: fold.rows.len(),
+        transfers,
         events: fold.events,
         differences,
         elapsed: started.elapsed(),
@@ -91,7 +97,7 @@ fn compare(expected: &AccountRow, entries: i64, row: &ReadRow, out: &mut Vec<Dif
     let mut differ = |field: &str, events: String, read_model: String| {
         if events != read_model {
             out.push(Difference {
-                account: *id,
+                id: *id,
                 what: format!("{field}: events say {events}, read model has {read_model}"),
             });
         }
@@ -108,4 +114,65 @@ fn compare(expected: &AccountRow, entries: i64, row: &ReadRow, out: &mut Vec<Dif
     differ("status", expected.status.clone(), status.clone());
     differ("version", expected.version.to_string(), version.to_string());
     differ("entries", entries.to_string(), entry_count.to_string());
+}
+
+type TransferReadRow = (Uuid, String, String, Option<String>, i64, i64);
+
+/// Compares every transfer row (status, reason, version, amount, tenant) with a fold of its
+/// stream; returns how many transfers the store holds.
+async fn check_transfers(
+    pool: &PgPool,
+    differences: &mut Vec<Difference>,
+) -> Result<usize, RebuildError> {
+    let mut connection = pool.acquire().await?;
+    let events = transfers::stored_events(&mut connection, None).await?;
+    let (expected, unreadable) = transfers::fold_all(&events);
+    for (id, reason) in unreadable {
+        differences.push(Difference {
+            id,
+            what: format!("transfer events cannot be folded: {reason}"),
+        });
+    }
+    let rows: Vec<TransferReadRow> =
+        sqlx::query_as("SELECT id, tenant, status, reason, version, amount FROM transfers")
+            .fetch_all(&mut *connection)
+            .await?;
+    let mut rows: HashMap<Uuid, TransferReadRow> =
+        rows.into_iter().map(|row| (row.0, row)).collect();
+    for transfer in &expected {
+        let Some((id, tenant, status, reason, version, amount)) = rows.remove(&transfer.id) else {
+            differences.push(Difference {
+                id: transfer.id,
+                what: "transfer in the event store, missing from the read model".into(),
+            });
+            continue;
+        };
+        let ours = (
+            tenant.as_str(),
+            status.as_str(),
+            reason.as_deref(),
+            version,
+            amount,
+        );
+        let theirs = (
+            transfer.tenant.as_str(),
+            transfer.status.as_str(),
+            transfer.reason.as_deref(),
+            transfer.version,
+            transfer.amount,
+        );
+        if ours != theirs {
+            differences.push(Difference {
+                id,
+                what: format!("transfer: events say {theirs:?}, read model has {ours:?}"),
+            });
+        }
+    }
+    for id in rows.keys() {
+        differences.push(Difference {
+            id: *id,
+            what: "transfer in the read model, but not in the event store".into(),
+        });
+    }
+    Ok(expected.len())
 }

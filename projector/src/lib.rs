@@ -1,4 +1,5 @@
-//! The projector: turns the account events on Kafka into the read models the query API serves.
+//! The projector: turns the account and transfer events on Kafka into the read models the query
+//! API serves.
 //!
 //! # Layout
 //! - [`model`]: the read-model rows and how one event changes them.
@@ -6,6 +7,7 @@
 //! - `projection` (here): the consumer loop.
 //! - [`rebuild`]: replaying the event store into fresh tables and swapping them in.
 //! - [`check`]: comparing the read models with a fold of the event store.
+//! - [`transfers`]: the `transfers` read model, refolded from the event store per message.
 //!
 //! Guarantees: offsets are committed only after the read-model transaction committed; each row
 //! records the last stream version applied, so a re-delivered event is skipped and a gap (an
@@ -18,7 +20,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
-use domain::{Account, AccountEvent};
+use domain::{Account, AccountEvent, Transfer};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -36,6 +38,7 @@ pub mod check;
 pub mod model;
 pub mod rebuild;
 pub mod store;
+pub mod transfers;
 
 /// Messages applied in one read-model transaction, at most.
 const MAX_BATCH: usize = 1000;
@@ -79,7 +82,7 @@ pub struct Projector {
     pool: PgPool,
     consumer: StreamConsumer,
     dead_letters: FutureProducer,
-    topic: String,
+    transfer_topic: String,
     deadletter_topic: String,
 }
 
@@ -89,19 +92,24 @@ impl Projector {
     pub async fn build(config: Config) -> Result<Self, ProjectorError> {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
-        let topic = config.kafka.events_topic(Account::TYPE);
+        let account_topic = config.kafka.events_topic(Account::TYPE);
+        let transfer_topic = config.kafka.events_topic(Transfer::TYPE);
         let deadletter_topic = config.kafka.deadletter_topic();
         config
             .kafka
-            .ensure_topics(&[topic.clone(), deadletter_topic.clone()])
+            .ensure_topics(&[
+                account_topic.clone(),
+                transfer_topic.clone(),
+                deadletter_topic.clone(),
+            ])
             .await?;
         let consumer: StreamConsumer = config.kafka.consumer(&config.group).create()?;
-        consumer.subscribe(&[&topic])?;
+        consumer.subscribe(&[&account_topic, &transfer_topic])?;
         Ok(Self {
             pool,
             consumer,
             dead_letters: config.kafka.producer().create()?,
-            topic,
+            transfer_topic,
             deadletter_topic,
         })
     }
@@ -136,7 +144,19 @@ impl Projector {
     async fn handle(&self, messages: &[BorrowedMessage<'_>]) {
         let mut events = Vec::with_capacity(messages.len());
         let mut rejected = Vec::new();
+        let mut transfers: Vec<(i32, i64, Uuid)> = Vec::new();
         for message in messages {
+            if message.topic() == self.transfer_topic {
+                match transfer_id(message) {
+                    Ok(id) => transfers.push((message.partition(), message.offset(), id)),
+                    Err(reason) => rejected.push(Rejected {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        reason,
+                    }),
+                }
+                continue;
+            }
             match decode(message) {
                 Ok(event) => events.push((message.partition(), message.offset(), event)),
                 Err(reason) => rejected.push(Rejected {
@@ -158,6 +178,9 @@ impl Projector {
             }
         };
         rejected.extend(refused);
+        if !transfers.is_empty() {
+            rejected.extend(self.project_transfers(&transfers).await);
+        }
         for rejection in &rejected {
             if let Some(message) = messages
                 .iter()
@@ -231,6 +254,48 @@ impl Projector {
         Ok(refused)
     }
 
+    /// Refolds the transfers the messages name; retries database failures until they pass.
+    /// Returns the messages of transfers whose streams cannot be folded.
+    async fn project_transfers(&self, messages: &[(i32, i64, Uuid)]) -> Vec<Rejected> {
+        let mut ids: Vec<Uuid> = messages.iter().map(|(_, _, id)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut backoff = Duration::from_millis(100);
+        let unreadable = loop {
+            let projected = async {
+                let mut tx = self.pool.begin().await?;
+                let unreadable = transfers::project(&mut tx, &ids).await?;
+                sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(db::channels::READ_MODELS_CHANGED)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(unreadable)
+            };
+            match projected.await {
+                Ok(unreadable) => break unreadable,
+                Err(err) => {
+                    tracing::error!(error = %err, retry_in_ms = backoff.as_millis() as u64, "projecting transfers failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        messages
+            .iter()
+            .filter_map(|(partition, offset, id)| {
+                unreadable
+                    .iter()
+                    .find(|(bad, _)| bad == id)
+                    .map(|(_, reason)| Rejected {
+                        partition: *partition,
+                        offset: *offset,
+                        reason: reason.clone(),
+                    })
+            })
+            .collect()
+    }
+
     /// `event` is ahead of `row`: applies the missing versions and `event` itself from the
     /// event store, which has them all.
     async fn heal(
@@ -276,7 +341,7 @@ impl Projector {
         let offset = message.offset().to_string();
         for (key, value) in [
             (headers::ERROR, reason),
-            (headers::ORIGINAL_TOPIC, self.topic.as_str()),
+            (headers::ORIGINAL_TOPIC, message.topic()),
             (headers::ORIGINAL_PARTITION, partition.as_str()),
             (headers::ORIGINAL_OFFSET, offset.as_str()),
         ] {
@@ -305,6 +370,16 @@ impl Projector {
             }
         }
     }
+}
+
+/// The transfer a message of the transfer topic is about, or why it names none.
+fn transfer_id(message: &BorrowedMessage<'_>) -> Result<Uuid, String> {
+    let received = kafka::decode(Transfer::TYPE, message.headers(), message.payload())
+        .map_err(|err| err.to_string())?;
+    received
+        .aggregate_id
+        .parse()
+        .map_err(|_| "ce_subject is not a transfer id".to_owned())
 }
 
 /// The account event a message carries, or why it is not one.

@@ -37,12 +37,13 @@ async fn main() -> anyhow::Result<ExitCode> {
             let report = check::check(&pool).await?;
             let mut out = std::io::stdout().lock();
             for difference in &report.differences {
-                writeln!(out, "{}: {}", difference.account, difference.what)?;
+                writeln!(out, "{}: {}", difference.id, difference.what)?;
             }
             writeln!(
                 out,
-                "accounts: {}, events: {}, differences: {}, time taken: {:.2} s",
+                "accounts: {}, transfers: {}, events: {}, differences: {}, time taken: {:.2} s",
                 report.accounts,
+                report.transfers,
                 report.events,
                 report.differences.len(),
                 report.elapsed.as_secs_f64()

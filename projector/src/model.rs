@@ -33,6 +33,8 @@ pub struct EntryRow {
     pub balance_after: i64,
     pub event_id: Uuid,
     pub recorded_at: DateTime<Utc>,
+    /// The transfer behind the movement, if any.
+    pub transfer_id: Option<Uuid>,
 }
 
 /// One event of an account stream, as the projection needs it.
@@ -113,20 +115,22 @@ pub fn apply(
             got: event.tenant.clone(),
         });
     }
-    let mut movement = |kind, amount: i64, balance_after: i64, currency: String| {
-        account.balance = balance_after;
-        entries.push(EntryRow {
-            account_id: event.account_id,
-            version: event.sequence,
-            tenant: account.tenant.clone(),
-            kind,
-            amount,
-            currency,
-            balance_after,
-            event_id: event.event_id,
-            recorded_at: at,
-        });
-    };
+    let mut movement =
+        |kind, amount: i64, balance_after: i64, currency: String, transfer_id: Option<Uuid>| {
+            account.balance = balance_after;
+            entries.push(EntryRow {
+                account_id: event.account_id,
+                version: event.sequence,
+                tenant: account.tenant.clone(),
+                kind,
+                amount,
+                currency,
+                balance_after,
+                event_id: event.event_id,
+                recorded_at: at,
+                transfer_id,
+            });
+        };
     match &event.event {
         AccountEvent::AccountOpened { .. } => {}
         AccountEvent::MoneyDeposited {
@@ -138,6 +142,7 @@ pub fn apply(
             amount.minor_units(),
             *balance_after,
             currency.to_string(),
+            None,
         ),
         AccountEvent::MoneyWithdrawn {
             amount,
@@ -148,7 +153,47 @@ pub fn apply(
             amount.minor_units(),
             *balance_after,
             currency.to_string(),
+            None,
         ),
+        AccountEvent::TransferDebited {
+            transfer_id,
+            amount,
+            currency,
+            balance_after,
+        } => movement(
+            "transfer_debit",
+            amount.minor_units(),
+            *balance_after,
+            currency.to_string(),
+            Some(*transfer_id),
+        ),
+        AccountEvent::TransferCredited {
+            transfer_id,
+            amount,
+            currency,
+            balance_after,
+        } => movement(
+            "transfer_credit",
+            amount.minor_units(),
+            *balance_after,
+            currency.to_string(),
+            Some(*transfer_id),
+        ),
+        AccountEvent::TransferRefunded {
+            transfer_id,
+            amount,
+            currency,
+            balance_after,
+        } => movement(
+            "transfer_refund",
+            amount.minor_units(),
+            *balance_after,
+            currency.to_string(),
+            Some(*transfer_id),
+        ),
+        // A declined step moves no money; the version still advances.
+        AccountEvent::TransferDebitDeclined { .. }
+        | AccountEvent::TransferCreditDeclined { .. } => {}
         AccountEvent::AccountFrozen => account.status = "frozen".into(),
         AccountEvent::AccountUnfrozen => account.status = "active".into(),
         AccountEvent::AccountClosed => account.status = "closed".into(),

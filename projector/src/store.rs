@@ -110,9 +110,9 @@ pub async fn save(
     }
     if !entries.is_empty() {
         sqlx::query(&format!(
-            "INSERT INTO {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at)
+            "INSERT INTO {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id)
              SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[],
-                                  $7::int8[], $8::uuid[], $9::timestamptz[])
+                                  $7::int8[], $8::uuid[], $9::timestamptz[], $10::uuid[])
              ON CONFLICT (account_id, version) DO NOTHING",
             tables.entries
         ))
@@ -125,6 +125,7 @@ pub async fn save(
         .bind(entries.iter().map(|e| e.balance_after).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.event_id).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.transfer_id).collect::<Vec<_>>())
         .execute(&mut *connection)
         .await?;
     }
@@ -133,7 +134,7 @@ pub async fn save(
 
 /// Writes `entries` with `COPY`, several times faster than INSERT for the bulk of a rebuild.
 /// Every field is a UUID, a number, a timestamp or a short validated token (tenant, kind,
-/// currency), so no value needs COPY escaping.
+/// currency), so no value needs COPY escaping; `\N` is COPY's NULL.
 pub async fn copy_entries(
     connection: &mut PgConnection,
     tables: Tables,
@@ -147,7 +148,7 @@ pub async fn copy_entries(
     for e in entries {
         let _ = writeln!(
             data,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             e.account_id,
             e.version,
             e.tenant,
@@ -157,12 +158,14 @@ pub async fn copy_entries(
             e.balance_after,
             e.event_id,
             e.recorded_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            e.transfer_id
+                .map_or_else(|| "\\N".to_owned(), |id| id.to_string())
         );
     }
     let mut copy = connection
         .copy_in_raw(&format!(
-            "COPY {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at) FROM STDIN",
+            "COPY {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id) FROM STDIN",
             tables.entries
         ))
         .await?;

@@ -33,6 +33,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}", get(get_account))
         .route("/v1/accounts/{id}/entries", get(list_entries))
         .merge(crate::audit::router())
+        .merge(crate::transfers::router())
         .route("/health/live", get(service_kit::http::live))
         .route("/health/ready", get(ready))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
@@ -40,7 +41,7 @@ pub(crate) fn router(state: AppState) -> Router {
 }
 
 /// An authenticated caller allowed to read: role `viewer` or `teller`.
-pub(crate) struct Reader(Principal);
+pub(crate) struct Reader(pub(crate) Principal);
 
 impl FromRequestParts<AppState> for Reader {
     type Rejection = AuthError;
@@ -106,13 +107,15 @@ pub(crate) struct AccountView {
 pub(crate) struct EntryView {
     /// The stream version of the event that moved the money.
     version: i64,
-    /// `deposit` or `withdrawal`.
+    /// `deposit`, `withdrawal`, `transfer_debit`, `transfer_credit` or `transfer_refund`.
     kind: String,
     amount: i64,
     currency: String,
     balance_after: i64,
     event_id: Uuid,
     recorded_at: DateTime<Utc>,
+    /// The transfer behind the movement, if any.
+    transfer_id: Option<Uuid>,
 }
 
 /// A page of results; pass `next_cursor` as `cursor` for the next one.
@@ -180,7 +183,7 @@ fn account_view(row: AccountTuple) -> AccountView {
 const ACCOUNT_COLUMNS: &str =
     "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
 
-async fn find_account(
+pub(crate) async fn find_account(
     state: &AppState,
     tenant: &str,
     id: Uuid,
@@ -238,7 +241,9 @@ fn encode_cursor(key: &str) -> String {
     hex::encode(key)
 }
 
-fn decode_cursor<T: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<T>, QueryError> {
+pub(crate) fn decode_cursor<T: std::str::FromStr>(
+    cursor: Option<&str>,
+) -> Result<Option<T>, QueryError> {
     cursor
         .map(|cursor| {
             hex::decode(cursor)
@@ -363,9 +368,18 @@ async fn list_entries(
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
     account_at(&state, &principal.tenant, id, params.min_version).await?;
-    type EntryTuple = (i64, String, i64, String, i64, Uuid, DateTime<Utc>);
+    type EntryTuple = (
+        i64,
+        String,
+        i64,
+        String,
+        i64,
+        Uuid,
+        DateTime<Utc>,
+        Option<Uuid>,
+    );
     let rows: Vec<EntryTuple> = sqlx::query_as(
-        "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at
+        "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id
            FROM account_entries
           WHERE account_id = $1 AND tenant = $2 AND ($3::int8 IS NULL OR version > $3)
           ORDER BY version
@@ -387,13 +401,14 @@ async fn list_entries(
             balance_after: r.4,
             event_id: r.5,
             recorded_at: r.6,
+            transfer_id: r.7,
         })
         .collect();
     Ok(Json(page(entries, limit, |e| e.version.to_string())))
 }
 
 /// The first `limit` of `items` (fetched with one extra, to know whether more follow).
-fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
+pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
     let more = items.len() as i64 > limit;
     items.truncate(limit as usize);
     let next_cursor = more
@@ -408,14 +423,16 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Ledger query API", description = "Read models of the ledger (accounts and their money movements) and, for auditors, the event history itself."),
+    info(title = "Ledger query API", description = "Read models of the ledger (accounts, their money movements, transfers) and, for auditors, the event history itself."),
     paths(
         get_account, list_accounts, list_entries,
+        crate::transfers::get_transfer, crate::transfers::account_transfers,
         crate::audit::stream_events, crate::audit::account_state, crate::audit::tenant_log,
         crate::audit::verify_account,
     ),
     components(schemas(
         AccountView, EntryView, Page<AccountView>, Page<EntryView>, ProblemDocument,
+        crate::transfers::TransferView, Page<crate::transfers::TransferView>,
         crate::audit::AuditEventView, crate::audit::EventPage, crate::audit::LogPage,
         crate::audit::AccountStateView, crate::audit::VerificationView, crate::audit::BreakView,
     )),

@@ -13,6 +13,8 @@ pub(crate) enum QueryError {
     InvalidQuery(String),
     #[error("account not found")]
     NotFound,
+    #[error("transfer not found")]
+    TransferNotFound,
     #[error("no state at that point: {0}")]
     NoStateAt(String),
     #[error("read model has not reached version {wanted} yet")]
@@ -43,6 +45,10 @@ impl IntoResponse for QueryError {
             }
             Self::NotFound => Problem::new(StatusCode::NOT_FOUND, "not-found", "Account not found")
                 .detail("No account with this id exists for your tenant."),
+            Self::TransferNotFound => {
+                Problem::new(StatusCode::NOT_FOUND, "not-found", "Transfer not found")
+                    .detail("No transfer with this id exists for your tenant.")
+            }
             Self::NoStateAt(detail) => Problem::new(
                 StatusCode::NOT_FOUND,
                 "no-state-at",

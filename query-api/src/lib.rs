@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: settings, read once from the environment.
 //! - `api`: routes, response bodies, OpenAPI document.
+//! - `transfers`: transfers and an account's transfers.
 //! - `audit`: the auditors' routes, which read the event store itself, never a read model.
 //! - `error`: the one error type and its mapping to problem+json.
 //!
@@ -25,6 +26,7 @@ mod api;
 mod audit;
 pub mod config;
 mod error;
+mod transfers;
 
 pub use config::Config;
 

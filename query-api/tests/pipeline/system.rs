@@ -278,7 +278,7 @@ impl System {
         report
             .differences
             .into_iter()
-            .map(|difference| format!("{}: {}", difference.account, difference.what))
+            .map(|difference| format!("{}: {}", difference.id, difference.what))
             .collect()
     }
 

@@ -1,0 +1,180 @@
+//! Transfers as the projector last saw them, and an account's transfers (either side).
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use service_kit::problem::ProblemDocument;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::api::{AccountId, Page, Params, Reader, decode_cursor, find_account, limit, page};
+use crate::error::QueryError;
+
+const DEFAULT_LIMIT: i64 = 50;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/transfers/{id}", get(get_transfer))
+        .route("/v1/accounts/{id}/transfers", get(account_transfers))
+}
+
+/// `{id}` of a transfer: anything but a UUID names none.
+pub(crate) struct TransferId(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for TransferId {
+    type Rejection = QueryError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| QueryError::TransferNotFound)?;
+        raw.parse()
+            .map(TransferId)
+            .map_err(|_| QueryError::TransferNotFound)
+    }
+}
+
+/// A transfer and how far it got.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct TransferView {
+    id: Uuid,
+    from_account: Uuid,
+    to_account: Uuid,
+    /// Minor units.
+    amount: i64,
+    currency: String,
+    reference: String,
+    /// `requested`, `debited` (in flight), `completed`, `rejected` (the source declined:
+    /// nothing moved), `refunding` (the destination declined) or `failed` (refunded: nothing
+    /// moved in the end).
+    status: String,
+    /// Why it was rejected or failed: `insufficient_funds`, `currency_mismatch`, `frozen`,
+    /// `closed` or `balance_limit_exceeded`.
+    reason: Option<String>,
+    /// The last transfer stream version applied to this view.
+    version: i64,
+    requested_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+type TransferTuple = (
+    Uuid,
+    Uuid,
+    Uuid,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, currency, reference, status, reason, version, requested_at, updated_at";
+
+fn transfer_view(row: TransferTuple) -> TransferView {
+    TransferView {
+        id: row.0,
+        from_account: row.1,
+        to_account: row.2,
+        amount: row.3,
+        currency: row.4,
+        reference: row.5,
+        status: row.6,
+        reason: row.7,
+        version: row.8,
+        requested_at: row.9,
+        updated_at: row.10,
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AccountTransfersParams {
+    /// 1 to 500, default 50.
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/transfers/{id}", tag = "transfers",
+    params(("id" = Uuid, Path, description = "Transfer id")),
+    responses(
+        (status = 200, description = "The transfer", body = TransferView),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such transfer for this tenant (yet: it appears once projected)", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_transfer(
+    State(state): State<AppState>,
+    Reader(principal): Reader,
+    TransferId(id): TransferId,
+) -> Result<Json<TransferView>, QueryError> {
+    let row: Option<TransferTuple> = sqlx::query_as(&format!(
+        "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1 AND tenant = $2"
+    ))
+    .bind(id)
+    .bind(&principal.tenant)
+    .fetch_optional(&state.pool)
+    .await?;
+    row.map(transfer_view)
+        .map(Json)
+        .ok_or(QueryError::TransferNotFound)
+}
+
+#[utoipa::path(
+    get, path = "/v1/accounts/{id}/transfers", tag = "transfers",
+    params(("id" = Uuid, Path, description = "Account id"), AccountTransfersParams),
+    responses(
+        (status = 200, description = "A page of the transfers from or to the account, oldest first", body = Page<TransferView>),
+        (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn account_transfers(
+    State(state): State<AppState>,
+    Reader(principal): Reader,
+    AccountId(account): AccountId,
+    Params(params): Params<AccountTransfersParams>,
+) -> Result<Json<Page<TransferView>>, QueryError> {
+    let limit = limit(params.limit, DEFAULT_LIMIT)?;
+    let after: Option<Uuid> = decode_cursor(params.cursor.as_deref())?;
+    find_account(&state, &principal.tenant, account)
+        .await?
+        .ok_or(QueryError::NotFound)?;
+    // Two index range scans, merged: either side of the transfer.
+    let rows: Vec<TransferTuple> = sqlx::query_as(&format!(
+        "SELECT {TRANSFER_COLUMNS} FROM (
+             (SELECT {TRANSFER_COLUMNS} FROM transfers
+               WHERE tenant = $1 AND from_account = $2 AND ($3::uuid IS NULL OR id > $3)
+               ORDER BY id LIMIT $4)
+             UNION ALL
+             (SELECT {TRANSFER_COLUMNS} FROM transfers
+               WHERE tenant = $1 AND to_account = $2 AND ($3::uuid IS NULL OR id > $3)
+               ORDER BY id LIMIT $4)
+         ) AS either ORDER BY id LIMIT $4"
+    ))
+    .bind(&principal.tenant)
+    .bind(account)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(
+        rows.into_iter().map(transfer_view).collect(),
+        limit,
+        |transfer| transfer.id.to_string(),
+    )))
+}
