@@ -136,7 +136,8 @@ impl<'r> sqlx::FromRow<'r, PgRow> for LoggedEvent {
 /// stops after `LIMIT` rows: the horizon is applied to that ordered prefix (rows at or past it
 /// all come after the rows before it), not inside the scan, where its unknown selectivity made
 /// the planner sort everything after the position (240 ms per batch half-way through a million
-/// events, against under 1 ms). `$filter` narrows the inner scan (to one tenant, whose index
+/// events, against under 1 ms). The outer `ORDER BY` names `next.tx_id`: a bare `tx_id` would
+/// be the text output column, and sort 10000 before 9999. `$filter` narrows the inner scan (to one tenant, whose index
 /// has the same order after the tenant).
 macro_rules! read_committed_sql {
     ($filter:literal) => {
@@ -153,7 +154,7 @@ macro_rules! read_committed_sql {
                       ORDER BY tx_id, global_position
                       LIMIT $3) AS next
               WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
-              ORDER BY tx_id, global_position"
+              ORDER BY next.tx_id, next.global_position"
         )
     };
 }

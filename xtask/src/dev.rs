@@ -134,6 +134,10 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             .context("starting command-api")?,
         service("projector").spawn().context("starting projector")?,
         service("query-api").spawn().context("starting query-api")?,
+        service("command-api")
+            .arg("process-transfers")
+            .spawn()
+            .context("starting the transfer process manager")?,
     ];
     let commands = format!("http://{command_addr}");
     let queries = format!("http://{query_addr}");
@@ -148,10 +152,12 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     println!(
         "\nLedger is running.\n\n  command API   {commands}   (OpenAPI {commands}/openapi.json, Swagger UI {commands}/docs)\n  \
          query API     {queries}   (OpenAPI {queries}/openapi.json, Swagger UI {queries}/docs)\n  \
-         Kafka         {brokers}   (topics ledger.account.events, ledger.deadletter)\n  Postgres      {}\n\n\
+         Kafka         {brokers}   (topics ledger.account.events, ledger.transfer.events, ledger.deadletter)\n  Postgres      {}\n\n\
          Dev token (tenant `dev`, all roles, valid 24 h):\n\n  export TOKEN={token}\n\n\
          Try:\n  curl -s -X POST {commands}/v1/accounts -H \"Authorization: Bearer $TOKEN\" \\\n    -H 'Content-Type: application/json' -d '{{\"owner\":\"Ada\",\"currency\":\"EUR\"}}'\n  \
-         curl -s {queries}/v1/accounts -H \"Authorization: Bearer $TOKEN\"\n\n\
+         curl -s {queries}/v1/accounts -H \"Authorization: Bearer $TOKEN\"\n  \
+         curl -s -X POST {commands}/v1/transfers -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"from_account\":\"<id>\",\"to_account\":\"<id>\",\"amount\":500,\"currency\":\"EUR\"}}'\n\n\
          More tokens: cargo xtask token --tenant T --role teller\nPress ctrl-c to stop.\n",
         redact(&database.url)
     );

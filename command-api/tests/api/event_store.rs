@@ -1,7 +1,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use service_kit::hash_chain::{BreakReason, ChainBreak, ChainedEvent, StoredEvent, verify_stream};
-use service_kit::testing;
+use service_kit::{event_log, testing};
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
@@ -165,4 +165,30 @@ async fn a_writer_cannot_forge_the_hash_or_skip_a_version() {
         .unwrap();
     // The trigger replaced the forged hash with the real one.
     assert_eq!(verify(&app, account).await, None);
+}
+
+/// Transaction ids are compared as numbers, never as text: 100 comes after 99. (Read as text,
+/// a batch that crossed a power of ten came out of commit order.)
+#[tokio::test]
+async fn the_log_reads_in_commit_order_across_a_power_of_ten() {
+    let app = TestApp::spawn().await;
+    for (tx_id, stream) in [(99, "a"), (100, "b"), (98, "c"), (1000, "d")] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, tx_id)
+             VALUES ('probe', $1, 1, 'Probed', '1', '{}', '{}', $2::text::xid8)",
+        )
+        .bind(stream)
+        .bind(tx_id.to_string())
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let events = event_log::read_committed(&app.pool, event_log::LogPosition::START, 10)
+        .await
+        .unwrap();
+    let order: Vec<(u64, &str)> = events
+        .iter()
+        .map(|e| (e.position.tx_id, e.aggregate_id.as_str()))
+        .collect();
+    assert_eq!(order, [(98, "c"), (99, "a"), (100, "b"), (1000, "d")]);
 }

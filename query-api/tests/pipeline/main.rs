@@ -8,3 +8,4 @@ mod loop_;
 mod queries;
 mod rebuild;
 mod system;
+mod transfers;

@@ -5,6 +5,7 @@ use std::num::NonZeroUsize;
 use std::sync::Once;
 use std::time::Duration;
 
+use command_api::process::{ProcessConfig, ProcessManager};
 use command_api::relay::{AppendSignal, Relay, RelayConfig};
 use projector::Projector;
 use reqwest::StatusCode;
@@ -53,6 +54,7 @@ pub(crate) struct System {
     pub(crate) client: reqwest::Client,
     relay: Option<JoinHandle<()>>,
     projector: Option<JoinHandle<()>>,
+    process_manager: Option<JoinHandle<()>>,
 }
 
 impl System {
@@ -110,10 +112,35 @@ impl System {
                 .unwrap(),
             relay: None,
             projector: None,
+            process_manager: None,
         };
         system.start_relay().await;
         system.start_projector().await;
+        system.start_process_manager().await;
         system
+    }
+
+    /// The transfer process manager, resuming transfers stuck for more than two seconds.
+    pub(crate) async fn start_process_manager(&mut self) {
+        let manager = ProcessManager::build(ProcessConfig {
+            database: self.database.config.clone(),
+            kafka: self.kafka.clone(),
+            group: format!("{}-process-manager", self.kafka.topic_prefix),
+            stuck_after: Duration::from_secs(2),
+            aggregate_cache: NonZeroUsize::new(1000).unwrap(),
+            conflict_retries: 5,
+        })
+        .await
+        .unwrap();
+        self.process_manager = Some(tokio::spawn(manager.run(std::future::pending())));
+    }
+
+    /// Kills the process manager mid-stream, as a crash would.
+    pub(crate) async fn kill_process_manager(&mut self) {
+        if let Some(manager) = self.process_manager.take() {
+            manager.abort();
+            let _ = manager.await;
+        }
     }
 
     pub(crate) async fn start_relay(&mut self) {

@@ -1,0 +1,488 @@
+//! Transfers end to end: the command API takes them, the process manager drives them through
+//! the accounts, the projector shows them. Every path, then conservation under chaos.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::system::{System, TENANT, token};
+
+fn problem(body: &Value) -> &str {
+    body["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
+        .unwrap_or_default()
+}
+
+/// Opens an account in `currency` holding `balance`.
+async fn funded(system: &System, currency: &str, balance: i64) -> Uuid {
+    let (status, body) = system
+        .command(
+            "/v1/accounts",
+            Some(json!({"owner": "Ada", "currency": currency})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id: Uuid = body["account_id"].as_str().unwrap().parse().unwrap();
+    if balance > 0 {
+        let (status, body) = system
+            .command(
+                &format!("/v1/accounts/{id}/deposits"),
+                Some(json!({"amount": balance, "currency": currency})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    id
+}
+
+async fn transfer(system: &System, from: Uuid, to: Uuid, amount: i64, currency: &str) -> Uuid {
+    let (status, body) = system
+        .command(
+            "/v1/transfers",
+            Some(
+                json!({"from_account": from, "to_account": to, "amount": amount,
+                        "currency": currency, "reference": "test"}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        body["status_url"],
+        format!("/v1/transfers/{}", body["transfer_id"].as_str().unwrap())
+    );
+    body["transfer_id"].as_str().unwrap().parse().unwrap()
+}
+
+/// The transfer as the query API shows it once final.
+async fn settled(system: &System, id: Uuid) -> Value {
+    for _ in 0..300 {
+        let (status, _, body) = system
+            .query(&format!("/v1/transfers/{id}"), &system.viewer())
+            .await;
+        if status == StatusCode::OK
+            && matches!(
+                body["status"].as_str(),
+                Some("completed" | "rejected" | "failed")
+            )
+        {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("transfer {id} did not settle");
+}
+
+async fn balance(system: &System, account: Uuid) -> i64 {
+    let (status, _, body) = system
+        .query(&format!("/v1/accounts/{account}"), &system.viewer())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["balance"].as_i64().unwrap()
+}
+
+async fn post(system: &System, path: &str) {
+    let (status, body) = system.command(path, None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {body}");
+}
+
+#[tokio::test]
+async fn every_path_ends_completed_rejected_or_refunded() {
+    let system = System::start().await;
+    let rich = funded(&system, "EUR", 1000).await;
+    let payee = funded(&system, "EUR", 0).await;
+    let frozen = funded(&system, "EUR", 500).await;
+    post(&system, &format!("/v1/accounts/{frozen}/freeze")).await;
+    let closed = funded(&system, "EUR", 0).await;
+    post(&system, &format!("/v1/accounts/{closed}/close")).await;
+    let dollars = funded(&system, "USD", 500).await;
+    let frozen_payee = funded(&system, "EUR", 0).await;
+    post(&system, &format!("/v1/accounts/{frozen_payee}/freeze")).await;
+
+    let cases = [
+        (rich, payee, 300, "EUR", "completed", None),
+        (
+            rich,
+            payee,
+            10_000,
+            "EUR",
+            "rejected",
+            Some("insufficient_funds"),
+        ),
+        (frozen, payee, 10, "EUR", "rejected", Some("frozen")),
+        (closed, payee, 10, "EUR", "rejected", Some("closed")),
+        (
+            dollars,
+            payee,
+            10,
+            "EUR",
+            "rejected",
+            Some("currency_mismatch"),
+        ),
+        (
+            dollars,
+            payee,
+            10,
+            "USD",
+            "failed",
+            Some("currency_mismatch"),
+        ),
+        (rich, frozen_payee, 100, "EUR", "failed", Some("frozen")),
+        (rich, closed, 100, "EUR", "failed", Some("closed")),
+    ];
+    let mut transfers = Vec::new();
+    for (from, to, amount, currency, _, _) in cases {
+        transfers.push(transfer(&system, from, to, amount, currency).await);
+    }
+    for (id, (from, to, amount, _, status, reason)) in transfers.iter().zip(cases) {
+        let view = settled(&system, *id).await;
+        assert_eq!(view["status"], status, "{view}");
+        assert_eq!(view["reason"].as_str(), reason, "{view}");
+        assert_eq!(
+            (
+                view["from_account"].as_str(),
+                view["to_account"].as_str(),
+                view["amount"].as_i64()
+            ),
+            (
+                Some(from.to_string().as_str()),
+                Some(to.to_string().as_str()),
+                Some(amount)
+            ),
+        );
+    }
+    system.converged(Duration::from_secs(30)).await;
+    // Only the first transfer moved money; the failed ones were refunded.
+    assert_eq!(balance(&system, rich).await, 700);
+    assert_eq!(balance(&system, payee).await, 300);
+    assert_eq!(balance(&system, dollars).await, 500);
+    assert_eq!(balance(&system, frozen_payee).await, 0);
+
+    // The source's statement shows the debit, and the refunds of the failed transfers.
+    let (_, _, entries) = system
+        .query(&format!("/v1/accounts/{rich}/entries"), &system.viewer())
+        .await;
+    let kinds: Vec<(&str, Option<&str>)> = entries["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["transfer_id"].as_str()))
+        .collect();
+    let id = |i: usize| Some(transfers[i].to_string());
+    assert_eq!(kinds.len(), 6, "{entries}");
+    assert_eq!(kinds[0].0, "deposit");
+    for (kind, transfer) in &kinds[1..] {
+        assert!(
+            matches!(*kind, "transfer_debit" | "transfer_refund"),
+            "{kind}"
+        );
+        assert!([id(0), id(6), id(7)].contains(&transfer.map(str::to_owned)));
+    }
+    let (_, _, listed) = system
+        .query(
+            &format!("/v1/accounts/{payee}/transfers?limit=3"),
+            &system.viewer(),
+        )
+        .await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 3);
+    assert!(listed["next_cursor"].is_string());
+}
+
+#[tokio::test]
+async fn bad_transfers_are_refused_up_front_and_retries_are_idempotent() {
+    let system = System::start().await;
+    let from = funded(&system, "EUR", 100).await;
+    let to = funded(&system, "EUR", 0).await;
+    let request = |from: Uuid, to: Uuid| json!({"from_account": from, "to_account": to, "amount": 10, "currency": "EUR"});
+
+    let (status, body) = system
+        .command("/v1/transfers", Some(request(from, from)), &[])
+        .await;
+    assert_eq!(
+        (status, problem(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "same-account")
+    );
+
+    // Another tenant's account is as absent as a missing one, on either side.
+    let theirs: Uuid = {
+        let reply: Value = system
+            .client
+            .post(format!("{}/v1/accounts", system.commands))
+            .bearer_auth(token("globex", &["teller"]))
+            .json(&json!({"owner": "Grace", "currency": "EUR"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        reply["account_id"].as_str().unwrap().parse().unwrap()
+    };
+    for (a, b) in [(from, theirs), (theirs, to), (from, Uuid::new_v4())] {
+        let (status, body) = system
+            .command("/v1/transfers", Some(request(a, b)), &[])
+            .await;
+        assert_eq!(
+            (status, problem(&body)),
+            (StatusCode::NOT_FOUND, "not-found"),
+            "{body}"
+        );
+    }
+    for (body, expected) in [
+        (
+            json!({"from_account": from, "to_account": to, "amount": 0, "currency": "EUR"}),
+            "amount-out-of-range",
+        ),
+        (
+            json!({"from_account": from, "to_account": to, "amount": 1, "currency": "XXX"}),
+            "unsupported-currency",
+        ),
+        (
+            json!({"from_account": from, "to_account": to, "amount": 1, "currency": "EUR", "reference": "x".repeat(141)}),
+            "invalid-reference",
+        ),
+    ] {
+        let (status, reply) = system.command("/v1/transfers", Some(body), &[]).await;
+        assert_eq!(
+            (status, problem(&reply)),
+            (StatusCode::UNPROCESSABLE_ENTITY, expected)
+        );
+    }
+    let (status, body) = system
+        .command(
+            "/v1/transfers",
+            Some(json!({"from_account": "nope", "to_account": to, "amount": 1, "currency": "EUR"})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let requested: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'transfer'")
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    assert_eq!(requested, 0, "a refused request appends nothing");
+
+    // The same key and body: one transfer, the same answer.
+    let key = [("Idempotency-Key", "transfer-1")];
+    let (first_status, first) = system
+        .command("/v1/transfers", Some(request(from, to)), &key)
+        .await;
+    let (again_status, again) = system
+        .command("/v1/transfers", Some(request(from, to)), &key)
+        .await;
+    assert_eq!(
+        (first_status, again_status),
+        (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+    );
+    assert_eq!(first["transfer_id"], again["transfer_id"]);
+    let (status, body) = system
+        .command(
+            "/v1/transfers",
+            Some(json!({"from_account": from, "to_account": to, "amount": 11, "currency": "EUR"})),
+            &key,
+        )
+        .await;
+    assert_eq!(
+        (status, problem(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused")
+    );
+    let id: Uuid = first["transfer_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(settled(&system, id).await["status"], "completed");
+    let requested: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'transfer' AND event_type = 'TransferRequested'",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(requested, 1);
+
+    // Another tenant cannot see it.
+    let (status, _, _) = system
+        .query(
+            &format!("/v1/transfers/{id}"),
+            &token("globex", &["viewer"]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = system
+        .query(
+            &format!("/v1/accounts/{from}/transfers"),
+            &token("globex", &["viewer"]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let _ = TENANT;
+}
+
+#[tokio::test]
+async fn money_is_conserved_while_every_process_is_killed_and_restarted() {
+    const ACCOUNTS: usize = 100;
+    const TRANSFERS: usize = 5000;
+    const CLIENTS: usize = 8;
+    const INITIAL: i64 = 10_000;
+    let mut system = System::start().await;
+    let mut accounts = Vec::with_capacity(ACCOUNTS);
+    for _ in 0..ACCOUNTS {
+        accounts.push(funded(&system, "EUR", INITIAL).await);
+    }
+    // A few accounts frozen along the way exercise rejections and refunds.
+    let frozen: Vec<Uuid> = accounts.iter().step_by(25).copied().collect();
+
+    let load = {
+        let base = system.commands.clone();
+        let client = system.client.clone();
+        let accounts = accounts.clone();
+        tokio::spawn(async move {
+            let teller = token(TENANT, &["teller"]);
+            let per_client = TRANSFERS / CLIENTS;
+            let clients = (0..CLIENTS).map(|client_no| {
+                let (base, client, accounts, teller) =
+                    (base.clone(), client.clone(), accounts.clone(), teller.clone());
+                async move {
+                    // A deterministic spread of pairs and amounts.
+                    let mut seed = client_no as u64 * 7919 + 1;
+                    let mut next = |below: u64| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        (seed >> 33) % below
+                    };
+                    let mut accepted = 0;
+                    for _ in 0..per_client {
+                        let from = accounts[next(ACCOUNTS as u64) as usize];
+                        let mut to = accounts[next(ACCOUNTS as u64) as usize];
+                        if to == from {
+                            to = accounts[(accounts.iter().position(|a| *a == from).unwrap() + 1) % ACCOUNTS];
+                        }
+                        let amount = 1 + next(3000) as i64;
+                        let response = client
+                            .post(format!("{base}/v1/transfers"))
+                            .bearer_auth(&teller)
+                            .json(&json!({"from_account": from, "to_account": to, "amount": amount, "currency": "EUR"}))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), StatusCode::ACCEPTED);
+                        accepted += 1;
+                    }
+                    accepted
+                }
+            });
+            futures::future::join_all(clients)
+                .await
+                .into_iter()
+                .sum::<usize>()
+        })
+    };
+
+    // Chaos: every background process is killed mid-stream and restarted, several times.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        system.kill_process_manager().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        system.kill_relay().await;
+        if round == 1 {
+            for account in &frozen {
+                post(&system, &format!("/v1/accounts/{account}/freeze")).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        system.kill_projector().await;
+        system.start_process_manager().await;
+        system.start_relay().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        system.start_projector().await;
+    }
+    assert_eq!(load.await.unwrap(), TRANSFERS);
+
+    // Every transfer ends completed, rejected, or failed and refunded.
+    let mut unsettled = i64::MAX;
+    for _ in 0..1200 {
+        unsettled = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                 SELECT aggregate_id FROM events WHERE aggregate_type = 'transfer'
+                  GROUP BY aggregate_id
+                 HAVING bool_and(event_type NOT IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))
+             ) AS open",
+        )
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+        if unsettled == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(unsettled, 0, "transfers still in flight");
+    let outcomes: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT event_type, count(*) FROM events
+          WHERE aggregate_type = 'transfer'
+            AND event_type IN ('TransferRequested', 'TransferCompleted', 'TransferRejected', 'TransferFailed', 'SourceRefunded')
+          GROUP BY event_type",
+    )
+    .fetch_all(&system.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let count = |name: &str| outcomes.get(name).copied().unwrap_or(0);
+    assert_eq!(count("TransferRequested"), TRANSFERS as i64);
+    assert_eq!(
+        count("TransferCompleted") + count("TransferRejected") + count("TransferFailed"),
+        TRANSFERS as i64
+    );
+    assert_eq!(count("SourceRefunded"), count("TransferFailed"));
+    assert!(
+        count("TransferCompleted") > 0 && count("TransferRejected") > 0,
+        "{outcomes:?}"
+    );
+
+    // No step was taken twice on any account.
+    let repeated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT aggregate_id, event_type, (payload::jsonb -> event_type ->> 'transfer_id') AS transfer
+               FROM events
+              WHERE aggregate_type = 'account' AND event_type LIKE 'Transfer%'
+              GROUP BY 1, 2, 3 HAVING count(*) > 1
+         ) AS twice",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(repeated, 0);
+
+    // Money is conserved and no balance ever went below zero (no overdrafts here).
+    let (total, lowest): (i64, i64) = sqlx::query_as(
+        "SELECT sum(last)::int8, min(lowest)::int8 FROM (
+             SELECT (array_agg((payload::jsonb -> event_type ->> 'balance_after')::int8 ORDER BY sequence DESC))[1] AS last,
+                    min((payload::jsonb -> event_type ->> 'balance_after')::int8) AS lowest
+               FROM events
+              WHERE aggregate_type = 'account' AND payload::jsonb -> event_type ? 'balance_after'
+              GROUP BY aggregate_id
+         ) AS balances",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(total, ACCOUNTS as i64 * INITIAL);
+    assert!(lowest >= 0, "a balance went to {lowest}");
+
+    // The read models equal a fold of the event store.
+    system.converged(Duration::from_secs(120)).await;
+    let (status, _, page) = system
+        .query("/v1/accounts?limit=500", &system.viewer())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let projected: i64 = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|account| account["balance"].as_i64().unwrap())
+        .sum();
+    assert_eq!(projected, ACCOUNTS as i64 * INITIAL);
+}
