@@ -236,23 +236,38 @@ impl CommandService {
             .belongs_to(tenant))
     }
 
-    /// What became of `step` of `transfer_id` on account `id`, if it happened.
+    /// What became of `step` of `transfer_id` on account `id`, as far as this process knows:
+    /// after it took the step itself, that is the step's outcome.
     pub(crate) async fn step_outcome(
         &self,
         id: Uuid,
         transfer_id: Uuid,
         step: TransferStep,
     ) -> Result<Option<StepOutcome>, ApiError> {
-        let account = self.latest(&self.accounts, id).await?;
+        let account = self.known(&self.accounts, id).await?;
         Ok(account
             .state
             .state()
             .and_then(|open| open.step_outcome(transfer_id, step)))
     }
 
-    /// The transfer's latest state.
+    /// The transfer as far as this process knows. It may be behind another process's writes:
+    /// acting on it then repeats a step, which the accounts and the transfer answer without
+    /// change, so it costs work, never correctness, and saves a query per step.
     pub(crate) async fn transfer_state(&self, id: Uuid) -> Result<Versioned<Transfer>, ApiError> {
-        self.latest(&self.transfers, id).await
+        self.known(&self.transfers, id).await
+    }
+
+    /// A stream's cached state, or its state loaded from the store if none is cached.
+    async fn known<A: Stream>(&self, store: &Store<A>, id: Uuid) -> Result<Versioned<A>, ApiError> {
+        let aggregate_id = id.to_string();
+        let mut slot = store.lock(&aggregate_id).await;
+        if let Some(cached) = slot.as_ref() {
+            return Ok(cached.clone());
+        }
+        let state = store.load(&aggregate_id).await?;
+        *slot = Some(state.clone());
+        Ok(state)
     }
 
     /// A stream's state, brought up to date with the store (the cache may be behind another

@@ -68,7 +68,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         Some("commands") => commands(&args[1..]).await,
         Some("pipeline") => crate::pipeline_bench::run(&args[1..]).await,
         Some("audit") => crate::audit_bench::run(&args[1..]).await,
-        _ => bail!("usage: cargo xtask bench commands|pipeline|audit [flags]"),
+        Some("transfers") => crate::transfer_bench::run(&args[1..]).await,
+        _ => bail!("usage: cargo xtask bench commands|pipeline|audit|transfers [flags]"),
     }
 }
 

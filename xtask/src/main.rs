@@ -4,7 +4,8 @@
 //! - `dev`: `up`, `migrate`, `token`: run the system locally.
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `broker`: installing and starting the development Kafka-protocol broker.
-//! - `bench`, `pipeline_bench`, `audit_bench`: benchmarks that write `BENCHMARKS.md`.
+//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`: benchmarks that write
+//!   `BENCHMARKS.md`.
 
 #![allow(clippy::print_stdout)]
 
@@ -17,6 +18,7 @@ mod broker;
 mod dev;
 mod pipeline_bench;
 mod test;
+mod transfer_bench;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -32,6 +34,8 @@ commands:
                          relay, projector, rebuild throughput and end-to-end latency
   bench audit [--events N]
                          verify, replay, export, check throughput; audit query latency
+  bench transfers [--seconds S] [--clients C] [--rate R]
+                         transfers end to end through the process manager, beside deposits
 ";
 
 #[tokio::main]

@@ -1,0 +1,400 @@
+//! `cargo xtask bench transfers`: transfers end to end (request → completed, rejected or
+//! refunded) through the real processes: the command API with its relay, the process manager
+//! and the projector as release builds, a broker, Postgres. Beside them, in the same run,
+//! deposits through the same command API: a transfer is two account steps and three transfer
+//! appends driven through Kafka, a deposit one append. Writes its section of `BENCHMARKS.md`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use service_kit::auth::{Secret, TokenRequest, mint_hs256};
+use service_kit::db::{self, DatabaseConfig};
+use sqlx::PgPool;
+use tokio::process::Command;
+use uuid::Uuid;
+
+use crate::args::Flags;
+use crate::bench::{free_port, machine, percentile_ms, reset_database, wait_ready, write_section};
+use crate::broker;
+use crate::dev::{stop, workspace_root};
+
+const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
+const ACCOUNTS: usize = 100;
+const INITIAL_BALANCE: i64 = 1_000_000_000;
+
+pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
+    let flags = Flags::parse(args, &["seconds", "clients", "rate"])?;
+    let seconds: u64 = flags.one("seconds").unwrap_or("10").parse()?;
+    let clients: usize = flags.one("clients").unwrap_or("16").parse()?;
+    let rate: u64 = flags.one("rate").unwrap_or("100").parse()?;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_bench_transfers".into());
+    let database = DatabaseConfig::with_url(&url);
+    reset_database(&database).await?;
+    let pool = db::connect(&database).await?;
+    let broker = broker::start(broker::Storage::Memory).await?;
+
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "command-api", "-p", "projector"])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let port = free_port()?;
+    let service = |name: &str| {
+        let mut command = Command::new(workspace_root().join("target/release").join(name));
+        command
+            .env("DATABASE_URL", &database.url)
+            .env("JWT_HS256_SECRET", SECRET)
+            .env("KAFKA_BROKERS", &broker.address)
+            .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    };
+    let mut children = vec![
+        service("command-api")
+            .spawn()
+            .context("starting command-api")?,
+        service("command-api")
+            .arg("process-transfers")
+            .spawn()
+            .context("starting the process manager")?,
+        service("projector").spawn().context("starting projector")?,
+    ];
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&base).await?;
+    let token = mint_hs256(
+        &Secret::new(SECRET.into()),
+        "ledger",
+        "ledger",
+        &TokenRequest {
+            subject: "bench",
+            tenant: "bench",
+            roles: &["teller"],
+            ttl_seconds: 3600,
+        },
+    )?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let load = Load {
+        client,
+        base,
+        token,
+    };
+    let accounts = load.accounts().await?;
+
+    println!("deposits, {clients} clients, {seconds} s...");
+    let deposits = load.closed_loop(&accounts, clients, seconds, false).await;
+    // The steady rate first, on a quiet system; the saturating run leaves a backlog behind.
+    println!("transfers at {rate}/s for {seconds} s...");
+    let steady = load.fixed_rate(&accounts, rate, seconds).await;
+    let steady_ends = settled(&pool, &steady.sent).await?;
+    println!("transfers, {clients} clients, {seconds} s...");
+    let saturated = load.closed_loop(&accounts, clients, seconds, true).await;
+    let saturated_ends = settled(&pool, &saturated.sent).await?;
+    let outcomes = outcomes(&pool).await?;
+    for child in &mut children {
+        stop(child).await;
+    }
+    drop(broker);
+
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## Transfers: end to end through the process manager\n"
+    )?;
+    writeln!(
+        out,
+        "{}; broker nisshi 0.8.1 (memory storage) on the same machine. `cargo xtask bench transfers \
+         --seconds {seconds} --clients {clients} --rate {rate}`: command-api (with its relay), \
+         `command-api process-transfers` and the projector as release processes; {ACCOUNTS} accounts \
+         funded well enough that every transfer completes. Closed-loop clients send as fast as they are \
+         answered; \"end to end\" is from sending the request to the transfer's final event being \
+         recorded (its `recorded_at` in the event store, same clock). A transfer is five appends in \
+         four statements (request; debit; debited; credit; credited + completed) and two trips through \
+         Kafka; a deposit is one append.\n",
+        machine().await
+    )?;
+    writeln!(
+        out,
+        "| workload | requests/s | completed/s | request p50 / p99 ms | end to end p50 / p99 ms |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    let mut request = deposits.latencies.clone();
+    request.sort_unstable();
+    writeln!(
+        out,
+        "| deposits, {clients} clients (baseline) | {:.0} | {:.0} | {:.2} / {:.2} | - |",
+        deposits.sent.len() as f64 / deposits.elapsed.as_secs_f64(),
+        deposits.sent.len() as f64 / deposits.elapsed.as_secs_f64(),
+        percentile_ms(&request, 0.50),
+        percentile_ms(&request, 0.99),
+    )?;
+    for (name, run, ends) in [
+        (format!("transfers at {rate}/s"), &steady, &steady_ends),
+        (
+            format!("transfers, {clients} clients"),
+            &saturated,
+            &saturated_ends,
+        ),
+    ] {
+        let mut request = run.latencies.clone();
+        request.sort_unstable();
+        let mut end_to_end: Vec<u32> = run
+            .sent
+            .iter()
+            .filter_map(|(id, sent)| {
+                let end = ends.get(id)?;
+                Some((*end - *sent).num_microseconds()?.max(0) as u32)
+            })
+            .collect();
+        end_to_end.sort_unstable();
+        let first = run
+            .sent
+            .iter()
+            .map(|(_, at)| *at)
+            .min()
+            .context("no transfers")?;
+        let last = ends
+            .values()
+            .max()
+            .copied()
+            .context("no transfer settled")?;
+        let span = (last - first).to_std().unwrap_or_default().as_secs_f64();
+        writeln!(
+            out,
+            "| {name} | {:.0} | {:.0} | {:.2} / {:.2} | {:.1} / {:.1} |",
+            run.sent.len() as f64 / run.elapsed.as_secs_f64(),
+            ends.len() as f64 / span.max(1e-9),
+            percentile_ms(&request, 0.50),
+            percentile_ms(&request, 0.99),
+            percentile_ms(&end_to_end, 0.50),
+            percentile_ms(&end_to_end, 0.99),
+        )?;
+    }
+    writeln!(
+        out,
+        "\nOutcomes: {} completed, {} rejected, {} failed; transfer requests refused: {}.",
+        outcomes.get("TransferCompleted").unwrap_or(&0),
+        outcomes.get("TransferRejected").unwrap_or(&0),
+        outcomes.get("TransferFailed").unwrap_or(&0),
+        saturated.failed + steady.failed,
+    )?;
+    println!("{out}");
+    write_section("transfers", &out)?;
+    println!("written to BENCHMARKS.md");
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Load {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// What a load run sent: each transfer (or deposit) id with the moment it was sent, the
+/// request latencies in microseconds, refused requests, and how long the run took.
+struct Run {
+    sent: Vec<(Uuid, DateTime<Utc>)>,
+    latencies: Vec<u32>,
+    failed: usize,
+    elapsed: Duration,
+}
+
+impl Load {
+    async fn accounts(&self) -> anyhow::Result<Vec<Uuid>> {
+        let mut accounts = Vec::with_capacity(ACCOUNTS);
+        for _ in 0..ACCOUNTS {
+            let reply: serde_json::Value = self
+                .client
+                .post(format!("{}/v1/accounts", self.base))
+                .bearer_auth(&self.token)
+                .json(&json!({"owner": "Bench", "currency": "EUR"}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let id: Uuid = reply["account_id"]
+                .as_str()
+                .context("account_id")?
+                .parse()?;
+            self.client
+                .post(format!("{}/v1/accounts/{id}/deposits", self.base))
+                .bearer_auth(&self.token)
+                .json(&json!({"amount": INITIAL_BALANCE, "currency": "EUR"}))
+                .send()
+                .await?
+                .error_for_status()?;
+            accounts.push(id);
+        }
+        Ok(accounts)
+    }
+
+    /// One request: a transfer between two accounts picked by `n`, or a deposit into one.
+    async fn send(&self, accounts: &[Uuid], n: usize, transfer: bool) -> Option<Uuid> {
+        let from = accounts[n % accounts.len()];
+        let to = accounts[(n * 7 + 1) % accounts.len()];
+        let request = if transfer && from != to {
+            self.client
+                .post(format!("{}/v1/transfers", self.base))
+                .json(&json!({"from_account": from, "to_account": to, "amount": 1, "currency": "EUR"}))
+        } else {
+            self.client
+                .post(format!("{}/v1/accounts/{from}/deposits", self.base))
+                .json(&json!({"amount": 1, "currency": "EUR"}))
+        };
+        let reply: serde_json::Value = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        reply["transfer_id"]
+            .as_str()
+            .or(reply["account_id"].as_str())?
+            .parse()
+            .ok()
+    }
+
+    async fn closed_loop(
+        &self,
+        accounts: &[Uuid],
+        clients: usize,
+        seconds: u64,
+        transfer: bool,
+    ) -> Run {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(seconds);
+        let workers = (0..clients).map(|worker| async move {
+            let mut sent = Vec::new();
+            let mut latencies = Vec::new();
+            let mut failed = 0;
+            let mut n = worker;
+            while Instant::now() < deadline {
+                let at = Utc::now();
+                let began = Instant::now();
+                match self.send(accounts, n, transfer).await {
+                    Some(id) => {
+                        latencies.push(began.elapsed().as_micros() as u32);
+                        sent.push((id, at));
+                    }
+                    None => failed += 1,
+                }
+                n += clients;
+            }
+            (sent, latencies, failed)
+        });
+        let mut run = Run {
+            sent: Vec::new(),
+            latencies: Vec::new(),
+            failed: 0,
+            elapsed: Duration::ZERO,
+        };
+        for (sent, latencies, failed) in futures::future::join_all(workers).await {
+            run.sent.extend(sent);
+            run.latencies.extend(latencies);
+            run.failed += failed;
+        }
+        run.elapsed = started.elapsed();
+        run
+    }
+
+    /// Sends a transfer every `1/rate` s, each on its own task, whatever the answers take.
+    async fn fixed_rate(&self, accounts: &[Uuid], rate: u64, seconds: u64) -> Run {
+        let started = Instant::now();
+        let accounts: std::sync::Arc<[Uuid]> = accounts.into();
+        let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+        let mut requests = tokio::task::JoinSet::new();
+        for n in 0..(rate * seconds) as usize {
+            ticker.tick().await;
+            let (load, accounts) = (self.clone(), accounts.clone());
+            requests.spawn(async move {
+                let at = Utc::now();
+                let began = Instant::now();
+                load.send(&accounts, n, true)
+                    .await
+                    .map(|id| (id, at, began.elapsed().as_micros() as u32))
+            });
+        }
+        let mut run = Run {
+            sent: Vec::new(),
+            latencies: Vec::new(),
+            failed: 0,
+            elapsed: Duration::ZERO,
+        };
+        while let Some(result) = requests.join_next().await {
+            match result.ok().flatten() {
+                Some((id, at, latency)) => {
+                    run.sent.push((id, at));
+                    run.latencies.push(latency);
+                }
+                None => run.failed += 1,
+            }
+        }
+        run.elapsed = started.elapsed();
+        run
+    }
+}
+
+/// Waits until every transfer of `sent` is final and returns when each final event was recorded.
+async fn settled(
+    pool: &PgPool,
+    sent: &[(Uuid, DateTime<Utc>)],
+) -> anyhow::Result<HashMap<Uuid, DateTime<Utc>>> {
+    let ids: Vec<String> = sent.iter().map(|(id, _)| id.to_string()).collect();
+    let started = Instant::now();
+    loop {
+        let ends: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT aggregate_id, recorded_at FROM events
+              WHERE aggregate_type = 'transfer' AND aggregate_id = ANY($1)
+                AND event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed')",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+        if ends.len() == ids.len() {
+            return ends
+                .into_iter()
+                .map(|(id, at)| Ok((id.parse()?, at)))
+                .collect();
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "{} of {} transfers did not settle in 5 minutes",
+                ids.len() - ends.len(),
+                ids.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn outcomes(pool: &PgPool) -> anyhow::Result<HashMap<String, i64>> {
+    Ok(sqlx::query_as::<_, (String, i64)>(
+        "SELECT event_type, count(*) FROM events
+          WHERE aggregate_type = 'transfer'
+            AND event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed')
+          GROUP BY event_type",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect())
+}
