@@ -486,3 +486,33 @@ async fn money_is_conserved_while_every_process_is_killed_and_restarted() {
         .sum();
     assert_eq!(projected, ACCOUNTS as i64 * INITIAL);
 }
+
+#[tokio::test]
+async fn a_transfer_no_message_announced_is_resumed_from_the_event_store() {
+    let mut system = System::start().await;
+    let from = funded(&system, "EUR", 100).await;
+    let to = funded(&system, "EUR", 0).await;
+    // Without the relay no message about the transfer reaches the process manager: only its
+    // look into the event store for stuck transfers can find it.
+    system.kill_relay().await;
+    let id = transfer(&system, from, to, 40, "EUR").await;
+    let mut completed = false;
+    for _ in 0..200 {
+        completed = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_id = $1 AND event_type = 'TransferCompleted')",
+        )
+        .bind(id.to_string())
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+        if completed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(completed, "the stuck transfer was not resumed");
+    system.start_relay().await;
+    assert_eq!(settled(&system, id).await["status"], "completed");
+    system.converged(Duration::from_secs(30)).await;
+    assert_eq!(balance(&system, to).await, 40);
+}
