@@ -318,7 +318,6 @@ async fn bad_transfers_are_refused_up_front_and_retries_are_idempotent() {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let _ = TENANT;
 }
 
 #[tokio::test]
