@@ -255,27 +255,13 @@ impl ProcessManager {
         account: Uuid,
         step: TransferStep,
     ) -> Result<StepOutcome, ApiError> {
-        let (tenant, amount, currency) = (terms.tenant.clone(), terms.amount, terms.currency);
-        let command = match step {
-            TransferStep::Debit => AccountCommand::DebitForTransfer {
-                tenant,
-                transfer_id,
-                amount,
-                currency,
-            },
-            TransferStep::Credit => AccountCommand::CreditForTransfer {
-                tenant,
-                transfer_id,
-                amount,
-                currency,
-            },
-            TransferStep::Refund => AccountCommand::RefundTransfer {
-                tenant,
-                transfer_id,
-                amount,
-                currency,
-            },
-        };
+        let command = AccountCommand::for_transfer_step(
+            step,
+            terms.tenant.clone(),
+            transfer_id,
+            terms.amount,
+            terms.currency,
+        );
         let context = step_context(terms, transfer_id, &format!("{step:?}"));
         match self
             .commands

@@ -78,6 +78,36 @@ impl AccountCommand {
         }
     }
 
+    /// The command that asks an account for `step` of transfer `transfer_id`.
+    pub fn for_transfer_step(
+        step: TransferStep,
+        tenant: String,
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+    ) -> Self {
+        match step {
+            TransferStep::Debit => Self::DebitForTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+            TransferStep::Credit => Self::CreditForTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+            TransferStep::Refund => Self::RefundTransfer {
+                tenant,
+                transfer_id,
+                amount,
+                currency,
+            },
+        }
+    }
+
     /// A stable name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

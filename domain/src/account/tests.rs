@@ -363,27 +363,13 @@ mod transfer_steps {
         minor_units: i64,
         currency: Currency,
     ) -> AccountCommand {
-        let (tenant, transfer_id, amount) = (tenant.to_owned(), TRANSFER, amount(minor_units));
-        match step {
-            TransferStep::Debit => AccountCommand::DebitForTransfer {
-                tenant,
-                transfer_id,
-                amount,
-                currency,
-            },
-            TransferStep::Credit => AccountCommand::CreditForTransfer {
-                tenant,
-                transfer_id,
-                amount,
-                currency,
-            },
-            TransferStep::Refund => AccountCommand::RefundTransfer {
-                tenant,
-                transfer_id,
-                amount,
-                currency,
-            },
-        }
+        AccountCommand::for_transfer_step(
+            step,
+            tenant.into(),
+            TRANSFER,
+            amount(minor_units),
+            currency,
+        )
     }
 
     fn debit(minor_units: i64) -> AccountCommand {
