@@ -89,6 +89,81 @@ async fn commands_need_the_teller_role() {
     assert_eq!(app.event_count().await, before);
 }
 
+/// Forged and misissued tokens, each refused before anything is decided: 401 problem+json with
+/// its type, and the log untouched.
+#[tokio::test]
+async fn token_attacks_are_refused_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    let path = format!("/v1/accounts/{account}/deposits");
+    let body = serde_json::to_vec(&json!({"amount": 1, "currency": "EUR"})).unwrap();
+    let before = app.event_count().await;
+    let now = jsonwebtoken_now();
+    let claims = |changes: serde_json::Value| {
+        let mut claims = json!({"sub": "mallory", "tenant": TENANT, "roles": ["teller"],
+                                "iss": "ledger", "aud": "ledger", "exp": now + 600});
+        for (key, value) in changes.as_object().unwrap() {
+            if value.is_null() {
+                claims.as_object_mut().unwrap().remove(key);
+            } else {
+                claims[key] = value.clone();
+            }
+        }
+        claims
+    };
+    let unsigned = {
+        // `alg: none`: the claims with no signature at all.
+        use base64::Engine as _;
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let header = encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let payload = encode(claims(json!({})).to_string().as_bytes());
+        format!("{header}.{payload}.")
+    };
+    let cases = [
+        ("alg none", unsigned),
+        (
+            "not yet valid",
+            sign(&claims(json!({"nbf": now + 3600})), SECRET),
+        ),
+        (
+            "wrong issuer",
+            sign(&claims(json!({"iss": "someone-else"})), SECRET),
+        ),
+        (
+            "wrong audience",
+            sign(&claims(json!({"aud": "another-api"})), SECRET),
+        ),
+        ("no tenant", sign(&claims(json!({"tenant": null})), SECRET)),
+        ("no expiry", sign(&claims(json!({"exp": null})), SECRET)),
+        (
+            "malformed tenant",
+            sign(&claims(json!({"tenant": "acme' OR 1=1"})), SECRET),
+        ),
+        (
+            "wrong signature",
+            sign(&claims(json!({})), "a-different-secret-of-enough-bytes-00"),
+        ),
+    ];
+    for (attack, token) in cases {
+        let reply = app
+            .send(
+                Method::POST,
+                &path,
+                Some(&token),
+                &[("content-type", "application/json")],
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{attack}");
+        assert_eq!(reply.problem(), "invalid-token", "{attack}");
+        assert_eq!(
+            reply.headers["content-type"], "application/problem+json",
+            "{attack}"
+        );
+    }
+    assert_eq!(app.event_count().await, before);
+}
+
 fn jsonwebtoken_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
