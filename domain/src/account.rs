@@ -634,3 +634,6 @@ impl Aggregate for Account {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod properties;
