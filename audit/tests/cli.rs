@@ -33,6 +33,7 @@ impl Ledger {
                 issuer: "ledger".into(),
                 audience: "ledger".into(),
                 key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+                rate_limit: None,
             },
             max_body_bytes: 16 * 1024,
             aggregate_cache: NonZeroUsize::new(100).unwrap(),

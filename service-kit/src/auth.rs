@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError};
 use crate::problem::Problem;
+use crate::rate_limit::{RateLimit, TenantBudgets};
 
 /// Shortest HS256 secret accepted: 256 bits, the size of the MAC.
 const MIN_SECRET_BYTES: usize = 32;
@@ -60,6 +62,8 @@ pub struct AuthConfig {
     pub issuer: String,
     pub audience: String,
     pub key: VerificationKey,
+    /// Each tenant's request budget; `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl AuthConfig {
@@ -108,6 +112,7 @@ impl AuthConfig {
             issuer,
             audience,
             key,
+            rate_limit: RateLimit::from_env()?,
         })
     }
 }
@@ -192,6 +197,8 @@ pub enum AuthError {
     InvalidToken(&'static str),
     #[error("missing role, needs one of {needed:?}")]
     Forbidden { needed: Vec<&'static str> },
+    #[error("the tenant's request budget is spent; retry in {retry_after:?}")]
+    RateLimited { retry_after: Duration },
 }
 
 impl IntoResponse for AuthError {
@@ -221,15 +228,32 @@ impl IntoResponse for AuthError {
                     needed.join(", ")
                 ))
             }
+            Self::RateLimited { retry_after } => {
+                // Whole seconds, rounded up: `Retry-After` has no finer unit.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let mut problem = Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Too many requests",
+                )
+                .detail("Your tenant's request rate is over its limit; retry later.")
+                .extension("retry_after_seconds", seconds);
+                if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+                    problem = problem.header(header::RETRY_AFTER, value);
+                }
+                problem
+            }
         };
         problem.into_response()
     }
 }
 
-/// Verifies bearer tokens. Built once at start-up; shared by every request.
+/// Verifies bearer tokens, and charges each verified request to its tenant's budget when
+/// there is one. Built once at start-up; shared by every request.
 pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
+    budgets: Option<TenantBudgets>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -274,7 +298,21 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            budgets: config.rate_limit.map(TenantBudgets::new),
+        })
+    }
+
+    /// Charges one request to `principal`'s tenant.
+    pub fn admit(&self, principal: &Principal) -> Result<(), AuthError> {
+        match &self.budgets {
+            Some(budgets) => budgets
+                .admit(&principal.tenant)
+                .map_err(|retry_after| AuthError::RateLimited { retry_after }),
+            None => Ok(()),
+        }
     }
 
     /// Verifies `token` and returns who it speaks for.
@@ -338,8 +376,10 @@ where
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::InvalidToken("expected `Bearer <token>`"))?;
-        let principal = Arc::<Authenticator>::from_ref(state).verify(token)?;
+        let authenticator = Arc::<Authenticator>::from_ref(state);
+        let principal = authenticator.verify(token)?;
         tracing::Span::current().record("tenant", principal.tenant.as_str());
+        authenticator.admit(&principal)?;
         Ok(principal)
     }
 }
@@ -391,6 +431,7 @@ mod tests {
             issuer: "ledger".into(),
             audience: "ledger".into(),
             key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+            rate_limit: None,
         })
         .unwrap()
     }
@@ -425,6 +466,7 @@ mod tests {
             issuer: "ledger".into(),
             audience: "ledger".into(),
             key: VerificationKey::Hs256(Secret::new("short".into())),
+            rate_limit: None,
         };
         assert!(Authenticator::new(&short).is_err());
         assert!(matches!(
@@ -441,6 +483,7 @@ mod tests {
             issuer: "i".into(),
             audience: "a".into(),
             key: VerificationKey::Hs256(secret),
+            rate_limit: None,
         };
         assert!(!format!("{config:?}").contains(SECRET));
     }

@@ -11,6 +11,7 @@
 //! - [`kafka`]: Kafka client settings, topic names, the CloudEvents envelope.
 //! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
 //! - [`progress`]: a progress bar on stderr for long command-line jobs.
+//! - [`rate_limit`]: per-tenant request budgets.
 //! - `testing` (feature `test-support`): a fresh, migrated database per test.
 
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod kafka;
 pub mod problem;
 pub mod progress;
+pub mod rate_limit;
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -22,6 +22,7 @@ fn rs256_authenticator() -> Authenticator {
             algorithm: Algorithm::RS256,
             pem: PUBLIC_PEM.into(),
         },
+        rate_limit: None,
     })
     .unwrap()
 }

@@ -1,6 +1,8 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
+use service_kit::rate_limit::RateLimit;
+
 use crate::helpers::{SECRET, TENANT, TestApp, token_with};
 
 #[tokio::test]
@@ -162,6 +164,39 @@ async fn token_attacks_are_refused_and_change_nothing() {
         );
     }
     assert_eq!(app.event_count().await, before);
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_rate_is_told_when_to_retry_and_others_are_unaffected() {
+    // Refilled every two seconds: the eight requests below come well within that.
+    let app = TestApp::spawn_rate_limited(RateLimit {
+        per_second: 0.5,
+        burst: 5.0,
+    })
+    .await;
+    let account = app.open_account(&app.teller(), 0).await;
+    let before = app.event_count().await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let reply = app.deposit(account, 1).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(reply.problem(), "rate-limited");
+            let retry_after: u64 = reply.headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&retry_after), "{retry_after}");
+        }
+        statuses.push(reply.status);
+    }
+    // The opening spent one of the five; four deposits fit, the rest are refused.
+    let accepted = statuses.iter().filter(|s| s.is_success()).count();
+    assert_eq!(accepted, 4, "{statuses:?}");
+    assert_eq!(app.event_count().await, before + 4);
+    // Another tenant has its own budget.
+    let other = app.open_account(&app.token("globex", &["teller"]), 0).await;
+    assert_ne!(other, account);
 }
 
 fn jsonwebtoken_now() -> i64 {

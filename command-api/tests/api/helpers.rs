@@ -6,6 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
 use service_kit::db::DatabaseConfig;
+use service_kit::rate_limit::RateLimit;
 use service_kit::testing::TestDatabase;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -35,6 +36,7 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
             issuer: "ledger".into(),
             audience: "ledger".into(),
             key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+            rate_limit: None,
         },
         max_body_bytes: 16 * 1024,
         aggregate_cache: NonZeroUsize::new(1000).unwrap(),
@@ -82,19 +84,26 @@ impl Reply {
 impl TestApp {
     pub(crate) async fn spawn() -> Self {
         let database = TestDatabase::create().await;
-        Self::spawn_on(database.config, database.pool).await
+        Self::spawn_with(config(database.config.clone()), database.pool).await
+    }
+
+    /// An app whose tenants each get `limit`.
+    pub(crate) async fn spawn_rate_limited(limit: RateLimit) -> Self {
+        let database = TestDatabase::create().await;
+        let mut config = config(database.config.clone());
+        config.auth.rate_limit = Some(limit);
+        Self::spawn_with(config, database.pool).await
     }
 
     /// Another replica on the same database (its own cache and locks).
     pub(crate) async fn replica(&self) -> Self {
-        Self::spawn_on(self.database.clone(), self.pool.clone()).await
+        Self::spawn_with(config(self.database.clone()), self.pool.clone()).await
     }
 
-    async fn spawn_on(database: DatabaseConfig, pool: PgPool) -> Self {
+    async fn spawn_with(config: Config, pool: PgPool) -> Self {
         init_tracing();
-        let app = Application::build(config(database.clone()))
-            .await
-            .expect("build app");
+        let database = config.database.clone();
+        let app = Application::build(config).await.expect("build app");
         let base = format!("http://127.0.0.1:{}", app.port());
         tokio::spawn(app.run_until_stopped(std::future::pending()));
         Self {

@@ -27,6 +27,7 @@ fn auth() -> AuthConfig {
         issuer: "ledger".into(),
         audience: "ledger".into(),
         key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+        rate_limit: None,
     }
 }
 
