@@ -2,12 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 /// The tenant a stream belongs to, from its earliest stored event; `None` if the stream does
 /// not exist.
 pub async fn stream_tenant(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<Option<String>, sqlx::Error> {
@@ -18,14 +18,14 @@ pub async fn stream_tenant(
     )
     .bind(aggregate_type)
     .bind(aggregate_id)
-    .fetch_optional(pool)
+    .fetch_optional(connection)
     .await?;
     Ok(tenant.flatten())
 }
 
 /// Up to `limit` events of a stream from version `from_version` on, in version order.
 pub async fn stream_events(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     aggregate_type: &str,
     aggregate_id: &str,
     from_version: i64,
@@ -40,7 +40,7 @@ pub async fn stream_events(
     .bind(aggregate_id)
     .bind(from_version)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(connection)
     .await
 }
 

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::{Account, AccountEvent};
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use crate::ACCOUNT;
 
@@ -92,7 +92,7 @@ pub(crate) fn decode(
 
 /// The account `id` as of `as_of`, from the event store.
 pub async fn account_as_of(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     id: &str,
     as_of: AsOf,
 ) -> Result<Option<AccountAsOf>, StateError> {
@@ -112,7 +112,7 @@ pub async fn account_as_of(
     .bind(id)
     .bind(version)
     .bind(at)
-    .fetch_all(pool)
+    .fetch_all(connection)
     .await?;
     fold(&events, as_of)
 }

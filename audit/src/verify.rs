@@ -10,7 +10,7 @@ use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use service_kit::hash_chain::{ChainBreak, ChainVerifier};
 use service_kit::progress::Progress;
 use sqlx::postgres::PgArguments;
-use sqlx::{Arguments, PgPool};
+use sqlx::{Arguments, PgConnection, PgPool};
 
 /// Which streams of the store to verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,7 +177,7 @@ pub struct StreamVerification {
 
 /// Recomputes one stream's chain.
 pub async fn verify_stream(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<StreamVerification, sqlx::Error> {
@@ -189,7 +189,7 @@ pub async fn verify_stream(
     let mut rows = sqlx::query_as::<_, LoggedEvent>(&query)
         .bind(aggregate_type)
         .bind(aggregate_id)
-        .fetch(pool);
+        .fetch(connection);
     let mut verifier = ChainVerifier::new();
     let mut result = StreamVerification {
         events: 0,

@@ -155,7 +155,8 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
          ALTER TABLE account_entries RENAME TO account_entries_retired;
          ALTER TABLE accounts_rebuild RENAME TO accounts;
          ALTER TABLE account_entries_rebuild RENAME TO account_entries;
-         DROP TABLE accounts_retired, account_entries_retired;",
+         DROP TABLE accounts_retired, account_entries_retired;
+         SELECT ledger_protect_read_models();",
     )
     .execute(&mut *tx)
     .await?;

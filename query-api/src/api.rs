@@ -193,7 +193,7 @@ pub(crate) async fn find_account(
     ))
     .bind(id)
     .bind(tenant)
-    .fetch_optional(&state.pool)
+    .fetch_optional(&mut *state.scope(tenant).await?)
     .await?;
     Ok(row.map(account_view))
 }
@@ -337,7 +337,7 @@ async fn list_accounts(
     .bind(&params.status)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&state.pool)
+    .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
     Ok(Json(page(
         rows.into_iter().map(account_view).collect(),
@@ -389,7 +389,7 @@ async fn list_entries(
     .bind(&principal.tenant)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&state.pool)
+    .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
     let entries = rows
         .into_iter()

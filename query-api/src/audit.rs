@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use service_kit::auth::{AuthError, Principal, Role};
 use service_kit::event_log::{self, LogPosition, LoggedEvent};
 use service_kit::problem::ProblemDocument;
+use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -184,8 +185,12 @@ pub(crate) struct LogParams {
 }
 
 /// 404 unless the account's stream exists and belongs to the caller's tenant.
-async fn own_stream(state: &AppState, principal: &Principal, id: Uuid) -> Result<(), QueryError> {
-    let tenant = history::stream_tenant(&state.pool, ACCOUNT, &id.to_string()).await?;
+async fn own_stream(
+    connection: &mut PgConnection,
+    principal: &Principal,
+    id: Uuid,
+) -> Result<(), QueryError> {
+    let tenant = history::stream_tenant(connection, ACCOUNT, &id.to_string()).await?;
     if tenant.as_deref() == Some(principal.tenant.as_str()) {
         Ok(())
     } else {
@@ -228,9 +233,10 @@ pub(crate) async fn stream_events(
             "from_version must be at least 1".into(),
         ));
     }
-    own_stream(&state, &principal, id).await?;
+    let mut scope = state.scope(&principal.tenant).await?;
+    own_stream(&mut scope, &principal, id).await?;
     let mut events = history::stream_events(
-        &state.pool,
+        &mut scope,
         ACCOUNT,
         &id.to_string(),
         from_version,
@@ -280,9 +286,10 @@ pub(crate) async fn account_state(
         (None, Some(version)) => AsOf::Version(version),
         (None, None) => AsOf::Latest,
     };
-    own_stream(&state, &principal, id).await?;
+    let mut scope = state.scope(&principal.tenant).await?;
+    own_stream(&mut scope, &principal, id).await?;
     // A version past the stream's head folds to the head: that is not the version asked for.
-    let folded = state::account_as_of(&state.pool, &id.to_string(), as_of)
+    let folded = state::account_as_of(&mut scope, &id.to_string(), as_of)
         .await?
         .filter(|folded| !matches!(as_of, AsOf::Version(wanted) if wanted != folded.version))
         .ok_or_else(|| missing(as_of))?;
@@ -331,8 +338,13 @@ pub(crate) async fn tenant_log(
             QueryError::InvalidQuery("after is not a position this API issued".into())
         })?,
     };
-    let events =
-        event_log::read_committed_of_tenant(&state.pool, &principal.tenant, after, limit).await?;
+    let events = event_log::read_committed_of_tenant(
+        &mut *state.scope(&principal.tenant).await?,
+        &principal.tenant,
+        after,
+        limit,
+    )
+    .await?;
     let next_after = events.last().map_or(after, |last| last.position);
     Ok(Json(LogPage {
         items: events.into_iter().map(AuditEventView::from).collect(),
@@ -357,8 +369,9 @@ pub(crate) async fn verify_account(
     Auditor(principal): Auditor,
     AccountId(id): AccountId,
 ) -> Result<Json<VerificationView>, QueryError> {
-    own_stream(&state, &principal, id).await?;
-    let verification = audit::verify::verify_stream(&state.pool, ACCOUNT, &id.to_string()).await?;
+    let mut scope = state.scope(&principal.tenant).await?;
+    own_stream(&mut scope, &principal, id).await?;
+    let verification = audit::verify::verify_stream(&mut scope, ACCOUNT, &id.to_string()).await?;
     Ok(Json(VerificationView {
         account_id: id,
         intact: verification.first_break.is_none(),

@@ -42,6 +42,16 @@ pub(crate) struct AppState {
     projected: tokio::sync::watch::Receiver<u64>,
 }
 
+impl AppState {
+    /// A transaction that can see `tenant`'s rows only (row-level security), for every read.
+    pub(crate) async fn scope(
+        &self,
+        tenant: &str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        db::tenant_scope(&self.pool, tenant).await
+    }
+}
+
 impl FromRef<AppState> for Arc<Authenticator> {
     fn from_ref(state: &AppState) -> Self {
         state.auth.clone()

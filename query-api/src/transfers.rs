@@ -123,7 +123,7 @@ pub(crate) async fn get_transfer(
     ))
     .bind(id)
     .bind(&principal.tenant)
-    .fetch_optional(&state.pool)
+    .fetch_optional(&mut *state.scope(&principal.tenant).await?)
     .await?;
     row.map(transfer_view)
         .map(Json)
@@ -170,7 +170,7 @@ pub(crate) async fn account_transfers(
     .bind(account)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&state.pool)
+    .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
     Ok(Json(page(
         rows.into_iter().map(transfer_view).collect(),

@@ -115,6 +115,27 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DatabaseError> {
         .map_err(DatabaseError::Connect)
 }
 
+/// The role tenant-scoped reads run as: row-level security shows it one tenant's rows.
+pub const TENANT_READER_ROLE: &str = "ledger_tenant_reader";
+
+/// A transaction that sees `tenant`'s rows only. It runs as [`TENANT_READER_ROLE`] with
+/// `ledger.tenant` set, so row-level security filters every read model and event row: a
+/// second wall behind each query's own `tenant` filter. It only reads, so callers may drop it
+/// (rolling back) instead of committing. The connecting role must be a superuser or a member
+/// of the reader role.
+pub async fn tenant_scope(
+    pool: &PgPool,
+    tenant: &str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('role', $1, true), set_config('ledger.tenant', $2, true)")
+        .bind(TENANT_READER_ROLE)
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Applies the pending migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
     MIGRATOR.run(pool).await?;

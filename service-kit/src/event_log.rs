@@ -176,7 +176,7 @@ pub async fn read_committed(
 /// As [`read_committed`], but only the events of `tenant`: the tenant's own log, in the same
 /// order as the whole log.
 pub async fn read_committed_of_tenant(
-    pool: &PgPool,
+    executor: impl PgExecutor<'_>,
     tenant: &str,
     after: LogPosition,
     limit: i64,
@@ -186,7 +186,7 @@ pub async fn read_committed_of_tenant(
         .bind(after.global_position)
         .bind(limit)
         .bind(tenant)
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await
 }
 

@@ -8,4 +8,5 @@ mod loop_;
 mod queries;
 mod rebuild;
 mod system;
+mod tenants;
 mod transfers;
