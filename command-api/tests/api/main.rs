@@ -9,3 +9,4 @@ mod event_store;
 mod helpers;
 mod idempotency;
 mod operations;
+mod secrets;
