@@ -57,6 +57,10 @@ fn classify(err: serde_json::Error) -> ApiError {
         Category::Syntax | Category::Eof | Category::Io => ApiError::MalformedJson(message),
         Category::Data if message.starts_with("unknown field") => ApiError::UnknownField(message),
         Category::Data if message.starts_with("missing field") => ApiError::MissingField(message),
+        // Which of the two values was meant is anyone's guess: the JSON is ambiguous.
+        Category::Data if message.starts_with("duplicate field") => {
+            ApiError::MalformedJson(message)
+        }
         Category::Data => ApiError::WrongType(message),
     }
 }

@@ -67,6 +67,60 @@ async fn malformed_bodies_are_400_with_a_type_per_kind() {
     .await;
 }
 
+/// Bodies built to exhaust the parser rather than to mean anything: nested far deeper than
+/// any request needs (but within the size limit), or with a field in it twice. The bodies are
+/// typed, so the parser stops at the first value of the wrong shape instead of descending.
+#[tokio::test]
+async fn hostile_bodies_are_refused_without_harm() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    let deposits = format!("/v1/accounts/{account}/deposits");
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    refused(
+        &app,
+        &deposits,
+        deep.as_bytes(),
+        StatusCode::BAD_REQUEST,
+        "wrong-type",
+    )
+    .await;
+    let deep_object = format!(
+        "{{\"amount\":5,\"currency\":\"EUR\",\"x\":{}1{}}}",
+        "{\"a\":".repeat(2000),
+        "}".repeat(2000)
+    );
+    refused(
+        &app,
+        &deposits,
+        deep_object.as_bytes(),
+        StatusCode::BAD_REQUEST,
+        "unknown-field",
+    )
+    .await;
+    let repeated = b"{\"amount\":5,\"amount\":6,\"currency\":\"EUR\"}";
+    refused(
+        &app,
+        &deposits,
+        repeated,
+        StatusCode::BAD_REQUEST,
+        "malformed-json",
+    )
+    .await;
+    let long_key = format!("key-{}", "k".repeat(300));
+    let reply = app
+        .post_with(
+            &deposits,
+            &app.teller(),
+            &[("Idempotency-Key", long_key.as_str())],
+            Some(json!({"amount": 5, "currency": "EUR"})),
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.problem()),
+        (StatusCode::BAD_REQUEST, "invalid-header")
+    );
+}
+
 #[tokio::test]
 async fn invalid_values_are_422_with_a_type_per_kind() {
     let app = TestApp::spawn().await;
