@@ -44,6 +44,7 @@ impl Ledger {
                 idle_poll: Duration::from_millis(200),
                 leader_retry: Duration::from_millis(200),
             }),
+            cors_origins: Vec::new(),
         })
         .await
         .unwrap();

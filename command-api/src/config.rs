@@ -1,6 +1,8 @@
 //! The command API's settings, read once at start-up.
 
 use std::net::SocketAddr;
+
+use axum::http::HeaderValue;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ pub struct Config {
     /// `COMMAND_API_RELAY` (`true` by default): run the Kafka relay in this process (one
     /// replica leads at a time). `false` when the relay runs as `command-api relay` elsewhere.
     pub relay: Option<RelayConfig>,
+    /// `CORS_ALLOWED_ORIGINS`: see `service_kit::http::cors_origins_from_env` (default: none).
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 impl Config {
@@ -50,6 +54,7 @@ impl Config {
             } else {
                 None
             },
+            cors_origins: service_kit::http::cors_origins_from_env()?,
         })
     }
 }

@@ -98,9 +98,10 @@ impl Application {
             auth,
             pool: pool.clone(),
         };
-        let router = service_kit::http::with_standard_layers(
+        let router = service_kit::http::with_standard_layers(service_kit::http::with_cors(
             api::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes)),
-        );
+            config.cors_origins,
+        ));
         let listener =
             TcpListener::bind(config.listen)
                 .await

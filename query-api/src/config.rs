@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
+
 use service_kit::auth::AuthConfig;
 use service_kit::config::{self, ConfigError};
 use service_kit::db::DatabaseConfig;
@@ -16,6 +18,8 @@ pub struct Config {
     /// `QUERY_API_MAX_WAIT_MS`: how long a query with `min_version` waits for the read model
     /// to catch up before answering 503 (default 2000).
     pub max_wait: Duration,
+    /// `CORS_ALLOWED_ORIGINS`: see `service_kit::http::cors_origins_from_env` (default: none).
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 impl Config {
@@ -25,6 +29,7 @@ impl Config {
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
             max_wait: Duration::from_millis(config::parsed_or("QUERY_API_MAX_WAIT_MS", 2000)?),
+            cors_origins: service_kit::http::cors_origins_from_env()?,
         })
     }
 }

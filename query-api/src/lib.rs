@@ -113,7 +113,10 @@ impl Application {
             max_wait: config.max_wait,
             projected,
         };
-        let router = service_kit::http::with_standard_layers(api::router(state));
+        let router = service_kit::http::with_standard_layers(service_kit::http::with_cors(
+            api::router(state),
+            config.cors_origins,
+        ));
         let listener =
             TcpListener::bind(config.listen)
                 .await

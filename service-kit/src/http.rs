@@ -7,14 +7,16 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use crate::config::{self, ConfigError};
 use crate::problem::Problem;
 
 /// Header carrying the request id, set by us when the client did not.
@@ -22,6 +24,65 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// How long the readiness probe waits for the database.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `CORS_ALLOWED_ORIGINS`: the origins (comma-separated, e.g. `https://app.example.com`) whose
+/// pages may call the API from a browser. Unset: none, and no CORS headers at all, so browsers
+/// refuse every cross-origin call.
+pub fn cors_origins_from_env() -> Result<Vec<HeaderValue>, ConfigError> {
+    let Some(origins) = config::optional("CORS_ALLOWED_ORIGINS") else {
+        return Ok(Vec::new());
+    };
+    origins
+        .split(',')
+        .map(str::trim)
+        .filter(|origin| !origin.is_empty())
+        .map(|origin| {
+            let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/')
+                && origin != "*";
+            HeaderValue::from_str(origin)
+                .ok()
+                .filter(|_| valid)
+                .ok_or_else(|| ConfigError::Invalid {
+                    name: "CORS_ALLOWED_ORIGINS",
+                    reason: format!(
+                        "`{origin}` is not an origin like https://app.example.com (no path, no wildcard)"
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// Lets browsers on `origins` call the API with a bearer token; with no origins, nothing is
+/// added and cross-origin calls stay closed.
+pub fn with_cors(router: Router, origins: Vec<HeaderValue>) -> Router {
+    if origins.is_empty() {
+        return router;
+    }
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("x-correlation-id"),
+                REQUEST_ID,
+                HeaderName::from_static("traceparent"),
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::LOCATION,
+                header::RETRY_AFTER,
+                REQUEST_ID,
+                HeaderName::from_static("idempotent-replayed"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
 
 /// Wraps a router with the layers every API has, outermost first: a request id on every
 /// request and response, one span per request (with method, path, request id and tenant),

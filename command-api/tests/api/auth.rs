@@ -169,9 +169,11 @@ async fn token_attacks_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn a_tenant_over_its_rate_is_told_when_to_retry_and_others_are_unaffected() {
     // Refilled every two seconds: the eight requests below come well within that.
-    let app = TestApp::spawn_rate_limited(RateLimit {
-        per_second: 0.5,
-        burst: 5.0,
+    let app = TestApp::spawn_adjusted(|config| {
+        config.auth.rate_limit = Some(RateLimit {
+            per_second: 0.5,
+            burst: 5.0,
+        });
     })
     .await;
     let account = app.open_account(&app.teller(), 0).await;

@@ -6,7 +6,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
 use service_kit::db::DatabaseConfig;
-use service_kit::rate_limit::RateLimit;
 use service_kit::testing::TestDatabase;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -42,6 +41,7 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
         aggregate_cache: NonZeroUsize::new(1000).unwrap(),
         conflict_retries: 5,
         relay: None,
+        cors_origins: Vec::new(),
     }
 }
 
@@ -87,11 +87,11 @@ impl TestApp {
         Self::spawn_with(config(database.config.clone()), database.pool).await
     }
 
-    /// An app whose tenants each get `limit`.
-    pub(crate) async fn spawn_rate_limited(limit: RateLimit) -> Self {
+    /// An app whose configuration `adjust` changed from the tests' default.
+    pub(crate) async fn spawn_adjusted(adjust: impl FnOnce(&mut Config)) -> Self {
         let database = TestDatabase::create().await;
         let mut config = config(database.config.clone());
-        config.auth.rate_limit = Some(limit);
+        adjust(&mut config);
         Self::spawn_with(config, database.pool).await
     }
 

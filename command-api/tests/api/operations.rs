@@ -1,3 +1,4 @@
+use axum::http::HeaderValue;
 use reqwest::{Method, StatusCode};
 
 use crate::helpers::TestApp;
@@ -102,4 +103,44 @@ async fn a_database_outage_is_503_not_a_hang_and_recovers() {
         .send(Method::GET, "/health/ready", None, &[], None)
         .await;
     assert_eq!(ready.status, StatusCode::OK);
+}
+
+/// Browsers may call from the configured origins only; with none configured (the default)
+/// no CORS header is ever sent, so every cross-origin call stays closed.
+#[tokio::test]
+async fn cross_origin_calls_are_closed_unless_an_origin_is_allowed() {
+    let allowed = "https://app.example.com";
+    let open = TestApp::spawn_adjusted(|config| {
+        config.cors_origins = vec![HeaderValue::from_static(allowed)];
+    })
+    .await;
+    let closed = TestApp::spawn().await;
+    let preflight = |base: &str, origin: &str| {
+        reqwest::Client::new()
+            .request(Method::OPTIONS, format!("{base}/v1/accounts"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization, content-type, idempotency-key",
+            )
+            .send()
+    };
+    let granted = preflight(&open.base, allowed).await.unwrap();
+    assert_eq!(granted.headers()["access-control-allow-origin"], allowed);
+    let methods = granted.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(methods.contains("POST"), "{methods}");
+    for (app, origin) in [(&open, "https://evil.example.com"), (&closed, allowed)] {
+        let refused = preflight(&app.base, origin).await.unwrap();
+        assert!(
+            refused
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none(),
+            "{origin} was allowed"
+        );
+    }
 }

@@ -129,6 +129,7 @@ async fn the_relay_in_the_command_api_publishes_too() {
             idle_poll: Duration::from_secs(30),
             leader_retry: Duration::from_millis(200),
         }),
+        cors_origins: Vec::new(),
     })
     .await
     .unwrap();

@@ -85,6 +85,7 @@ impl System {
             aggregate_cache: NonZeroUsize::new(1000).unwrap(),
             conflict_retries: 5,
             relay: None,
+            cors_origins: Vec::new(),
         })
         .await
         .unwrap();
@@ -95,6 +96,7 @@ impl System {
             database: database.config.clone(),
             auth: auth(),
             max_wait,
+            cors_origins: Vec::new(),
         })
         .await
         .unwrap();
