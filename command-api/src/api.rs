@@ -110,9 +110,9 @@ macro_rules! account_command {
             $(request_body = $body,)?
             params(
                 ("id" = Uuid, Path, description = "Account id"),
-                ("If-Match" = Option<String>, Header, description = "Apply only at this version, e.g. \"3\"; 409 otherwise."),
-                ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response."),
-                ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id."),
+                ("If-Match" = Option<String>, Header, description = "Apply only at this version, e.g. \"3\"; 409 otherwise.", pattern = r#"^"[0-9]{1,18}"$"#),
+                ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
+                ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
             ),
             responses(
                 (status = 200, description = "Applied", body = CommandAccepted),
@@ -136,8 +136,8 @@ macro_rules! account_command {
     post, path = "/v1/accounts", tag = "accounts",
     request_body = OpenAccountRequest,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response."),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
     ),
     responses(
         (status = 201, description = "Account opened", body = CommandAccepted),
@@ -268,8 +268,8 @@ async fn close(
     summary = "Transfer money between two accounts of yours",
     request_body = TransferRequest,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response."),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
     ),
     responses(
         (status = 202, description = "Accepted: the process manager debits the source, then credits the destination (or refunds the source). Follow `status_url` on the query API.", body = TransferAccepted),

@@ -140,6 +140,7 @@ pub(crate) struct ListAccountsParams {
     /// `active`, `frozen` or `closed`.
     status: Option<String>,
     /// 1 to 500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -148,6 +149,7 @@ pub(crate) struct ListAccountsParams {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListEntriesParams {
     /// 1 to 500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
     cursor: Option<String>,
     /// As for the account: wait until the account's view reached this version.

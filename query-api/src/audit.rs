@@ -160,8 +160,10 @@ pub(crate) struct BreakView {
 #[serde(deny_unknown_fields)]
 pub(crate) struct StreamEventsParams {
     /// First version to return (default 1).
+    #[param(minimum = 1)]
     from_version: Option<i64>,
     /// 1 to 500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 
@@ -172,6 +174,7 @@ pub(crate) struct StateParams {
     at: Option<DateTime<Utc>>,
     /// A version: the state right after it. At most one of `at` and `version`; neither means
     /// the latest state.
+    #[param(minimum = 1)]
     version: Option<i64>,
 }
 
@@ -181,6 +184,7 @@ pub(crate) struct LogParams {
     /// A `next_after` from an earlier page; absent for the start of the log.
     after: Option<String>,
     /// 1 to 500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 

@@ -97,6 +97,7 @@ fn transfer_view(row: TransferTuple) -> TransferView {
 #[serde(deny_unknown_fields)]
 pub(crate) struct AccountTransfersParams {
     /// 1 to 500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
     cursor: Option<String>,
 }
