@@ -126,14 +126,17 @@ pub(crate) struct Page<T> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReadParams {
     /// Wait (bounded) until the view reflects at least this stream version, e.g. the version
     /// a command returned; 503 with `Retry-After` if it does not in time.
+    #[param(minimum = 1)]
     min_version: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListAccountsParams {
     owner: Option<String>,
@@ -146,6 +149,7 @@ pub(crate) struct ListAccountsParams {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListEntriesParams {
     /// 1 to 500, default 50.
@@ -153,6 +157,7 @@ pub(crate) struct ListEntriesParams {
     limit: Option<i64>,
     cursor: Option<String>,
     /// As for the account: wait until the account's view reached this version.
+    #[param(minimum = 1)]
     min_version: Option<i64>,
 }
 
@@ -207,6 +212,11 @@ async fn account_at(
     id: Uuid,
     min_version: Option<i64>,
 ) -> Result<AccountView, QueryError> {
+    if min_version.is_some_and(|version| version < 1) {
+        return Err(QueryError::InvalidQuery(
+            "min_version must be at least 1".into(),
+        ));
+    }
     let deadline = tokio::time::Instant::now() + state.max_wait;
     // Subscribed before the first look, so a change between the look and the wait is not missed.
     let mut changes = state.projected.clone();

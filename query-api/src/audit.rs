@@ -157,6 +157,7 @@ pub(crate) struct BreakView {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StreamEventsParams {
     /// First version to return (default 1).
@@ -168,6 +169,7 @@ pub(crate) struct StreamEventsParams {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StateParams {
     /// An RFC 3339 instant: the state from the events recorded by then.
@@ -179,6 +181,7 @@ pub(crate) struct StateParams {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogParams {
     /// A `next_after` from an earlier page; absent for the start of the log.

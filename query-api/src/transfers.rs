@@ -94,6 +94,7 @@ fn transfer_view(row: TransferTuple) -> TransferView {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AccountTransfersParams {
     /// 1 to 500, default 50.
