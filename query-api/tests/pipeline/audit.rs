@@ -342,7 +342,7 @@ async fn auditors_see_their_own_tenant_only_and_the_log_in_commit_order() {
 }
 
 #[tokio::test]
-async fn the_audit_routes_are_in_the_openapi_document() {
+async fn the_openapi_document_has_the_audit_routes_and_parameters_where_they_are_taken() {
     let system = System::start().await;
     let document: Value = system
         .client
@@ -360,5 +360,19 @@ async fn the_audit_routes_are_in_the_openapi_document() {
         "/v1/audit/log",
     ] {
         assert!(document["paths"][path]["get"].is_object(), "{path}");
+    }
+    // Every parameter is where the route takes it: `{id}` in the path, the rest optional
+    // query parameters.
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for parameter in item["get"]["parameters"].as_array().into_iter().flatten() {
+            let name = parameter["name"].as_str().unwrap();
+            let (place, required) = if path.contains(&format!("{{{name}}}")) {
+                ("path", true)
+            } else {
+                ("query", false)
+            };
+            assert_eq!(parameter["in"], place, "{path} {name}");
+            assert_eq!(parameter["required"], required, "{path} {name}");
+        }
     }
 }
