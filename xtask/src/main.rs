@@ -3,6 +3,7 @@
 //! # Layout
 //! - `dev`: `up`, `migrate`, `token`: run the system locally.
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
+//! - `fuzz`: schema-driven HTTP fuzzing of both APIs (schemathesis).
 //! - `broker`: installing and starting the development Kafka-protocol broker.
 //! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`: benchmarks that write
 //!   `BENCHMARKS.md`.
@@ -16,6 +17,7 @@ mod audit_bench;
 mod bench;
 mod broker;
 mod dev;
+mod fuzz;
 mod pipeline_bench;
 mod test;
 mod transfer_bench;
@@ -29,6 +31,7 @@ commands:
   token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]
                          mint a development JWT
   test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
+  fuzz [--examples N]    schemathesis against both APIs' OpenAPI documents
   bench commands         command throughput/latency vs pgbench; writes BENCHMARKS.md
   bench pipeline [--events N] [--rate R] [--seconds S]
                          relay, projector, rebuild throughput and end-to-end latency
@@ -49,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Some("token") => dev::token(&rest),
         Some("test") => test::run(&rest).await,
         Some("bench") => bench::run(&rest).await,
+        Some("fuzz") => fuzz::run(&rest).await,
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())

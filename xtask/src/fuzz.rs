@@ -1,0 +1,136 @@
+//! `cargo xtask fuzz`: schema-driven HTTP fuzzing of both APIs from their own OpenAPI
+//! documents, with schemathesis (PyPI, pinned), against the real services on a scratch
+//! database. Every check is on (no 5xx, every response as documented, problem+json errors,
+//! invalid input refused) except `positive_data_acceptance`: the domain refuses some
+//! schema-valid requests on purpose (an account that does not exist, a transfer to the same
+//! account). Exits non-zero if schemathesis finds anything.
+
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use service_kit::auth::{Secret, TokenRequest, mint_hs256};
+use service_kit::db::{self, DatabaseConfig};
+use tokio::process::Command;
+
+use crate::args::Flags;
+use crate::bench::{free_port, wait_ready};
+use crate::dev::{stop, workspace_root};
+
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+const SECRET: &str = "fuzz-secret-0123456789abcdef0123456789abcdef";
+
+pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
+    let flags = Flags::parse(args, &["examples"])?;
+    let examples: u32 = flags.one("examples").unwrap_or("50").parse()?;
+    ensure_schemathesis().await?;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_fuzz".into());
+    let database = DatabaseConfig::with_url(&url);
+    db::ensure_database_exists(&database).await?;
+    let pool = db::connect(&database).await?;
+    db::migrate(&pool).await?;
+    pool.close().await;
+
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "command-api", "-p", "query-api"])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let (command_port, query_port) = (free_port()?, free_port()?);
+    let service = |name: &str| {
+        let mut command = Command::new(workspace_root().join("target/debug").join(name));
+        command
+            .env("DATABASE_URL", &database.url)
+            .env("JWT_HS256_SECRET", SECRET)
+            .env("COMMAND_API_RELAY", "false")
+            .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
+            .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    };
+    let mut children = vec![
+        service("command-api")
+            .spawn()
+            .context("starting command-api")?,
+        service("query-api").spawn().context("starting query-api")?,
+    ];
+    let apis = [
+        ("command API", format!("http://127.0.0.1:{command_port}")),
+        ("query API", format!("http://127.0.0.1:{query_port}")),
+    ];
+    for (_, base) in &apis {
+        wait_ready(base).await?;
+    }
+    let token = mint_hs256(
+        &Secret::new(SECRET.into()),
+        "ledger",
+        "ledger",
+        &TokenRequest {
+            subject: "fuzzer",
+            tenant: "fuzz",
+            roles: &["teller", "viewer", "auditor"],
+            ttl_seconds: 3600,
+        },
+    )?;
+    let config = workspace_root().join("xtask/fuzz/schemathesis.toml");
+    let mut failed = Vec::new();
+    for (name, base) in &apis {
+        println!("\n==> {name}: {base}/openapi.json");
+        let status = Command::new("schemathesis")
+            .arg("--config-file")
+            .arg(&config)
+            .args(["run", &format!("{base}/openapi.json")])
+            .args(["--header", &format!("Authorization: Bearer {token}")])
+            .args([
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+            ])
+            .args(["--max-examples", &examples.to_string(), "--workers", "2"])
+            .arg("--report-dir")
+            .arg(workspace_root().join("target/fuzz"))
+            .status()
+            .await
+            .context("running schemathesis")?;
+        if !status.success() {
+            failed.push(*name);
+        }
+    }
+    for child in &mut children {
+        stop(child).await;
+    }
+    if !failed.is_empty() {
+        bail!(
+            "schemathesis found failures in the {}",
+            failed.join(" and the ")
+        );
+    }
+    println!("\nno failures in either API");
+    Ok(())
+}
+
+async fn ensure_schemathesis() -> anyhow::Result<()> {
+    let installed = Command::new("schemathesis")
+        .arg("--version")
+        .output()
+        .await
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains("4.32.5"));
+    if installed {
+        return Ok(());
+    }
+    println!("installing {SCHEMATHESIS} from PyPI...");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", SCHEMATHESIS])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("pip install {SCHEMATHESIS} failed");
+    }
+    Ok(())
+}
