@@ -115,17 +115,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         .context("starting command-api")?;
     wait_ready(&base).await?;
 
-    let token = mint_hs256(
-        &Secret::new(SECRET.into()),
-        "ledger",
-        "ledger",
-        &TokenRequest {
-            subject: "bench",
-            tenant: "bench",
-            roles: &["teller"],
-            ttl_seconds: 3600,
-        },
-    )?;
+    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(128)
         .build()?;
@@ -200,6 +190,27 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         println!("written to BENCHMARKS.md");
     }
     Ok(())
+}
+
+/// An hour-long token for services started with `secret` (and the default issuer and
+/// audience), as benchmarks and checks need.
+pub(crate) fn service_token(
+    secret: &str,
+    tenant: &str,
+    subject: &str,
+    roles: &[&str],
+) -> anyhow::Result<String> {
+    Ok(mint_hs256(
+        &Secret::new(secret.into()),
+        "ledger",
+        "ledger",
+        &TokenRequest {
+            subject,
+            tenant,
+            roles,
+            ttl_seconds: 3600,
+        },
+    )?)
 }
 
 /// The `p` quantile of sorted microsecond samples, in milliseconds.

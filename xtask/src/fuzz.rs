@@ -8,12 +8,11 @@
 use std::process::Stdio;
 
 use anyhow::{Context, bail};
-use service_kit::auth::{Secret, TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 
 use crate::args::Flags;
-use crate::bench::{free_port, wait_ready};
+use crate::bench::{free_port, service_token, wait_ready};
 use crate::dev::{stop, workspace_root};
 
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
@@ -66,17 +65,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     for (_, base) in &apis {
         wait_ready(base).await?;
     }
-    let token = mint_hs256(
-        &Secret::new(SECRET.into()),
-        "ledger",
-        "ledger",
-        &TokenRequest {
-            subject: "fuzzer",
-            tenant: "fuzz",
-            roles: &["teller", "viewer", "auditor"],
-            ttl_seconds: 3600,
-        },
-    )?;
+    let token = service_token(SECRET, "fuzz", "fuzzer", &["teller", "viewer", "auditor"])?;
     let config = workspace_root().join("xtask/fuzz/schemathesis.toml");
     let mut failed = Vec::new();
     for (name, base) in &apis {

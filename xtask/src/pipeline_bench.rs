@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use command_api::relay::{AppendSignal, Relay, RelayConfig};
 use serde_json::json;
-use service_kit::auth::{Secret, TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::kafka::KafkaConfig;
 use sqlx::PgPool;
@@ -275,17 +274,7 @@ async fn end_to_end(
     let queries = format!("http://127.0.0.1:{query_port}");
     wait_ready(&commands).await?;
     wait_ready(&queries).await?;
-    let token = mint_hs256(
-        &Secret::new(SECRET.into()),
-        "ledger",
-        "ledger",
-        &TokenRequest {
-            subject: "bench",
-            tenant: "bench",
-            roles: &["teller", "viewer"],
-            ttl_seconds: 3600,
-        },
-    )?;
+    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller", "viewer"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use service_kit::auth::{Secret, TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig};
 use sqlx::PgPool;
 use tokio::process::Command;
@@ -73,17 +72,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     ];
     let base = format!("http://127.0.0.1:{port}");
     wait_ready(&base).await?;
-    let token = mint_hs256(
-        &Secret::new(SECRET.into()),
-        "ledger",
-        "ledger",
-        &TokenRequest {
-            subject: "bench",
-            tenant: "bench",
-            roles: &["teller"],
-            ttl_seconds: 3600,
-        },
-    )?;
+    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;

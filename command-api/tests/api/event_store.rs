@@ -1,51 +1,21 @@
-use chrono::{DateTime, Utc};
 use serde_json::json;
-use service_kit::hash_chain::{BreakReason, ChainBreak, ChainedEvent, StoredEvent, verify_stream};
-use service_kit::{event_log, testing};
+use service_kit::event_log::{self, EVENT_COLUMNS, LoggedEvent};
+use service_kit::hash_chain::{BreakReason, ChainBreak, verify_stream};
+use service_kit::testing;
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
 
-type Row = (
-    String,
-    String,
-    i64,
-    String,
-    String,
-    Uuid,
-    DateTime<Utc>,
-    String,
-    String,
-    Option<Vec<u8>>,
-    Vec<u8>,
-);
-
 /// Reads the stream's raw rows and recomputes its chain in Rust.
 async fn verify(app: &TestApp, account: Uuid) -> Option<ChainBreak> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, event_id,
-                recorded_at, payload::text, metadata::text, prev_hash, hash
-           FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-    )
+    let rows: Vec<LoggedEvent> = sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY sequence"
+    ))
     .bind(account.to_string())
     .fetch_all(&app.pool)
     .await
     .unwrap();
-    verify_stream(rows.iter().map(|row| StoredEvent {
-        event: ChainedEvent {
-            aggregate_type: &row.0,
-            aggregate_id: &row.1,
-            sequence: row.2,
-            event_type: &row.3,
-            event_version: &row.4,
-            event_id: row.5,
-            recorded_at_micros: row.6.timestamp_micros(),
-            payload: &row.7,
-            metadata: &row.8,
-        },
-        prev_hash: row.9.as_deref(),
-        hash: &row.10,
-    }))
+    verify_stream(rows.iter().map(LoggedEvent::chained))
 }
 
 async fn tamper(app: &TestApp, statement: &str, account: Uuid) {

@@ -6,17 +6,10 @@ use serde_json::{Value, json};
 use service_kit::testing;
 use uuid::Uuid;
 
-use crate::system::{System, TENANT, token};
+use crate::system::{System, TENANT, problem, token};
 
 fn auditor() -> String {
     token(TENANT, &["auditor"])
-}
-
-fn problem(body: &Value) -> &str {
-    body["type"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
-        .unwrap_or_default()
 }
 
 /// When each version of `account` was recorded, from the store.
@@ -245,20 +238,7 @@ async fn auditors_see_their_own_tenant_only_and_the_log_in_commit_order() {
     for amount in [1, 2, 3, 4] {
         system.move_money(mine, amount).await;
     }
-    let theirs: Uuid = {
-        let reply: Value = system
-            .client
-            .post(format!("{}/v1/accounts", system.commands))
-            .bearer_auth(token("globex", &["teller"]))
-            .json(&json!({"owner": "Grace", "currency": "EUR"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        reply["account_id"].as_str().unwrap().parse().unwrap()
-    };
+    let theirs = system.open_in("globex", "Grace").await;
     for amount in [5, 6] {
         system.move_money(mine, amount).await;
     }

@@ -3,14 +3,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::system::{System, TENANT, token};
-
-fn problem(body: &Value) -> &str {
-    body["type"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
-        .unwrap_or_default()
-}
+use crate::system::{System, TENANT, problem, token};
 
 #[tokio::test]
 async fn accounts_page_by_id_within_the_tenant() {
@@ -19,20 +12,7 @@ async fn accounts_page_by_id_within_the_tenant() {
     for _ in 0..7 {
         mine.push(system.open(0).await);
     }
-    let theirs = {
-        let reply: Value = system
-            .client
-            .post(format!("{}/v1/accounts", system.commands))
-            .bearer_auth(token("globex", &["teller"]))
-            .json(&serde_json::json!({"owner": "Ada", "currency": "EUR"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        reply["account_id"].as_str().unwrap().to_owned()
-    };
+    let theirs = system.open_in("globex", "Ada").await;
     let frozen = mine[3];
     let (_, body) = system
         .command(&format!("/v1/accounts/{frozen}/freeze"), None, &[])
@@ -70,7 +50,7 @@ async fn accounts_page_by_id_within_the_tenant() {
         seen, expected,
         "every account once, in id order, none of another tenant"
     );
-    assert!(!seen.contains(&theirs));
+    assert!(!seen.contains(&theirs.to_string()));
 
     let (_, _, body) = system
         .query("/v1/accounts?status=frozen", &system.viewer())

@@ -228,6 +228,22 @@ impl System {
         body["account_id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Opens an account for `owner` in `tenant`, which may be another tenant than the tests'.
+    pub(crate) async fn open_in(&self, tenant: &str, owner: &str) -> Uuid {
+        let reply: Value = self
+            .client
+            .post(format!("{}/v1/accounts", self.commands))
+            .bearer_auth(token(tenant, &["teller"]))
+            .json(&json!({"owner": owner, "currency": "EUR"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        reply["account_id"].as_str().unwrap().parse().unwrap()
+    }
+
     /// Deposits (positive) or withdraws (negative) and returns the new version.
     pub(crate) async fn move_money(&self, account: Uuid, amount: i64) -> i64 {
         let action = if amount >= 0 {
@@ -327,4 +343,12 @@ impl System {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The slug of a problem+json `type` (`urn:ledger:problem:<slug>`), or "" for anything else.
+pub(crate) fn problem(body: &Value) -> &str {
+    body["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
+        .unwrap_or_default()
 }

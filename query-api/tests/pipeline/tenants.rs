@@ -32,21 +32,10 @@ async fn visible_tenants(pool: &PgPool, tenant: &str) -> Vec<Vec<String>> {
 
 async fn activity(system: &System, tenant: &str) -> serde_json::Value {
     let teller = token(tenant, &["teller"]);
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let reply: Value = system
-            .client
-            .post(format!("{}/v1/accounts", system.commands))
-            .bearer_auth(&teller)
-            .json(&json!({"owner": "Ada", "currency": "EUR"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.push(reply["account_id"].as_str().unwrap().to_owned());
-    }
+    let ids = [
+        system.open_in(tenant, "Ada").await,
+        system.open_in(tenant, "Ada").await,
+    ];
     let deposit = system
         .client
         .post(format!(

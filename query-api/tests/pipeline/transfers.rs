@@ -8,14 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::system::{System, TENANT, token};
-
-fn problem(body: &Value) -> &str {
-    body["type"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
-        .unwrap_or_default()
-}
+use crate::system::{System, TENANT, problem, token};
 
 /// Opens an account in `currency` holding `balance`.
 async fn funded(system: &System, currency: &str, balance: i64) -> Uuid {
@@ -210,20 +203,7 @@ async fn bad_transfers_are_refused_up_front_and_retries_are_idempotent() {
     );
 
     // Another tenant's account is as absent as a missing one, on either side.
-    let theirs: Uuid = {
-        let reply: Value = system
-            .client
-            .post(format!("{}/v1/accounts", system.commands))
-            .bearer_auth(token("globex", &["teller"]))
-            .json(&json!({"owner": "Grace", "currency": "EUR"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        reply["account_id"].as_str().unwrap().parse().unwrap()
-    };
+    let theirs = system.open_in("globex", "Grace").await;
     for (a, b) in [(from, theirs), (theirs, to), (from, Uuid::new_v4())] {
         let (status, body) = system
             .command("/v1/transfers", Some(request(a, b)), &[])
