@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
 use domain::{
     AccountCommand, Amount, Currency, OverdraftLimit, Owner, Reference, TransferCommand,
@@ -33,8 +33,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/unfreeze", post(unfreeze))
         .route("/v1/accounts/{id}/close", post(close))
         .route("/v1/transfers", post(request_transfer))
-        .route("/health/live", get(service_kit::http::live))
-        .route("/health/ready", get(ready))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .with_state(state)
 }
@@ -407,10 +405,6 @@ fn accepted(status: StatusCode, committed: Committed) -> Response {
         headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     response
-}
-
-async fn ready(State(state): State<AppState>) -> Response {
-    service_kit::http::ready(&state.pool).await
 }
 
 #[derive(OpenApi)]

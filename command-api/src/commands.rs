@@ -290,10 +290,34 @@ impl CommandService {
         Ok(state)
     }
 
-    /// Runs `command` on `target`. With `expected_version` (from `If-Match`) the command only
-    /// applies to that version; without it, a lost race is retried on fresh state.
+    /// Runs `command` on `target` and counts its outcome in `ledger_commands_total`.
     #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, command = A::name(&command), id = %target.id()))]
     async fn execute<A: Stream>(
+        &self,
+        store: &Store<A>,
+        context: &CommandContext,
+        target: Target,
+        command: A::Command,
+        expected_version: Option<u64>,
+    ) -> Result<Committed, ApiError> {
+        let name = A::name(&command);
+        let result = self
+            .decide_and_append(store, context, target, command, expected_version)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(ApiError::Conflict { .. }) => "conflict",
+            Err(ApiError::Unavailable(_) | ApiError::Internal(_)) => "error",
+            Err(_) => "rejected",
+        };
+        metrics::counter!("ledger_commands_total", "command" => name, "outcome" => outcome)
+            .increment(1);
+        result
+    }
+
+    /// With `expected_version` (from `If-Match`) the command only applies to that version;
+    /// without it, a lost race is retried on fresh state.
+    async fn decide_and_append<A: Stream>(
         &self,
         store: &Store<A>,
         context: &CommandContext,

@@ -21,6 +21,8 @@ use axum::extract::{DefaultBodyLimit, FromRef};
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::{self, DatabaseError};
+use service_kit::http::{self, Need, Readiness};
+use service_kit::kafka::BrokerProbe;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -43,8 +45,6 @@ pub(crate) struct AppState {
     commands: Arc<commands::CommandService>,
     /// Verifies bearer tokens.
     auth: Arc<Authenticator>,
-    /// For the readiness probe.
-    pool: PgPool,
 }
 
 impl FromRef<AppState> for Arc<Authenticator> {
@@ -83,7 +83,12 @@ impl Application {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
         let auth = Arc::new(Authenticator::new(&config.auth)?);
+        let metrics = service_kit::metrics::install("command-api");
         let signal = AppendSignal::default();
+        let mut readiness = Readiness::new(pool.clone());
+        if let Some(relay) = &config.relay {
+            readiness = readiness.with_broker(BrokerProbe::new(&relay.kafka)?, Need::Reported);
+        }
         let relay = config
             .relay
             .map(|relay| Relay::new(relay, pool.clone(), signal.clone()))
@@ -96,10 +101,11 @@ impl Application {
                 signal.clone(),
             )),
             auth,
-            pool: pool.clone(),
         };
-        let router = service_kit::http::with_standard_layers(service_kit::http::with_cors(
-            api::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes)),
+        let router = http::with_standard_layers(http::with_cors(
+            api::router(state)
+                .layer(DefaultBodyLimit::max(config.max_body_bytes))
+                .merge(http::ops_routes(readiness, metrics)),
             config.cors_origins,
         ));
         let listener =

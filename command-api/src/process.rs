@@ -15,9 +15,11 @@
 //! for `stuck_after` and drives them.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use domain::{
     AccountCommand, AccountError, NextStep, StepOutcome, Transfer, TransferCommand, TransferStatus,
     TransferStep, TransferTerms,
@@ -28,8 +30,10 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use service_kit::config::{self, ConfigError};
 use service_kit::db::{self, DatabaseConfig};
-use service_kit::kafka::{self, KafkaConfig, headers};
+use service_kit::http::{self, Need, Readiness};
+use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use sqlx::PgPool;
+use tokio::net::TcpListener;
 use uuid::Uuid;
 
 use cqrs_es::Aggregate;
@@ -57,6 +61,9 @@ pub struct ProcessConfig {
     pub aggregate_cache: std::num::NonZeroUsize,
     /// As the command API's `COMMAND_API_CONFLICT_RETRIES`.
     pub conflict_retries: u32,
+    /// `PROCESS_MANAGER_ADDR` (default `127.0.0.1:8083`; port 0 picks one): where the health
+    /// probes and `/metrics` are served.
+    pub listen: SocketAddr,
 }
 
 impl ProcessConfig {
@@ -75,6 +82,10 @@ impl ProcessConfig {
                 std::num::NonZeroUsize::new(100_000).unwrap_or(std::num::NonZeroUsize::MIN),
             )?,
             conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
+            listen: config::parsed_or(
+                "PROCESS_MANAGER_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8083)),
+            )?,
         })
     }
 }
@@ -82,9 +93,11 @@ impl ProcessConfig {
 pub struct ProcessManager {
     pool: PgPool,
     commands: CommandService,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ConsumerLag>,
     signal: AppendSignal,
     stuck_after: Duration,
+    /// Health probes and `/metrics`: the bound listener and its routes, until served.
+    ops: Option<(TcpListener, Router)>,
 }
 
 impl ProcessManager {
@@ -101,9 +114,24 @@ impl ProcessManager {
         {
             tracing::warn!(error = %err, "could not ensure the transfer topic exists");
         }
-        let consumer: StreamConsumer = config.kafka.consumer(&config.group).create()?;
+        let consumer: StreamConsumer<ConsumerLag> = config
+            .kafka
+            .consumer(&config.group)
+            .create_with_context(ConsumerLag("ledger_process_manager_lag_messages"))?;
         consumer.subscribe(&[&topic])?;
         let signal = AppendSignal::default();
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let ops = http::ops_routes(
+            Readiness::new(pool.clone())
+                .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required),
+            service_kit::metrics::install("process-manager"),
+        );
         Ok(Self {
             commands: CommandService::new(
                 pool.clone(),
@@ -115,20 +143,38 @@ impl ProcessManager {
             consumer,
             signal,
             stuck_after: config.stuck_after,
+            ops: Some((listener, ops)),
         })
     }
 
+    /// The port of the health probes and `/metrics` (useful when configured with port 0).
+    pub fn ops_port(&self) -> u16 {
+        self.ops
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+            .map_or(0, |addr| addr.port())
+    }
+
     /// Runs until `shutdown` resolves; the batch in hand is finished first.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
         tokio::pin!(shutdown);
-        let manager = Arc::new(self);
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let forwarding = tokio::spawn(manager.signal.clone().forward(manager.pool.clone(), {
+        let until_stopped = move || {
             let mut stopped = stopped.clone();
             async move {
                 let _ = stopped.wait_for(|stopped| *stopped).await;
             }
-        }));
+        };
+        let ops = self.ops.take().map(|(listener, routes)| {
+            tokio::spawn(http::serve_ops(listener, routes, until_stopped()))
+        });
+        let manager = Arc::new(self);
+        let forwarding = tokio::spawn(
+            manager
+                .signal
+                .clone()
+                .forward(manager.pool.clone(), until_stopped()),
+        );
         let mut sweeps = tokio::time::interval(manager.stuck_after.max(Duration::from_secs(1)));
         sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batches = manager.consumer.stream().ready_chunks(MAX_BATCH);
@@ -154,6 +200,9 @@ impl ProcessManager {
         }
         let _ = stop.send(true);
         let _ = forwarding.await;
+        if let Some(ops) = ops {
+            let _ = ops.await;
+        }
         tracing::info!("process manager stopped");
     }
 

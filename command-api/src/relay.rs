@@ -42,6 +42,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_IN_FLIGHT: usize = 4;
 /// Shortest pause between two `NOTIFY`s from one process.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
+/// How often the leader measures its lag for `/metrics`.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -135,6 +137,7 @@ impl Relay {
             tokio::select! {
                 () = &mut shutdown => return,
                 result = self.lead() => {
+                    metrics::gauge!("ledger_relay_leader").set(0.0);
                     let Err(err) = result;
                     tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "relay interrupted");
                 }
@@ -164,6 +167,7 @@ impl Relay {
             tokio::time::sleep(self.config.leader_retry).await;
         }
         tracing::info!("relay is the leader");
+        metrics::gauge!("ledger_relay_leader").set(1.0);
         // A producer per term: one that hit a fatal error (an idempotence violation after a
         // broker lost state, say) cannot be used again.
         let producer: FutureProducer = self.config.kafka.producer().create()?;
@@ -182,8 +186,17 @@ impl Relay {
         // the next batch overlaps waiting for the broker.
         let mut acked = event_log::load_checkpoint(&self.pool, READER).await?;
         let mut sent = acked;
-        let mut in_flight: VecDeque<(LogPosition, Vec<DeliveryFuture>)> = VecDeque::new();
+        let mut in_flight: VecDeque<(LogPosition, Sent)> = VecDeque::new();
+        let mut lag_measured = tokio::time::Instant::now() - LAG_INTERVAL;
         loop {
+            if lag_measured.elapsed() >= LAG_INTERVAL {
+                let lag = event_log::lag(&self.pool, acked).await?;
+                metrics::gauge!("ledger_relay_lag_events").set(lag.events as f64);
+                metrics::gauge!("ledger_relay_lag_seconds").set(lag.seconds);
+                metrics::gauge!("ledger_relay_oldest_transaction_seconds")
+                    .set(lag.oldest_transaction_seconds);
+                lag_measured = tokio::time::Instant::now();
+            }
             if in_flight.len() < MAX_IN_FLIGHT {
                 let batch =
                     event_log::read_committed(&self.pool, sent, self.config.batch_size).await?;
@@ -193,8 +206,12 @@ impl Relay {
                     continue;
                 }
             }
-            if let Some((last, deliveries)) = in_flight.pop_front() {
-                acknowledged(deliveries).await?;
+            if let Some((last, sent)) = in_flight.pop_front() {
+                acknowledged(sent.deliveries).await?;
+                for (topic, count) in sent.per_topic {
+                    metrics::counter!("ledger_relay_published_total", "topic" => topic)
+                        .increment(count);
+                }
                 if !event_log::advance_checkpoint(&self.pool, READER, acked, last).await? {
                     return Err(RelayError::Deposed);
                 }
@@ -219,16 +236,29 @@ impl Relay {
     }
 }
 
-/// Hands `batch` to the producer, in order; returns its pending acknowledgements.
+/// A batch handed to the producer.
+struct Sent {
+    /// Its pending acknowledgements, in order.
+    deliveries: Vec<DeliveryFuture>,
+    /// Messages per topic, counted once acknowledged.
+    per_topic: Vec<(String, u64)>,
+}
+
+/// Hands `batch` to the producer, in order.
 async fn send(
     producer: &FutureProducer,
     config: &KafkaConfig,
     batch: &[LoggedEvent],
-) -> Result<Vec<DeliveryFuture>, RelayError> {
+) -> Result<Sent, RelayError> {
     let mut deliveries = Vec::with_capacity(batch.len());
+    let mut per_topic: Vec<(String, u64)> = Vec::new();
     for event in batch {
         let envelope = kafka::envelope(event);
         let topic = config.events_topic(&event.aggregate_type);
+        match per_topic.iter_mut().find(|(name, _)| *name == topic) {
+            Some((_, count)) => *count += 1,
+            None => per_topic.push((topic.clone(), 1)),
+        }
         let mut record = FutureRecord::to(&topic)
             .key(&envelope.key)
             .payload(&envelope.value)
@@ -247,7 +277,10 @@ async fn send(
             }
         }
     }
-    Ok(deliveries)
+    Ok(Sent {
+        deliveries,
+        per_topic,
+    })
 }
 
 /// Waits until the broker acknowledged every one of `deliveries`.

@@ -17,8 +17,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::Router;
 use cqrs_es::Aggregate;
 use domain::{Account, AccountEvent, Transfer};
 use futures::StreamExt;
@@ -27,8 +29,10 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use service_kit::config::{self, ConfigError};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
-use service_kit::kafka::{self, KafkaConfig, headers};
+use service_kit::http::{self, Need, Readiness};
+use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use sqlx::PgPool;
+use tokio::net::TcpListener;
 use uuid::Uuid;
 
 use crate::model::{AccountRow, EntryRow, FoldError, StreamEvent};
@@ -49,6 +53,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// `PROJECTOR_GROUP` (default `ledger-projector`): the consumer group.
     pub group: String,
+    /// `PROJECTOR_ADDR` (default `127.0.0.1:8082`; port 0 picks one): where the health probes
+    /// and `/metrics` are served.
+    pub listen: SocketAddr,
 }
 
 impl Config {
@@ -57,6 +64,7 @@ impl Config {
             database: DatabaseConfig::from_env()?,
             kafka: KafkaConfig::from_env()?,
             group: config::optional("PROJECTOR_GROUP").unwrap_or_else(|| "ledger-projector".into()),
+            listen: config::parsed_or("PROJECTOR_ADDR", SocketAddr::from(([127, 0, 0, 1], 8082)))?,
         })
     }
 }
@@ -69,6 +77,11 @@ pub enum ProjectorError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Setup(#[from] kafka::KafkaSetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A message that will not be applied, and why.
@@ -80,8 +93,10 @@ struct Rejected {
 
 pub struct Projector {
     pool: PgPool,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ConsumerLag>,
     dead_letters: FutureProducer,
+    /// Health probes and `/metrics`: the bound listener and its routes, until served.
+    ops: Option<(TcpListener, Router)>,
     transfer_topic: String,
     deadletter_topic: String,
 }
@@ -103,20 +118,50 @@ impl Projector {
                 deadletter_topic.clone(),
             ])
             .await?;
-        let consumer: StreamConsumer = config.kafka.consumer(&config.group).create()?;
+        let consumer: StreamConsumer<ConsumerLag> = config
+            .kafka
+            .consumer(&config.group)
+            .create_with_context(ConsumerLag("ledger_projector_lag_messages"))?;
         consumer.subscribe(&[&account_topic, &transfer_topic])?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ProjectorError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let ops = http::ops_routes(
+            Readiness::new(pool.clone())
+                .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required),
+            service_kit::metrics::install("projector"),
+        );
         Ok(Self {
             pool,
             consumer,
+            ops: Some((listener, ops)),
             dead_letters: config.kafka.producer().create()?,
             transfer_topic,
             deadletter_topic,
         })
     }
 
+    /// The port of the health probes and `/metrics` (useful when configured with port 0).
+    pub fn ops_port(&self) -> u16 {
+        self.ops
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+            .map_or(0, |addr| addr.port())
+    }
+
     /// Projects until `shutdown` resolves. The batch in hand is finished first.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) {
+    pub async fn run_until_stopped(mut self, shutdown: impl Future<Output = ()> + Send) {
         tokio::pin!(shutdown);
+        let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ops = self.ops.take().map(|(listener, routes)| {
+            tokio::spawn(http::serve_ops(listener, routes, async {
+                let _ = ops_stopped.await;
+            }))
+        });
         let mut batches = self.consumer.stream().ready_chunks(MAX_BATCH);
         loop {
             let batch = tokio::select! {
@@ -135,6 +180,10 @@ impl Projector {
                 })
                 .collect();
             self.handle(&messages).await;
+        }
+        let _ = stop_ops.send(());
+        if let Some(ops) = ops {
+            let _ = ops.await;
         }
         tracing::info!("projector stopped");
     }
@@ -190,6 +239,13 @@ impl Projector {
             }
         }
         for message in messages {
+            let applied = !rejected
+                .iter()
+                .any(|r| r.partition == message.partition() && r.offset == message.offset());
+            if applied {
+                metrics::counter!("ledger_projector_applied_total", "topic" => message.topic().to_owned())
+                    .increment(1);
+            }
             if let Err(err) = self.consumer.store_offset_from_message(message) {
                 tracing::warn!(error = %err, "storing offset failed");
             }
@@ -331,6 +387,8 @@ impl Projector {
             reason,
             "dead-lettering a message"
         );
+        metrics::counter!("ledger_projector_deadletters_total", "topic" => message.topic().to_owned())
+            .increment(1);
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for header in original.iter() {

@@ -34,8 +34,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/entries", get(list_entries))
         .merge(crate::audit::router())
         .merge(crate::transfers::router())
-        .route("/health/live", get(service_kit::http::live))
-        .route("/health/ready", get(ready))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .with_state(state)
 }
@@ -427,10 +425,6 @@ pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String)
         .then(|| items.last().map(|last| encode_cursor(&key(last))))
         .flatten();
     Page { items, next_cursor }
-}
-
-async fn ready(State(state): State<AppState>) -> Response {
-    service_kit::http::ready(&state.pool).await
 }
 
 #[derive(OpenApi)]

@@ -19,6 +19,7 @@ use axum::extract::FromRef;
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::{self, DatabaseError};
+use service_kit::http::{self, Readiness};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -107,14 +108,18 @@ impl Application {
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);
         tokio::spawn(watch_projections(pool.clone(), projected_tx));
+        let ops = http::ops_routes(
+            Readiness::new(pool.clone()),
+            service_kit::metrics::install("query-api"),
+        );
         let state = AppState {
             pool,
             auth: Arc::new(Authenticator::new(&config.auth)?),
             max_wait: config.max_wait,
             projected,
         };
-        let router = service_kit::http::with_standard_layers(service_kit::http::with_cors(
-            api::router(state),
+        let router = http::with_standard_layers(http::with_cors(
+            api::router(state).merge(ops),
             config.cors_origins,
         ));
         let listener =

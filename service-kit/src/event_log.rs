@@ -202,6 +202,41 @@ pub async fn has_pending(pool: &PgPool, after: LogPosition) -> Result<bool, sqlx
     .await
 }
 
+/// How far a reader at `after` is behind the log, for its metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    /// Positions between `after` and the newest event: the events not read yet, give or take
+    /// the positions of rolled-back appends.
+    pub events: i64,
+    /// Age of the oldest event not read yet; 0 when there is none.
+    pub seconds: f64,
+    /// Age of the oldest transaction holding an xid: nothing it may still write can be read
+    /// until it ends, so a long one delays (never breaks) every reader.
+    pub oldest_transaction_seconds: f64,
+}
+
+/// Measures [`Lag`] with three index lookups.
+pub async fn lag(pool: &PgPool, after: LogPosition) -> Result<Lag, sqlx::Error> {
+    let (events, seconds, oldest_transaction_seconds): (i64, f64, f64) = sqlx::query_as(
+        "SELECT \
+           greatest(coalesce((SELECT max(global_position) FROM events), 0) - $2, 0), \
+           coalesce((SELECT extract(epoch FROM now() - recorded_at)::float8 FROM events \
+                     WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
+                     ORDER BY tx_id, global_position LIMIT 1), 0), \
+           coalesce((SELECT extract(epoch FROM now() - min(xact_start))::float8 \
+                     FROM pg_stat_activity WHERE backend_xid IS NOT NULL), 0)",
+    )
+    .bind(after.tx_id.to_string())
+    .bind(after.global_position)
+    .fetch_one(pool)
+    .await?;
+    Ok(Lag {
+        events,
+        seconds,
+        oldest_transaction_seconds,
+    })
+}
+
 /// The saved position of `reader`, or the start of the log.
 pub async fn load_checkpoint(
     executor: impl PgExecutor<'_>,

@@ -1,15 +1,19 @@
-//! HTTP plumbing shared by the APIs: request ids, request tracing, panics as problems, health
-//! probes and graceful shutdown.
+//! HTTP plumbing shared by the APIs: request ids, request tracing and metrics, panics as
+//! problems, health probes, `/metrics`, and graceful shutdown.
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{FromRequestParts, Request};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
+use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -17,12 +21,13 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::config::{self, ConfigError};
+use crate::kafka::BrokerProbe;
 use crate::problem::Problem;
 
 /// Header carrying the request id, set by us when the client did not.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// How long the readiness probe waits for the database.
+/// How long the readiness probe waits for each dependency.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `CORS_ALLOWED_ORIGINS`: the origins (comma-separated, e.g. `https://app.example.com`) whose
@@ -86,13 +91,14 @@ pub fn with_cors(router: Router, origins: Vec<HeaderValue>) -> Router {
 
 /// Wraps a router with the layers every API has, outermost first: a request id on every
 /// request and response, one span per request (with method, path, request id and tenant),
-/// and a panic answered as a 500 problem instead of a dropped connection.
+/// request metrics, and a panic answered as a 500 problem instead of a dropped connection.
 pub fn with_standard_layers(router: Router) -> Router {
     router
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("handler panicked");
             Problem::internal().into_response()
         }))
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()
@@ -146,23 +152,117 @@ pub async fn live() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: the database answers within [`READINESS_TIMEOUT`].
-pub async fn ready(pool: &PgPool) -> Response {
-    let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool);
-    match tokio::time::timeout(READINESS_TIMEOUT, probe).await {
-        Ok(Ok(_)) => (
-            StatusCode::OK,
-            Json(serde_json::json!({ "status": "ready", "database": "ok" })),
+/// Whether a dependency must answer for the process to be ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Unreachable: not ready, so the orchestrator stops routing to the process.
+    Required,
+    /// Unreachable: reported in the probe's body and logs, still ready. For the command API's
+    /// relay: the API keeps accepting commands while the broker is away, and the relay
+    /// publishes them when it is back; taking the API out of service would turn a delayed
+    /// pipeline into an outage.
+    Reported,
+}
+
+/// What `/health/ready` checks: the database always, the broker when the process uses one.
+#[derive(Clone)]
+pub struct Readiness {
+    pool: PgPool,
+    broker: Option<(BrokerProbe, Need)>,
+}
+
+impl Readiness {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool, broker: None }
+    }
+
+    pub fn with_broker(mut self, probe: BrokerProbe, need: Need) -> Self {
+        self.broker = Some((probe, need));
+        self
+    }
+
+    /// Checks every dependency (in parallel, each within [`READINESS_TIMEOUT`]): 200 with each
+    /// one's state, or a 503 problem naming the first one missing.
+    pub async fn check(&self) -> Response {
+        let database = async {
+            let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
+            match tokio::time::timeout(READINESS_TIMEOUT, probe).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "readiness: database error");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!("readiness: database timed out");
+                    false
+                }
+            }
+        };
+        let broker = async {
+            match &self.broker {
+                None => None,
+                Some((probe, need)) => {
+                    let reachable = probe.reachable(READINESS_TIMEOUT).await;
+                    if !reachable {
+                        tracing::warn!("readiness: no broker answered");
+                    }
+                    Some((reachable, *need))
+                }
+            }
+        };
+        let (database, broker) = tokio::join!(database, broker);
+        if !database {
+            return Problem::unavailable("The database").into_response();
+        }
+        if let Some((false, Need::Required)) = broker {
+            return Problem::unavailable("The Kafka broker").into_response();
+        }
+        let mut body = serde_json::json!({ "status": "ready", "database": "ok" });
+        if let Some((reachable, _)) = broker {
+            body["broker"] = (if reachable { "ok" } else { "unreachable" }).into();
+        }
+        (StatusCode::OK, Json(body)).into_response()
+    }
+}
+
+/// The routes every process serves for its operators: `/health/live`, `/health/ready` and
+/// `/metrics` (Prometheus text; the pool gauges are sampled on each scrape).
+pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route(
+            "/health/ready",
+            get(|State(readiness): State<Readiness>| async move { readiness.check().await }),
         )
-            .into_response(),
-        Ok(Err(err)) => {
-            tracing::warn!(error = %err, "readiness: database error");
-            Problem::unavailable("The database").into_response()
-        }
-        Err(_) => {
-            tracing::warn!("readiness: database timed out");
-            Problem::unavailable("The database").into_response()
-        }
+        .with_state(readiness.clone())
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                let pool = readiness.pool.clone();
+                async move {
+                    crate::metrics::record_pool(&pool);
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+}
+
+/// Serves [`ops_routes`] on `listener` until `shutdown`: the HTTP face of a process that has no
+/// API of its own (the projector, the process manager).
+pub async fn serve_ops(
+    listener: TcpListener,
+    routes: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if let Err(err) = axum::serve(listener, with_standard_layers(routes))
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %err, "the ops endpoint stopped");
     }
 }
 

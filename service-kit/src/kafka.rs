@@ -5,12 +5,16 @@
 //! contract with analysts; change them only with a new documented version.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{self, ConfigError};
@@ -82,7 +86,9 @@ impl KafkaConfig {
             // data is there, which would add this much to every event's way to the read model.
             .set("fetch.wait.max.ms", "10")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            // For [`ConsumerLag`]: how often librdkafka reports each partition's lag.
+            .set("statistics.interval.ms", "5000");
         config
     }
 
@@ -119,6 +125,52 @@ pub enum KafkaSetupError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+}
+
+/// A consumer context that publishes each assigned partition's lag (messages between the
+/// committed offset and the end of the partition, from librdkafka's statistics) as the gauge
+/// named here, labelled by topic and partition.
+pub struct ConsumerLag(pub &'static str);
+
+impl ClientContext for ConsumerLag {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in statistics.topics {
+            for (partition, stats) in stats.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; a negative lag is unknown.
+                if partition < 0 || stats.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    self.0,
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(stats.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ConsumerLag {}
+
+/// Asks the brokers for metadata, which needs a live connection: the readiness probe's view of
+/// the broker. One client for the life of the process, since each client starts threads.
+#[derive(Clone)]
+pub struct BrokerProbe(Arc<BaseConsumer>);
+
+impl BrokerProbe {
+    pub fn new(config: &KafkaConfig) -> Result<Self, rdkafka::error::KafkaError> {
+        Ok(Self(Arc::new(config.client().create()?)))
+    }
+
+    /// Whether a broker answered within `timeout`.
+    pub async fn reachable(&self, timeout: Duration) -> bool {
+        let client = self.0.clone();
+        // librdkafka's metadata call blocks its thread.
+        tokio::task::spawn_blocking(move || client.fetch_metadata(None, timeout).is_ok())
+            .await
+            .unwrap_or(false)
+    }
 }
 
 /// Header names of the CloudEvents binary mode, plus our extensions.

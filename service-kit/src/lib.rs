@@ -5,7 +5,8 @@
 //! - [`telemetry`]: `tracing` subscriber (human or JSON lines).
 //! - [`problem`]: RFC 9457 `application/problem+json` responses.
 //! - [`auth`]: JWT bearer authentication, claims and roles.
-//! - [`http`]: request ids, request tracing, health probes and graceful shutdown.
+//! - [`http`]: request ids, request tracing, health probes, `/metrics`, graceful shutdown.
+//! - [`metrics`]: the Prometheus recorder and the request metrics.
 //! - [`db`]: the Postgres pool and the embedded migrations.
 //! - [`event_log`]: reading the global event log in commit order, and readers' checkpoints.
 //! - [`kafka`]: Kafka client settings, topic names, the CloudEvents envelope.
@@ -21,6 +22,7 @@ pub mod event_log;
 pub mod hash_chain;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod problem;
 pub mod progress;
 pub mod rate_limit;

@@ -187,6 +187,7 @@ async fn project(database: &DatabaseConfig, kafka: &KafkaConfig) -> anyhow::Resu
         database: database.clone(),
         kafka: kafka.clone(),
         group: "bench-projector".into(),
+        listen: "127.0.0.1:0".parse()?,
     })
     .await?;
     let task = tokio::spawn(projector.run_until_stopped(std::future::pending()));
@@ -253,6 +254,8 @@ async fn end_to_end(
             .env("KAFKA_BROKERS", &kafka.brokers)
             // The group that already projected the seeded events: it resumes at their end.
             .env("PROJECTOR_GROUP", "bench-projector")
+            .env("PROJECTOR_ADDR", "127.0.0.1:0")
+            .env("PROCESS_MANAGER_ADDR", "127.0.0.1:0")
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
             .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
             .env("QUERY_API_MAX_WAIT_MS", "5000")

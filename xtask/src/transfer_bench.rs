@@ -53,6 +53,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             .env("JWT_HS256_SECRET", SECRET)
             .env("KAFKA_BROKERS", &broker.address)
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+            .env("PROJECTOR_ADDR", "127.0.0.1:0")
+            .env("PROCESS_MANAGER_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

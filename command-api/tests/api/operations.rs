@@ -1,5 +1,9 @@
+use std::time::Duration;
+
 use axum::http::HeaderValue;
+use command_api::relay::RelayConfig;
 use reqwest::{Method, StatusCode};
+use service_kit::kafka::KafkaConfig;
 
 use crate::helpers::TestApp;
 
@@ -13,6 +17,105 @@ async fn health_probes_answer() {
         .await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.body["database"], "ok");
+}
+
+/// The relay needs the broker; the API does not. So a missing broker shows in the probe's body
+/// (and the relay's logs) while the API stays in service, accepting commands for later.
+#[tokio::test]
+async fn readiness_reports_a_missing_broker_without_leaving_service() {
+    let app = TestApp::spawn_adjusted(|config| {
+        config.relay = Some(RelayConfig {
+            kafka: KafkaConfig {
+                // Nothing listens on port 1.
+                brokers: "127.0.0.1:1".into(),
+                topic_prefix: "nowhere".into(),
+                partitions: 1,
+            },
+            batch_size: 100,
+            idle_poll: Duration::from_millis(200),
+            leader_retry: Duration::from_millis(200),
+        });
+    })
+    .await;
+    let ready = app
+        .send(Method::GET, "/health/ready", None, &[], None)
+        .await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.body["database"], "ok");
+    assert_eq!(ready.body["broker"], "unreachable");
+    let account = app.open_account(&app.teller(), 0).await;
+    assert_eq!(app.deposit(account, 5).await.version(), 2);
+}
+
+/// `/metrics` is Prometheus text with the series the dashboards and alerts use: requests by
+/// route template (never the raw path), commands by outcome, the pool.
+#[tokio::test]
+async fn metrics_count_requests_and_commands() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    assert_eq!(app.deposit(account, 5).await.version(), 2);
+    let refused = app
+        .post(
+            &format!("/v1/accounts/{account}/withdrawals"),
+            serde_json::json!({"amount": 50, "currency": "EUR"}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let response = reqwest::get(format!("{}/metrics", app.base)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    let series = |name: &str, labels: &[&str]| {
+        text.lines()
+            .any(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
+    };
+    assert!(
+        series(
+            "http_requests_total",
+            &[
+                r#"route="/v1/accounts/{id}/deposits""#,
+                r#"status="200""#,
+                r#"method="POST""#
+            ]
+        ),
+        "{text}"
+    );
+    assert!(
+        series(
+            "http_request_duration_seconds_bucket",
+            &[r#"route="/v1/accounts""#, r#"status="201""#]
+        ),
+        "{text}"
+    );
+    assert!(
+        series(
+            "ledger_commands_total",
+            &[r#"command="deposit""#, r#"outcome="accepted""#]
+        ),
+        "{text}"
+    );
+    assert!(
+        series(
+            "ledger_commands_total",
+            &[r#"command="withdraw""#, r#"outcome="rejected""#]
+        ),
+        "{text}"
+    );
+    assert!(
+        series("ledger_db_pool_connections", &[r#"state="idle""#]),
+        "{text}"
+    );
+    assert!(series("ledger_db_pool_max_connections", &[]), "{text}");
+    assert!(
+        !text.contains(&account.to_string()),
+        "a raw path leaked into a label"
+    );
 }
 
 #[tokio::test]

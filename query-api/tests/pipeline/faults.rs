@@ -5,6 +5,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use reqwest::StatusCode;
 use serde_json::json;
 use service_kit::kafka::{KafkaConfig, header, headers};
 
@@ -282,18 +283,59 @@ async fn a_broker_outage_delays_events_but_loses_none() {
     system.move_money(account, 1).await;
     system.account_at(account, 2).await;
 
+    let ready = format!("{}/health/ready", system.projector_ops);
+    assert_eq!(readiness(&system, &ready).await, StatusCode::OK);
+
     broker.kill().await;
     // Commands do not depend on the broker: they are accepted and stored meanwhile.
     for _ in 0..10 {
         system.move_money(account, 1).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The projector cannot work without the broker, and says so.
+    eventually(&system, &ready, StatusCode::SERVICE_UNAVAILABLE).await;
     broker.restart().await;
+    eventually(&system, &ready, StatusCode::OK).await;
 
     assert_eq!(system.account_at(account, 12).await["balance"], 11);
     system.converged(Duration::from_secs(30)).await;
+    let metrics = system
+        .client
+        .get(format!("{}/metrics", system.projector_ops))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("ledger_projector_applied_total")
+                && line.contains("outage.account.events")),
+        "{metrics}"
+    );
     // Kafka clients leave their group on drop, which needs the broker: stop them first.
     system.kill_relay().await;
     system.kill_projector().await;
     drop(broker);
+}
+
+async fn readiness(system: &System, url: &str) -> StatusCode {
+    system.client.get(url).send().await.unwrap().status()
+}
+
+/// Waits (at most 20 s) until the probe at `url` answers `expected`.
+async fn eventually(system: &System, url: &str, expected: StatusCode) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = readiness(system, url).await;
+        if status == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} answered {status}, not {expected}, for 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -55,6 +55,8 @@ pub(crate) struct System {
     pub(crate) client: reqwest::Client,
     relay: Option<JoinHandle<()>>,
     projector: Option<JoinHandle<()>>,
+    /// The running projector's health probes and `/metrics`.
+    pub(crate) projector_ops: String,
     process_manager: Option<JoinHandle<()>>,
 }
 
@@ -115,6 +117,7 @@ impl System {
                 .unwrap(),
             relay: None,
             projector: None,
+            projector_ops: String::new(),
             process_manager: None,
         };
         system.start_relay().await;
@@ -129,6 +132,7 @@ impl System {
             database: self.database.config.clone(),
             kafka: self.kafka.clone(),
             group: format!("{}-process-manager", self.kafka.topic_prefix),
+            listen: "127.0.0.1:0".parse().unwrap(),
             stuck_after: Duration::from_secs(2),
             aggregate_cache: NonZeroUsize::new(1000).unwrap(),
             conflict_retries: 5,
@@ -179,9 +183,11 @@ impl System {
             database: self.database.config.clone(),
             kafka: self.kafka.clone(),
             group: format!("{}-projector", self.kafka.topic_prefix),
+            listen: "127.0.0.1:0".parse().unwrap(),
         })
         .await
         .unwrap();
+        self.projector_ops = format!("http://127.0.0.1:{}", projector.ops_port());
         self.projector = Some(tokio::spawn(
             projector.run_until_stopped(std::future::pending()),
         ));

@@ -1,0 +1,73 @@
+//! Prometheus metrics: one recorder per process, rendered by `GET /metrics`.
+//!
+//! Names follow Prometheus conventions (`_total` counters, `_seconds` histograms), and every
+//! series carries a `service` label so one dashboard can show all processes. The names are a
+//! contract with `deploy/prometheus` and `deploy/grafana`: change them together.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+
+/// Request latency buckets, in seconds: from a cached read to a request that waited for a
+/// read model.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's recorder, labelling every series with `service`; returns the handle
+/// that renders them. Later calls (several services in one test process) return the first
+/// handle.
+pub fn install(service: &'static str) -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .add_global_label("service", service)
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the latency buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Middleware: counts and times every request by method, route template (never the raw path,
+/// which would make one series per account) and status.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let labels = [
+        ("method", method),
+        ("route", route),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Samples the pool's use; called on each scrape, so the gauges are as fresh as the scrape.
+pub fn record_pool(pool: &PgPool) {
+    let size = pool.size() as f64;
+    let idle = pool.num_idle() as f64;
+    metrics::gauge!("ledger_db_pool_connections", "state" => "idle").set(idle);
+    metrics::gauge!("ledger_db_pool_connections", "state" => "in_use").set(size - idle);
+    metrics::gauge!("ledger_db_pool_max_connections")
+        .set(f64::from(pool.options().get_max_connections()));
+}
