@@ -7,7 +7,7 @@
 # workspace once and each image only copies its binary out. Building the four packages in one
 # cargo invocation also compiles their shared dependencies once.
 FROM rust:1.95-bookworm AS build
-# rdkafka builds librdkafka (>= 2.2) from source with cmake; it links libcurl.
+# rdkafka builds librdkafka (>= 2.2) from source: the build needs what README.md lists.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake libcurl4-openssl-dev \
  && rm -rf /var/lib/apt/lists/*
