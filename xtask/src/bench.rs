@@ -15,7 +15,7 @@ use tokio::process::Command;
 use crate::args::Flags;
 use crate::dev::{stop, workspace_root};
 
-const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
+pub(crate) const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 1000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
@@ -224,7 +224,13 @@ pub(crate) fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
 
 /// Replaces the `name` section of `BENCHMARKS.md` (between its markers), keeping the others.
 pub(crate) fn write_section(name: &str, content: &str) -> anyhow::Result<()> {
-    let path = workspace_root().join("BENCHMARKS.md");
+    write_section_in("BENCHMARKS.md", name, content)
+}
+
+/// Replaces the `name` section of `file` (between its markers), keeping the rest; a missing
+/// section is added at the end.
+pub(crate) fn write_section_in(file: &str, name: &str, content: &str) -> anyhow::Result<()> {
+    let path = workspace_root().join(file);
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let begin = format!("<!-- bench:{name} -->");
     let end = format!("<!-- /bench:{name} -->");
@@ -236,24 +242,26 @@ pub(crate) fn write_section(name: &str, content: &str) -> anyhow::Result<()> {
             &existing[..start],
             &existing[stop + end.len()..].trim_start_matches('\n')
         ),
-        _ if existing.starts_with("# Benchmarks") && existing.contains("<!-- bench:") => {
-            format!("{}\n{section}", existing.trim_end())
-        }
+        _ if !existing.is_empty() => format!("{}\n\n{section}", existing.trim_end()),
         _ => format!("{header}{section}"),
     };
     std::fs::write(path, updated)?;
     Ok(())
 }
 
-/// A new, empty, migrated database (the old one is dropped), plus the pgbench baseline table.
-pub(crate) async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<()> {
+/// Drops and creates `database`, whose name must start with `prefix` (a guard against
+/// dropping anything else).
+pub(crate) async fn recreate_database(
+    database: &DatabaseConfig,
+    prefix: &str,
+) -> anyhow::Result<()> {
     let name = database
         .url
         .rsplit('/')
         .next()
         .and_then(|tail| tail.split('?').next())
-        .filter(|name| name.starts_with("ledger_bench"))
-        .context("the benchmark database's name must start with ledger_bench")?;
+        .filter(|name| name.starts_with(prefix))
+        .with_context(|| format!("the database's name must start with {prefix}"))?;
     let admin_url = database.url.replace(&format!("/{name}"), "/postgres");
     let admin = sqlx::PgPool::connect(&admin_url)
         .await
@@ -263,6 +271,12 @@ pub(crate) async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<
         .await?;
     admin.close().await;
     db::ensure_database_exists(database).await?;
+    Ok(())
+}
+
+/// A new, empty, migrated database (the old one is dropped), plus the pgbench baseline table.
+pub(crate) async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<()> {
+    recreate_database(database, "ledger_bench").await?;
     let pool = db::connect(database).await?;
     db::migrate(&pool).await?;
     // The baseline: the same columns and key as postgres-es's table, no trigger, no extra index.

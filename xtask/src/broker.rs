@@ -22,7 +22,10 @@ pub(crate) enum Storage {
 /// A running broker; stopped when dropped.
 pub(crate) struct Broker {
     pub(crate) address: String,
-    _child: Child,
+    binary: PathBuf,
+    /// `--storage-engine`: a URL.
+    storage: String,
+    child: Option<Child>,
 }
 
 /// The nisshi binary, installed first if missing (about 13 minutes on a fresh machine: its
@@ -69,40 +72,61 @@ fn find() -> Option<PathBuf> {
 
 /// Starts a broker on a free loopback port and waits until it accepts connections.
 pub(crate) async fn start(storage: Storage) -> anyhow::Result<Broker> {
-    let binary = ensure_installed().await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let storage = match storage {
-        Storage::Memory => "memory://nisshi/".to_owned(),
-        Storage::Postgres(url) => url,
+    let mut broker = Broker {
+        binary: ensure_installed().await?,
+        address: format!("127.0.0.1:{port}"),
+        storage: match storage {
+            Storage::Memory => "memory://nisshi/".to_owned(),
+            Storage::Postgres(url) => url,
+        },
+        child: None,
     };
-    let child = Command::new(binary)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            &storage,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting nisshi")?;
-    let address = format!("127.0.0.1:{port}");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(&address).await.is_ok() {
-            return Ok(Broker {
-                address,
-                _child: child,
-            });
+    broker.restart().await?;
+    Ok(broker)
+}
+
+impl Broker {
+    /// Starts the broker (again) on its port; what it keeps depends on its storage.
+    pub(crate) async fn restart(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://{}", self.address);
+        self.child = Some(
+            Command::new(&self.binary)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    &self.storage,
+                ])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting nisshi")?,
+        );
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        bail!(
+            "nisshi did not accept connections on {} within 10 s",
+            self.address
+        )
     }
-    bail!("nisshi did not accept connections on {address} within 10 s")
+
+    /// SIGKILL: no goodbye to clients, as a crash.
+    pub(crate) async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
 }

@@ -16,6 +16,7 @@ mod args;
 mod audit_bench;
 mod bench;
 mod broker;
+mod chaos;
 mod dev;
 mod fuzz;
 mod pipeline_bench;
@@ -32,6 +33,9 @@ commands:
                          mint a development JWT
   test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
   fuzz [--examples N]    schemathesis against both APIs' OpenAPI documents
+  chaos [--seconds S] [--clients C] [--restart-postgres yes|no]
+                         kill -9 and restart each process, the broker and Postgres under load;
+                         checks nothing acknowledged is lost or doubled; writes RELIABILITY.md
   bench commands         command throughput/latency vs pgbench; writes BENCHMARKS.md
   bench pipeline [--events N] [--rate R] [--seconds S]
                          relay, projector, rebuild throughput and end-to-end latency
@@ -53,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         Some("test") => test::run(&rest).await,
         Some("bench") => bench::run(&rest).await,
         Some("fuzz") => fuzz::run(&rest).await,
+        Some("chaos") => chaos::run(&rest).await,
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())
