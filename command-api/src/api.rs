@@ -15,7 +15,7 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use service_kit::problem::{BearerAuth, ProblemDocument};
+use service_kit::problem::{BearerAuth, ProblemDocument, RateLimitedResponses};
 
 use crate::AppState;
 use crate::commands::{CommandContext, Committed, Idempotency, Target};
@@ -415,6 +415,6 @@ fn accepted(status: StatusCode, committed: Committed) -> Response {
         OpenAccountRequest, MoneyRequest, CommandAccepted, TransferRequest, TransferAccepted,
         ProblemDocument,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimitedResponses),
 )]
 pub(crate) struct ApiDoc;

@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use service_kit::auth::AuthConfig;
-use service_kit::config::{self, ConfigError};
+use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::DatabaseConfig;
 use service_kit::kafka::KafkaConfig;
 
@@ -71,3 +71,63 @@ impl RelayConfig {
         })
     }
 }
+
+/// The variables the command API, its relay and the process manager read, beyond
+/// [`service_kit::config::SETTINGS`].
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "COMMAND_API_ADDR",
+        default: "`127.0.0.1:8080`",
+        meaning: "listen address (port 0 picks one)",
+    },
+    Setting {
+        name: "COMMAND_API_MAX_BODY_BYTES",
+        default: "`16384`",
+        meaning: "larger bodies get 413",
+    },
+    Setting {
+        name: "COMMAND_API_AGGREGATE_CACHE",
+        default: "`100000`",
+        meaning: "accounts whose state stays in memory between commands",
+    },
+    Setting {
+        name: "COMMAND_API_CONFLICT_RETRIES",
+        default: "`5`",
+        meaning: "retries after losing a race, without `If-Match`",
+    },
+    Setting {
+        name: "COMMAND_API_RELAY",
+        default: "`true`",
+        meaning: "run the Kafka relay inside the command API",
+    },
+    Setting {
+        name: "RELAY_BATCH_SIZE",
+        default: "`1000`",
+        meaning: "events per relay batch",
+    },
+    Setting {
+        name: "RELAY_IDLE_POLL_MS",
+        default: "`1000`",
+        meaning: "fallback poll when nothing wakes the relay",
+    },
+    Setting {
+        name: "RELAY_LEADER_RETRY_MS",
+        default: "`2000`",
+        meaning: "how often a standby relay tries to become leader",
+    },
+    Setting {
+        name: "PROCESS_MANAGER_GROUP",
+        default: "`ledger-process-manager`",
+        meaning: "the transfer process manager's consumer group",
+    },
+    Setting {
+        name: "PROCESS_MANAGER_ADDR",
+        default: "`127.0.0.1:8083`",
+        meaning: "the process manager's ops server: `/metrics`, `/health/live`, `/health/ready`",
+    },
+    Setting {
+        name: "PROCESS_MANAGER_STUCK_AFTER_MS",
+        default: "`30000`",
+        meaning: "a transfer without progress this long is resumed from the event store (also how often that is looked for)",
+    },
+];

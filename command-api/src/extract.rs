@@ -142,7 +142,12 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
         let idempotency_key = text("idempotency-key", "Idempotency-Key")?;
         let correlation_id =
             text("x-correlation-id", "X-Correlation-Id")?.unwrap_or_else(|| request_id.clone());
-        let traceparent = text("traceparent", "traceparent")?.filter(|value| is_traceparent(value));
+        // Exporting traces, the events carry this request's span, a child of the caller's;
+        // otherwise the caller's own traceparent, so their trace still reaches the events.
+        let traceparent = match service_kit::telemetry::current_traceparent() {
+            Some(ours) => Some(ours),
+            None => text("traceparent", "traceparent")?.filter(|value| is_traceparent(value)),
+        };
         Ok(Self {
             request_id,
             if_match,

@@ -3,7 +3,7 @@ use command_api::relay::{AppendSignal, Relay, RelayConfig};
 use command_api::{Application, Config};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::shutdown_signal;
-use service_kit::telemetry::{self, LogFormat};
+use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
 const USAGE: &str = "usage: command-api [relay|process-transfers]
   (no argument)      serve the command API (and the Kafka relay unless COMMAND_API_RELAY=false)
@@ -12,8 +12,14 @@ const USAGE: &str = "usage: command-api [relay|process-transfers]
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(LogFormat::from_env()?);
-    match std::env::args().nth(1).as_deref() {
+    let command = std::env::args().nth(1);
+    let service = match command.as_deref() {
+        Some("process-transfers") => "process-manager",
+        Some("relay") => "relay",
+        _ => "command-api",
+    };
+    let _telemetry = telemetry::init(LogFormat::from_env()?, &TracingConfig::from_env(service)?)?;
+    match command.as_deref() {
         None => {
             let app = Application::build(Config::from_env()?).await?;
             app.run_until_stopped(shutdown_signal()).await?;

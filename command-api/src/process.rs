@@ -14,6 +14,7 @@
 //! then periodically the manager looks in the event store for transfers that made no progress
 //! for `stuck_after` and drives them.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +33,10 @@ use service_kit::config::{self, ConfigError};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::{self, Need, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
+use service_kit::telemetry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use cqrs_es::Aggregate;
@@ -209,13 +212,20 @@ impl ProcessManager {
     /// Drives the transfers of a batch, then commits its offsets.
     #[tracing::instrument(skip_all, fields(messages = messages.len()))]
     async fn handle(&self, messages: &[BorrowedMessage<'_>]) {
+        let mut traces: HashMap<Uuid, String> = HashMap::new();
         let mut transfers: Vec<Uuid> = messages
             .iter()
             .filter_map(|message| {
-                let id = message
-                    .headers()
+                let headers = message.headers();
+                let id = headers
                     .and_then(|headers| kafka::header(headers, headers::SUBJECT))
                     .and_then(|subject| subject.parse().ok());
+                if let (Some(id), Some(traceparent)) = (
+                    id,
+                    headers.and_then(|headers| kafka::header(headers, headers::TRACEPARENT)),
+                ) {
+                    traces.insert(id, traceparent.to_owned());
+                }
                 if id.is_none() {
                     tracing::error!(
                         partition = message.partition(),
@@ -228,7 +238,7 @@ impl ProcessManager {
             .collect();
         transfers.sort_unstable();
         transfers.dedup();
-        self.drive_all(transfers).await;
+        self.drive_all(transfers, &traces).await;
         for message in messages {
             if let Err(err) = self.consumer.store_offset_from_message(message) {
                 tracing::warn!(error = %err, "storing offset failed");
@@ -239,13 +249,18 @@ impl ProcessManager {
         }
     }
 
-    /// Drives each transfer; retries those that failed because the database was unavailable
-    /// until they pass. Any other failure is logged and left to the sweep.
-    async fn drive_all(&self, mut transfers: Vec<Uuid>) {
+    /// Drives each transfer, continuing the trace of its message if `traces` has one; retries
+    /// those that failed because the database was unavailable until they pass. Any other
+    /// failure is logged and left to the sweep.
+    async fn drive_all(&self, mut transfers: Vec<Uuid>, traces: &HashMap<Uuid, String>) {
         let mut backoff = Duration::from_millis(100);
         while !transfers.is_empty() {
-            let results =
-                futures::future::join_all(transfers.iter().map(|id| self.drive(*id))).await;
+            let results = futures::future::join_all(transfers.iter().map(|id| {
+                let span = tracing::info_span!("drive", transfer = %id);
+                telemetry::continue_trace(&span, traces.get(id).map(String::as_str));
+                self.drive(*id).instrument(span)
+            }))
+            .await;
             let mut retry = Vec::new();
             for (id, result) in transfers.iter().zip(results) {
                 match result {
@@ -270,7 +285,6 @@ impl ProcessManager {
     }
 
     /// Takes the transfer's next steps until it is final, and returns that status.
-    #[tracing::instrument(skip(self))]
     async fn drive(&self, id: Uuid) -> Result<TransferStatus, ApiError> {
         loop {
             let transfer = self.commands.transfer_state(id).await?;
@@ -349,7 +363,7 @@ impl ProcessManager {
             Ok(ids) => {
                 tracing::info!(transfers = ids.len(), "resuming stuck transfers");
                 let ids = ids.iter().filter_map(|id| id.parse().ok()).collect();
-                self.drive_all(ids).await;
+                self.drive_all(ids, &HashMap::new()).await;
             }
             Err(err) => tracing::warn!(error = %err, "looking for stuck transfers failed"),
         }
@@ -368,7 +382,7 @@ fn step_context(terms: &TransferTerms, transfer_id: Uuid, step: &str) -> Command
         actor: "process-manager".into(),
         request_id: command_id.to_string(),
         correlation_id: transfer_id.to_string(),
-        traceparent: None,
+        traceparent: telemetry::current_traceparent(),
         idempotency: None,
     }
 }

@@ -27,10 +27,11 @@ use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use service_kit::config::{self, ConfigError};
+use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
 use service_kit::http::{self, Need, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
+use service_kit::telemetry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -68,6 +69,20 @@ impl Config {
         })
     }
 }
+
+/// The variables the projector reads, beyond [`service_kit::config::SETTINGS`].
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "PROJECTOR_GROUP",
+        default: "`ledger-projector`",
+        meaning: "the projector's consumer group",
+    },
+    Setting {
+        name: "PROJECTOR_ADDR",
+        default: "`127.0.0.1:8082`",
+        meaning: "the projector's ops server: `/metrics`, `/health/live`, `/health/ready`",
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -191,6 +206,13 @@ impl Projector {
     /// Applies a batch and commits its offsets; retries database failures until they pass.
     #[tracing::instrument(skip_all, fields(messages = messages.len()))]
     async fn handle(&self, messages: &[BorrowedMessage<'_>]) {
+        // One span per traced message, in the trace of the command that caused it, open until
+        // the batch that applies it is done.
+        let _traced: Vec<tracing::Span> = if telemetry::exporting() {
+            messages.iter().filter_map(message_span).collect()
+        } else {
+            Vec::new()
+        };
         let mut events = Vec::with_capacity(messages.len());
         let mut rejected = Vec::new();
         let mut transfers: Vec<(i32, i64, Uuid)> = Vec::new();
@@ -428,6 +450,21 @@ impl Projector {
             }
         }
     }
+}
+
+/// A span continuing the trace `message` carries, if it carries one.
+fn message_span(message: &BorrowedMessage<'_>) -> Option<tracing::Span> {
+    let traceparent = message
+        .headers()
+        .and_then(|headers| kafka::header(headers, headers::TRACEPARENT))?;
+    let span = tracing::info_span!(
+        "project",
+        topic = message.topic(),
+        partition = message.partition(),
+        offset = message.offset()
+    );
+    telemetry::continue_trace(&span, Some(traceparent));
+    Some(span)
 }
 
 /// The transfer a message of the transfer topic is about, or why it names none.

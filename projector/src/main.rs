@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use projector::{Config, Projector, check, rebuild};
 use service_kit::db;
 use service_kit::http::shutdown_signal;
-use service_kit::telemetry::{self, LogFormat};
+use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
 const USAGE: &str = "usage: projector [run|rebuild|check]
   run (default)  consume the event topics into the read models
@@ -13,7 +13,10 @@ const USAGE: &str = "usage: projector [run|rebuild|check]
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    telemetry::init(LogFormat::from_env()?);
+    let _telemetry = telemetry::init(
+        LogFormat::from_env()?,
+        &TracingConfig::from_env("projector")?,
+    )?;
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
             Projector::build(Config::from_env()?)

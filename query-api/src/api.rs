@@ -15,7 +15,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use service_kit::problem::{BearerAuth, ProblemDocument};
+use service_kit::problem::{BearerAuth, ProblemDocument, RateLimitedResponses};
 
 use crate::AppState;
 use crate::error::QueryError;
@@ -442,6 +442,6 @@ pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String)
         crate::audit::AuditEventView, crate::audit::EventPage, crate::audit::LogPage,
         crate::audit::AccountStateView, crate::audit::VerificationView, crate::audit::BreakView,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimitedResponses),
 )]
 pub(crate) struct ApiDoc;

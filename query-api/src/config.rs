@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 
 use service_kit::auth::AuthConfig;
-use service_kit::config::{self, ConfigError};
+use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::DatabaseConfig;
 
 #[derive(Debug, Clone)]
@@ -33,3 +33,17 @@ impl Config {
         })
     }
 }
+
+/// The variables the query API reads, beyond [`service_kit::config::SETTINGS`].
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "QUERY_API_ADDR",
+        default: "`127.0.0.1:8081`",
+        meaning: "query API listen address",
+    },
+    Setting {
+        name: "QUERY_API_MAX_WAIT_MS",
+        default: "`2000`",
+        meaning: "longest wait for `min_version`",
+    },
+];

@@ -1,9 +1,12 @@
 use query_api::{Application, Config};
-use service_kit::telemetry::{self, LogFormat};
+use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(LogFormat::from_env()?);
+    let _telemetry = telemetry::init(
+        LogFormat::from_env()?,
+        &TracingConfig::from_env("query-api")?,
+    )?;
     let app = Application::build(Config::from_env()?).await?;
     app.run_until_stopped(service_kit::http::shutdown_signal())
         .await?;

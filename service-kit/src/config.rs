@@ -1,4 +1,4 @@
-//! Typed settings from environment variables, read once at start-up.
+//! Typed settings from environment variables, read once at start-up, and their reference.
 
 use std::str::FromStr;
 
@@ -39,3 +39,118 @@ where
         }),
     }
 }
+
+/// One environment variable, as the configuration reference (README) shows it. Each crate
+/// lists the variables it reads beside its config structs; `cargo xtask config-reference`
+/// renders them all, and its tests fail when the code reads a variable not listed.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub name: &'static str,
+    /// Markdown: a value in backticks, or words such as "(none)".
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+/// The variables the shared plumbing reads: database, tokens, limits, Kafka, logs, traces.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "DATABASE_URL",
+        default: "`postgres://postgres@127.0.0.1:5432/ledger`",
+        meaning: "the event store",
+    },
+    Setting {
+        name: "DATABASE_MAX_CONNECTIONS",
+        default: "`16`",
+        meaning: "pool size per process",
+    },
+    Setting {
+        name: "DATABASE_ACQUIRE_TIMEOUT_MS",
+        default: "`3000`",
+        meaning: "wait for a pooled connection before answering 503",
+    },
+    Setting {
+        name: "DATABASE_STATEMENT_TIMEOUT_MS",
+        default: "`5000`",
+        meaning: "server-side cap on any statement",
+    },
+    Setting {
+        name: "JWT_HS256_SECRET",
+        default: "(none)",
+        meaning: "development: shared HS256 secret, at least 32 bytes",
+    },
+    Setting {
+        name: "JWT_PUBLIC_KEY_PEM",
+        default: "(none)",
+        meaning: "production: PEM public key (instead of the secret)",
+    },
+    Setting {
+        name: "JWT_ALGORITHM",
+        default: "(none)",
+        meaning: "`RS256` or `ES256`, with `JWT_PUBLIC_KEY_PEM`",
+    },
+    Setting {
+        name: "JWT_ISSUER",
+        default: "`ledger`",
+        meaning: "required `iss`",
+    },
+    Setting {
+        name: "JWT_AUDIENCE",
+        default: "`ledger`",
+        meaning: "required `aud`",
+    },
+    Setting {
+        name: "CORS_ALLOWED_ORIGINS",
+        default: "(none)",
+        meaning: "origins whose pages may call the APIs from a browser, comma-separated (`https://app.example.com`); none: no CORS headers, cross-origin calls stay closed",
+    },
+    Setting {
+        name: "RATE_LIMIT_PER_TENANT",
+        default: "(none)",
+        meaning: "requests per second each tenant may sustain, per process; unset: unlimited",
+    },
+    Setting {
+        name: "RATE_LIMIT_BURST",
+        default: "one second's worth",
+        meaning: "requests a tenant may send at once after being idle",
+    },
+    Setting {
+        name: "KAFKA_BROKERS",
+        default: "(none)",
+        meaning: "bootstrap servers; required by the relay and the projector",
+    },
+    Setting {
+        name: "KAFKA_TOPIC_PREFIX",
+        default: "`ledger`",
+        meaning: "topics are `<prefix>.account.events`, `<prefix>.transfer.events`, `<prefix>.deadletter`",
+    },
+    Setting {
+        name: "KAFKA_PARTITIONS",
+        default: "`3`",
+        meaning: "partitions of the topics the services create",
+    },
+    Setting {
+        name: "LOG_FORMAT",
+        default: "`pretty`",
+        meaning: "`json` for one JSON object per line",
+    },
+    Setting {
+        name: "RUST_LOG",
+        default: "`info`",
+        meaning: "log filter",
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: "(none)",
+        meaning: "OpenTelemetry collector for traces, by OTLP (`http://jaeger:4318`); unset: no export",
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default: "`http/protobuf`",
+        meaning: "`http/json` for collectors that take OTLP as JSON",
+    },
+    Setting {
+        name: "OTEL_SERVICE_NAME",
+        default: "the service",
+        meaning: "the service name the traces carry; the compose file and `deploy/k8s/` set it for each process",
+    },
+];

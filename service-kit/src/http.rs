@@ -108,13 +108,21 @@ pub fn with_standard_layers(router: Router) -> Router {
                         .get(REQUEST_ID)
                         .and_then(|value| value.to_str().ok())
                         .unwrap_or_default();
-                    tracing::info_span!(
+                    let span = tracing::info_span!(
                         "request",
                         method = %request.method(),
                         path = %request.uri().path(),
                         request_id,
                         tenant = tracing::field::Empty,
-                    )
+                    );
+                    crate::telemetry::continue_trace(
+                        &span,
+                        request
+                            .headers()
+                            .get("traceparent")
+                            .and_then(|value| value.to_str().ok()),
+                    );
+                    span
                 })
                 .on_request(())
                 .on_response(|response: &Response, latency: Duration, _span: &Span| {

@@ -129,6 +129,43 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Documents the per-tenant rate limit: a 429 problem with `Retry-After` on every operation
+/// that takes a token (the ones documenting a 401), since the limit is per tenant.
+pub struct RateLimitedResponses;
+
+impl utoipa::Modify for RateLimitedResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
+        let response = ResponseBuilder::new()
+            .description("The tenant's request budget is spent (see `RATE_LIMIT_PER_TENANT`)")
+            .content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ProblemDocument")))
+                    .build(),
+            )
+            .header(
+                "Retry-After",
+                HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                    .description(Some("Seconds until a request will be accepted again"))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+                if operation.responses.responses.contains_key("401") {
+                    operation
+                        .responses
+                        .responses
+                        .insert("429".into(), response.clone().into());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,31 @@
-//! The process-wide `tracing` subscriber.
+//! The process-wide `tracing` subscriber, and OpenTelemetry traces when configured.
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported by OTLP over HTTP, and a
+//! trace crosses the system: the request span continues the caller's W3C `traceparent`, the
+//! command writes its own span's `traceparent` into the event metadata, the relay copies it
+//! into the Kafka headers, and the projector and the process manager continue it for each
+//! message. Unset (the default), nothing is exported and none of this costs anything.
 
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+pub use opentelemetry_otlp::Protocol;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{self, ConfigError};
+
+/// Whether spans are exported: only then is there a span context worth propagating.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,14 +50,148 @@ impl LogFormat {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` filters (default `info`). Call once, from `main`.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_span_events(FmtSpan::NONE);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+/// Where traces go, if anywhere.
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, e.g. `http://jaeger:4318`; `None`: no export.
+    pub endpoint: Option<String>,
+    /// `OTEL_SERVICE_NAME`, defaulting to the process's own name.
+    pub service_name: String,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (default) or `http/json`.
+    pub protocol: Protocol,
+}
+
+impl TracingConfig {
+    pub fn from_env(service: &str) -> Result<Self, ConfigError> {
+        let protocol = match config::optional("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
+            None | Some("http/protobuf") => Protocol::HttpBinary,
+            Some("http/json") => Protocol::HttpJson,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    reason: format!("expected `http/protobuf` or `http/json`, got `{other}`"),
+                });
+            }
+        };
+        Ok(Self {
+            endpoint: config::optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            service_name: config::optional("OTEL_SERVICE_NAME").unwrap_or_else(|| service.into()),
+            protocol,
+        })
     }
+}
+
+/// Keeps the trace exporter alive; dropping it flushes the spans not yet sent.
+#[must_use = "dropping the guard at once stops trace export"]
+pub struct TelemetryGuard(Option<SdkTracerProvider>);
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.0.take()
+            && let Err(err) = provider.shutdown()
+        {
+            tracing::warn!(error = %err, "flushing traces failed");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("OTEL_EXPORTER_OTLP_ENDPOINT: cannot build the exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("a tracing subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Installs the global subscriber: log lines (`RUST_LOG` filters, default `info`) and, when
+/// configured, the OTLP exporter. Call once, from `main`, and keep the guard until exit.
+pub fn init(format: LogFormat, tracing: &TracingConfig) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let provider = tracing
+        .endpoint
+        .as_ref()
+        .map(|endpoint| tracer_provider(endpoint, tracing))
+        .transpose()?;
+    let otel = provider
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("ledger")));
+    let (pretty, json) = match format {
+        LogFormat::Pretty => (
+            Some(tracing_subscriber::fmt::layer().with_span_events(FmtSpan::NONE)),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_span_events(FmtSpan::NONE),
+            ),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(pretty)
+        .with(json)
+        .with(otel)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    if provider.is_some() {
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Ok(TelemetryGuard(provider))
+}
+
+fn tracer_provider(
+    endpoint: &str,
+    tracing: &TracingConfig,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let traces = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(tracing.protocol)
+        .with_endpoint(traces)
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(tracing.service_name.clone())
+                .build(),
+        )
+        .build())
+}
+
+/// Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` is set).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Makes `span` a child of the W3C `traceparent` it was handed (an HTTP header, a Kafka
+/// header), so the trace continues here. Does nothing when not exporting or when absent.
+pub fn continue_trace(span: &Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent.filter(|_| exporting()) else {
+        return;
+    };
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        // Fails only if the span is disabled, which leaves nothing to continue.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The `traceparent` of the current span, to hand on (event metadata, Kafka headers); `None`
+/// when not exporting.
+pub fn current_traceparent() -> Option<String> {
+    if !exporting() {
+        return None;
+    }
+    let context = Span::current().context();
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
 }

@@ -232,16 +232,21 @@ pub(crate) fn write_section(name: &str, content: &str) -> anyhow::Result<()> {
 pub(crate) fn write_section_in(file: &str, name: &str, content: &str) -> anyhow::Result<()> {
     let path = workspace_root().join(file);
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let begin = format!("<!-- bench:{name} -->");
-    let end = format!("<!-- /bench:{name} -->");
+    let begin = format!("<!-- generated:{name} -->");
+    let end = format!("<!-- /generated:{name} -->");
     let section = format!("{begin}\n{content}{end}\n");
     let header = "# Benchmarks\n\nEach section is written by the `cargo xtask bench` command it names; do not edit by hand.\n\n";
     let updated = match (existing.find(&begin), existing.find(&end)) {
-        (Some(start), Some(stop)) => format!(
-            "{}{section}{}",
-            &existing[..start],
-            &existing[stop + end.len()..].trim_start_matches('\n')
-        ),
+        (Some(start), Some(stop)) => {
+            let rest = existing[stop + end.len()..].trim_start_matches('\n');
+            // Sections stack directly; prose after one keeps its blank line.
+            let gap = if rest.is_empty() || rest.starts_with("<!-- generated:") {
+                ""
+            } else {
+                "\n"
+            };
+            format!("{}{section}{gap}{rest}", &existing[..start])
+        }
         _ if !existing.is_empty() => format!("{}\n\n{section}", existing.trim_end()),
         _ => format!("{header}{section}"),
     };

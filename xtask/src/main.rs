@@ -17,6 +17,7 @@ mod audit_bench;
 mod bench;
 mod broker;
 mod chaos;
+mod config_reference;
 mod dev;
 mod fuzz;
 mod pipeline_bench;
@@ -29,6 +30,7 @@ usage: cargo xtask <command>
 commands:
   up                     migrate, start every service, print URLs and a dev token
   migrate                create the database if missing and apply migrations
+  config-reference       write README.md's configuration table from the services' SETTINGS
   token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]
                          mint a development JWT
   test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
@@ -53,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     match command.as_deref() {
         Some("up") => dev::up().await,
         Some("migrate") => dev::migrate().await,
+        Some("config-reference") => config_reference::write(),
         Some("token") => dev::token(&rest),
         Some("test") => test::run(&rest).await,
         Some("bench") => bench::run(&rest).await,

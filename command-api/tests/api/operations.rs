@@ -140,6 +140,11 @@ async fn the_openapi_document_describes_every_command() {
             operation["responses"]["422"].is_object(),
             "{path} documents no 422"
         );
+        let rate_limited = &operation["responses"]["429"];
+        assert!(
+            rate_limited["headers"]["Retry-After"].is_object(),
+            "{path} documents no 429 with Retry-After"
+        );
     }
     assert_eq!(
         doc.body["components"]["securitySchemes"]["bearer"]["scheme"],

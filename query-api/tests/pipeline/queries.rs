@@ -206,5 +206,9 @@ async fn bad_queries_and_bad_callers_get_problems() {
         "/v1/accounts/{id}/entries",
     ] {
         assert!(doc["paths"][path]["get"].is_object(), "{path}");
+        assert!(
+            doc["paths"][path]["get"]["responses"]["429"]["headers"]["Retry-After"].is_object(),
+            "{path} documents no 429 with Retry-After"
+        );
     }
 }
