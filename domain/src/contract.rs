@@ -7,8 +7,8 @@
 //! inside the AsyncAPI document.
 
 use cqrs_es::Aggregate;
+use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
-use schemars::{JsonSchema, Schema};
 use serde_json::{Map, Value, json};
 
 use crate::account::{Account, AccountEvent, AccountOpenedV1};
@@ -52,12 +52,33 @@ pub fn event_contracts() -> Vec<EventContract> {
     contracts
 }
 
-fn schema_for<T: JsonSchema>() -> Schema {
-    SchemaSettings::draft2020_12()
+fn schema_for<T: JsonSchema>() -> Value {
+    let mut schema = SchemaSettings::draft2020_12()
         .with(|settings| settings.inline_subschemas = true)
         .for_serialize()
         .into_generator()
         .into_root_schema_for::<T>()
+        .to_value();
+    unwrap_descriptions(&mut schema);
+    schema
+}
+
+/// Joins the lines of descriptions taken from doc comments, which wrap at 100 columns.
+fn unwrap_descriptions(schema: &mut Value) {
+    match schema {
+        Value::Object(fields) => {
+            for (name, value) in fields.iter_mut() {
+                match value {
+                    Value::String(text) if name == "description" => {
+                        *text = text.replace('\n', " ");
+                    }
+                    value => unwrap_descriptions(value),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
 }
 
 /// The current version of each variant of the externally tagged enum `E`, read off its schema:
@@ -89,8 +110,7 @@ fn variants<E: JsonSchema>(
                     .iter()
                     .next()
                     .expect("a variant with data has one property, its name");
-                let data = Schema::try_from(data.clone()).expect("a variant's data is a schema");
-                push(event_type, data_schema(data, description));
+                push(event_type, data_schema(data.clone(), description));
             }
             (_, Value::String(event_type), _) => push(event_type, no_data(description)),
             (_, _, Value::Array(names)) => {
@@ -106,8 +126,7 @@ fn variants<E: JsonSchema>(
 
 /// `data` as published: closed (the relay sends exactly the stored fields), described, and
 /// without the generator's dialect and title.
-fn data_schema(data: Schema, description: &str) -> Value {
-    let mut data = data.to_value();
+fn data_schema(mut data: Value, description: &str) -> Value {
     if let Value::Object(fields) = &mut data {
         fields.remove("$schema");
         fields.remove("title");
