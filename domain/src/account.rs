@@ -240,9 +240,10 @@ pub enum AccountEvent {
 }
 
 /// The data of `AccountOpened` version 1, as stored before accounts recorded their balance
-/// ceiling. Only read: [`crate::versions`] upcasts it to version 2 with `max_balance` =
-/// [`MAX_BALANCE`], the ceiling every account had then.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+/// ceiling. Kept for the event contract (such events are still published as stored); readers
+/// upcast them to version 2 with `max_balance` = [`MAX_BALANCE`], the ceiling every account had
+/// then (see [`crate::versions`]).
+#[derive(Debug, JsonSchema)]
 pub struct AccountOpenedV1 {
     pub tenant: String,
     pub owner: Owner,
