@@ -47,10 +47,11 @@ pub async fn replay(
         .await?;
     let progress = Progress::new("events", total as u64, show_progress);
     let query = format!(
-        "SELECT aggregate_id, sequence, payload::text FROM events WHERE {filter}
+        "SELECT aggregate_id, sequence, event_type, event_version, payload::text
+           FROM events WHERE {filter}
           ORDER BY aggregate_id, sequence"
     );
-    let mut rows = sqlx::query_as::<_, (String, i64, String)>(&query)
+    let mut rows = sqlx::query_as::<_, (String, i64, String, String, String)>(&query)
         .bind(ACCOUNT)
         .bind(until)
         .bind(tenant)
@@ -58,7 +59,9 @@ pub async fn replay(
     let mut accounts: Vec<Replayed> = Vec::new();
     let mut events = 0u64;
     let mut read = 0u64;
-    while let Some((aggregate_id, sequence, payload)) = rows.try_next().await? {
+    while let Some((aggregate_id, sequence, event_type, event_version, payload)) =
+        rows.try_next().await?
+    {
         read += 1;
         if read.is_multiple_of(10_000) {
             progress.update(read);
@@ -81,9 +84,13 @@ pub async fn replay(
         if sequence != current.version + 1 {
             continue;
         }
-        current
-            .account
-            .apply(state::decode(&current.account_id, sequence, &payload)?);
+        current.account.apply(state::decode(
+            &current.account_id,
+            sequence,
+            &event_type,
+            &event_version,
+            &payload,
+        )?);
         current.version = sequence;
         events += 1;
     }

@@ -73,21 +73,32 @@ pub fn fold<'a>(
     Ok(folded)
 }
 
-/// Reads a stored account event's payload.
+/// Reads a stored account event, upcast to the current version.
 pub fn account_event(event: &LoggedEvent) -> Result<AccountEvent, StateError> {
-    decode(&event.aggregate_id, event.sequence, &event.payload)
+    decode(
+        &event.aggregate_id,
+        event.sequence,
+        &event.event_type,
+        &event.event_version,
+        &event.payload,
+    )
 }
 
 pub(crate) fn decode(
     aggregate_id: &str,
     sequence: i64,
+    event_type: &str,
+    event_version: &str,
     payload: &str,
 ) -> Result<AccountEvent, StateError> {
-    serde_json::from_str(payload).map_err(|err| StateError::Unreadable {
+    let unreadable = |reason: String| StateError::Unreadable {
         aggregate_id: aggregate_id.to_owned(),
         sequence,
-        reason: err.to_string(),
-    })
+        reason,
+    };
+    let payload = serde_json::from_str(payload).map_err(|err| unreadable(err.to_string()))?;
+    domain::read_stored(event_type, event_version, payload)
+        .map_err(|err| unreadable(err.to_string()))
 }
 
 /// The account `id` as of `as_of`, from the event store.
@@ -124,13 +135,15 @@ mod tests {
 
     use super::*;
 
+    /// A stored event; `AccountOpened` as version 1 wrote it, which must still fold.
     fn event(sequence: i64, at: DateTime<Utc>, payload: &str) -> LoggedEvent {
+        let event_type = payload.split('"').nth(1).unwrap_or_default();
         LoggedEvent {
             position: LogPosition::START,
             aggregate_type: ACCOUNT.into(),
             aggregate_id: "a".into(),
             sequence,
-            event_type: String::new(),
+            event_type: event_type.into(),
             event_version: "1".into(),
             event_id: uuid::Uuid::nil(),
             recorded_at: at,

@@ -6,8 +6,8 @@ use std::num::NonZeroUsize;
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use domain::{
-    Account, AccountCommand, AccountError, StepOutcome, Transfer, TransferCommand, TransferError,
-    TransferStep,
+    Account, AccountCommand, AccountError, StepOutcome, StoredEvent, Transfer, TransferCommand,
+    TransferError, TransferStep,
 };
 use serde::Serialize;
 use sqlx::PgPool;
@@ -95,7 +95,9 @@ impl Target {
 }
 
 /// What running commands needs to know of an aggregate beyond cqrs-es's trait.
-pub(crate) trait Stream: Aggregate<Services = (), Command: Clone> + Default + Clone {
+pub(crate) trait Stream:
+    Aggregate<Services = (), Command: Clone, Event: StoredEvent> + Default + Clone
+{
     /// True if the stream exists and belongs to `tenant`.
     fn belongs_to(&self, tenant: &str) -> bool;
     /// True for the command that starts a stream.

@@ -82,7 +82,7 @@ fn rule_slug(err: &AccountError) -> &'static str {
         AccountError::AlreadyOpen => "account-already-open",
         AccountError::CurrencyMismatch { .. } => "currency-mismatch",
         AccountError::InsufficientFunds { .. } => "insufficient-funds",
-        AccountError::BalanceLimitExceeded => "balance-limit-exceeded",
+        AccountError::BalanceLimitExceeded { .. } => "balance-limit-exceeded",
         AccountError::Frozen => "account-frozen",
         AccountError::NotFrozen => "account-not-frozen",
         AccountError::Closed => "account-closed",

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
+use domain::StoredEvent;
 use lru::LruCache;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
@@ -67,7 +68,7 @@ pub(crate) enum LoadError {
     #[error("loading events failed: {0}")]
     Repository(#[from] cqrs_es::persist::PersistenceError),
     #[error("a stored event cannot be read: {0}")]
-    Corrupt(#[from] serde_json::Error),
+    Corrupt(#[from] domain::ReadError),
 }
 
 const APPEND: &str = "
@@ -90,7 +91,7 @@ pub(crate) struct Store<A: Aggregate> {
     cache: Mutex<LruCache<String, Arc<AsyncMutex<Slot<A>>>>>,
 }
 
-impl<A: Aggregate + Default> Store<A> {
+impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
     pub(crate) fn new(pool: PgPool, cache_capacity: NonZeroUsize) -> Self {
         Self {
             repository: PostgresEventRepository::new(pool.clone()),
@@ -195,11 +196,12 @@ pub(crate) async fn find_idempotency_key(
     )
 }
 
-fn deserialize<A: Aggregate>(
+/// The events as the current code knows them: older versions upcast.
+fn deserialize<A: Aggregate<Event: StoredEvent>>(
     events: Vec<SerializedEvent>,
-) -> Result<Vec<A::Event>, serde_json::Error> {
+) -> Result<Vec<A::Event>, domain::ReadError> {
     events
         .into_iter()
-        .map(|event| serde_json::from_value(event.payload))
+        .map(|event| domain::read_stored(&event.event_type, &event.event_version, event.payload))
         .collect()
 }

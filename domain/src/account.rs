@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -135,7 +136,7 @@ pub enum TransferStep {
 }
 
 /// Why an account declined a transfer's debit or credit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TransferDecline {
     InsufficientFunds,
@@ -167,32 +168,46 @@ pub enum StepOutcome {
 }
 
 /// What happened to an account. Names are past tense; `event_type` and `event_version` are
-/// explicit so that a v2 can be introduced next to v1 with an upcaster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// explicit, and events stored by older versions are read through [`crate::versions`].
+///
+/// The doc comments are the descriptions analysts read in the event contracts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum AccountEvent {
+    /// An account was opened, with a zero balance. Version 2 records the account's balance
+    /// ceiling; version 1 events predate it and had the ceiling of 10^17 minor units.
     AccountOpened {
         tenant: String,
         owner: Owner,
         currency: Currency,
         overdraft_limit: OverdraftLimit,
+        /// The highest balance the account may hold, in minor units.
+        max_balance: i64,
     },
+    /// Money was paid in from outside the ledger.
     MoneyDeposited {
         amount: Amount,
         currency: Currency,
+        /// The account's balance after this event, in minor units.
         balance_after: i64,
     },
+    /// Money was paid out of the ledger.
     MoneyWithdrawn {
         amount: Amount,
         currency: Currency,
+        /// The account's balance after this event, in minor units.
         balance_after: i64,
     },
+    /// Nothing moves on the account until it is unfrozen.
     AccountFrozen,
     AccountUnfrozen,
+    /// Final: the account held zero and takes no more commands.
     AccountClosed,
+    /// A transfer took its amount from this, the source account.
     TransferDebited {
         transfer_id: Uuid,
         amount: Amount,
         currency: Currency,
+        /// The account's balance after this event, in minor units.
         balance_after: i64,
     },
     /// The account refused a transfer's debit; the transfer is rejected. Recorded, so that
@@ -201,10 +216,12 @@ pub enum AccountEvent {
         transfer_id: Uuid,
         reason: TransferDecline,
     },
+    /// A transfer paid its amount into this, the destination account.
     TransferCredited {
         transfer_id: Uuid,
         amount: Amount,
         currency: Currency,
+        /// The account's balance after this event, in minor units.
         balance_after: i64,
     },
     /// The account refused a transfer's credit; the source is refunded.
@@ -212,12 +229,26 @@ pub enum AccountEvent {
         transfer_id: Uuid,
         reason: TransferDecline,
     },
+    /// A transfer whose destination declined gave its amount back to this, the source account.
     TransferRefunded {
         transfer_id: Uuid,
         amount: Amount,
         currency: Currency,
+        /// The account's balance after this event, in minor units.
         balance_after: i64,
     },
+}
+
+/// The data of `AccountOpened` version 1, as stored before accounts recorded their balance
+/// ceiling. Kept for the event contract (such events are still published as stored); readers
+/// upcast them to version 2 with `max_balance` = [`MAX_BALANCE`], the ceiling every account had
+/// then (see [`crate::versions`]).
+#[derive(Debug, JsonSchema)]
+pub struct AccountOpenedV1 {
+    pub tenant: String,
+    pub owner: Owner,
+    pub currency: Currency,
+    pub overdraft_limit: OverdraftLimit,
 }
 
 impl AccountEvent {
@@ -266,7 +297,18 @@ impl DomainEvent for AccountEvent {
     }
 
     fn event_version(&self) -> String {
-        "1".to_owned()
+        Self::current_version(&self.event_type()).to_owned()
+    }
+}
+
+impl AccountEvent {
+    /// The version new events of `event_type` are written as. Raise it with every change of
+    /// an event's data, and add an upcaster from the previous version in [`crate::versions`].
+    pub fn current_version(event_type: &str) -> &'static str {
+        match event_type {
+            "AccountOpened" => "2",
+            _ => "1",
+        }
     }
 }
 
@@ -284,8 +326,8 @@ pub enum AccountError {
     },
     #[error("insufficient funds: {available} available, {requested} requested")]
     InsufficientFunds { available: i64, requested: i64 },
-    #[error("the balance would exceed the maximum of {max}", max = MAX_BALANCE)]
-    BalanceLimitExceeded,
+    #[error("the balance would exceed the account's maximum of {max_balance}")]
+    BalanceLimitExceeded { max_balance: i64 },
     #[error("account is frozen")]
     Frozen,
     #[error("account is not frozen")]
@@ -331,6 +373,8 @@ pub struct OpenAccount {
     pub owner: Owner,
     pub currency: Currency,
     pub overdraft_limit: OverdraftLimit,
+    /// The highest balance allowed, in minor units.
+    pub max_balance: i64,
     /// Minor units; negative down to `-overdraft_limit`.
     pub balance: i64,
     pub status: AccountStatus,
@@ -372,6 +416,7 @@ impl Account {
                         owner,
                         currency,
                         overdraft_limit,
+                        max_balance: MAX_BALANCE,
                     }),
                     _ => Err(AccountError::NotFound),
                 };
@@ -403,8 +448,10 @@ impl Account {
                 let balance_after = account
                     .balance
                     .checked_add(amount.minor_units())
-                    .filter(|balance| *balance <= MAX_BALANCE)
-                    .ok_or(AccountError::BalanceLimitExceeded)?;
+                    .filter(|balance| *balance <= account.max_balance)
+                    .ok_or(AccountError::BalanceLimitExceeded {
+                        max_balance: account.max_balance,
+                    })?;
                 Ok(AccountEvent::MoneyDeposited {
                     amount,
                     currency,
@@ -519,7 +566,7 @@ impl OpenAccount {
                 let balance_after = self
                     .balance
                     .checked_add(minor_units)
-                    .filter(|balance| *balance <= MAX_BALANCE);
+                    .filter(|balance| *balance <= self.max_balance);
                 match (decline, balance_after) {
                     (Some(reason), _) => Ok(AccountEvent::TransferCreditDeclined {
                         transfer_id,
@@ -588,12 +635,14 @@ impl Aggregate for Account {
                 owner,
                 currency,
                 overdraft_limit,
+                max_balance,
             } => {
                 self.opened = Some(OpenAccount {
                     tenant,
                     owner,
                     currency,
                     overdraft_limit,
+                    max_balance,
                     balance: 0,
                     status: AccountStatus::Active,
                     transfer_steps: HashMap::new(),

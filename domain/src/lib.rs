@@ -6,20 +6,25 @@
 //! - [`account`]: the `Account` aggregate: its commands, events, errors and rules, including
 //!   the steps transfers take on it.
 //! - [`transfer`]: the `Transfer` aggregate: the outcomes of a transfer's steps, in order.
+//! - [`versions`]: reading events stored at older versions (upcasting).
+//! - [`contract`]: the JSON Schema of every event type and version, for analysts.
 //!
 //! Every rule lives here and is tested with cqrs-es's given/when/then `TestFramework`; the
 //! services only translate HTTP and storage into these types.
 
 pub mod account;
+pub mod contract;
 pub mod money;
 pub mod transfer;
+pub mod versions;
 
 pub use account::{
-    Account, AccountCommand, AccountError, AccountEvent, AccountStatus, StepOutcome,
-    TransferDecline, TransferStep,
+    Account, AccountCommand, AccountError, AccountEvent, AccountOpenedV1, AccountStatus,
+    StepOutcome, TransferDecline, TransferStep,
 };
 pub use money::{Amount, Currency, OverdraftLimit, Owner, Reference, ValueError};
 pub use transfer::{
     NextStep, Transfer, TransferCommand, TransferError, TransferEvent, TransferStatus,
     TransferTerms,
 };
+pub use versions::{ReadError, StoredEvent, read_stored};

@@ -1,7 +1,9 @@
 //! Value types checked at construction: once one exists, it is valid.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 /// Largest amount a single movement may carry, in minor units (10^15, i.e. ten trillion
@@ -218,6 +220,50 @@ impl From<Reference> for String {
         reference.0
     }
 }
+
+/// The JSON Schema of a value type, for the event contracts: what its checks accept.
+macro_rules! value_schema {
+    ($type:ty, $schema:tt) => {
+        impl JsonSchema for $type {
+            fn schema_name() -> Cow<'static, str> {
+                stringify!($type).into()
+            }
+
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!($schema)
+            }
+        }
+    };
+}
+
+value_schema!(Currency, {
+    "type": "string",
+    "pattern": "^[A-Z]{3}$",
+    "description": "ISO 4217 currency code",
+});
+value_schema!(Amount, {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_AMOUNT,
+    "description": "minor units (cents for EUR), strictly positive",
+});
+value_schema!(OverdraftLimit, {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": MAX_AMOUNT,
+    "description": "how far below zero the balance may go, in minor units",
+});
+value_schema!(Owner, {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_OWNER_CHARS,
+    "description": "the account holder's name",
+});
+value_schema!(Reference, {
+    "type": "string",
+    "maxLength": MAX_REFERENCE_CHARS,
+    "description": "free text for both account holders",
+});
 
 #[cfg(test)]
 mod tests {

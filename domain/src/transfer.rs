@@ -10,6 +10,7 @@
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -17,10 +18,12 @@ use crate::account::{StepOutcome, TransferDecline, TransferStep};
 use crate::money::{Amount, Currency, Reference};
 
 /// What was asked: fixed when the transfer is requested.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TransferTerms {
     pub tenant: String,
+    /// The source account.
     pub from: Uuid,
+    /// The destination account.
     pub to: Uuid,
     pub amount: Amount,
     pub currency: Currency,
@@ -67,15 +70,25 @@ impl TransferCommand {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What happened to a transfer. The doc comments are the descriptions analysts read in the
+/// event contracts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum TransferEvent {
+    /// A client asked to move money; nothing has moved yet.
     TransferRequested(TransferTerms),
+    /// The source account paid the amount (its `TransferDebited`).
     SourceDebited,
+    /// Final: the source account declined the debit; nothing moved.
     TransferRejected { reason: TransferDecline },
+    /// The destination account received the amount (its `TransferCredited`).
     DestinationCredited,
+    /// Final: the money moved.
     TransferCompleted,
+    /// The destination account declined the credit; the source is being refunded.
     CreditDeclined { reason: TransferDecline },
+    /// The source account got the amount back (its `TransferRefunded`).
     SourceRefunded,
+    /// Final: the destination declined and the source was refunded; nothing moved.
     TransferFailed { reason: TransferDecline },
 }
 

@@ -481,12 +481,6 @@ fn transfer_id(message: &BorrowedMessage<'_>) -> Result<Uuid, String> {
 fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
     let received = kafka::decode(Account::TYPE, message.headers(), message.payload())
         .map_err(|err| err.to_string())?;
-    if received.event_version != "1" {
-        return Err(format!(
-            "unsupported event version {}",
-            received.event_version
-        ));
-    }
     let account_id: Uuid = received
         .aggregate_id
         .parse()
@@ -494,15 +488,17 @@ fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
     if message.key() != Some(received.aggregate_id.as_bytes()) {
         return Err("message key is not ce_subject".into());
     }
-    // The value is the data without cqrs-es's enum wrapper; put it back to read the event.
+    // The value is the data without cqrs-es's enum wrapper; put it back to read the event as
+    // stored, at the version `ce_type` names (the relay publishes events as stored).
     let tagged = match &received.data {
         serde_json::Value::Object(fields) if fields.is_empty() => {
             serde_json::Value::String(received.event_type.clone())
         }
         data => serde_json::json!({ received.event_type.clone(): data }),
     };
-    let event: AccountEvent = serde_json::from_value(tagged)
-        .map_err(|err| format!("unreadable {}: {err}", received.event_type))?;
+    let event: AccountEvent =
+        domain::read_stored(&received.event_type, &received.event_version, tagged)
+            .map_err(|err| err.to_string())?;
     Ok(StreamEvent {
         account_id,
         sequence: received.sequence,

@@ -79,6 +79,7 @@ pub fn apply(
         owner,
         currency,
         overdraft_limit,
+        ..
     } = &event.event
     {
         if row.is_some() {
@@ -226,6 +227,7 @@ mod tests {
             owner: Owner::parse("Ada").unwrap(),
             currency: Currency::parse("EUR").unwrap(),
             overdraft_limit: OverdraftLimit::default(),
+            max_balance: 1_000_000,
         }
     }
 

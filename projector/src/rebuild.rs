@@ -62,14 +62,7 @@ impl Fold {
                     sequence: event.sequence,
                     reason: "aggregate id is not a UUID".into(),
                 })?;
-        let stream_event = store::stored_event(
-            account,
-            event.sequence,
-            event.event_id,
-            event.recorded_at,
-            &event.payload,
-            &event.metadata,
-        )?;
+        let stream_event = store::stored_event(account, event)?;
         let mut row = self.rows.remove(&account);
         let applied = model::apply(&mut row, &stream_event, &mut self.entries);
         if let Some(row) = row {

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use domain::AccountEvent;
+use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -194,49 +195,38 @@ pub async fn stream_events(
     after: i64,
     up_to: i64,
 ) -> Result<Vec<StreamEvent>, StoredEventError> {
-    let rows: Vec<(i64, Uuid, DateTime<Utc>, String, String)> = sqlx::query_as(
-        "SELECT sequence, event_id, recorded_at, payload::text, metadata::text
+    let events: Vec<LoggedEvent> = sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS}
            FROM events
           WHERE aggregate_type = 'account' AND aggregate_id = $1 AND sequence > $2 AND sequence <= $3
-          ORDER BY sequence",
-    )
+          ORDER BY sequence"
+    ))
     .bind(account.to_string())
     .bind(after)
     .bind(up_to)
     .fetch_all(connection)
     .await?;
-    rows.into_iter()
-        .map(|(sequence, event_id, recorded_at, payload, metadata)| {
-            stored_event(
-                account,
-                sequence,
-                event_id,
-                recorded_at,
-                &payload,
-                &metadata,
-            )
-        })
+    events
+        .iter()
+        .map(|event| stored_event(account, event))
         .collect()
 }
 
-/// Reads one stored account event.
-pub fn stored_event(
-    account: Uuid,
-    sequence: i64,
-    event_id: Uuid,
-    recorded_at: DateTime<Utc>,
-    payload: &str,
-    metadata: &str,
-) -> Result<StreamEvent, StoredEventError> {
+/// Reads one stored account event of `account`, upcast to the current version.
+pub fn stored_event(account: Uuid, event: &LoggedEvent) -> Result<StreamEvent, StoredEventError> {
+    let sequence = event.sequence;
     let unreadable = |reason: String| StoredEventError::Unreadable {
         aggregate_id: account.to_string(),
         sequence,
         reason,
     };
-    let event: AccountEvent =
-        serde_json::from_str(payload).map_err(|err| unreadable(err.to_string()))?;
+    let payload =
+        serde_json::from_str(&event.payload).map_err(|err| unreadable(err.to_string()))?;
+    let decoded: AccountEvent =
+        domain::read_stored(&event.event_type, &event.event_version, payload)
+            .map_err(|err| unreadable(err.to_string()))?;
     let metadata: serde_json::Value =
-        serde_json::from_str(metadata).map_err(|err| unreadable(err.to_string()))?;
+        serde_json::from_str(&event.metadata).map_err(|err| unreadable(err.to_string()))?;
     let tenant = metadata["tenant"]
         .as_str()
         .ok_or_else(|| unreadable("metadata has no tenant".into()))?
@@ -245,8 +235,8 @@ pub fn stored_event(
         account_id: account,
         sequence,
         tenant,
-        event_id,
-        recorded_at,
-        event,
+        event_id: event.event_id,
+        recorded_at: event.recorded_at,
+        event: decoded,
     })
 }

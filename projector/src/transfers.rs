@@ -31,6 +31,8 @@ pub struct TransferRow {
 pub struct StoredTransferEvent {
     pub aggregate_id: String,
     pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
     pub recorded_at: DateTime<Utc>,
     pub payload: String,
 }
@@ -43,8 +45,13 @@ pub fn fold(id: Uuid, events: &[StoredTransferEvent]) -> Result<Option<TransferR
         if event.sequence != version + 1 {
             return Err(format!("transfer {id} lacks version {}", version + 1));
         }
-        let decoded: TransferEvent = serde_json::from_str(&event.payload)
-            .map_err(|err| format!("transfer {id} version {}: {err}", event.sequence))?;
+        let unreadable = |err: &dyn std::fmt::Display| {
+            format!("transfer {id} version {}: {err}", event.sequence)
+        };
+        let payload = serde_json::from_str(&event.payload).map_err(|err| unreadable(&err))?;
+        let decoded: TransferEvent =
+            domain::read_stored(&event.event_type, &event.event_version, payload)
+                .map_err(|err| unreadable(&err))?;
         transfer.apply(decoded);
         version = event.sequence;
     }
@@ -76,7 +83,7 @@ pub async fn stored_events(
 ) -> Result<Vec<StoredTransferEvent>, sqlx::Error> {
     let ids: Option<Vec<String>> = ids.map(|ids| ids.iter().map(Uuid::to_string).collect());
     sqlx::query_as(
-        "SELECT aggregate_id, sequence, recorded_at, payload::text AS payload
+        "SELECT aggregate_id, sequence, event_type, event_version, recorded_at, payload::text AS payload
            FROM events
           WHERE aggregate_type = $1 AND ($2::text[] IS NULL OR aggregate_id = ANY($2))
           ORDER BY aggregate_id, sequence",

@@ -35,6 +35,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(crate::audit::router())
         .merge(crate::transfers::router())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .route(
+            "/asyncapi.json",
+            get(asyncapi(crate::contract::asyncapi_text())),
+        )
         .with_state(state)
 }
 
@@ -425,6 +429,19 @@ pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String)
         .then(|| items.last().map(|last| encode_cursor(&key(last))))
         .flatten();
     Page { items, next_cursor }
+}
+
+/// Serves the Kafka contract, unauthenticated like `/openapi.json`: it describes message
+/// formats, never data.
+fn asyncapi(
+    document: String,
+) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + 'static {
+    let body = axum::body::Bytes::from(document);
+    move || {
+        std::future::ready(
+            ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response(),
+        )
+    }
 }
 
 #[derive(OpenApi)]

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: settings, read once from the environment.
 //! - `api`: routes, response bodies, OpenAPI document.
+//! - `contract`: the AsyncAPI document and JSON Schemas of the Kafka topics, for analysts.
 //! - `transfers`: transfers and an account's transfers.
 //! - `audit`: the auditors' routes, which read the event store itself, never a read model.
 //! - `error`: the one error type and its mapping to problem+json.
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 mod api;
 mod audit;
 pub mod config;
+mod contract;
 mod error;
 mod transfers;
 

@@ -84,13 +84,13 @@ pub(crate) async fn start(storage: Storage) -> anyhow::Result<Broker> {
         },
         child: None,
     };
-    broker.restart().await?;
+    broker.launch().await?;
     Ok(broker)
 }
 
 impl Broker {
-    /// Starts the broker (again) on its port; what it keeps depends on its storage.
-    pub(crate) async fn restart(&mut self) -> anyhow::Result<()> {
+    /// Starts the broker process on its port and waits until it accepts connections.
+    async fn launch(&mut self) -> anyhow::Result<()> {
         let url = format!("tcp://{}", self.address);
         self.child = Some(
             Command::new(&self.binary)
@@ -122,11 +122,18 @@ impl Broker {
         )
     }
 
-    /// SIGKILL: no goodbye to clients, as a crash.
-    pub(crate) async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
+    /// SIGSTOP, then SIGCONT after `pause`: the broker neither answers nor closes its
+    /// connections meanwhile, as in a network partition or a long stall, and keeps its data.
+    pub(crate) async fn freeze(&self, pause: Duration) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("the broker is not running")?
+            .to_string();
+        Command::new("kill").args(["-STOP", &pid]).status().await?;
+        tokio::time::sleep(pause).await;
+        Command::new("kill").args(["-CONT", &pid]).status().await?;
         Ok(())
     }
 }

@@ -103,8 +103,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
 pub(crate) async fn seed(pool: &PgPool, events: i64) -> anyhow::Result<()> {
     sqlx::query(
         r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-           SELECT 'account', md5('bench' || a)::uuid::text, 1, 'AccountOpened', '1',
-                  '{"AccountOpened":{"tenant":"bench","owner":"Bench","currency":"EUR","overdraft_limit":0}}',
+           SELECT 'account', md5('bench' || a)::uuid::text, 1, 'AccountOpened', '2',
+                  '{"AccountOpened":{"tenant":"bench","owner":"Bench","currency":"EUR","overdraft_limit":0,"max_balance":100000000000000000}}',
                   '{"tenant":"bench","actor":"bench","correlation_id":"seed","causation_id":"seed","request_id":"seed"}'
              FROM generate_series(1, $1) AS a"#,
     )

@@ -162,3 +162,45 @@ async fn the_log_reads_in_commit_order_across_a_power_of_ten() {
         .collect();
     assert_eq!(order, [(98, "c"), (99, "a"), (100, "b"), (1000, "d")]);
 }
+
+#[tokio::test]
+async fn an_account_opened_as_version_1_still_loads_and_its_chain_holds() {
+    let app = TestApp::spawn().await;
+    let account = Uuid::new_v4();
+    // As the code before AccountOpened v2 wrote it: no balance ceiling.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', $1, 1, 'AccountOpened', '1', $2, $3)",
+    )
+    .bind(account.to_string())
+    .bind(json!({"AccountOpened": {"tenant": crate::helpers::TENANT, "owner": "Ada",
+                                   "currency": "EUR", "overdraft_limit": 0}}))
+    .bind(json!({"tenant": crate::helpers::TENANT, "actor": "tester", "correlation_id": "c",
+                 "causation_id": "r", "request_id": "r"}))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    assert_eq!(app.deposit(account, 25).await.version(), 2);
+    assert_eq!(app.balance(account).await, 25);
+    let versions: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_type, event_version FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(account.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions[0], ("AccountOpened".into(), "1".into()));
+    assert_eq!(versions[1], ("MoneyDeposited".into(), "1".into()));
+    assert_eq!(verify(&app, account).await, None);
+
+    let fresh = app.open_account(&app.teller(), 0).await;
+    let version: String = sqlx::query_scalar(
+        "SELECT event_version FROM events WHERE aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(fresh.to_string())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(version, "2");
+}

@@ -25,6 +25,7 @@ fn opened(overdraft: i64) -> AccountEvent {
         owner: Owner::parse("Ada Lovelace").unwrap(),
         currency: eur(),
         overdraft_limit: OverdraftLimit::parse(overdraft).unwrap(),
+        max_balance: MAX_BALANCE,
     }
 }
 
@@ -176,7 +177,21 @@ fn deposit_beyond_the_maximum_balance_is_refused() {
     AccountTest::with(())
         .given(vec![opened(0), deposited(MAX_AMOUNT, MAX_BALANCE)])
         .when(deposit(1))
-        .then_expect_error(AccountError::BalanceLimitExceeded);
+        .then_expect_error(AccountError::BalanceLimitExceeded {
+            max_balance: MAX_BALANCE,
+        });
+}
+
+#[test]
+fn an_account_keeps_the_balance_ceiling_it_was_opened_with() {
+    let mut opened = opened(0);
+    if let AccountEvent::AccountOpened { max_balance, .. } = &mut opened {
+        *max_balance = 1000;
+    }
+    AccountTest::with(())
+        .given(vec![opened, deposited(600, 600)])
+        .when(deposit(401))
+        .then_expect_error(AccountError::BalanceLimitExceeded { max_balance: 1000 });
 }
 
 #[test]
@@ -340,15 +355,15 @@ fn folding_the_events_gives_the_state() {
 #[test]
 fn events_name_their_type_and_version() {
     let events = [
-        (opened(0), "AccountOpened"),
-        (deposited(1, 1), "MoneyDeposited"),
-        (AccountEvent::AccountFrozen, "AccountFrozen"),
-        (AccountEvent::AccountUnfrozen, "AccountUnfrozen"),
-        (AccountEvent::AccountClosed, "AccountClosed"),
+        (opened(0), "AccountOpened", "2"),
+        (deposited(1, 1), "MoneyDeposited", "1"),
+        (AccountEvent::AccountFrozen, "AccountFrozen", "1"),
+        (AccountEvent::AccountUnfrozen, "AccountUnfrozen", "1"),
+        (AccountEvent::AccountClosed, "AccountClosed", "1"),
     ];
-    for (event, event_type) in events {
+    for (event, event_type, event_version) in events {
         assert_eq!(event.event_type(), event_type);
-        assert_eq!(event.event_version(), "1");
+        assert_eq!(event.event_version(), event_version);
     }
 }
 

@@ -45,9 +45,19 @@ async fn a_python_consumer_finds_every_event_with_the_documented_key_and_headers
     system
         .command(&format!("/v1/accounts/{first}/freeze"), None, &[])
         .await;
-    type Stored = (String, i64, String, Uuid, DateTime<Utc>, Vec<u8>, String);
+    type Stored = (
+        String,
+        i64,
+        String,
+        String,
+        Uuid,
+        DateTime<Utc>,
+        Vec<u8>,
+        String,
+    );
     let stored: Vec<Stored> = sqlx::query_as(
-        "SELECT aggregate_id, sequence, event_type, event_id, recorded_at, hash, payload::text
+        "SELECT aggregate_id, sequence, event_type, event_version, event_id, recorded_at, hash,
+                payload::text
            FROM events ORDER BY global_position",
     )
     .fetch_all(&system.pool)
@@ -83,7 +93,9 @@ async fn a_python_consumer_finds_every_event_with_the_documented_key_and_headers
         .iter()
         .map(|m| (m["headers"]["ce_id"].as_str().unwrap(), m))
         .collect();
-    for (aggregate_id, sequence, event_type, event_id, recorded_at, hash, payload) in &stored {
+    for (aggregate_id, sequence, event_type, event_version, event_id, recorded_at, hash, payload) in
+        &stored
+    {
         let message = by_id[event_id.to_string().as_str()];
         let headers = &message["headers"];
         assert_eq!(message["key"], aggregate_id.as_str());
@@ -91,7 +103,7 @@ async fn a_python_consumer_finds_every_event_with_the_documented_key_and_headers
         assert_eq!(headers["ce_source"], "/ledger/account");
         assert_eq!(
             headers["ce_type"],
-            format!("ledger.account.{event_type}.v1").as_str()
+            format!("ledger.account.{event_type}.v{event_version}").as_str()
         );
         assert_eq!(headers["ce_subject"], aggregate_id.as_str());
         assert_eq!(headers["ce_sequence"], sequence.to_string().as_str());

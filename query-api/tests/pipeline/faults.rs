@@ -12,7 +12,11 @@ use service_kit::kafka::{KafkaConfig, header, headers};
 use crate::system::{System, TENANT, token};
 
 /// Every message now on `topic`, read by a fresh consumer group.
-async fn read_all(kafka: &KafkaConfig, topic: &str, at_least: usize) -> Vec<OwnedMessage> {
+pub(crate) async fn read_all(
+    kafka: &KafkaConfig,
+    topic: &str,
+    at_least: usize,
+) -> Vec<OwnedMessage> {
     let consumer: StreamConsumer = kafka
         .consumer(&format!("reader-{}", uuid::Uuid::new_v4()))
         .create()

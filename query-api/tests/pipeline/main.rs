@@ -3,6 +3,7 @@
 
 mod analysts;
 mod audit;
+mod contract;
 mod faults;
 mod loop_;
 mod queries;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::system::{System, TENANT, problem, token};
 
 /// Opens an account in `currency` holding `balance`.
-async fn funded(system: &System, currency: &str, balance: i64) -> Uuid {
+pub(crate) async fn funded(system: &System, currency: &str, balance: i64) -> Uuid {
     let (status, body) = system
         .command(
             "/v1/accounts",
@@ -34,7 +34,13 @@ async fn funded(system: &System, currency: &str, balance: i64) -> Uuid {
     id
 }
 
-async fn transfer(system: &System, from: Uuid, to: Uuid, amount: i64, currency: &str) -> Uuid {
+pub(crate) async fn transfer(
+    system: &System,
+    from: Uuid,
+    to: Uuid,
+    amount: i64,
+    currency: &str,
+) -> Uuid {
     let (status, body) = system
         .command(
             "/v1/transfers",
@@ -54,7 +60,7 @@ async fn transfer(system: &System, from: Uuid, to: Uuid, amount: i64, currency: 
 }
 
 /// The transfer as the query API shows it once final.
-async fn settled(system: &System, id: Uuid) -> Value {
+pub(crate) async fn settled(system: &System, id: Uuid) -> Value {
     for _ in 0..300 {
         let (status, _, body) = system
             .query(&format!("/v1/transfers/{id}"), &system.viewer())
