@@ -150,14 +150,6 @@ impl ProcessManager {
         })
     }
 
-    /// The port of the health probes and `/metrics` (useful when configured with port 0).
-    pub fn ops_port(&self) -> u16 {
-        self.ops
-            .as_ref()
-            .and_then(|(listener, _)| listener.local_addr().ok())
-            .map_or(0, |addr| addr.port())
-    }
-
     /// Runs until `shutdown` resolves; the batch in hand is finished first.
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
         tokio::pin!(shutdown);

@@ -131,13 +131,17 @@ impl Relay {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
+        metrics::gauge!("ledger_relay_leader").set(0.0);
         loop {
             // A leader that ran for a while and then failed starts its retries afresh.
             let started = tokio::time::Instant::now();
             tokio::select! {
                 () = &mut shutdown => return,
                 result = self.lead() => {
+                    // Only a leader measures lag; a deposed one must not report a frozen value.
                     metrics::gauge!("ledger_relay_leader").set(0.0);
+                    metrics::gauge!("ledger_relay_lag_events").set(0.0);
+                    metrics::gauge!("ledger_relay_lag_seconds").set(0.0);
                     let Err(err) = result;
                     tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "relay interrupted");
                 }
@@ -190,11 +194,16 @@ impl Relay {
         let mut lag_measured = tokio::time::Instant::now() - LAG_INTERVAL;
         loop {
             if lag_measured.elapsed() >= LAG_INTERVAL {
-                let lag = event_log::lag(&self.pool, acked).await?;
-                metrics::gauge!("ledger_relay_lag_events").set(lag.events as f64);
-                metrics::gauge!("ledger_relay_lag_seconds").set(lag.seconds);
-                metrics::gauge!("ledger_relay_oldest_transaction_seconds")
-                    .set(lag.oldest_transaction_seconds);
+                // Best effort: a failed measurement is no reason to stop relaying.
+                match event_log::lag(&self.pool, acked).await {
+                    Ok(lag) => {
+                        metrics::gauge!("ledger_relay_lag_events").set(lag.events as f64);
+                        metrics::gauge!("ledger_relay_lag_seconds").set(lag.seconds);
+                        metrics::gauge!("ledger_relay_oldest_transaction_seconds")
+                            .set(lag.oldest_transaction_seconds);
+                    }
+                    Err(err) => tracing::debug!(error = %err, "measuring relay lag failed"),
+                }
                 lag_measured = tokio::time::Instant::now();
             }
             if in_flight.len() < MAX_IN_FLIGHT {

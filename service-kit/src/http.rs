@@ -27,8 +27,9 @@ use crate::problem::Problem;
 /// Header carrying the request id, set by us when the client did not.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// How long the readiness probe waits for each dependency.
-const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the readiness probe waits for each dependency: under the orchestrator's probe
+/// timeout (2 s in `deploy/k8s`), so a slow dependency is a 503 naming it, not a timeout.
+const READINESS_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// `CORS_ALLOWED_ORIGINS`: the origins (comma-separated, e.g. `https://app.example.com`) whose
 /// pages may call the API from a browser. Unset: none, and no CORS headers at all, so browsers

@@ -136,16 +136,18 @@ impl ClientContext for ConsumerLag {
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in statistics.topics {
             for (partition, stats) in stats.partitions {
-                // -1 is librdkafka's internal "unassigned" partition; a negative lag is unknown.
-                if partition < 0 || stats.consumer_lag < 0 {
+                // -1 is librdkafka's internal "unassigned" partition.
+                if partition < 0 {
                     continue;
                 }
+                // A negative lag: the partition is not ours (any more), so another consumer
+                // reports it; 0 keeps a sum over consumers right after a rebalance.
                 metrics::gauge!(
                     self.0,
                     "topic" => topic.clone(),
                     "partition" => partition.to_string()
                 )
-                .set(stats.consumer_lag as f64);
+                .set(stats.consumer_lag.max(0) as f64);
             }
         }
     }

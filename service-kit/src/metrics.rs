@@ -5,7 +5,7 @@
 //! contract with `deploy/prometheus` and `deploy/grafana`: change them together.
 
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
@@ -18,6 +18,9 @@ use sqlx::PgPool;
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+
+/// How often pending histogram samples are folded into buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -36,6 +39,15 @@ pub fn install(service: &'static str) -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
             }
+            // Histogram samples are folded into their buckets only by upkeep (or a scrape):
+            // without it, a process nobody scrapes would keep every sample.
+            let upkeep = handle.clone();
+            std::thread::spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
             handle
         })
         .clone()
@@ -50,6 +62,11 @@ pub async fn track_http(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    // Probes and scrapes come every few seconds from machines: counted, they would drown the
+    // clients' traffic in the rate and latency panels.
+    if route == "/metrics" || route.starts_with("/health/") {
+        return next.run(request).await;
+    }
     let response = next.run(request).await;
     let labels = [
         ("method", method),

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{self, ConfigError};
 
@@ -108,34 +109,31 @@ pub enum TelemetryError {
 /// Installs the global subscriber: log lines (`RUST_LOG` filters, default `info`) and, when
 /// configured, the OTLP exporter. Call once, from `main`, and keep the guard until exit.
 pub fn init(format: LogFormat, tracing: &TracingConfig) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let provider = tracing
         .endpoint
         .as_ref()
         .map(|endpoint| tracer_provider(endpoint, tracing))
         .transpose()?;
-    let otel = provider
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("ledger")));
-    let (pretty, json) = match format {
-        LogFormat::Pretty => (
-            Some(tracing_subscriber::fmt::layer().with_span_events(FmtSpan::NONE)),
-            None,
-        ),
-        LogFormat::Json => (
-            None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_span_events(FmtSpan::NONE),
-            ),
-        ),
+    // `RUST_LOG` filters the log lines only: spans are exported at `info` whatever it says,
+    // so quieter logs do not silently cut the traces.
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("ledger"))
+            .with_filter(LevelFilter::INFO)
+    });
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = match format {
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_span_events(FmtSpan::NONE)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_span_events(FmtSpan::NONE)
+            .boxed(),
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(pretty)
-        .with(json)
+        .with(logs.with_filter(filter))
         .with(otel)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;

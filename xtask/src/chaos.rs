@@ -102,6 +102,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     println!("chaos: {clients} clients for {seconds} s over {ACCOUNTS} accounts; faults follow");
 
     let tally = Arc::new(Tally::default());
+    let load_started = tokio::time::Instant::now();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut load = tokio::task::JoinSet::new();
     for client_number in 0..clients {
@@ -123,10 +124,11 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let probe = Probe::start(services.iter().map(|s| (s.label, s.base())).collect());
 
+    // Five faults at even intervals, each over well before the load ends.
     let step = Duration::from_secs(seconds) / 6;
     let mut faults = Vec::new();
-    for fault in 0..5 {
-        tokio::time::sleep(step).await;
+    for (fault, at) in (1..=5u32).map(|n| step * n).enumerate() {
+        tokio::time::sleep_until(load_started + at).await;
         let started = Instant::now();
         let what = match fault {
             0 => services[0].crash_and_restart(&database, &kafka).await?,
@@ -135,7 +137,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
                 broker.freeze(Duration::from_secs(8)).await?;
                 "freeze the broker for 8 s (SIGSTOP, SIGCONT)".to_owned()
             }
-            3 if restart_postgres => restart_postgres_server().await?,
+            3 if restart_postgres => restart_postgres_server(&pool).await?,
             3 => "Postgres restart skipped (--restart-postgres no)".to_owned(),
             _ => services[2].crash_and_restart(&database, &kafka).await?,
         };
@@ -150,8 +152,17 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
 
     let settle_started = Instant::now();
     let settled = settle(&pool).await;
+    let mut recovered = true;
+    for service in &services {
+        if let Err(err) = service.wait_ready().await {
+            println!("{err}");
+            recovered = false;
+        }
+    }
     let not_ready = probe.stop().await;
-    let report = Report::gather(&pool, &kafka, &tally, settled, settle_started.elapsed()).await?;
+    let mut report =
+        Report::gather(&pool, &kafka, &tally, settled, settle_started.elapsed()).await?;
+    report.recovered = recovered;
     for service in &mut services {
         service.stop().await;
     }
@@ -259,8 +270,13 @@ impl Service {
     }
 }
 
-/// Restarts the machine's Postgres cluster (fast mode: every connection is cut).
-async fn restart_postgres_server() -> anyhow::Result<String> {
+/// Restarts the machine's Postgres cluster (fast mode: every connection is cut), and checks
+/// through `pool` that the server the services use is the one that restarted.
+async fn restart_postgres_server(pool: &PgPool) -> anyhow::Result<String> {
+    let started_before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT pg_postmaster_start_time()")
+            .fetch_one(pool)
+            .await?;
     let clusters = Command::new("pg_lsclusters")
         .arg("--no-header")
         .output()
@@ -272,10 +288,9 @@ async fn restart_postgres_server() -> anyhow::Result<String> {
         .find(|line| line.split_whitespace().nth(2) == Some("5432"))
         .context("no Postgres cluster on port 5432 here; pass --restart-postgres no")?
         .split_whitespace();
-    let (version, name) = (
-        fields.next().unwrap_or("15"),
-        fields.next().unwrap_or("main"),
-    );
+    let (Some(version), Some(name)) = (fields.next(), fields.next()) else {
+        bail!("unexpected pg_lsclusters output: {listing}");
+    };
     let status = Command::new("pg_ctlcluster")
         .args([
             "--skip-systemctl-redirect",
@@ -289,6 +304,22 @@ async fn restart_postgres_server() -> anyhow::Result<String> {
         .await?;
     if !status.success() {
         bail!("pg_ctlcluster restart failed");
+    }
+    let mut started_after = started_before;
+    for _ in 0..50 {
+        if let Ok(time) = sqlx::query_scalar("SELECT pg_postmaster_start_time()")
+            .fetch_one(pool)
+            .await
+        {
+            started_after = time;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if started_after == started_before {
+        bail!(
+            "the services' Postgres did not restart: DATABASE_URL is not the cluster on port 5432"
+        );
     }
     Ok(format!(
         "restart Postgres ({version}/{name}, fast: every connection cut)"
@@ -445,18 +476,28 @@ impl Probe {
                 .unwrap_or_default();
             let mut not_ready: BTreeMap<&'static str, Duration> = BTreeMap::new();
             let interval = Duration::from_millis(250);
+            let mut last_round = Instant::now();
             while !*stopped.borrow() {
+                let mut down = Vec::new();
                 for (label, base) in &services {
                     let ready = matches!(
                         client.get(format!("{base}/health/ready")).send().await,
                         Ok(response) if response.status().is_success()
                     );
-                    let entry = not_ready.entry(label).or_default();
                     if !ready {
-                        *entry += interval;
+                        down.push(*label);
                     }
                 }
                 tokio::time::sleep(interval).await;
+                // The whole round counts: a probe that hung is time not ready.
+                let round = last_round.elapsed();
+                last_round = Instant::now();
+                for (label, _) in &services {
+                    let entry = not_ready.entry(label).or_default();
+                    if down.contains(label) {
+                        *entry += round;
+                    }
+                }
             }
             not_ready
         });
@@ -499,6 +540,8 @@ async fn unsettled_transfers(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// The checks, after the system settled (or gave up settling).
 struct Report {
     settled: bool,
+    /// Every service answered ready again at the end.
+    recovered: bool,
     settle_time: Duration,
     attempts: u64,
     acknowledged: usize,
@@ -562,6 +605,7 @@ impl Report {
             .sum();
         Ok(Self {
             settled,
+            recovered: false,
             settle_time,
             attempts: tally.attempts,
             acknowledged: tally.acknowledged.len(),
@@ -592,8 +636,24 @@ impl Report {
         })
     }
 
+    /// Failed attempts that were not a clear, retryable answer: a 5xx other than 503, or a
+    /// body that is not problem+json. A process being down (connection refused or dropped)
+    /// is clear.
+    fn unclear_failures(&self) -> u64 {
+        self.failures
+            .iter()
+            .filter(|(kind, _)| {
+                kind.contains("(not problem+json)")
+                    || (kind.starts_with('5') && !kind.starts_with("503"))
+            })
+            .map(|(_, count)| count)
+            .sum()
+    }
+
     fn passed(&self) -> bool {
         self.settled
+            && self.recovered
+            && self.unclear_failures() == 0
             && self.timeouts == 0
             && self.acknowledged_missing == 0
             && self.duplicated_keys == 0
@@ -633,6 +693,7 @@ impl Report {
              | what | result | check |\n|---|---|---|\n\
              | requests (deposits, transfers) | {} acknowledged ({} of them retries answered from the original), {} given up | |\n\
              | attempts | {}; failed attempts, with what the client saw: {failures} | |\n\
+             | failed attempts without a clear answer (a 5xx other than 503, or not problem+json) | {} | {} |\n\
              | attempts that hung past {} s | {} | {} |\n\
              | acknowledged requests in the store exactly once | {} missing or repeated | {} |\n\
              | idempotency keys stored more than once | {} | {} |\n\
@@ -643,11 +704,14 @@ impl Report {
              | transfers | {} requested, {} not final | {} |\n\
              | money: sum of balances = sum of stored deposits | {} = {} | {} |\n\
              | settled after the load stopped | {} in {:.1} s | {} |\n\
+             | every service ready again, without manual action | {} | {} |\n\
              | time each service answered not-ready | {not_ready} | |\n",
             self.acknowledged,
             self.replayed,
             self.abandoned,
             self.attempts,
+            self.unclear_failures(),
+            verdict(self.unclear_failures() == 0),
             REQUEST_TIMEOUT.as_secs(),
             self.timeouts,
             verdict(self.timeouts == 0),
@@ -673,6 +737,8 @@ impl Report {
             if self.settled { "yes" } else { "no" },
             self.settle_time.as_secs_f64(),
             verdict(self.settled),
+            if self.recovered { "yes" } else { "no" },
+            verdict(self.recovered),
         )
     }
 }
