@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use domain::{
     AccountCommand, AccountError, NextStep, StepOutcome, Transfer, TransferCommand, TransferStatus,
     TransferStep, TransferTerms,
@@ -31,11 +30,10 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use service_kit::config::{self, ConfigError};
 use service_kit::db::{self, DatabaseConfig};
-use service_kit::http::{self, Need, Readiness};
+use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use service_kit::telemetry;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -99,8 +97,8 @@ pub struct ProcessManager {
     consumer: StreamConsumer<ConsumerLag>,
     signal: AppendSignal,
     stuck_after: Duration,
-    /// Health probes and `/metrics`: the bound listener and its routes, until served.
-    ops: Option<(TcpListener, Router)>,
+    /// Health probes and `/metrics`, until served.
+    ops: Option<OpsServer>,
 }
 
 impl ProcessManager {
@@ -123,18 +121,14 @@ impl ProcessManager {
             .create_with_context(ConsumerLag("ledger_process_manager_lag_messages"))?;
         consumer.subscribe(&[&topic])?;
         let signal = AppendSignal::default();
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let ops = http::ops_routes(
-            Readiness::new(pool.clone())
-                .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required),
-            service_kit::metrics::install("process-manager"),
-        );
+        let readiness = Readiness::new(pool.clone())
+            .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required);
+        let ops = OpsServer::bind(config.listen, readiness, "process-manager")
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         Ok(Self {
             commands: CommandService::new(
                 pool.clone(),
@@ -146,7 +140,7 @@ impl ProcessManager {
             consumer,
             signal,
             stuck_after: config.stuck_after,
-            ops: Some((listener, ops)),
+            ops: Some(ops),
         })
     }
 
@@ -160,9 +154,10 @@ impl ProcessManager {
                 let _ = stopped.wait_for(|stopped| *stopped).await;
             }
         };
-        let ops = self.ops.take().map(|(listener, routes)| {
-            tokio::spawn(http::serve_ops(listener, routes, until_stopped()))
-        });
+        let ops = self
+            .ops
+            .take()
+            .map(|ops| tokio::spawn(ops.serve(until_stopped())));
         let manager = Arc::new(self);
         let forwarding = tokio::spawn(
             manager

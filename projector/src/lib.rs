@@ -20,7 +20,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::Router;
 use cqrs_es::Aggregate;
 use domain::{Account, AccountEvent, Transfer};
 use futures::StreamExt;
@@ -29,11 +28,10 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
-use service_kit::http::{self, Need, Readiness};
+use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use service_kit::telemetry;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use uuid::Uuid;
 
 use crate::model::{AccountRow, EntryRow, FoldError, StreamEvent};
@@ -110,8 +108,8 @@ pub struct Projector {
     pool: PgPool,
     consumer: StreamConsumer<ConsumerLag>,
     dead_letters: FutureProducer,
-    /// Health probes and `/metrics`: the bound listener and its routes, until served.
-    ops: Option<(TcpListener, Router)>,
+    /// Health probes and `/metrics`, until served.
+    ops: Option<OpsServer>,
     transfer_topic: String,
     deadletter_topic: String,
 }
@@ -138,22 +136,18 @@ impl Projector {
             .consumer(&config.group)
             .create_with_context(ConsumerLag("ledger_projector_lag_messages"))?;
         consumer.subscribe(&[&account_topic, &transfer_topic])?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ProjectorError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let ops = http::ops_routes(
-            Readiness::new(pool.clone())
-                .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required),
-            service_kit::metrics::install("projector"),
-        );
+        let readiness = Readiness::new(pool.clone())
+            .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required);
+        let ops = OpsServer::bind(config.listen, readiness, "projector")
+            .await
+            .map_err(|source| ProjectorError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         Ok(Self {
             pool,
             consumer,
-            ops: Some((listener, ops)),
+            ops: Some(ops),
             dead_letters: config.kafka.producer().create()?,
             transfer_topic,
             deadletter_topic,
@@ -162,18 +156,15 @@ impl Projector {
 
     /// The port of the health probes and `/metrics` (useful when configured with port 0).
     pub fn ops_port(&self) -> u16 {
-        self.ops
-            .as_ref()
-            .and_then(|(listener, _)| listener.local_addr().ok())
-            .map_or(0, |addr| addr.port())
+        self.ops.as_ref().map_or(0, OpsServer::port)
     }
 
     /// Projects until `shutdown` resolves. The batch in hand is finished first.
     pub async fn run_until_stopped(mut self, shutdown: impl Future<Output = ()> + Send) {
         tokio::pin!(shutdown);
         let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
-        let ops = self.ops.take().map(|(listener, routes)| {
-            tokio::spawn(http::serve_ops(listener, routes, async {
+        let ops = self.ops.take().map(|ops| {
+            tokio::spawn(ops.serve(async {
                 let _ = ops_stopped.await;
             }))
         });

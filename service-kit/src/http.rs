@@ -2,6 +2,7 @@
 //! problems, health probes, `/metrics`, and graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
@@ -260,18 +261,40 @@ pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
         )
 }
 
-/// Serves [`ops_routes`] on `listener` until `shutdown`: the HTTP face of a process that has no
-/// API of its own (the projector, the process manager).
-pub async fn serve_ops(
+/// The health probes and `/metrics` of a process without an API of its own (the projector,
+/// the process manager). Bound when the process is built, so a taken port fails start-up;
+/// served by its run loop.
+pub struct OpsServer {
     listener: TcpListener,
     routes: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    if let Err(err) = axum::serve(listener, with_standard_layers(routes))
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %err, "the ops endpoint stopped");
+}
+
+impl OpsServer {
+    /// Binds `addr` for the probes of `readiness` and the metrics of `service`.
+    pub async fn bind(
+        addr: SocketAddr,
+        readiness: Readiness,
+        service: &'static str,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            routes: ops_routes(readiness, crate::metrics::install(service)),
+        })
+    }
+
+    /// The bound port (useful when configured with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |addr| addr.port())
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        if let Err(err) = axum::serve(self.listener, with_standard_layers(self.routes))
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %err, "the ops endpoint stopped");
+        }
     }
 }
 
