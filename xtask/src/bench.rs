@@ -11,6 +11,7 @@ use serde_json::json;
 use service_kit::auth::{Secret, TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
+use uuid::Uuid;
 
 use crate::args::Flags;
 use crate::dev::{stop, workspace_root};
@@ -120,7 +121,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         .pool_max_idle_per_host(128)
         .build()?;
     let accounts = open_accounts(&client, &base, &token, ACCOUNTS).await?;
-    let hot = vec![accounts[0].clone()];
+    let hot = vec![accounts[0]];
 
     let mut runs = Vec::new();
     for concurrency in concurrencies {
@@ -174,7 +175,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
     let hot_events: i64 = {
         let pool = db::connect(&database).await?;
         let count = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
-            .bind(&hot[0])
+            .bind(hot[0].to_string())
             .fetch_one(&pool)
             .await?;
         pool.close().await;
@@ -316,12 +317,13 @@ pub(crate) async fn wait_ready(base: &str) -> anyhow::Result<()> {
     bail!("command-api did not become ready")
 }
 
-async fn open_accounts(
+/// Opens `count` accounts in EUR, one request each.
+pub(crate) async fn open_accounts(
     client: &reqwest::Client,
     base: &str,
     token: &str,
     count: usize,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<Uuid>> {
     let mut ids = Vec::with_capacity(count);
     for _ in 0..count {
         let response: serde_json::Value = client
@@ -337,7 +339,7 @@ async fn open_accounts(
             response["account_id"]
                 .as_str()
                 .context("account_id")?
-                .to_owned(),
+                .parse()?,
         );
     }
     Ok(ids)
@@ -348,7 +350,7 @@ async fn load(
     client: &reqwest::Client,
     base: &str,
     token: &str,
-    accounts: &[String],
+    accounts: &[Uuid],
     concurrency: usize,
     duration: Duration,
     label: &str,

@@ -35,7 +35,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use crate::args::Flags;
-use crate::bench::{SECRET, free_port, machine, service_token};
+use crate::bench::{SECRET, free_port, machine, open_accounts, service_token};
 use crate::broker;
 use crate::dev::workspace_root;
 
@@ -98,7 +98,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .build()?;
-    let accounts = open_accounts(&client, &base, &token).await?;
+    let accounts = open_accounts(&client, &base, &token, ACCOUNTS).await?;
     println!("chaos: {clients} clients for {seconds} s over {ACCOUNTS} accounts; faults follow");
 
     let tally = Arc::new(Tally::default());
@@ -324,32 +324,6 @@ async fn restart_postgres_server(pool: &PgPool) -> anyhow::Result<String> {
     Ok(format!(
         "restart Postgres ({version}/{name}, fast: every connection cut)"
     ))
-}
-
-async fn open_accounts(
-    client: &reqwest::Client,
-    base: &str,
-    token: &str,
-) -> anyhow::Result<Vec<Uuid>> {
-    let mut accounts = Vec::with_capacity(ACCOUNTS);
-    for _ in 0..ACCOUNTS {
-        let opened: Value = client
-            .post(format!("{base}/v1/accounts"))
-            .bearer_auth(token)
-            .json(&json!({"owner": "Chaos", "currency": "EUR"}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        accounts.push(
-            opened["account_id"]
-                .as_str()
-                .and_then(|id| id.parse().ok())
-                .context("no account_id")?,
-        );
-    }
-    Ok(accounts)
 }
 
 /// What the clients saw.

@@ -281,24 +281,7 @@ async fn end_to_end(
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
-    let mut accounts = Vec::new();
-    for _ in 0..100 {
-        let reply: serde_json::Value = client
-            .post(format!("{commands}/v1/accounts"))
-            .bearer_auth(&token)
-            .json(&json!({"owner": "Bench", "currency": "EUR"}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        accounts.push(
-            reply["account_id"]
-                .as_str()
-                .context("account_id")?
-                .to_owned(),
-        );
-    }
+    let accounts = crate::bench::open_accounts(&client, &commands, &token, 100).await?;
     // Warm-up: the projector has joined its group and every account is visible.
     for account in &accounts {
         client
@@ -314,7 +297,7 @@ async fn end_to_end(
     let total = rate * seconds;
     for n in 0..total {
         ticker.tick().await;
-        let account = accounts[n as usize % accounts.len()].clone();
+        let account = accounts[n as usize % accounts.len()];
         let (client, token, commands, queries) = (
             client.clone(),
             token.clone(),

@@ -206,22 +206,9 @@ struct Run {
 
 impl Load {
     async fn accounts(&self) -> anyhow::Result<Vec<Uuid>> {
-        let mut accounts = Vec::with_capacity(ACCOUNTS);
-        for _ in 0..ACCOUNTS {
-            let reply: serde_json::Value = self
-                .client
-                .post(format!("{}/v1/accounts", self.base))
-                .bearer_auth(&self.token)
-                .json(&json!({"owner": "Bench", "currency": "EUR"}))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            let id: Uuid = reply["account_id"]
-                .as_str()
-                .context("account_id")?
-                .parse()?;
+        let accounts =
+            crate::bench::open_accounts(&self.client, &self.base, &self.token, ACCOUNTS).await?;
+        for id in &accounts {
             self.client
                 .post(format!("{}/v1/accounts/{id}/deposits", self.base))
                 .bearer_auth(&self.token)
@@ -229,7 +216,6 @@ impl Load {
                 .send()
                 .await?
                 .error_for_status()?;
-            accounts.push(id);
         }
         Ok(accounts)
     }
