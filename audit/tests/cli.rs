@@ -38,6 +38,7 @@ impl Ledger {
             max_body_bytes: 16 * 1024,
             aggregate_cache: NonZeroUsize::new(100).unwrap(),
             conflict_retries: 5,
+            append_writers: NonZeroUsize::new(2).unwrap(),
             relay: Some(RelayConfig {
                 kafka: kafka.clone(),
                 batch_size: 500,

@@ -13,9 +13,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::append::{AppendError, Appender};
 use crate::error::ApiError;
 use crate::relay::AppendSignal;
-use crate::store::{AppendError, Store, Versioned, find_idempotency_key};
+use crate::store::{Store, Versioned, find_idempotency_key};
 
 /// Who asked for a command and why: becomes the metadata of every event it appends.
 #[derive(Debug, Clone)]
@@ -183,11 +184,13 @@ impl CommandService {
         pool: PgPool,
         cache_capacity: NonZeroUsize,
         conflict_retries: u32,
+        append_writers: NonZeroUsize,
         appended: AppendSignal,
     ) -> Self {
+        let appender = Appender::start(pool.clone(), append_writers.get());
         Self {
-            accounts: Store::new(pool.clone(), cache_capacity),
-            transfers: Store::new(pool.clone(), cache_capacity),
+            accounts: Store::new(pool.clone(), appender.clone(), cache_capacity),
+            transfers: Store::new(pool.clone(), appender, cache_capacity),
             pool,
             conflict_retries,
             appended,
@@ -389,7 +392,9 @@ impl CommandService {
                     // The racing request committed: the next attempt replays its outcome.
                     *slot = Some(state);
                 }
-                Err(AppendError::Database(err)) => return Err(err.into()),
+                Err(err @ (AppendError::Database(_) | AppendError::WriterStopped)) => {
+                    return Err(err.into());
+                }
             }
         }
         Err(ApiError::Conflict {

@@ -27,6 +27,8 @@ pub struct Config {
     /// `COMMAND_API_CONFLICT_RETRIES`: how often a command without `If-Match` is retried
     /// after losing a race on its stream before answering 409 (default 5).
     pub conflict_retries: u32,
+    /// `COMMAND_API_APPEND_WRITERS`: batches of appends in flight at once (default 2).
+    pub append_writers: NonZeroUsize,
     /// `COMMAND_API_RELAY` (`true` by default): run the Kafka relay in this process (one
     /// replica leads at a time). `false` when the relay runs as `command-api relay` elsewhere.
     pub relay: Option<RelayConfig>,
@@ -49,6 +51,10 @@ impl Config {
                 NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
             )?,
             conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
+            append_writers: config::parsed_or(
+                "COMMAND_API_APPEND_WRITERS",
+                NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            )?,
             relay: if config::parsed_or("COMMAND_API_RELAY", true)? {
                 Some(RelayConfig::from_env()?)
             } else {
@@ -94,6 +100,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "COMMAND_API_CONFLICT_RETRIES",
         default: "`5`",
         meaning: "retries after losing a race, without `If-Match`",
+    },
+    Setting {
+        name: "COMMAND_API_APPEND_WRITERS",
+        default: "`2`",
+        meaning: "batches of appends in flight at once (each is one INSERT of every append queued when it starts)",
     },
     Setting {
         name: "COMMAND_API_RELAY",

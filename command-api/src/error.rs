@@ -1,11 +1,14 @@
 //! The command API's one error type, and its one mapping to problem+json.
 
+use std::sync::Arc;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::{AccountError, TransferError, ValueError};
 use service_kit::auth::AuthError;
 use service_kit::problem::Problem;
 
+use crate::append::AppendError;
 use crate::store::LoadError;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +47,32 @@ pub(crate) enum ApiError {
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Arc<sqlx::Error>),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
+        Arc::new(err).into()
+    }
+}
+
+impl From<Arc<sqlx::Error>> for ApiError {
+    fn from(err: Arc<sqlx::Error>) -> Self {
         if service_kit::db::is_outage(&err) {
             Self::Unavailable(err)
         } else {
             Self::Internal(err.into())
+        }
+    }
+}
+
+impl From<AppendError> for ApiError {
+    fn from(err: AppendError) -> Self {
+        match err {
+            AppendError::Database(err) => err.into(),
+            other => Self::Internal(other.into()),
         }
     }
 }

@@ -27,6 +27,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 mod api;
+mod append;
 mod commands;
 pub mod config;
 mod error;
@@ -98,6 +99,7 @@ impl Application {
                 pool.clone(),
                 config.aggregate_cache,
                 config.conflict_retries,
+                config.append_writers,
                 signal.clone(),
             )),
             auth,

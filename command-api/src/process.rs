@@ -62,6 +62,8 @@ pub struct ProcessConfig {
     pub aggregate_cache: std::num::NonZeroUsize,
     /// As the command API's `COMMAND_API_CONFLICT_RETRIES`.
     pub conflict_retries: u32,
+    /// As the command API's `COMMAND_API_APPEND_WRITERS`.
+    pub append_writers: std::num::NonZeroUsize,
     /// `PROCESS_MANAGER_ADDR` (default `127.0.0.1:8083`; port 0 picks one): where the health
     /// probes and `/metrics` are served.
     pub listen: SocketAddr,
@@ -83,6 +85,10 @@ impl ProcessConfig {
                 std::num::NonZeroUsize::new(100_000).unwrap_or(std::num::NonZeroUsize::MIN),
             )?,
             conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
+            append_writers: config::parsed_or(
+                "COMMAND_API_APPEND_WRITERS",
+                std::num::NonZeroUsize::new(2).unwrap_or(std::num::NonZeroUsize::MIN),
+            )?,
             listen: config::parsed_or(
                 "PROCESS_MANAGER_ADDR",
                 SocketAddr::from(([127, 0, 0, 1], 8083)),
@@ -134,6 +140,7 @@ impl ProcessManager {
                 pool.clone(),
                 config.aggregate_cache,
                 config.conflict_retries,
+                config.append_writers,
                 signal.clone(),
             ),
             pool,

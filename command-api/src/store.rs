@@ -3,13 +3,14 @@
 //!
 //! Commands for one stream are serialised in this process by a per-stream async lock, and
 //! the state each one leaves behind is kept (bounded, least recently used). A command on a
-//! cached stream therefore costs one round trip: a single-statement INSERT. The cache is never
-//! trusted for correctness: the insert names the next sequence number, so a stale state (another
-//! replica wrote meanwhile) fails on the primary key and the command is retried on fresh state.
+//! cached stream therefore costs no read, only its rows in the next batched INSERT (see
+//! `append`). The cache is never trusted for correctness: the insert names the next sequence
+//! number, so a stale state (another replica wrote meanwhile) fails on the primary key and the
+//! command is retried on fresh state.
 //!
 //! Ordering rule of the event log (DESIGN.md): a transaction may only write to a stream after
 //! the version it builds on has committed. Both the load and the cache respect that: a state is
-//! cached only after its insert committed, and the insert is the transaction's first write.
+//! cached only after its insert committed, and the stream stays locked until then.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ use lru::LruCache;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+use crate::append::{Append, AppendError, Appender, EventRow};
 
 /// A stream's state and the version (last sequence) it reflects.
 #[derive(Debug, Clone, Default)]
@@ -50,18 +53,6 @@ pub(crate) struct KeyedEvent {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum AppendError {
-    /// Another writer appended to the stream first.
-    #[error("stream was appended to concurrently")]
-    StreamConflict,
-    /// The idempotency key was spent by a concurrent request.
-    #[error("idempotency key already used")]
-    IdempotencyKeyTaken,
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-}
-
-#[derive(Debug, thiserror::Error)]
 pub(crate) enum LoadError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -70,12 +61,6 @@ pub(crate) enum LoadError {
     #[error("a stored event cannot be read: {0}")]
     Corrupt(#[from] domain::ReadError),
 }
-
-const APPEND: &str = "
-INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-SELECT $1, $2, $3 + e.ordinality, e.event_type, e.event_version, e.payload::json, $4::json
-  FROM UNNEST($5::text[], $6::text[], $7::text[]) WITH ORDINALITY
-       AS e(event_type, event_version, payload, ordinality)";
 
 const FIND_IDEMPOTENCY_KEY: &str = "
 SELECT aggregate_id, sequence, metadata ->> 'request_hash'
@@ -86,16 +71,16 @@ SELECT aggregate_id, sequence, metadata ->> 'request_hash'
 
 /// The streams of aggregate type `A` in the event store.
 pub(crate) struct Store<A: Aggregate> {
-    pool: PgPool,
+    appender: Appender,
     repository: PostgresEventRepository,
     cache: Mutex<LruCache<String, Arc<AsyncMutex<Slot<A>>>>>,
 }
 
 impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
-    pub(crate) fn new(pool: PgPool, cache_capacity: NonZeroUsize) -> Self {
+    pub(crate) fn new(pool: PgPool, appender: Appender, cache_capacity: NonZeroUsize) -> Self {
         Self {
-            repository: PostgresEventRepository::new(pool.clone()),
-            pool,
+            repository: PostgresEventRepository::new(pool),
+            appender,
             cache: Mutex::new(LruCache::new(cache_capacity)),
         }
     }
@@ -134,7 +119,7 @@ impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
         Ok(())
     }
 
-    /// Appends `events` after `version` in one statement (one round trip, atomic).
+    /// Appends `events` after `version`, atomically, in the next batch the appender writes.
     pub(crate) async fn append(
         &self,
         aggregate_id: &str,
@@ -142,37 +127,26 @@ impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
         events: &[A::Event],
         metadata: &str,
     ) -> Result<(), AppendError> {
-        let mut types = Vec::with_capacity(events.len());
-        let mut versions = Vec::with_capacity(events.len());
-        let mut payloads = Vec::with_capacity(events.len());
-        for event in events {
-            types.push(event.event_type());
-            versions.push(event.event_version());
-            payloads.push(
-                serde_json::to_string(event)
-                    .map_err(|err| AppendError::Database(sqlx::Error::Encode(Box::new(err))))?,
-            );
-        }
-        let result = sqlx::query(APPEND)
-            .bind(A::TYPE)
-            .bind(aggregate_id)
-            .bind(version as i64)
-            .bind(metadata)
-            .bind(&types)
-            .bind(&versions)
-            .bind(&payloads)
-            .execute(&self.pool)
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
-                match err.constraint() {
-                    Some("events_idempotency_key") => Err(AppendError::IdempotencyKeyTaken),
-                    _ => Err(AppendError::StreamConflict),
-                }
-            }
-            Err(err) => Err(err.into()),
-        }
+        let events = events
+            .iter()
+            .map(|event| {
+                Ok(EventRow {
+                    event_type: event.event_type(),
+                    event_version: event.event_version(),
+                    payload: serde_json::to_string(event)?,
+                })
+            })
+            .collect::<Result<_, serde_json::Error>>()
+            .map_err(|err| AppendError::Database(Arc::new(sqlx::Error::Encode(Box::new(err)))))?;
+        self.appender
+            .append(Append {
+                aggregate_type: A::TYPE,
+                aggregate_id: aggregate_id.to_owned(),
+                version,
+                events,
+                metadata: metadata.to_owned(),
+            })
+            .await
     }
 }
 

@@ -40,6 +40,7 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
         max_body_bytes: 16 * 1024,
         aggregate_cache: NonZeroUsize::new(1000).unwrap(),
         conflict_retries: 5,
+        append_writers: NonZeroUsize::new(2).unwrap(),
         relay: None,
         cors_origins: Vec::new(),
     }

@@ -123,6 +123,7 @@ async fn the_relay_in_the_command_api_publishes_too() {
         max_body_bytes: 16 * 1024,
         aggregate_cache: std::num::NonZeroUsize::new(10).unwrap(),
         conflict_retries: 5,
+        append_writers: std::num::NonZeroUsize::new(2).unwrap(),
         relay: Some(command_api::relay::RelayConfig {
             kafka: system.kafka.clone(),
             batch_size: 100,

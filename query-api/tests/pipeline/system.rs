@@ -86,6 +86,7 @@ impl System {
             max_body_bytes: 16 * 1024,
             aggregate_cache: NonZeroUsize::new(1000).unwrap(),
             conflict_retries: 5,
+            append_writers: NonZeroUsize::new(2).unwrap(),
             relay: None,
             cors_origins: Vec::new(),
         })
@@ -136,6 +137,7 @@ impl System {
             stuck_after: Duration::from_secs(2),
             aggregate_cache: NonZeroUsize::new(1000).unwrap(),
             conflict_retries: 5,
+            append_writers: NonZeroUsize::new(2).unwrap(),
         })
         .await
         .unwrap();
