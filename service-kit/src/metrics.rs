@@ -19,6 +19,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Appends per group-committed batch: up to the appender's batch limit.
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 /// How often pending histogram samples are folded into buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -34,6 +37,11 @@ pub fn install(service: &'static str) -> PrometheusHandle {
                 .add_global_label("service", service)
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .expect("the latency buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("ledger_append_batch_size".into()),
+                    BATCH_SIZE_BUCKETS,
+                )
+                .expect("the batch size buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {

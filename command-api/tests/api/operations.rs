@@ -108,6 +108,10 @@ async fn metrics_count_requests_and_commands() {
         "{text}"
     );
     assert!(
+        series("ledger_append_batch_size_bucket", &[r#"le="1""#]),
+        "{text}"
+    );
+    assert!(
         series("ledger_db_pool_connections", &[r#"state="idle""#]),
         "{text}"
     );
