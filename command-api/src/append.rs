@@ -251,6 +251,21 @@ mod tests {
             .collect()
     }
 
+    /// The first append to each of `streams`.
+    fn first_deposits(streams: &[&str]) -> Vec<Append> {
+        streams
+            .iter()
+            .map(|stream| deposit(stream, 0, None))
+            .collect()
+    }
+
+    async fn transactions(pool: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(DISTINCT tx_id) FROM events")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
     async fn streams(pool: &PgPool) -> Vec<(String, i64)> {
         sqlx::query_as(
             "SELECT aggregate_id, max(sequence) FROM events GROUP BY aggregate_id ORDER BY 1",
@@ -263,20 +278,9 @@ mod tests {
     #[tokio::test]
     async fn a_batch_commits_every_append_in_one_transaction() {
         let db = TestDatabase::create().await;
-        let answers = write_batch(
-            &db.pool,
-            vec![
-                deposit("a", 0, None),
-                deposit("b", 0, None),
-                deposit("c", 0, None),
-            ],
-        )
-        .await;
+        let answers = write_batch(&db.pool, first_deposits(&["a", "b", "c"])).await;
         assert!(answers.iter().all(Result::is_ok), "{answers:?}");
-        let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT tx_id) FROM events")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let transactions = transactions(&db.pool).await;
         assert_eq!(transactions, 1);
         assert_eq!(
             streams(&db.pool).await,
@@ -290,15 +294,7 @@ mod tests {
         assert!(write_batch(&db.pool, vec![deposit("b", 0, None)]).await[0].is_ok());
 
         // "b" builds on version 0, which another writer has already taken.
-        let answers = write_batch(
-            &db.pool,
-            vec![
-                deposit("a", 0, None),
-                deposit("b", 0, None),
-                deposit("c", 0, None),
-            ],
-        )
-        .await;
+        let answers = write_batch(&db.pool, first_deposits(&["a", "b", "c"])).await;
         assert!(answers[0].is_ok(), "{answers:?}");
         assert!(matches!(answers[1], Err(AppendError::StreamConflict)));
         assert!(answers[2].is_ok(), "{answers:?}");
@@ -355,10 +351,7 @@ mod tests {
         .await;
         assert!(answers.iter().all(Result::is_ok), "{answers:?}");
         assert_eq!(streams(&db.pool).await.len(), streams_written);
-        let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT tx_id) FROM events")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let transactions = transactions(&db.pool).await;
         assert!(
             transactions < streams_written as i64,
             "{transactions} transactions"
