@@ -3,7 +3,9 @@
 //!
 //! A command still appends to its own stream after the version it decided on, and holds that
 //! stream's lock until its append is answered, so a batch never carries two appends to one
-//! stream and the ordering rule of DESIGN.md holds for each stream as before. What a batch
+//! stream, and every append in a batch was decided on a committed version before the batch's
+//! transaction takes its xid (at its INSERT), so the log's per-stream order (DESIGN.md) holds
+//! as before. What a batch
 //! saves is the per-transaction cost: one round trip, one statement and one commit (one WAL
 //! flush) for many appends instead of one each. Batches form without waiting: a writer takes
 //! whatever is queued when it comes free, so a lone command goes out at once and a busy
@@ -280,8 +282,7 @@ mod tests {
         let db = TestDatabase::create().await;
         let answers = write_batch(&db.pool, first_deposits(&["a", "b", "c"])).await;
         assert!(answers.iter().all(Result::is_ok), "{answers:?}");
-        let transactions = transactions(&db.pool).await;
-        assert_eq!(transactions, 1);
+        assert_eq!(transactions(&db.pool).await, 1);
         assert_eq!(
             streams(&db.pool).await,
             [("a".into(), 1), ("b".into(), 1), ("c".into(), 1)]
