@@ -79,3 +79,60 @@ async fn two_replicas_racing_on_one_account_lose_nothing_and_apply_nothing_twice
     let tx_ids: Vec<u64> = tx_ids.iter().map(|t| t.parse().unwrap()).collect();
     assert!(tx_ids.windows(2).all(|w| w[0] < w[1]), "{tx_ids:?}");
 }
+
+#[tokio::test]
+async fn two_replicas_group_committing_over_many_accounts_lose_nothing() {
+    let first = TestApp::spawn().await;
+    let second = first.replica().await;
+    let teller = first.teller();
+    let accounts = join_all((0..10).map(|_| first.open_account(&teller, 0))).await;
+    // Each replica's cached state goes stale as the other writes, so batches carry both
+    // appends that conflict and appends that do not.
+    let replies = join_all(
+        accounts
+            .iter()
+            .flat_map(|&account| (1..=20).map(move |amount| (account, amount)))
+            .map(|(account, amount)| {
+                let app = if amount % 2 == 0 { &first } else { &second };
+                async move { (account, amount, app.deposit(account, amount).await) }
+            }),
+    )
+    .await;
+
+    for &account in &accounts {
+        let mut accepted_sum = 0;
+        let mut accepted = 0;
+        for (_, amount, reply) in replies.iter().filter(|(id, _, _)| *id == account) {
+            match reply.status {
+                StatusCode::OK => {
+                    accepted_sum += amount;
+                    accepted += 1;
+                }
+                StatusCode::CONFLICT => assert_eq!(reply.problem(), "conflict"),
+                other => panic!("unexpected {other}: {}", reply.body),
+            }
+        }
+        assert_eq!(first.balance(account).await, accepted_sum);
+        let tx_ids: Vec<String> = sqlx::query_scalar(
+            "SELECT tx_id::text FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(account.to_string())
+        .fetch_all(&first.pool)
+        .await
+        .unwrap();
+        assert_eq!(tx_ids.len(), 1 + accepted);
+        let tx_ids: Vec<u64> = tx_ids.iter().map(|t| t.parse().unwrap()).collect();
+        assert!(tx_ids.windows(2).all(|w| w[0] < w[1]), "{tx_ids:?}");
+    }
+
+    let (events, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT tx_id) FROM events WHERE event_type = 'MoneyDeposited'",
+    )
+    .fetch_one(&first.pool)
+    .await
+    .unwrap();
+    assert!(
+        transactions < events,
+        "{events} deposits in {transactions} transactions: none were group-committed"
+    );
+}
