@@ -26,14 +26,14 @@ SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_versi
   FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[])
        AS e(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)";
 
-/// The events one command appends to one stream, after `version`, serialised.
+/// Events appended to one stream after `version`, serialised: one command's, or several
+/// commands' decided in turn.
 #[derive(Debug)]
 pub(crate) struct Append {
     pub(crate) aggregate_type: &'static str,
     pub(crate) aggregate_id: String,
     pub(crate) version: u64,
     pub(crate) events: Vec<EventRow>,
-    pub(crate) metadata: String,
 }
 
 #[derive(Debug)]
@@ -41,6 +41,8 @@ pub(crate) struct EventRow {
     pub(crate) event_type: String,
     pub(crate) event_version: String,
     pub(crate) payload: String,
+    /// The metadata of the command that produced the event.
+    pub(crate) metadata: String,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -123,7 +125,11 @@ async fn write_batches(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Pending>>>)
 }
 
 async fn write(pool: &PgPool, batch: Vec<Pending>) {
-    metrics::histogram!("ledger_append_batch_size").record(batch.len() as f64);
+    let events: usize = batch
+        .iter()
+        .map(|pending| pending.append.events.len())
+        .sum();
+    metrics::histogram!("ledger_append_batch_events").record(events as f64);
     let result = insert(pool, batch.iter().map(|pending| &pending.append)).await;
     match result {
         Ok(()) => {
@@ -173,7 +179,7 @@ async fn insert<'a>(
             event_types.push(event.event_type.as_str());
             event_versions.push(event.event_version.as_str());
             payloads.push(event.payload.as_str());
-            metadata.push(append.metadata.as_str());
+            metadata.push(event.metadata.as_str());
         }
     }
     sqlx::query(INSERT)
@@ -222,8 +228,8 @@ mod tests {
                 event_type: "MoneyDeposited".into(),
                 event_version: "1".into(),
                 payload: r#"{"amount": 1}"#.into(),
+                metadata: metadata.to_string(),
             }],
-            metadata: metadata.to_string(),
         }
     }
 

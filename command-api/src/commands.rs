@@ -2,6 +2,8 @@
 //! concurrency and bounded retries around the aggregate's decision.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
@@ -11,12 +13,14 @@ use domain::{
 };
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio::sync::{OwnedMutexGuard, oneshot};
+use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::append::{AppendError, Appender};
+use crate::append::{AppendError, Appender, EventRow};
 use crate::error::ApiError;
 use crate::relay::AppendSignal;
-use crate::store::{Store, Versioned, find_idempotency_key};
+use crate::store::{Slot, Store, StreamHandle, Versioned, event_row, find_idempotency_key};
 
 /// Who asked for a command and why: becomes the metadata of every event it appends.
 #[derive(Debug, Clone)]
@@ -97,7 +101,10 @@ impl Target {
 
 /// What running commands needs to know of an aggregate beyond cqrs-es's trait.
 pub(crate) trait Stream:
-    Aggregate<Services = (), Command: Clone, Event: StoredEvent> + Default + Clone
+    Aggregate<Services = (), Command: Clone + Send + Sync, Event: StoredEvent>
+    + Default
+    + Clone
+    + 'static
 {
     /// True if the stream exists and belongs to `tenant`.
     fn belongs_to(&self, tenant: &str) -> bool;
@@ -172,8 +179,10 @@ impl Stream for Transfer {
 /// Executes commands against the event store.
 pub(crate) struct CommandService {
     pool: PgPool,
-    accounts: Store<Account>,
-    transfers: Store<Transfer>,
+    accounts: Arc<Store<Account>>,
+    transfers: Arc<Store<Transfer>>,
+    /// Tells a command's entry among its stream's waiters from the others'.
+    tickets: AtomicU64,
     conflict_retries: u32,
     /// Wakes the relay after each append.
     appended: AppendSignal,
@@ -189,8 +198,9 @@ impl CommandService {
     ) -> Self {
         let appender = Appender::start(pool.clone(), append_writers.get());
         Self {
-            accounts: Store::new(pool.clone(), appender.clone(), cache_capacity),
-            transfers: Store::new(pool.clone(), appender, cache_capacity),
+            accounts: Arc::new(Store::new(pool.clone(), appender.clone(), cache_capacity)),
+            transfers: Arc::new(Store::new(pool.clone(), appender, cache_capacity)),
+            tickets: AtomicU64::new(0),
             pool,
             conflict_retries,
             appended,
@@ -299,7 +309,7 @@ impl CommandService {
     #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, command = A::name(&command), id = %target.id()))]
     async fn execute<A: Stream>(
         &self,
-        store: &Store<A>,
+        store: &Arc<Store<A>>,
         context: &CommandContext,
         target: Target,
         command: A::Command,
@@ -322,9 +332,14 @@ impl CommandService {
 
     /// With `expected_version` (from `If-Match`) the command only applies to that version;
     /// without it, a lost race is retried on fresh state.
+    ///
+    /// Commands on one stream run in groups: the command that gets the stream's lock takes
+    /// every command waiting for it, decides them in turn and appends all their events at once
+    /// (see `run_group`). On a busy stream that is one commit for many commands instead of one
+    /// each, since a stream's next append may only start once the last one has committed.
     async fn decide_and_append<A: Stream>(
         &self,
-        store: &Store<A>,
+        store: &Arc<Store<A>>,
         context: &CommandContext,
         target: Target,
         command: A::Command,
@@ -332,68 +347,71 @@ impl CommandService {
     ) -> Result<Committed, ApiError> {
         let aggregate_id = target.id().to_string();
         let metadata = context.metadata();
+        let key = context.idempotency.as_ref().map(|i| i.key.clone());
         let mut last_seen = None;
-        for attempt in 0..=self.conflict_retries {
+        for _attempt in 0..=self.conflict_retries {
             if let Some(replay) = self.replay(context).await? {
                 return Ok(replay);
             }
-            let mut slot = store.lock(&aggregate_id).await;
-            let fresh = slot.is_none();
-            let mut state = match slot.take() {
-                Some(cached) => cached,
-                None if matches!(target, Target::New(_)) => Versioned::default(),
-                None => store.load(&aggregate_id).await?,
-            };
-            let mut decision = decide(&state, &command, expected_version).await;
-            if decision.is_err() && !fresh {
-                // A refusal may come from state another replica has since changed: only a
-                // refusal on the latest state is final.
-                store.catch_up(&aggregate_id, &mut state).await?;
-                decision = decide(&state, &command, expected_version).await;
-            }
-            let current_version = state.version;
-            let (next, events) = match decision {
-                Ok(decided) => decided,
-                Err(err) => {
-                    *slot = Some(state);
-                    return Err(err);
+            let stream = store.stream(&aggregate_id);
+            let (answer, mut answered) = oneshot::channel();
+            let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+            stream.waiting().push(Waiter {
+                ticket,
+                command: command.clone(),
+                expected_version,
+                metadata: metadata.clone(),
+                key: key.clone(),
+                answer,
+            });
+            // Whoever holds the lock answers every waiter it took before letting go, so a
+            // waiter either is answered or gets the lock with its entry still queued.
+            let answer = tokio::select! {
+                biased;
+                answer = &mut answered => answer,
+                mut slot = stream.slot.clone().lock_owned() => {
+                    let (state, fresh) = match slot.take() {
+                        Some(cached) => (cached, false),
+                        None if matches!(target, Target::New(_)) => (Versioned::default(), true),
+                        None => match store.load(&aggregate_id).await {
+                            Ok(loaded) => (loaded, true),
+                            Err(err) => {
+                                // Only this command fails; the next waiter loads for itself.
+                                stream.waiting().retain(|waiter| waiter.ticket != ticket);
+                                return Err(err.into());
+                            }
+                        },
+                    };
+                    let group = std::mem::take(&mut *stream.waiting());
+                    // Spawned, so that a client hanging up cannot cancel the others' commands
+                    // half way through.
+                    tokio::spawn(
+                        run_group(Group {
+                            store: store.clone(),
+                            stream,
+                            appended: self.appended.clone(),
+                            slot,
+                            aggregate_id: aggregate_id.clone(),
+                            stream_id: target.id(),
+                            state,
+                            fresh,
+                            waiters: group,
+                        })
+                        .in_current_span(),
+                    );
+                    answered.await
                 }
             };
-            if events.is_empty() {
-                // Nothing to record (a step already taken): no append, no new version.
-                *slot = Some(next);
-                return Ok(Committed {
-                    stream_id: target.id(),
-                    version: current_version,
-                    replayed: false,
-                });
-            }
-            match store
-                .append(&aggregate_id, current_version, &events, &metadata)
-                .await
-            {
-                Ok(()) => {
-                    self.appended.appended();
-                    let version = next.version;
-                    *slot = Some(next);
-                    return Ok(Committed {
-                        stream_id: target.id(),
-                        version,
-                        replayed: false,
-                    });
+            match answer {
+                Ok(Answer::Done(result)) => return result,
+                Ok(Answer::Retry { current_version }) => {
+                    tracing::debug!("lost a race on the stream, retrying");
+                    last_seen = current_version.or(last_seen);
                 }
-                Err(AppendError::StreamConflict) => {
-                    tracing::debug!(attempt, "lost a race on the stream, retrying");
-                    store.catch_up(&aggregate_id, &mut state).await?;
-                    last_seen = Some(state.version);
-                    *slot = Some(state);
-                }
-                Err(AppendError::IdempotencyKeyTaken) => {
-                    // The racing request committed: the next attempt replays its outcome.
-                    *slot = Some(state);
-                }
-                Err(err @ (AppendError::Database(_) | AppendError::WriterStopped)) => {
-                    return Err(err.into());
+                Err(_) => {
+                    return Err(ApiError::Internal(anyhow::anyhow!(
+                        "the command's group stopped without answering"
+                    )));
                 }
             }
         }
@@ -454,4 +472,157 @@ async fn decide<A: Stream>(
     let events = sink.collect().await;
     next.version += events.len() as u64;
     Ok((next, events))
+}
+
+/// A command waiting for its stream.
+pub(crate) struct Waiter<A: Aggregate> {
+    ticket: u64,
+    command: A::Command,
+    expected_version: Option<u64>,
+    metadata: String,
+    key: Option<String>,
+    answer: oneshot::Sender<Answer>,
+}
+
+enum Answer {
+    Done(Result<Committed, ApiError>),
+    /// The group lost a race (another replica wrote, or spent an idempotency key): run the
+    /// command again, from the replay check.
+    Retry {
+        current_version: Option<u64>,
+    },
+}
+
+/// Commands on one stream, decided and appended together while its lock is held.
+struct Group<A: Stream> {
+    store: Arc<Store<A>>,
+    stream: Arc<StreamHandle<A>>,
+    appended: AppendSignal,
+    slot: OwnedMutexGuard<Slot<A>>,
+    aggregate_id: String,
+    stream_id: Uuid,
+    state: Versioned<A>,
+    /// True if `state` was just read from the store rather than cached.
+    fresh: bool,
+    waiters: Vec<Waiter<A>>,
+}
+
+/// The group's decisions on one starting state.
+struct Decided<A: Aggregate> {
+    next: Versioned<A>,
+    rows: Vec<EventRow>,
+    /// Each waiter's outcome if the rows commit: the stream version after its command.
+    outcomes: Vec<Result<u64, ApiError>>,
+}
+
+async fn run_group<A: Stream>(group: Group<A>) {
+    let Group {
+        store,
+        stream,
+        appended,
+        mut slot,
+        aggregate_id,
+        stream_id,
+        mut state,
+        fresh,
+        waiters,
+    } = group;
+    // One key twice in one append would fail it as a whole: a repeat waits for the next
+    // group, whose replay check or insert settles it. Waiters whose request is gone are
+    // dropped: they have nobody to answer.
+    let mut keys = std::collections::HashSet::new();
+    let (waiters, repeats): (Vec<_>, Vec<_>) = waiters
+        .into_iter()
+        .filter(|waiter| !waiter.answer.is_closed())
+        .partition(|waiter| {
+            waiter
+                .key
+                .as_ref()
+                .is_none_or(|key| keys.insert(key.clone()))
+        });
+    stream.waiting().extend(repeats);
+
+    let mut decided = decide_group(&state, &waiters).await;
+    if !fresh && decided.outcomes.iter().any(Result::is_err) {
+        // A refusal may come from state another replica has since changed: only a refusal on
+        // the latest state is final.
+        if let Err(err) = store.catch_up(&aggregate_id, &mut state).await {
+            return fail(waiters, err.into());
+        }
+        decided = decide_group(&state, &waiters).await;
+    }
+    let Decided {
+        next,
+        rows,
+        outcomes,
+    } = decided;
+    if !rows.is_empty() {
+        match store.append(&aggregate_id, state.version, rows).await {
+            Ok(()) => appended.appended(),
+            Err(AppendError::StreamConflict) => {
+                if let Err(err) = store.catch_up(&aggregate_id, &mut state).await {
+                    return fail(waiters, err.into());
+                }
+                let current_version = Some(state.version);
+                *slot = Some(state);
+                return retry(waiters, current_version);
+            }
+            Err(AppendError::IdempotencyKeyTaken) => {
+                *slot = Some(state);
+                return retry(waiters, None);
+            }
+            Err(err) => return fail(waiters, err.into()),
+        }
+    }
+    *slot = Some(next);
+    drop(slot);
+    for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+        let result = outcome.map(|version| Committed {
+            stream_id,
+            version,
+            replayed: false,
+        });
+        let _ = waiter.answer.send(Answer::Done(result));
+    }
+}
+
+/// Decides each waiter's command on the state its predecessors in the group left.
+async fn decide_group<A: Stream>(state: &Versioned<A>, waiters: &[Waiter<A>]) -> Decided<A> {
+    let mut next = state.clone();
+    let mut rows = Vec::new();
+    let mut outcomes = Vec::with_capacity(waiters.len());
+    for waiter in waiters {
+        let outcome = match decide(&next, &waiter.command, waiter.expected_version).await {
+            Ok((after, events)) => events
+                .iter()
+                .map(|event| event_row(event, &waiter.metadata))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|mut events| {
+                    rows.append(&mut events);
+                    next = after;
+                    next.version
+                })
+                .map_err(ApiError::from),
+            Err(err) => Err(err),
+        };
+        outcomes.push(outcome);
+    }
+    Decided {
+        next,
+        rows,
+        outcomes,
+    }
+}
+
+fn retry<A: Aggregate>(waiters: Vec<Waiter<A>>, current_version: Option<u64>) {
+    for waiter in waiters {
+        let _ = waiter.answer.send(Answer::Retry { current_version });
+    }
+}
+
+/// The store failed the whole group: every command gets the failure.
+fn fail<A: Aggregate>(waiters: Vec<Waiter<A>>, err: ApiError) {
+    for waiter in waiters {
+        let _ = waiter.answer.send(Answer::Done(Err(err.duplicate())));
+    }
 }

@@ -52,6 +52,17 @@ pub(crate) enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
+impl ApiError {
+    /// The same failure for another command that shared the operation that failed (a group of
+    /// commands on one stream).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::Unavailable(err) => Self::Unavailable(err.clone()),
+            other => Self::Internal(anyhow::anyhow!("{other:#}")),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         Arc::new(err).into()

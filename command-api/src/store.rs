@@ -24,6 +24,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use crate::append::{Append, AppendError, Appender, EventRow};
+use crate::commands::Waiter;
 
 /// A stream's state and the version (last sequence) it reflects.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +44,30 @@ impl<A: Aggregate> Versioned<A> {
 
 /// The cached state of one stream; `None` until loaded or after a failed append.
 pub(crate) type Slot<A> = Option<Versioned<A>>;
+
+/// One stream in this process: its state, locked while commands run on it, and the commands
+/// waiting to run (see `commands::CommandService::decide_and_append`).
+pub(crate) struct StreamHandle<A: Aggregate> {
+    pub(crate) slot: Arc<AsyncMutex<Slot<A>>>,
+    pub(crate) waiting: Mutex<Vec<Waiter<A>>>,
+}
+
+impl<A: Aggregate> Default for StreamHandle<A> {
+    fn default() -> Self {
+        Self {
+            slot: Arc::default(),
+            waiting: Mutex::default(),
+        }
+    }
+}
+
+impl<A: Aggregate> StreamHandle<A> {
+    pub(crate) fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waiter<A>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 /// A stored event that carries an idempotency key.
 #[derive(Debug, Clone)]
@@ -73,7 +98,7 @@ SELECT aggregate_id, sequence, metadata ->> 'request_hash'
 pub(crate) struct Store<A: Aggregate> {
     appender: Appender,
     repository: PostgresEventRepository,
-    cache: Mutex<LruCache<String, Arc<AsyncMutex<Slot<A>>>>>,
+    cache: Mutex<LruCache<String, Arc<StreamHandle<A>>>>,
 }
 
 impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
@@ -85,16 +110,17 @@ impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
         }
     }
 
+    pub(crate) fn stream(&self, aggregate_id: &str) -> Arc<StreamHandle<A>> {
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.get_or_insert_ref(aggregate_id, Arc::default).clone()
+    }
+
     /// Locks the stream's slot; commands on one stream run one at a time in this process.
     pub(crate) async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot<A>> {
-        let slot = {
-            let mut cache = self
-                .cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            cache.get_or_insert_ref(aggregate_id, Arc::default).clone()
-        };
-        slot.lock_owned().await
+        self.stream(aggregate_id).slot.clone().lock_owned().await
     }
 
     /// The whole stream, folded.
@@ -124,30 +150,31 @@ impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
         &self,
         aggregate_id: &str,
         version: u64,
-        events: &[A::Event],
-        metadata: &str,
+        events: Vec<EventRow>,
     ) -> Result<(), AppendError> {
-        let events = events
-            .iter()
-            .map(|event| {
-                Ok(EventRow {
-                    event_type: event.event_type(),
-                    event_version: event.event_version(),
-                    payload: serde_json::to_string(event)?,
-                })
-            })
-            .collect::<Result<_, serde_json::Error>>()
-            .map_err(|err| AppendError::Database(Arc::new(sqlx::Error::Encode(Box::new(err)))))?;
         self.appender
             .append(Append {
                 aggregate_type: A::TYPE,
                 aggregate_id: aggregate_id.to_owned(),
                 version,
                 events,
-                metadata: metadata.to_owned(),
             })
             .await
     }
+}
+
+/// `event` as the row it is stored in, with its command's metadata.
+pub(crate) fn event_row<E: DomainEvent>(
+    event: &E,
+    metadata: &str,
+) -> Result<EventRow, AppendError> {
+    Ok(EventRow {
+        event_type: event.event_type(),
+        event_version: event.event_version(),
+        payload: serde_json::to_string(event)
+            .map_err(|err| AppendError::Database(Arc::new(sqlx::Error::Encode(Box::new(err)))))?,
+        metadata: metadata.to_owned(),
+    })
 }
 
 /// The event that spent `key` for `tenant`, in any stream, if any.

@@ -30,8 +30,8 @@ struct Run {
     elapsed: Duration,
     /// Sorted latencies of successful requests, microseconds.
     latencies: Vec<u32>,
-    /// Mean appends per group-committed batch, from the command API's own metrics.
-    appends_per_batch: Option<f64>,
+    /// Mean events per group commit, from the command API's own metrics.
+    events_per_commit: Option<f64>,
 }
 
 impl Run {
@@ -410,7 +410,7 @@ async fn load(
         server_errors: 0,
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
-        appends_per_batch: None,
+        events_per_commit: None,
     };
     for worker in futures_join(workers.collect()).await {
         let (ok, errors, server_errors, latencies) = worker;
@@ -425,12 +425,12 @@ async fn load(
         (batches_before, append_batches(client, base).await)
         && count > count_before
     {
-        run.appends_per_batch = Some((sum - sum_before) / (count - count_before));
+        run.events_per_commit = Some((sum - sum_before) / (count - count_before));
     }
     run
 }
 
-/// The sum and count of `ledger_append_batch_size` as the command API's `/metrics` has them.
+/// The sum and count of `ledger_append_batch_events` as the command API's `/metrics` has them.
 async fn append_batches(client: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
     let text = client
         .get(format!("{base}/metrics"))
@@ -452,8 +452,8 @@ async fn append_batches(client: &reqwest::Client, base: &str) -> Option<(f64, f6
         })
     };
     Some((
-        value("ledger_append_batch_size_sum")?,
-        value("ledger_append_batch_size_count")?,
+        value("ledger_append_batch_events_sum")?,
+        value("ledger_append_batch_events_count")?,
     ))
 }
 
@@ -530,7 +530,7 @@ async fn pgbench(url: &str, concurrency: usize, seconds: u64) -> anyhow::Result<
         elapsed: Duration::from_secs(seconds),
         latencies,
         // One row per transaction: the script's one INSERT, autocommitted.
-        appends_per_batch: Some(1.0),
+        events_per_commit: Some(1.0),
     })
 }
 
@@ -583,14 +583,15 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
          Each run lasts {seconds} s after a 1 s warm-up; latency is measured by the client, successful \
          requests only. pgbench inserts one ~300-byte row per transaction into a table with the event \
          store's columns and primary key (no hash-chain trigger), committing each row on its own. \
-         The command API group-commits: the appends of concurrent commands go out as one INSERT \
-         and one commit per batch (`command-api/src/append.rs`); the last column is the mean \
-         batch size, from its `/metrics`.\n",
+         The command API group-commits: commands waiting for one stream are decided in turn and \
+         appended together, and the appends of concurrent streams go out as one INSERT and one \
+         commit (`command-api/src/commands.rs`, `command-api/src/append.rs`); the last column is \
+         the mean number of events per commit, from its `/metrics`.\n",
         machine().await
     )?;
     writeln!(
         out,
-        "| workload | clients | ok/s | p50 ms | p99 ms | non-2xx | 5xx | vs pgbench | appends per commit |"
+        "| workload | clients | ok/s | p50 ms | p99 ms | non-2xx | 5xx | vs pgbench | events per commit |"
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for run in runs {
@@ -613,7 +614,7 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
             run.errors,
             run.server_errors,
             ratio,
-            run.appends_per_batch
+            run.events_per_commit
                 .map_or_else(|| "-".to_owned(), |mean| format!("{mean:.1}")),
         )?;
     }
@@ -621,7 +622,7 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
         out,
         "\nThe last row runs after the hot account's stream has grown to {hot_events} events: a command \
          costs the same on a long stream, because the account's state is cached between commands and \
-         the append is its rows in one batched INSERT (see `command-api/src/store.rs`).\n"
+         an append only inserts (see `command-api/src/store.rs`).\n"
     )?;
     Ok(out)
 }

@@ -3,6 +3,26 @@ use reqwest::StatusCode;
 
 use crate::helpers::TestApp;
 
+/// Asserts the stream's events are in commit order, and returns how many there are.
+///
+/// A later version is written by a later transaction, or later in the same one: what lets the
+/// relay read the log in commit order, `(tx_id, global_position)`, without gaps.
+async fn commit_order(pool: &sqlx::PgPool, account: uuid::Uuid) -> usize {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tx_id::text, global_position FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(account.to_string())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let order: Vec<(u64, i64)> = rows
+        .iter()
+        .map(|(tx_id, position)| (tx_id.parse().unwrap(), *position))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+    order.len()
+}
+
 #[tokio::test]
 async fn fifty_parallel_deposits_each_append_exactly_one_event() {
     let app = TestApp::spawn().await;
@@ -66,18 +86,7 @@ async fn two_replicas_racing_on_one_account_lose_nothing_and_apply_nothing_twice
     assert!(accepted > 0);
     assert_eq!(first.balance(account).await, accepted_sum);
 
-    // Per-stream commit order: a later version is always written by a later transaction, which
-    // is what lets the relay read the log in commit order without gaps.
-    let tx_ids: Vec<String> = sqlx::query_scalar(
-        "SELECT tx_id::text FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(account.to_string())
-    .fetch_all(&first.pool)
-    .await
-    .unwrap();
-    assert_eq!(tx_ids.len(), 1 + accepted);
-    let tx_ids: Vec<u64> = tx_ids.iter().map(|t| t.parse().unwrap()).collect();
-    assert!(tx_ids.windows(2).all(|w| w[0] < w[1]), "{tx_ids:?}");
+    assert_eq!(commit_order(&first.pool, account).await, 1 + accepted);
 }
 
 #[tokio::test]
@@ -113,16 +122,7 @@ async fn two_replicas_group_committing_over_many_accounts_lose_nothing() {
             }
         }
         assert_eq!(first.balance(account).await, accepted_sum);
-        let tx_ids: Vec<String> = sqlx::query_scalar(
-            "SELECT tx_id::text FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-        )
-        .bind(account.to_string())
-        .fetch_all(&first.pool)
-        .await
-        .unwrap();
-        assert_eq!(tx_ids.len(), 1 + accepted);
-        let tx_ids: Vec<u64> = tx_ids.iter().map(|t| t.parse().unwrap()).collect();
-        assert!(tx_ids.windows(2).all(|w| w[0] < w[1]), "{tx_ids:?}");
+        assert_eq!(commit_order(&first.pool, account).await, 1 + accepted);
     }
 
     let (events, transactions): (i64, i64) = sqlx::query_as(
@@ -135,4 +135,77 @@ async fn two_replicas_group_committing_over_many_accounts_lose_nothing() {
         transactions < events,
         "{events} deposits in {transactions} transactions: none were group-committed"
     );
+}
+
+#[tokio::test]
+async fn commands_waiting_for_one_account_share_commits_and_each_get_their_own_version() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    let replies = join_all((1..=40).map(|amount| app.deposit(account, amount))).await;
+
+    let mut versions: Vec<i64> = replies.iter().map(|reply| reply.version()).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (2..=41).collect::<Vec<_>>());
+    assert_eq!(app.balance(account).await, (1..=40).sum::<i64>());
+    assert_eq!(commit_order(&app.pool, account).await, 41);
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT tx_id) FROM events WHERE event_type = 'MoneyDeposited'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(transactions < 40, "40 deposits in {transactions} commits");
+}
+
+#[tokio::test]
+async fn a_command_is_decided_on_what_the_commands_before_it_in_its_group_did() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    assert_eq!(app.deposit(account, 100).await.status, StatusCode::OK);
+    let path = format!("/v1/accounts/{account}/withdrawals");
+    let withdrawals = join_all(
+        (0..10).map(|_| app.post(&path, serde_json::json!({"amount": 30, "currency": "EUR"}))),
+    )
+    .await;
+    let accepted = withdrawals
+        .iter()
+        .filter(|reply| reply.status == StatusCode::OK)
+        .count();
+    assert_eq!(accepted, 3);
+    for refused in withdrawals
+        .iter()
+        .filter(|reply| reply.status != StatusCode::OK)
+    {
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.problem(), "insufficient-funds");
+    }
+    assert_eq!(app.balance(account).await, 10);
+
+    // Every If-Match names the same version: one command gets it, the rest see it taken.
+    let path = format!("/v1/accounts/{account}/deposits");
+    let version = format!("\"{}\"", 2 + accepted);
+    let teller = app.teller();
+    let headers = [("if-match", version.as_str())];
+    let deposits = join_all((0..10).map(|_| {
+        app.post_with(
+            &path,
+            &teller,
+            &headers,
+            Some(serde_json::json!({"amount": 1, "currency": "EUR"})),
+        )
+    }))
+    .await;
+    let statuses: Vec<StatusCode> = deposits.iter().map(|reply| reply.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        deposits
+            .iter()
+            .filter(|reply| reply.status != StatusCode::OK)
+            .all(|reply| reply.problem() == "conflict")
+    );
+    assert_eq!(app.balance(account).await, 11);
 }

@@ -108,7 +108,7 @@ async fn metrics_count_requests_and_commands() {
         "{text}"
     );
     assert!(
-        series("ledger_append_batch_size_bucket", &[r#"le="1""#]),
+        series("ledger_append_batch_events_bucket", &[r#"le="1""#]),
         "{text}"
     );
     assert!(
