@@ -1,14 +1,15 @@
 //! Group commit: the appends of concurrent commands written to the event store together, one
 //! statement and one transaction per batch.
 //!
-//! A command still appends to its own stream after the version it decided on, and holds that
-//! stream's lock until its append is answered, so a batch never carries two appends to one
-//! stream. Every append in a batch was decided on a committed version before the batch's
-//! transaction takes its xid (at its INSERT), so the log's per-stream order (DESIGN.md) holds
-//! as before. What a batch saves is the per-transaction cost: one round trip, one statement
-//! and one commit (one WAL flush) for many appends instead of one each. Batches form without
-//! waiting: a writer takes whatever is queued when it comes free, so a lone command goes out
-//! at once and a busy service writes bigger batches.
+//! An append is one stream's events after the version they were decided on, from one command
+//! or from a group of commands on that stream (see `commands`). The stream stays locked until
+//! the append is answered, so a batch never carries two appends to one stream. Every append in
+//! a batch was decided on a committed version before the batch's transaction takes its xid (at
+//! its INSERT), so the log's per-stream order (DESIGN.md) holds as before. What a batch saves
+//! is the per-transaction cost: one round trip, one statement and one commit (one WAL flush)
+//! for many appends instead of one each. Batches form without waiting: a writer takes whatever
+//! is queued when it comes free, so a lone command goes out at once and a busy service writes
+//! bigger batches.
 
 use std::sync::Arc;
 

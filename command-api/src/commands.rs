@@ -364,8 +364,8 @@ impl CommandService {
                 key: key.clone(),
                 answer,
             });
-            // Whoever holds the lock answers every waiter it took before letting go, so a
-            // waiter either is answered or gets the lock with its entry still queued.
+            // A group answers every waiter it took before it lets go of the lock, so a waiter
+            // either is answered or gets the lock with its own entry still queued.
             let answer = tokio::select! {
                 biased;
                 answer = &mut answered => answer,
@@ -575,7 +575,6 @@ async fn run_group<A: Stream>(group: Group<A>) {
         }
     }
     *slot = Some(next);
-    drop(slot);
     for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
         let result = outcome.map(|version| Committed {
             stream_id,
@@ -584,6 +583,7 @@ async fn run_group<A: Stream>(group: Group<A>) {
         });
         let _ = waiter.answer.send(Answer::Done(result));
     }
+    // Only now is the stream unlocked (as `slot` drops): see `decide_and_append`.
 }
 
 /// Decides each waiter's command on the state its predecessors in the group left.

@@ -1,10 +1,10 @@
 //! The event streams of one aggregate type (accounts, transfers): loading, appending, and the
 //! in-memory state between commands.
 //!
-//! Commands for one stream are serialised in this process by a per-stream async lock, and
-//! the state each one leaves behind is kept (bounded, least recently used). A command on a
-//! cached stream therefore costs no read, only its rows in the next batched INSERT (see
-//! `append`). The cache is never trusted for correctness: the insert names the next sequence
+//! Commands for one stream take turns in this process under a per-stream async lock, in groups
+//! (see `commands`), and the state each group leaves behind is kept (bounded, least recently
+//! used). A command on a cached stream therefore costs no read, only its rows in the next
+//! batched INSERT (see `append`). The cache is never trusted for correctness: the insert names the next sequence
 //! number, so a stale state (another replica wrote meanwhile) fails on the primary key and the
 //! command is retried on fresh state.
 //!
