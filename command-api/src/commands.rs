@@ -382,23 +382,26 @@ impl CommandService {
                             }
                         },
                     };
-                    let group = std::mem::take(&mut *stream.waiting());
-                    // Spawned, so that a client hanging up cannot cancel the others' commands
-                    // half way through.
-                    tokio::spawn(
-                        run_group(Group {
-                            store: store.clone(),
-                            stream,
-                            appended: self.appended.clone(),
-                            slot,
-                            aggregate_id: aggregate_id.clone(),
-                            stream_id: target.id(),
-                            state,
-                            fresh,
-                            waiters: group,
-                        })
-                        .in_current_span(),
-                    );
+                    let waiters = std::mem::take(&mut *stream.waiting());
+                    let alone = matches!(waiters.as_slice(), [only] if only.ticket == ticket);
+                    let group = run_group(Group {
+                        store: store.clone(),
+                        stream,
+                        appended: self.appended.clone(),
+                        slot,
+                        aggregate_id: aggregate_id.clone(),
+                        stream_id: target.id(),
+                        state,
+                        fresh,
+                        waiters,
+                    });
+                    if alone {
+                        group.await;
+                    } else {
+                        // Spawned, so that a client hanging up cannot cancel the others'
+                        // commands half way through.
+                        tokio::spawn(group.in_current_span());
+                    }
                     answered.await
                 }
             };
