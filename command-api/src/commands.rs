@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::append::{AppendError, Appender, EventRow};
 use crate::error::ApiError;
 use crate::relay::AppendSignal;
-use crate::store::{Slot, Store, StreamHandle, Versioned, event_row, find_idempotency_key};
+use crate::store::{Slot, Store, Versioned, event_row, find_idempotency_key};
 
 /// Who asked for a command and why: becomes the metadata of every event it appends.
 #[derive(Debug, Clone)]
@@ -386,7 +386,6 @@ impl CommandService {
                     let alone = matches!(waiters.as_slice(), [only] if only.ticket == ticket);
                     let group = run_group(Group {
                         store: store.clone(),
-                        stream,
                         appended: self.appended.clone(),
                         slot,
                         aggregate_id: aggregate_id.clone(),
@@ -499,7 +498,6 @@ enum Answer {
 /// Commands on one stream, decided and appended together while its lock is held.
 struct Group<A: Stream> {
     store: Arc<Store<A>>,
-    stream: Arc<StreamHandle<A>>,
     appended: AppendSignal,
     slot: OwnedMutexGuard<Slot<A>>,
     aggregate_id: String,
@@ -521,7 +519,6 @@ struct Decided<A: Aggregate> {
 async fn run_group<A: Stream>(group: Group<A>) {
     let Group {
         store,
-        stream,
         appended,
         mut slot,
         aggregate_id,
@@ -530,8 +527,8 @@ async fn run_group<A: Stream>(group: Group<A>) {
         fresh,
         waiters,
     } = group;
-    // One key twice in one append would fail it as a whole: a repeat waits for the next
-    // group, whose replay check or insert settles it. Waiters whose request is gone are
+    // One key twice in one append would fail it as a whole: a repeat runs again instead, and
+    // its replay check finds what the first one did. Waiters whose request is gone are
     // dropped: they have nobody to answer.
     let mut keys = std::collections::HashSet::new();
     let (waiters, repeats): (Vec<_>, Vec<_>) = waiters
@@ -543,7 +540,7 @@ async fn run_group<A: Stream>(group: Group<A>) {
                 .as_ref()
                 .is_none_or(|key| keys.insert(key.clone()))
         });
-    stream.waiting().extend(repeats);
+    retry(repeats, None);
 
     let mut decided = decide_group(&state, &waiters).await;
     if !fresh && decided.outcomes.iter().any(Result::is_err) {
