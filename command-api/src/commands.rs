@@ -626,3 +626,107 @@ fn fail<A: Aggregate>(waiters: Vec<Waiter<A>>, err: ApiError) {
         let _ = waiter.answer.send(Answer::Done(Err(err.duplicate())));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use domain::{Amount, Currency, OverdraftLimit, Owner};
+    use service_kit::testing::TestDatabase;
+
+    use super::*;
+
+    fn deposit() -> AccountCommand {
+        AccountCommand::Deposit {
+            tenant: "acme".into(),
+            amount: Amount::parse(5).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+        }
+    }
+
+    fn waiter(
+        command: AccountCommand,
+        key: Option<&str>,
+    ) -> (Waiter<Account>, oneshot::Receiver<Answer>) {
+        let (answer, answered) = oneshot::channel();
+        let waiter = Waiter {
+            ticket: 0,
+            command,
+            expected_version: None,
+            metadata: serde_json::json!({"tenant": "acme", "idempotency_key": key}).to_string(),
+            key: key.map(str::to_owned),
+            answer,
+        };
+        (waiter, answered)
+    }
+
+    /// What `waiter` was told, within a bound: a waiter nobody answers fails the test.
+    async fn answer(answered: oneshot::Receiver<Answer>) -> Answer {
+        tokio::time::timeout(std::time::Duration::from_secs(5), answered)
+            .await
+            .expect("the waiter is answered")
+            .expect("the group answers rather than dropping the waiter")
+    }
+
+    /// Runs `waiters` as one group on `id`, as the command that took the stream's lock would.
+    async fn run(store: &Arc<Store<Account>>, id: Uuid, waiters: Vec<Waiter<Account>>) {
+        let mut slot = store.lock(&id.to_string()).await;
+        let state = slot.take().unwrap_or_default();
+        run_group(Group {
+            store: store.clone(),
+            appended: AppendSignal::default(),
+            slot,
+            aggregate_id: id.to_string(),
+            stream_id: id,
+            state,
+            fresh: true,
+            waiters,
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_repeated_idempotency_key_in_a_group_runs_again_and_the_rest_commit() {
+        let db = TestDatabase::create().await;
+        let appender = Appender::start(db.pool.clone(), 1);
+        let store = Arc::new(Store::<Account>::new(
+            db.pool.clone(),
+            appender,
+            NonZeroUsize::new(10).unwrap(),
+        ));
+        let id = Uuid::new_v4();
+        let (open, opened) = waiter(
+            AccountCommand::Open {
+                tenant: "acme".into(),
+                owner: Owner::parse("Ada").unwrap(),
+                currency: Currency::parse("EUR").unwrap(),
+                overdraft_limit: OverdraftLimit::parse(0).unwrap(),
+            },
+            None,
+        );
+        run(&store, id, vec![open]).await;
+        assert!(matches!(
+            answer(opened).await,
+            Answer::Done(Ok(Committed { version: 1, .. }))
+        ));
+
+        let (first, first_answer) = waiter(deposit(), Some("k"));
+        let (repeat, repeat_answer) = waiter(deposit(), Some("k"));
+        let (other, other_answer) = waiter(deposit(), None);
+        run(&store, id, vec![first, repeat, other]).await;
+        assert!(matches!(
+            answer(first_answer).await,
+            Answer::Done(Ok(Committed { version: 2, .. }))
+        ));
+        assert!(matches!(answer(repeat_answer).await, Answer::Retry { .. }));
+        assert!(matches!(
+            answer(other_answer).await,
+            Answer::Done(Ok(Committed { version: 3, .. }))
+        ));
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, 3);
+    }
+}
