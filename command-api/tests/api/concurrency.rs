@@ -1,7 +1,24 @@
 use futures::future::join_all;
 use reqwest::StatusCode;
 
-use crate::helpers::TestApp;
+use crate::helpers::{Reply, TestApp};
+
+/// How many deposits were accepted and their sum, asserting the others lost the race.
+fn accepted<'a>(replies: impl Iterator<Item = (i64, &'a Reply)>) -> (usize, i64) {
+    let (mut accepted, mut sum) = (0, 0);
+    for (amount, reply) in replies {
+        match reply.status {
+            StatusCode::OK => {
+                accepted += 1;
+                sum += amount;
+            }
+            // Retries are bounded: a command that kept losing the race is refused, not applied.
+            StatusCode::CONFLICT => assert_eq!(reply.problem(), "conflict"),
+            other => panic!("unexpected {other}: {}", reply.body),
+        }
+    }
+    (accepted, sum)
+}
 
 /// Asserts the stream's events are in commit order, and returns how many there are.
 ///
@@ -70,19 +87,7 @@ async fn two_replicas_racing_on_one_account_lose_nothing_and_apply_nothing_twice
     }))
     .await;
 
-    let mut accepted_sum = 0;
-    let mut accepted = 0;
-    for (amount, reply) in &replies {
-        match reply.status {
-            StatusCode::OK => {
-                accepted_sum += amount;
-                accepted += 1;
-            }
-            // Retries are bounded: a command that kept losing the race is refused, not applied.
-            StatusCode::CONFLICT => assert_eq!(reply.problem(), "conflict"),
-            other => panic!("unexpected {other}: {}", reply.body),
-        }
-    }
+    let (accepted, accepted_sum) = accepted(replies.iter().map(|(amount, reply)| (*amount, reply)));
     assert!(accepted > 0);
     assert_eq!(first.balance(account).await, accepted_sum);
 
@@ -109,18 +114,12 @@ async fn two_replicas_group_committing_over_many_accounts_lose_nothing() {
     .await;
 
     for &account in &accounts {
-        let mut accepted_sum = 0;
-        let mut accepted = 0;
-        for (_, amount, reply) in replies.iter().filter(|(id, _, _)| *id == account) {
-            match reply.status {
-                StatusCode::OK => {
-                    accepted_sum += amount;
-                    accepted += 1;
-                }
-                StatusCode::CONFLICT => assert_eq!(reply.problem(), "conflict"),
-                other => panic!("unexpected {other}: {}", reply.body),
-            }
-        }
+        let (accepted, accepted_sum) = accepted(
+            replies
+                .iter()
+                .filter(|(id, _, _)| *id == account)
+                .map(|(_, amount, reply)| (*amount, reply)),
+        );
         assert_eq!(first.balance(account).await, accepted_sum);
         assert_eq!(commit_order(&first.pool, account).await, 1 + accepted);
     }
