@@ -4,9 +4,9 @@
 //! Commands for one stream take turns in this process under a per-stream async lock, in groups
 //! (see `commands`), and the state each group leaves behind is kept (bounded, least recently
 //! used). A command on a cached stream therefore costs no read, only its rows in the next
-//! batched INSERT (see `append`). The cache is never trusted for correctness: the insert names the next sequence
-//! number, so a stale state (another replica wrote meanwhile) fails on the primary key and the
-//! command is retried on fresh state.
+//! batched INSERT (see `append`). The cache is never trusted for correctness: the insert names
+//! the next sequence number, so a stale state (another replica wrote meanwhile) fails on the
+//! primary key and the command is retried on fresh state.
 //!
 //! Ordering rule of the event log (DESIGN.md): a transaction may only write to a stream after
 //! the version it builds on has committed. Both the load and the cache respect that: a state is
@@ -49,7 +49,7 @@ pub(crate) type Slot<A> = Option<Versioned<A>>;
 /// waiting to run (see `commands::CommandService::decide_and_append`).
 pub(crate) struct StreamHandle<A: Aggregate> {
     pub(crate) slot: Arc<AsyncMutex<Slot<A>>>,
-    pub(crate) waiting: Mutex<Vec<Waiter<A>>>,
+    waiting: Mutex<Vec<Waiter<A>>>,
 }
 
 impl<A: Aggregate> Default for StreamHandle<A> {
