@@ -1,5 +1,6 @@
-//! Running one command on a stream (an account or a transfer): idempotency, optimistic
-//! concurrency and bounded retries around the aggregate's decision.
+//! Running commands on a stream (an account or a transfer): idempotency, optimistic
+//! concurrency and bounded retries around the aggregate's decision, and the groups in which
+//! commands waiting for one stream are decided and appended together.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
