@@ -46,15 +46,9 @@ impl Config {
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
             max_body_bytes: config::parsed_or("COMMAND_API_MAX_BODY_BYTES", 16 * 1024)?,
-            aggregate_cache: config::parsed_or(
-                "COMMAND_API_AGGREGATE_CACHE",
-                NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
-            )?,
-            conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
-            append_writers: config::parsed_or(
-                "COMMAND_API_APPEND_WRITERS",
-                NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
-            )?,
+            aggregate_cache: aggregate_cache()?,
+            conflict_retries: conflict_retries()?,
+            append_writers: append_writers()?,
             relay: if config::parsed_or("COMMAND_API_RELAY", true)? {
                 Some(RelayConfig::from_env()?)
             } else {
@@ -63,6 +57,27 @@ impl Config {
             cors_origins: service_kit::http::cors_origins_from_env()?,
         })
     }
+}
+
+/// `COMMAND_API_AGGREGATE_CACHE`; the process manager reads it too, as it runs commands.
+pub(crate) fn aggregate_cache() -> Result<NonZeroUsize, ConfigError> {
+    config::parsed_or(
+        "COMMAND_API_AGGREGATE_CACHE",
+        NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
+    )
+}
+
+/// `COMMAND_API_CONFLICT_RETRIES`, for the command API and the process manager.
+pub(crate) fn conflict_retries() -> Result<u32, ConfigError> {
+    config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)
+}
+
+/// `COMMAND_API_APPEND_WRITERS`, for the command API and the process manager.
+pub(crate) fn append_writers() -> Result<NonZeroUsize, ConfigError> {
+    config::parsed_or(
+        "COMMAND_API_APPEND_WRITERS",
+        NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+    )
 }
 
 impl RelayConfig {

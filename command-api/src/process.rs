@@ -80,15 +80,9 @@ impl ProcessConfig {
                 "PROCESS_MANAGER_STUCK_AFTER_MS",
                 30_000,
             )?),
-            aggregate_cache: config::parsed_or(
-                "COMMAND_API_AGGREGATE_CACHE",
-                std::num::NonZeroUsize::new(100_000).unwrap_or(std::num::NonZeroUsize::MIN),
-            )?,
-            conflict_retries: config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)?,
-            append_writers: config::parsed_or(
-                "COMMAND_API_APPEND_WRITERS",
-                std::num::NonZeroUsize::new(2).unwrap_or(std::num::NonZeroUsize::MIN),
-            )?,
+            aggregate_cache: crate::config::aggregate_cache()?,
+            conflict_retries: crate::config::conflict_retries()?,
+            append_writers: crate::config::append_writers()?,
             listen: config::parsed_or(
                 "PROCESS_MANAGER_ADDR",
                 SocketAddr::from(([127, 0, 0, 1], 8083)),

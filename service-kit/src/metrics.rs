@@ -20,7 +20,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Events per group commit: one command's few, up to the many commands of a full batch.
-const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const BATCH_EVENTS_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// How often pending histogram samples are folded into buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -39,9 +39,9 @@ pub fn install(service: &'static str) -> PrometheusHandle {
                 .expect("the latency buckets are not empty")
                 .set_buckets_for_metric(
                     Matcher::Full("ledger_append_batch_events".into()),
-                    BATCH_SIZE_BUCKETS,
+                    BATCH_EVENTS_BUCKETS,
                 )
-                .expect("the batch size buckets are not empty")
+                .expect("the batch event buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {

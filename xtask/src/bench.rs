@@ -357,7 +357,7 @@ async fn load(
     duration: Duration,
     label: &str,
 ) -> Run {
-    let batches_before = append_batches(client, base).await;
+    let before = batch_events(client, base).await;
     let started = Instant::now();
     let deadline = started + duration;
     let workers = (0..concurrency).map(|worker| {
@@ -422,7 +422,7 @@ async fn load(
     run.elapsed = started.elapsed();
     run.latencies.sort_unstable();
     if let (Some((sum_before, count_before)), Some((sum, count))) =
-        (batches_before, append_batches(client, base).await)
+        (before, batch_events(client, base).await)
         && count > count_before
     {
         run.events_per_commit = Some((sum - sum_before) / (count - count_before));
@@ -431,7 +431,7 @@ async fn load(
 }
 
 /// The sum and count of `ledger_append_batch_events` as the command API's `/metrics` has them.
-async fn append_batches(client: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
+async fn batch_events(client: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
     let text = client
         .get(format!("{base}/metrics"))
         .send()
