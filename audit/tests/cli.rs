@@ -46,6 +46,7 @@ impl Ledger {
                 leader_retry: Duration::from_millis(200),
             }),
             cors_origins: Vec::new(),
+            server: service_kit::server::ServerLimits::default(),
         })
         .await
         .unwrap();

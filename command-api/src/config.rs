@@ -10,6 +10,7 @@ use service_kit::auth::AuthConfig;
 use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::DatabaseConfig;
 use service_kit::kafka::KafkaConfig;
+use service_kit::server::ServerLimits;
 
 use crate::relay::RelayConfig;
 
@@ -34,6 +35,8 @@ pub struct Config {
     pub relay: Option<RelayConfig>,
     /// `CORS_ALLOWED_ORIGINS`: see `service_kit::http::cors_origins_from_env` (default: none).
     pub cors_origins: Vec<HeaderValue>,
+    /// The bounds of the listener: see `service_kit::server`.
+    pub server: ServerLimits,
 }
 
 impl Config {
@@ -55,6 +58,7 @@ impl Config {
                 None
             },
             cors_origins: service_kit::http::cors_origins_from_env()?,
+            server: ServerLimits::from_env()?,
         })
     }
 }

@@ -23,6 +23,7 @@ use service_kit::config::ConfigError;
 use service_kit::db::{self, DatabaseError};
 use service_kit::http::{self, Need, Readiness};
 use service_kit::kafka::BrokerProbe;
+use service_kit::server::{self, ServerLimits};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -73,6 +74,7 @@ pub enum StartError {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    limits: ServerLimits,
     pool: PgPool,
     signal: AppendSignal,
     relay: Option<Relay>,
@@ -104,12 +106,15 @@ impl Application {
             )),
             auth,
         };
-        let router = http::with_standard_layers(http::with_cors(
-            api::router(state)
-                .layer(DefaultBodyLimit::max(config.max_body_bytes))
-                .merge(http::ops_routes(readiness, metrics)),
-            config.cors_origins,
-        ));
+        let router = http::with_standard_layers(
+            http::with_cors(
+                api::router(state)
+                    .layer(DefaultBodyLimit::max(config.max_body_bytes))
+                    .merge(http::ops_routes(readiness, metrics)),
+                config.cors_origins,
+            ),
+            &config.server,
+        );
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -120,6 +125,7 @@ impl Application {
         Ok(Self {
             listener,
             router,
+            limits: config.server,
             pool,
             signal,
             relay,
@@ -136,10 +142,7 @@ impl Application {
 
     /// Serves (and relays, if configured) until `shutdown` resolves, then lets in-flight
     /// requests finish and stops the background tasks.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = move || {
             let mut stopped = stopped.clone();
@@ -157,10 +160,7 @@ impl Application {
             let _ = stop.send(true);
         });
         tracing::info!(addr = ?self.listener.local_addr().ok(), "command-api listening");
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(until_stopped())
-            .await;
+        server::serve(self.listener, self.router, self.limits, until_stopped()).await;
         background.join_all().await;
-        served
     }
 }

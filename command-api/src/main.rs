@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     match command.as_deref() {
         None => {
             let app = Application::build(Config::from_env()?).await?;
-            app.run_until_stopped(shutdown_signal()).await?;
+            app.run_until_stopped(shutdown_signal()).await;
         }
         Some("relay") => {
             let pool = db::connect(&DatabaseConfig::from_env()?).await?;

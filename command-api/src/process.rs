@@ -32,6 +32,7 @@ use service_kit::config::{self, ConfigError};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
+use service_kit::server::ServerLimits;
 use service_kit::telemetry;
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -67,6 +68,8 @@ pub struct ProcessConfig {
     /// `PROCESS_MANAGER_ADDR` (default `127.0.0.1:8083`; port 0 picks one): where the health
     /// probes and `/metrics` are served.
     pub listen: SocketAddr,
+    /// The bounds of that listener: see `service_kit::server`.
+    pub server: ServerLimits,
 }
 
 impl ProcessConfig {
@@ -87,6 +90,7 @@ impl ProcessConfig {
                 "PROCESS_MANAGER_ADDR",
                 SocketAddr::from(([127, 0, 0, 1], 8083)),
             )?,
+            server: ServerLimits::from_env()?,
         })
     }
 }
@@ -123,7 +127,7 @@ impl ProcessManager {
         let signal = AppendSignal::default();
         let readiness = Readiness::new(pool.clone())
             .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required);
-        let ops = OpsServer::bind(config.listen, readiness, "process-manager")
+        let ops = OpsServer::bind(config.listen, readiness, "process-manager", config.server)
             .await
             .map_err(|source| StartError::Bind {
                 addr: config.listen,

@@ -11,9 +11,16 @@
 //!
 //! Guarantees: offsets are committed only after the read-model transaction committed; each row
 //! records the last stream version applied, so a re-delivered event is skipped and a gap (an
-//! event arriving before its predecessors) is healed from the event store; a message that
-//! cannot be applied goes to the dead-letter topic with the reason, and the partition moves on.
-//! Database failures are retried until they pass: nothing is skipped because Postgres was down.
+//! event arriving before its predecessors) is healed from the event store. Kafka is not
+//! trusted: an account message only says "stream S reached version N"; it is accepted only if
+//! it is exactly the stored event at (S, N) (id, hash, data, headers), and what is applied is
+//! always read from the event store. A message that is not (forged, or malformed) goes to the
+//! dead-letter topic with the reason, counted in `ledger_projector_unverified_total`, and the
+//! partition moves on. A stored event the projection cannot read parks its stream (recorded in
+//! `projector_parked_streams`, counted, shown by readiness) while every other stream goes on;
+//! the stream resumes with its next event once a build can read it, or with `projector
+//! rebuild`. Database failures are retried until they pass: nothing is skipped because
+//! Postgres was down.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +28,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
-use domain::{Account, AccountEvent, Transfer};
+use domain::{Account, Transfer};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -30,12 +37,13 @@ use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
 use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
+use service_kit::server::ServerLimits;
 use service_kit::telemetry;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::model::{AccountRow, EntryRow, FoldError, StreamEvent};
-use crate::store::{StoredEventError, Tables};
+use crate::model::{AccountRow, EntryRow};
+use crate::store::{Parked, Tables};
 
 pub mod check;
 pub mod model;
@@ -55,6 +63,8 @@ pub struct Config {
     /// `PROJECTOR_ADDR` (default `127.0.0.1:8082`; port 0 picks one): where the health probes
     /// and `/metrics` are served.
     pub listen: SocketAddr,
+    /// The bounds of that listener: see `service_kit::server`.
+    pub server: ServerLimits,
 }
 
 impl Config {
@@ -64,6 +74,7 @@ impl Config {
             kafka: KafkaConfig::from_env()?,
             group: config::optional("PROJECTOR_GROUP").unwrap_or_else(|| "ledger-projector".into()),
             listen: config::parsed_or("PROJECTOR_ADDR", SocketAddr::from(([127, 0, 0, 1], 8082)))?,
+            server: ServerLimits::from_env()?,
         })
     }
 }
@@ -137,8 +148,9 @@ impl Projector {
             .create_with_context(ConsumerLag("ledger_projector_lag_messages"))?;
         consumer.subscribe(&[&account_topic, &transfer_topic])?;
         let readiness = Readiness::new(pool.clone())
-            .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required);
-        let ops = OpsServer::bind(config.listen, readiness, "projector")
+            .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required)
+            .reporting_parked_streams();
+        let ops = OpsServer::bind(config.listen, readiness, "projector", config.server)
             .await
             .map_err(|source| ProjectorError::Bind {
                 addr: config.listen,
@@ -204,7 +216,7 @@ impl Projector {
         } else {
             Vec::new()
         };
-        let mut events = Vec::with_capacity(messages.len());
+        let mut notices = Vec::with_capacity(messages.len());
         let mut rejected = Vec::new();
         let mut transfers: Vec<(i32, i64, Uuid)> = Vec::new();
         for message in messages {
@@ -219,8 +231,12 @@ impl Projector {
                 }
                 continue;
             }
-            match decode(message) {
-                Ok(event) => events.push((message.partition(), message.offset(), event)),
+            match notice(message) {
+                Ok((account_id, sequence)) => notices.push(Notice {
+                    message,
+                    account_id,
+                    sequence,
+                }),
                 Err(reason) => rejected.push(Rejected {
                     partition: message.partition(),
                     offset: message.offset(),
@@ -230,7 +246,7 @@ impl Projector {
         }
         let mut backoff = Duration::from_millis(100);
         let refused = loop {
-            match self.apply(&events).await {
+            match self.apply(&notices).await {
                 Ok(refused) => break refused,
                 Err(err) => {
                     tracing::error!(error = %err, retry_in_ms = backoff.as_millis() as u64, "applying a batch failed; retrying");
@@ -268,50 +284,104 @@ impl Projector {
         }
     }
 
-    /// Applies the events in one transaction. Returns the events refused as poison.
-    async fn apply(
-        &self,
-        events: &[(i32, i64, StreamEvent)],
-    ) -> Result<Vec<Rejected>, StoredEventError> {
+    /// Applies what `notices` announce, from the event store, in one transaction. Returns the
+    /// messages refused: those that are not exactly the stored event they name.
+    async fn apply(&self, notices: &[Notice<'_, '_>]) -> Result<Vec<Rejected>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let mut ids: Vec<Uuid> = events.iter().map(|(_, _, e)| e.account_id).collect();
+        let mut ids: Vec<Uuid> = notices.iter().map(|notice| notice.account_id).collect();
         ids.sort_unstable();
         ids.dedup();
         let mut rows: HashMap<Uuid, AccountRow> =
             store::lock_rows(&mut tx, Tables::LIVE, &ids).await?;
+        let version_of =
+            |rows: &HashMap<Uuid, AccountRow>, id: &Uuid| rows.get(id).map_or(0, |row| row.version);
+        let mut exact = Vec::new();
+        let mut up_to: HashMap<Uuid, i64> = HashMap::new();
+        for notice in notices {
+            if notice.sequence <= version_of(&rows, &notice.account_id) {
+                exact.push((notice.account_id, notice.sequence));
+            } else {
+                let highest = up_to.entry(notice.account_id).or_default();
+                *highest = (*highest).max(notice.sequence);
+            }
+        }
+        let ranges: Vec<(Uuid, i64, i64)> = up_to
+            .iter()
+            .map(|(id, highest)| (*id, version_of(&rows, id), *highest))
+            .collect();
+        let stored = store::announced_events(&mut tx, &exact, &ranges).await?;
+
         let mut changed: Vec<Uuid> = Vec::new();
         let mut entries: Vec<EntryRow> = Vec::new();
+        let mut parked: Vec<Parked> = Vec::new();
         let mut refused = Vec::new();
-        for (partition, offset, event) in events {
-            let mut row = rows.remove(&event.account_id);
-            let version = row.as_ref().map_or(0, |row| row.version);
-            let result = if event.sequence <= version {
-                Ok(())
-            } else if event.sequence == version + 1 {
-                model::apply(&mut row, event, &mut entries).map_err(|err| err.to_string())
-            } else {
-                self.heal(&mut tx, &mut row, event, &mut entries).await?
-            };
-            match result {
-                Ok(()) => {
-                    if row.as_ref().map_or(0, |row| row.version) > version {
-                        changed.push(event.account_id);
-                    }
+        for notice in notices {
+            let id = notice.account_id;
+            let message = notice.message;
+            let verified = match stored.get(&(id, notice.sequence)) {
+                None => Err(format!(
+                    "event {} of account {id} is not in the event store",
+                    notice.sequence
+                )),
+                Some(event) => {
+                    kafka::verify(event, message.key(), message.headers(), message.payload())
                 }
-                Err(reason) => refused.push(Rejected {
-                    partition: *partition,
-                    offset: *offset,
+            };
+            if let Err(reason) = verified {
+                metrics::counter!("ledger_projector_unverified_total").increment(1);
+                refused.push(Rejected {
+                    partition: message.partition(),
+                    offset: message.offset(),
                     reason,
-                }),
+                });
+                continue;
+            }
+            if parked.iter().any(|parked| parked.account_id == id) {
+                continue;
+            }
+            let mut row = rows.remove(&id);
+            let before = row.as_ref().map_or(0, |row| row.version);
+            let mut version = before;
+            while version < notice.sequence {
+                let next = version + 1;
+                let applied = match stored.get(&(id, next)) {
+                    None => Err(format!("event {next} is missing from the event store")),
+                    Some(event) => store::stored_event(id, event)
+                        .map_err(|err| err.to_string())
+                        .and_then(|event| {
+                            model::apply(&mut row, &event, &mut entries)
+                                .map_err(|err| err.to_string())
+                        }),
+                };
+                if let Err(reason) = applied {
+                    tracing::error!(account = %id, sequence = next, reason, "parking an account stream the projection cannot continue");
+                    metrics::counter!("ledger_projector_parked_total").increment(1);
+                    parked.push(Parked {
+                        account_id: id,
+                        sequence: next,
+                        reason,
+                    });
+                    break;
+                }
+                version = next;
+            }
+            if version > before {
+                changed.push(id);
             }
             if let Some(row) = row {
-                rows.insert(event.account_id, row);
+                rows.insert(id, row);
             }
         }
         changed.sort_unstable();
         changed.dedup();
         let changed_rows: Vec<&AccountRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
         store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
+        let resumed: Vec<Uuid> = changed
+            .iter()
+            .filter(|id| !parked.iter().any(|parked| parked.account_id == **id))
+            .copied()
+            .collect();
+        store::park(&mut tx, &parked, &resumed).await?;
         if !changed_rows.is_empty() {
             // Delivered at commit: wakes queries waiting for a `min_version`.
             sqlx::query("SELECT pg_notify($1, '')")
@@ -320,6 +390,12 @@ impl Projector {
                 .await?;
         }
         tx.commit().await?;
+        if !parked.is_empty() || !resumed.is_empty() {
+            match store::parked_count(&self.pool).await {
+                Ok(count) => metrics::gauge!("ledger_projector_parked_streams").set(count as f64),
+                Err(err) => tracing::warn!(error = %err, "counting parked streams failed"),
+            }
+        }
         Ok(refused)
     }
 
@@ -363,32 +439,6 @@ impl Projector {
                     })
             })
             .collect()
-    }
-
-    /// `event` is ahead of `row`: applies the missing versions and `event` itself from the
-    /// event store, which has them all.
-    async fn heal(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        row: &mut Option<AccountRow>,
-        event: &StreamEvent,
-        entries: &mut Vec<EntryRow>,
-    ) -> Result<Result<(), String>, StoredEventError> {
-        let version = row.as_ref().map_or(0, |row| row.version);
-        let missing = store::stream_events(tx, event.account_id, version, event.sequence).await?;
-        if missing.len() as i64 != event.sequence - version {
-            return Ok(Err(format!(
-                "event {} of account {} is not in the event store",
-                event.sequence, event.account_id
-            )));
-        }
-        tracing::info!(account = %event.account_id, from = version + 1, to = event.sequence, "healing a gap from the event store");
-        for stored in &missing {
-            if let Err(err) = model::apply(row, stored, entries) {
-                return Ok(Err(FoldError::to_string(&err)));
-            }
-        }
-        Ok(Ok(()))
     }
 
     /// Publishes `message` to the dead-letter topic with `reason`, retrying until the broker
@@ -468,8 +518,17 @@ fn transfer_id(message: &BorrowedMessage<'_>) -> Result<Uuid, String> {
         .map_err(|_| "ce_subject is not a transfer id".to_owned())
 }
 
-/// The account event a message carries, or why it is not one.
-fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
+/// An account message: the stream and version it announces. Only its stream and version are
+/// read from it; what is applied comes from the event store, and only once the message is
+/// exactly the stored event it names.
+struct Notice<'b, 'm> {
+    message: &'b BorrowedMessage<'m>,
+    account_id: Uuid,
+    sequence: i64,
+}
+
+/// The account stream and version a message announces, or why it announces none.
+fn notice(message: &BorrowedMessage<'_>) -> Result<(Uuid, i64), String> {
     let received = kafka::decode(Account::TYPE, message.headers(), message.payload())
         .map_err(|err| err.to_string())?;
     let account_id: Uuid = received
@@ -479,23 +538,5 @@ fn decode(message: &BorrowedMessage<'_>) -> Result<StreamEvent, String> {
     if message.key() != Some(received.aggregate_id.as_bytes()) {
         return Err("message key is not ce_subject".into());
     }
-    // The value is the data without cqrs-es's enum wrapper; put it back to read the event as
-    // stored, at the version `ce_type` names (the relay publishes events as stored).
-    let tagged = match &received.data {
-        serde_json::Value::Object(fields) if fields.is_empty() => {
-            serde_json::Value::String(received.event_type.clone())
-        }
-        data => serde_json::json!({ received.event_type.clone(): data }),
-    };
-    let event: AccountEvent =
-        domain::read_stored(&received.event_type, &received.event_version, tagged)
-            .map_err(|err| err.to_string())?;
-    Ok(StreamEvent {
-        account_id,
-        sequence: received.sequence,
-        tenant: received.tenant,
-        event_id: received.event_id,
-        recorded_at: received.time,
-        event,
-    })
+    Ok((account_id, received.sequence))
 }

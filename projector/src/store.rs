@@ -188,28 +188,86 @@ pub enum StoredEventError {
     },
 }
 
-/// The stream's events with `after < sequence <= up_to`, from the event store.
-pub async fn stream_events(
+/// The account events that a batch of messages needs from the event store, by stream and
+/// version: each of `exact` (announced versions a read model already holds, to check their
+/// messages against), and every version in each of `ranges` (`after < sequence <= up_to`:
+/// from where a read model is up to the highest version announced, to apply). The cost is
+/// bounded by the events that exist: a message announcing a version far beyond the stream's
+/// end reads nothing more.
+pub async fn announced_events(
     connection: &mut PgConnection,
-    account: Uuid,
-    after: i64,
-    up_to: i64,
-) -> Result<Vec<StreamEvent>, StoredEventError> {
+    exact: &[(Uuid, i64)],
+    ranges: &[(Uuid, i64, i64)],
+) -> Result<HashMap<(Uuid, i64), LoggedEvent>, sqlx::Error> {
     let events: Vec<LoggedEvent> = sqlx::query_as(&format!(
         "SELECT {EVENT_COLUMNS}
-           FROM events
-          WHERE aggregate_type = 'account' AND aggregate_id = $1 AND sequence > $2 AND sequence <= $3
-          ORDER BY sequence"
+           FROM events JOIN UNNEST($1::text[], $2::int8[]) AS m(stream, at)
+             ON aggregate_id = m.stream AND sequence = m.at
+          WHERE aggregate_type = 'account'
+         UNION ALL
+         SELECT {EVENT_COLUMNS}
+           FROM events JOIN UNNEST($3::text[], $4::int8[], $5::int8[]) AS r(stream, after_seq, up_to)
+             ON aggregate_id = r.stream AND sequence > r.after_seq AND sequence <= r.up_to
+          WHERE aggregate_type = 'account'"
     ))
-    .bind(account.to_string())
-    .bind(after)
-    .bind(up_to)
+    .bind(exact.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>())
+    .bind(exact.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+    .bind(ranges.iter().map(|(id, _, _)| id.to_string()).collect::<Vec<_>>())
+    .bind(ranges.iter().map(|(_, after, _)| *after).collect::<Vec<_>>())
+    .bind(ranges.iter().map(|(_, _, up_to)| *up_to).collect::<Vec<_>>())
     .fetch_all(connection)
     .await?;
-    events
-        .iter()
-        .map(|event| stored_event(account, event))
-        .collect()
+    Ok(events
+        .into_iter()
+        .filter_map(|event| {
+            let id = event.aggregate_id.parse().ok()?;
+            Some(((id, event.sequence), event))
+        })
+        .collect())
+}
+
+/// A stream the projection stopped at, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    pub account_id: Uuid,
+    /// The first version not applied.
+    pub sequence: i64,
+    pub reason: String,
+}
+
+/// Records `parked` streams and forgets the parking of `resumed` ones.
+pub async fn park(
+    connection: &mut PgConnection,
+    parked: &[Parked],
+    resumed: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    if !parked.is_empty() {
+        sqlx::query(
+            "INSERT INTO projector_parked_streams (account_id, sequence, reason)
+             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[])
+             ON CONFLICT (account_id) DO UPDATE
+                SET sequence = EXCLUDED.sequence, reason = EXCLUDED.reason",
+        )
+        .bind(parked.iter().map(|p| p.account_id).collect::<Vec<_>>())
+        .bind(parked.iter().map(|p| p.sequence).collect::<Vec<_>>())
+        .bind(parked.iter().map(|p| p.reason.as_str()).collect::<Vec<_>>())
+        .execute(&mut *connection)
+        .await?;
+    }
+    if !resumed.is_empty() {
+        sqlx::query("DELETE FROM projector_parked_streams WHERE account_id = ANY($1)")
+            .bind(resumed)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
+}
+
+/// How many streams are parked.
+pub async fn parked_count(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM projector_parked_streams")
+        .fetch_one(pool)
+        .await
 }
 
 /// Reads one stored account event of `account`, upcast to the current version.

@@ -8,6 +8,7 @@ use axum::http::HeaderValue;
 use service_kit::auth::AuthConfig;
 use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::DatabaseConfig;
+use service_kit::server::ServerLimits;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -20,6 +21,8 @@ pub struct Config {
     pub max_wait: Duration,
     /// `CORS_ALLOWED_ORIGINS`: see `service_kit::http::cors_origins_from_env` (default: none).
     pub cors_origins: Vec<HeaderValue>,
+    /// The bounds of the listener: see `service_kit::server`.
+    pub server: ServerLimits,
 }
 
 impl Config {
@@ -30,6 +33,7 @@ impl Config {
             auth: AuthConfig::from_env()?,
             max_wait: Duration::from_millis(config::parsed_or("QUERY_API_MAX_WAIT_MS", 2000)?),
             cors_origins: service_kit::http::cors_origins_from_env()?,
+            server: ServerLimits::from_env()?,
         })
     }
 }

@@ -21,6 +21,7 @@ use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::{self, DatabaseError};
 use service_kit::http::{self, Readiness};
+use service_kit::server::{self, ServerLimits};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -101,6 +102,7 @@ async fn watch_projections(pool: PgPool, projected: tokio::sync::watch::Sender<u
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    limits: ServerLimits,
 }
 
 impl Application {
@@ -120,10 +122,10 @@ impl Application {
             max_wait: config.max_wait,
             projected,
         };
-        let router = http::with_standard_layers(http::with_cors(
-            api::router(state).merge(ops),
-            config.cors_origins,
-        ));
+        let router = http::with_standard_layers(
+            http::with_cors(api::router(state).merge(ops), config.cors_origins),
+            &config.server,
+        );
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -131,7 +133,11 @@ impl Application {
                     addr: config.listen,
                     source,
                 })?;
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            limits: config.server,
+        })
     }
 
     /// The bound port (useful when configured with port 0).
@@ -143,13 +149,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         tracing::info!(addr = ?self.listener.local_addr().ok(), "query-api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        server::serve(self.listener, self.router, self.limits, shutdown).await;
     }
 }

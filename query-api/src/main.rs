@@ -9,6 +9,6 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let app = Application::build(Config::from_env()?).await?;
     app.run_until_stopped(service_kit::http::shutdown_signal())
-        .await?;
+        .await;
     Ok(())
 }

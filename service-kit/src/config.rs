@@ -105,8 +105,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "RATE_LIMIT_PER_TENANT",
-        default: "(none)",
-        meaning: "requests per second each tenant may sustain, per process; unset: unlimited",
+        default: "`1000`",
+        meaning: "requests per second each tenant may sustain, per process; `0`: unlimited",
     },
     Setting {
         name: "RATE_LIMIT_BURST",
@@ -127,6 +127,46 @@ pub const SETTINGS: &[Setting] = &[
         name: "KAFKA_PARTITIONS",
         default: "`3`",
         meaning: "partitions of the topics the services create",
+    },
+    Setting {
+        name: "KAFKA_REPLICATION_FACTOR",
+        default: "`1`",
+        meaning: "replicas of each topic the services create (3 on a production cluster)",
+    },
+    Setting {
+        name: "KAFKA_MIN_INSYNC_REPLICAS",
+        default: "the broker's",
+        meaning: "`min.insync.replicas` of the topics the services create (2 with 3 replicas); with `acks=all`, a write is acknowledged once that many replicas have it",
+    },
+    Setting {
+        name: "KAFKA_SECURITY_PROTOCOL",
+        default: "`plaintext`",
+        meaning: "`plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`, for every Kafka client",
+    },
+    Setting {
+        name: "KAFKA_SASL_MECHANISM",
+        default: "`PLAIN`",
+        meaning: "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`, with a `sasl_*` protocol",
+    },
+    Setting {
+        name: "KAFKA_SASL_USERNAME",
+        default: "(none)",
+        meaning: "required with a `sasl_*` protocol",
+    },
+    Setting {
+        name: "KAFKA_SASL_PASSWORD",
+        default: "(none)",
+        meaning: "required with a `sasl_*` protocol; never logged",
+    },
+    Setting {
+        name: "KAFKA_SSL_CA_LOCATION",
+        default: "the system's CAs",
+        meaning: "CA certificate (PEM file) that the brokers' certificates must chain to",
+    },
+    Setting {
+        name: "KAFKA_PROPERTIES_FILE",
+        default: "(none)",
+        meaning: "a file of `key=value` lines: any librdkafka property, set on every client after the settings above (client certificates, OAUTHBEARER, ...)",
     },
     Setting {
         name: "LOG_FORMAT",

@@ -3,7 +3,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -24,6 +25,7 @@ use tracing::Span;
 use crate::config::{self, ConfigError};
 use crate::kafka::BrokerProbe;
 use crate::problem::Problem;
+use crate::server::ServerLimits;
 
 /// Header carrying the request id, set by us when the client did not.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -91,11 +93,12 @@ pub fn with_cors(router: Router, origins: Vec<HeaderValue>) -> Router {
     )
 }
 
-/// Wraps a router with the layers every API has, outermost first: a request id on every
+/// Wraps a router with the layers every listener has, outermost first: a request id on every
 /// request and response, one span per request (with method, path, request id and tenant),
-/// request metrics, and a panic answered as a 500 problem instead of a dropped connection.
-pub fn with_standard_layers(router: Router) -> Router {
-    router
+/// request metrics, a panic answered as a 500 problem instead of a dropped connection, and the
+/// bounds on requests in flight and their duration (see [`crate::server`]).
+pub fn with_standard_layers(router: Router, limits: &ServerLimits) -> Router {
+    crate::server::bound_requests(router, limits)
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("handler panicked");
             Problem::internal().into_response()
@@ -175,15 +178,48 @@ pub enum Need {
 }
 
 /// What `/health/ready` checks: the database always, the broker when the process uses one.
+///
+/// Probes are unauthenticated, so checks are coalesced: one database query and one broker
+/// request per [`READINESS_INTERVAL`] at most, whatever the number of callers. Callers that
+/// arrive while a check runs wait for it and share its verdict.
 #[derive(Clone)]
 pub struct Readiness {
     pool: PgPool,
     broker: Option<(BrokerProbe, Need)>,
+    /// The projector's: report the account streams it parked.
+    parked_streams: bool,
+    last: Arc<tokio::sync::Mutex<Option<(Instant, Verdict)>>>,
+}
+
+/// How long one readiness verdict is reused.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The outcome of one readiness check.
+#[derive(Debug, Clone, Copy)]
+struct Verdict {
+    database: bool,
+    /// Streams the projector parked, when reported.
+    parked_streams: Option<i64>,
+    /// Reachable, and whether it must be; `None` without a broker.
+    broker: Option<(bool, Need)>,
 }
 
 impl Readiness {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, broker: None }
+        Self {
+            pool,
+            broker: None,
+            parked_streams: false,
+            last: Arc::default(),
+        }
+    }
+
+    /// Reports the account streams the projector parked (`parked_streams`; `status` is
+    /// `degraded` while there are any). Still ready: every other stream is projecting, and
+    /// taking the projector out of service would stop them too.
+    pub fn reporting_parked_streams(mut self) -> Self {
+        self.parked_streams = true;
+        self
     }
 
     pub fn with_broker(mut self, probe: BrokerProbe, need: Need) -> Self {
@@ -191,9 +227,41 @@ impl Readiness {
         self
     }
 
-    /// Checks every dependency (in parallel, each within [`READINESS_TIMEOUT`]): 200 with each
-    /// one's state, or a 503 problem naming the first one missing.
+    /// 200 with each dependency's state, or a 503 problem naming the first one missing; from
+    /// a verdict at most [`READINESS_INTERVAL`] old.
     pub async fn check(&self) -> Response {
+        let verdict = {
+            let mut last = self.last.lock().await;
+            match *last {
+                Some((at, verdict)) if at.elapsed() < READINESS_INTERVAL => verdict,
+                _ => {
+                    let verdict = self.probe().await;
+                    *last = Some((Instant::now(), verdict));
+                    verdict
+                }
+            }
+        };
+        if !verdict.database {
+            return Problem::unavailable("The database").into_response();
+        }
+        if let Some((false, Need::Required)) = verdict.broker {
+            return Problem::unavailable("The Kafka broker").into_response();
+        }
+        let mut body = serde_json::json!({ "status": "ready", "database": "ok" });
+        if let Some((reachable, _)) = verdict.broker {
+            body["broker"] = (if reachable { "ok" } else { "unreachable" }).into();
+        }
+        if let Some(parked) = verdict.parked_streams {
+            body["parked_streams"] = parked.into();
+            if parked > 0 {
+                body["status"] = "degraded".into();
+            }
+        }
+        (StatusCode::OK, Json(body)).into_response()
+    }
+
+    /// Checks every dependency, in parallel, each within [`READINESS_TIMEOUT`].
+    async fn probe(&self) -> Verdict {
         let database = async {
             let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
             match tokio::time::timeout(READINESS_TIMEOUT, probe).await {
@@ -220,18 +288,24 @@ impl Readiness {
                 }
             }
         };
-        let (database, broker) = tokio::join!(database, broker);
-        if !database {
-            return Problem::unavailable("The database").into_response();
+        let parked_streams = async {
+            if !self.parked_streams {
+                return None;
+            }
+            let count =
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM projector_parked_streams")
+                    .fetch_one(&self.pool);
+            match tokio::time::timeout(READINESS_TIMEOUT, count).await {
+                Ok(Ok(count)) => Some(count),
+                _ => None,
+            }
+        };
+        let (database, broker, parked_streams) = tokio::join!(database, broker, parked_streams);
+        Verdict {
+            database,
+            parked_streams,
+            broker,
         }
-        if let Some((false, Need::Required)) = broker {
-            return Problem::unavailable("The Kafka broker").into_response();
-        }
-        let mut body = serde_json::json!({ "status": "ready", "database": "ok" });
-        if let Some((reachable, _)) = broker {
-            body["broker"] = (if reachable { "ok" } else { "unreachable" }).into();
-        }
-        (StatusCode::OK, Json(body)).into_response()
     }
 }
 
@@ -267,6 +341,7 @@ pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
 pub struct OpsServer {
     listener: TcpListener,
     routes: Router,
+    limits: ServerLimits,
 }
 
 impl OpsServer {
@@ -275,10 +350,12 @@ impl OpsServer {
         addr: SocketAddr,
         readiness: Readiness,
         service: &'static str,
+        limits: ServerLimits,
     ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             routes: ops_routes(readiness, crate::metrics::install(service)),
+            limits,
         })
     }
 
@@ -289,12 +366,8 @@ impl OpsServer {
 
     /// Serves until `shutdown` resolves.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        if let Err(err) = axum::serve(self.listener, with_standard_layers(self.routes))
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %err, "the ops endpoint stopped");
-        }
+        let router = with_standard_layers(self.routes, &self.limits);
+        crate::server::serve(self.listener, router, self.limits, shutdown).await;
     }
 }
 

@@ -30,6 +30,122 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// `KAFKA_PARTITIONS` (default 3): partitions of topics this deployment creates.
     pub partitions: i32,
+    /// How the topics this deployment creates are replicated.
+    pub replication: Replication,
+    /// Every other client property: security (TLS, SASL) and `KAFKA_PROPERTIES_FILE`.
+    pub properties: ClientProperties,
+}
+
+/// `KAFKA_REPLICATION_FACTOR` (default 1, the compose cluster's single broker) and
+/// `KAFKA_MIN_INSYNC_REPLICAS` (default: the broker's own default): with `acks=all`, a write
+/// is acknowledged once that many replicas have it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    pub factor: i32,
+    pub min_insync_replicas: Option<i32>,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self {
+            factor: 1,
+            min_insync_replicas: None,
+        }
+    }
+}
+
+/// librdkafka properties set on every client after ours, so a deployment can set anything
+/// librdkafka knows. Values may be secrets (`sasl.password`, key passwords): `Debug` shows
+/// the keys only, and nothing logs them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClientProperties(Vec<(String, String)>);
+
+impl fmt::Debug for ClientProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(key, _)| key))
+            .finish()
+    }
+}
+
+/// The SASL mechanisms we document and test the configuration of; librdkafka knows others
+/// (GSSAPI, OAUTHBEARER), which `KAFKA_PROPERTIES_FILE` can select.
+const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+const SECURITY_PROTOCOLS: &[&str] = &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+impl ClientProperties {
+    /// `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`,
+    /// `KAFKA_SASL_PASSWORD`, `KAFKA_SSL_CA_LOCATION`, then every `key=value` line of
+    /// `KAFKA_PROPERTIES_FILE` (Java client style; `#` starts a comment), which win.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let file = match config::optional("KAFKA_PROPERTIES_FILE") {
+            None => None,
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(&path).map_err(|err| ConfigError::Invalid {
+                        name: "KAFKA_PROPERTIES_FILE",
+                        reason: format!("cannot read {path}: {err}"),
+                    })?,
+                )
+            }
+        };
+        Self::from_settings(config::optional, file.as_deref())
+    }
+
+    fn from_settings(
+        setting: impl Fn(&'static str) -> Option<String>,
+        file: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let mut properties = Vec::new();
+        let protocol = setting("KAFKA_SECURITY_PROTOCOL").map(|value| value.to_lowercase());
+        if let Some(protocol) = &protocol {
+            if !SECURITY_PROTOCOLS.contains(&protocol.as_str()) {
+                return Err(ConfigError::Invalid {
+                    name: "KAFKA_SECURITY_PROTOCOL",
+                    reason: format!("must be one of {}", SECURITY_PROTOCOLS.join(", ")),
+                });
+            }
+            properties.push(("security.protocol".to_owned(), protocol.clone()));
+        }
+        if protocol.as_deref().is_some_and(|p| p.starts_with("sasl_")) {
+            let mechanism = setting("KAFKA_SASL_MECHANISM").unwrap_or_else(|| "PLAIN".into());
+            if !SASL_MECHANISMS.contains(&mechanism.as_str()) {
+                return Err(ConfigError::Invalid {
+                    name: "KAFKA_SASL_MECHANISM",
+                    reason: format!("must be one of {}", SASL_MECHANISMS.join(", ")),
+                });
+            }
+            let hint = "the SASL credentials, with KAFKA_SECURITY_PROTOCOL=sasl_*";
+            let username = setting("KAFKA_SASL_USERNAME").ok_or(ConfigError::Missing {
+                name: "KAFKA_SASL_USERNAME",
+                hint,
+            })?;
+            let password = setting("KAFKA_SASL_PASSWORD").ok_or(ConfigError::Missing {
+                name: "KAFKA_SASL_PASSWORD",
+                hint,
+            })?;
+            properties.push(("sasl.mechanism".to_owned(), mechanism));
+            properties.push(("sasl.username".to_owned(), username));
+            properties.push(("sasl.password".to_owned(), password));
+        }
+        if let Some(ca) = setting("KAFKA_SSL_CA_LOCATION") {
+            properties.push(("ssl.ca.location".to_owned(), ca));
+        }
+        for (number, line) in file.unwrap_or_default().lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(ConfigError::Invalid {
+                    name: "KAFKA_PROPERTIES_FILE",
+                    reason: format!("line {} is not key=value", number + 1),
+                });
+            };
+            properties.push((key.trim().to_owned(), value.trim().to_owned()));
+        }
+        Ok(Self(properties))
+    }
 }
 
 impl KafkaConfig {
@@ -38,6 +154,18 @@ impl KafkaConfig {
             brokers: config::required("KAFKA_BROKERS", "the Kafka bootstrap servers, host:port")?,
             topic_prefix: config::optional("KAFKA_TOPIC_PREFIX").unwrap_or_else(|| "ledger".into()),
             partitions: config::parsed_or("KAFKA_PARTITIONS", 3)?,
+            replication: Replication {
+                factor: config::parsed_or("KAFKA_REPLICATION_FACTOR", 1)?,
+                min_insync_replicas: config::optional("KAFKA_MIN_INSYNC_REPLICAS")
+                    .map(|raw| {
+                        raw.parse().map_err(|_| ConfigError::Invalid {
+                            name: "KAFKA_MIN_INSYNC_REPLICAS",
+                            reason: "must be a number of replicas".into(),
+                        })
+                    })
+                    .transpose()?,
+            },
+            properties: ClientProperties::from_env()?,
         })
     }
 
@@ -51,7 +179,8 @@ impl KafkaConfig {
         format!("{}.deadletter", self.topic_prefix)
     }
 
-    /// Base client settings shared by producers and consumers.
+    /// Base client settings shared by producers and consumers, then the deployment's own
+    /// properties (security, `KAFKA_PROPERTIES_FILE`).
     pub fn client(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
@@ -59,15 +188,21 @@ impl KafkaConfig {
             .set("client.id", "ledger")
             .set("socket.nagle.disable", "true")
             .set("log_level", "4");
+        for (key, value) in &self.properties.0 {
+            config.set(key, value);
+        }
         config
     }
 
     /// An idempotent producer: acks from all in-sync replicas, no duplicates or reordering
-    /// from its own retries.
+    /// from its own retries. Gapless: a message that fails (a delivery timeout) is a fatal
+    /// error of the producer instead of a gap later messages of its key would jump; the relay
+    /// then starts a new producer and resends from its checkpoint, in order.
     pub fn producer(&self) -> ClientConfig {
         let mut config = self.client();
         config
             .set("enable.idempotence", "true")
+            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("message.timeout.ms", "30000");
@@ -97,9 +232,23 @@ impl KafkaConfig {
     pub async fn ensure_topics(&self, topics: &[String]) -> Result<(), KafkaSetupError> {
         let admin: AdminClient<DefaultClientContext> =
             self.client().create().map_err(KafkaSetupError::Client)?;
+        let min_insync = self
+            .replication
+            .min_insync_replicas
+            .map(|replicas| replicas.to_string());
         let new_topics: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|name| NewTopic::new(name, self.partitions, TopicReplication::Fixed(1)))
+            .map(|name| {
+                let topic = NewTopic::new(
+                    name,
+                    self.partitions,
+                    TopicReplication::Fixed(self.replication.factor),
+                );
+                match &min_insync {
+                    Some(replicas) => topic.set("min.insync.replicas", replicas),
+                    None => topic,
+                }
+            })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
@@ -282,6 +431,39 @@ pub fn event_data(payload: &str, event_type: &str) -> Vec<u8> {
     }
 }
 
+/// Whether a message is the one the relay publishes for `stored`: the same key, value (as
+/// JSON) and CloudEvents headers. Anyone who can produce to a topic can copy a genuine
+/// message's headers, so consumers that act on a message's content check it against the
+/// event store first; the `Err` names the first field that differs.
+pub fn verify(
+    stored: &LoggedEvent,
+    key: Option<&[u8]>,
+    headers: Option<&impl Headers>,
+    value: Option<&[u8]>,
+) -> Result<(), String> {
+    let expected = envelope(stored);
+    if key != Some(expected.key.as_bytes()) {
+        return Err("the key differs from the stored event".into());
+    }
+    for wanted in expected.headers.iter() {
+        let got = headers.and_then(|headers| {
+            headers
+                .iter()
+                .find(|header| header.key == wanted.key)
+                .and_then(|header| header.value)
+        });
+        if got != wanted.value {
+            return Err(format!("{} differs from the stored event", wanted.key));
+        }
+    }
+    let parse = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).ok();
+    let data = value.and_then(parse);
+    if data.is_none() || data != parse(&expected.value) {
+        return Err("the data differs from the stored event".into());
+    }
+    Ok(())
+}
+
 /// A header's value as UTF-8, if present.
 pub fn header<'a>(headers: &'a impl Headers, name: &str) -> Option<&'a str> {
     headers
@@ -360,6 +542,141 @@ pub fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn properties(
+        settings: &[(&'static str, &str)],
+        file: Option<&str>,
+    ) -> Result<ClientProperties, ConfigError> {
+        ClientProperties::from_settings(
+            |name| {
+                settings
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| (*value).to_owned())
+            },
+            file,
+        )
+    }
+
+    fn config_with(properties: ClientProperties) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "ledger".into(),
+            partitions: 1,
+            replication: Replication::default(),
+            properties,
+        }
+    }
+
+    #[test]
+    fn sasl_scram_over_tls_reaches_every_client_and_debug_hides_the_password() {
+        let properties = properties(
+            &[
+                ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("KAFKA_SASL_USERNAME", "relay"),
+                ("KAFKA_SASL_PASSWORD", "hunter2-secret"),
+                ("KAFKA_SSL_CA_LOCATION", "/etc/ledger/kafka-ca.pem"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert!(!format!("{properties:?}").contains("hunter2"));
+        let config = config_with(properties);
+        assert!(!format!("{config:?}").contains("hunter2"));
+        for client in [config.client(), config.producer(), config.consumer("g")] {
+            assert_eq!(client.get("security.protocol"), Some("sasl_ssl"));
+            assert_eq!(client.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+            assert_eq!(client.get("sasl.username"), Some("relay"));
+            assert_eq!(client.get("sasl.password"), Some("hunter2-secret"));
+            assert_eq!(
+                client.get("ssl.ca.location"),
+                Some("/etc/ledger/kafka-ca.pem")
+            );
+        }
+    }
+
+    #[test]
+    fn sasl_needs_credentials_and_a_known_mechanism() {
+        let missing = properties(&[("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext")], None);
+        assert!(
+            matches!(
+                missing,
+                Err(ConfigError::Missing {
+                    name: "KAFKA_SASL_USERNAME",
+                    ..
+                })
+            ),
+            "{missing:?}"
+        );
+        let unknown = properties(
+            &[
+                ("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+                ("KAFKA_SASL_MECHANISM", "MD5"),
+                ("KAFKA_SASL_USERNAME", "u"),
+                ("KAFKA_SASL_PASSWORD", "p"),
+            ],
+            None,
+        );
+        assert!(
+            matches!(
+                unknown,
+                Err(ConfigError::Invalid {
+                    name: "KAFKA_SASL_MECHANISM",
+                    ..
+                })
+            ),
+            "{unknown:?}"
+        );
+        let protocol = properties(&[("KAFKA_SECURITY_PROTOCOL", "tls")], None);
+        assert!(
+            matches!(
+                protocol,
+                Err(ConfigError::Invalid {
+                    name: "KAFKA_SECURITY_PROTOCOL",
+                    ..
+                })
+            ),
+            "{protocol:?}"
+        );
+    }
+
+    #[test]
+    fn the_properties_file_sets_any_property_last_and_librdkafka_checks_the_names() {
+        let file = "# client certificate\nssl.certificate.location = /etc/ledger/client.pem\n\nsocket.nagle.disable=false\n";
+        let config = config_with(properties(&[], Some(file)).unwrap());
+        let client = config.producer();
+        assert_eq!(
+            client.get("ssl.certificate.location"),
+            Some("/etc/ledger/client.pem")
+        );
+        // The file wins over our own defaults.
+        assert_eq!(client.get("socket.nagle.disable"), Some("false"));
+
+        let typo = config_with(properties(&[], Some("sasl.pasword=x")).unwrap());
+        let created: Result<rdkafka::producer::BaseProducer, _> = typo.producer().create();
+        assert!(created.is_err(), "librdkafka accepted an unknown property");
+
+        let malformed = properties(&[], Some("just-a-key"));
+        assert!(
+            matches!(
+                malformed,
+                Err(ConfigError::Invalid {
+                    name: "KAFKA_PROPERTIES_FILE",
+                    ..
+                })
+            ),
+            "{malformed:?}"
+        );
+    }
+
+    #[test]
+    fn the_producer_turns_a_gap_into_a_fatal_error() {
+        let producer = config_with(ClientProperties::default()).producer();
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(producer.get("acks"), Some("all"));
+    }
 
     #[test]
     fn data_drops_the_enum_wrapper() {

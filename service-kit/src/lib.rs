@@ -6,6 +6,7 @@
 //! - [`problem`]: RFC 9457 `application/problem+json` responses.
 //! - [`auth`]: JWT bearer authentication, claims and roles.
 //! - [`http`]: request ids, request tracing, health probes, `/metrics`, graceful shutdown.
+//! - [`server`]: serving a router with timeouts and bounds on connections and requests.
 //! - [`metrics`]: the Prometheus recorder and the request metrics.
 //! - [`db`]: the Postgres pool and the embedded migrations.
 //! - [`event_log`]: reading the global event log in commit order, and readers' checkpoints.
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod problem;
 pub mod progress;
 pub mod rate_limit;
+pub mod server;
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -84,6 +84,8 @@ pub async fn kafka() -> KafkaConfig {
         brokers: broker.address.clone(),
         topic_prefix: format!("test{}", uuid::Uuid::new_v4().simple()),
         partitions: 3,
+        replication: crate::kafka::Replication::default(),
+        properties: crate::kafka::ClientProperties::default(),
     }
 }
 

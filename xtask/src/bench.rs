@@ -111,6 +111,8 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         .env("RUST_LOG", "info")
         // The command path alone: the relay's cost is measured by its own benchmark.
         .env("COMMAND_API_RELAY", "false")
+        // One tenant at full speed: the per-tenant limit would be what is measured.
+        .env("RATE_LIMIT_PER_TENANT", "0")
         .stdout(Stdio::null())
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -76,6 +76,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         brokers: broker.address.clone(),
         topic_prefix: "ledger".into(),
         partitions: 3,
+        replication: service_kit::kafka::Replication::default(),
+        properties: service_kit::kafka::ClientProperties::default(),
     };
     let mut services = [
         Service::new("command-api", &[], "COMMAND_API_ADDR")?,
@@ -217,6 +219,8 @@ impl Service {
             .args(self.args)
             .env("DATABASE_URL", &database.url)
             .env("JWT_HS256_SECRET", SECRET)
+            // One tenant at full speed: the per-tenant limit would be what is measured.
+            .env("RATE_LIMIT_PER_TENANT", "0")
             .env("KAFKA_BROKERS", &kafka.brokers)
             .env(self.addr_variable, format!("127.0.0.1:{}", self.port))
             // Stuck transfers are looked for this often: the sweep is part of what is tested.

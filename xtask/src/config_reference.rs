@@ -10,6 +10,7 @@ use crate::bench::write_section_in;
 fn all() -> impl Iterator<Item = &'static Setting> {
     service_kit::config::SETTINGS
         .iter()
+        .chain(service_kit::server::SETTINGS)
         .chain(command_api::config::SETTINGS)
         .chain(projector::SETTINGS)
         .chain(query_api::config::SETTINGS)

@@ -37,6 +37,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         brokers: broker.address.clone(),
         topic_prefix: "ledger".into(),
         partitions: 3,
+        replication: service_kit::kafka::Replication::default(),
+        properties: service_kit::kafka::ClientProperties::default(),
     };
 
     println!("seeding {events} events...");
@@ -188,6 +190,7 @@ async fn project(database: &DatabaseConfig, kafka: &KafkaConfig) -> anyhow::Resu
         kafka: kafka.clone(),
         group: "bench-projector".into(),
         listen: "127.0.0.1:0".parse()?,
+        server: service_kit::server::ServerLimits::default(),
     })
     .await?;
     let task = tokio::spawn(projector.run_until_stopped(std::future::pending()));

@@ -51,6 +51,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         command
             .env("DATABASE_URL", &database.url)
             .env("JWT_HS256_SECRET", SECRET)
+            // One tenant at full speed: the per-tenant limit would be what is measured.
+            .env("RATE_LIMIT_PER_TENANT", "0")
             .env("KAFKA_BROKERS", &broker.address)
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
             .env("PROJECTOR_ADDR", "127.0.0.1:0")

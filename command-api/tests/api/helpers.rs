@@ -43,6 +43,7 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
         append_writers: NonZeroUsize::new(2).unwrap(),
         relay: None,
         cors_origins: Vec::new(),
+        server: service_kit::server::ServerLimits::default(),
     }
 }
 

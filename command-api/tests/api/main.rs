@@ -7,6 +7,7 @@ mod concurrency;
 mod errors;
 mod event_store;
 mod helpers;
+mod hostile;
 mod idempotency;
 mod operations;
 mod secrets;

@@ -30,6 +30,8 @@ async fn readiness_reports_a_missing_broker_without_leaving_service() {
                 brokers: "127.0.0.1:1".into(),
                 topic_prefix: "nowhere".into(),
                 partitions: 1,
+                replication: service_kit::kafka::Replication::default(),
+                properties: service_kit::kafka::ClientProperties::default(),
             },
             batch_size: 100,
             idle_poll: Duration::from_millis(200),

@@ -280,6 +280,8 @@ async fn a_broker_outage_delays_events_but_loses_none() {
             brokers: broker.address.clone(),
             topic_prefix: "outage".into(),
             partitions: 2,
+            replication: service_kit::kafka::Replication::default(),
+            properties: service_kit::kafka::ClientProperties::default(),
         },
     )
     .await;

@@ -131,6 +131,7 @@ async fn the_relay_in_the_command_api_publishes_too() {
             leader_retry: Duration::from_millis(200),
         }),
         cors_origins: Vec::new(),
+        server: service_kit::server::ServerLimits::default(),
     })
     .await
     .unwrap();

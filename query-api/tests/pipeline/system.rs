@@ -89,6 +89,7 @@ impl System {
             append_writers: NonZeroUsize::new(2).unwrap(),
             relay: None,
             cors_origins: Vec::new(),
+            server: service_kit::server::ServerLimits::default(),
         })
         .await
         .unwrap();
@@ -100,6 +101,7 @@ impl System {
             auth: auth(),
             max_wait,
             cors_origins: Vec::new(),
+            server: service_kit::server::ServerLimits::default(),
         })
         .await
         .unwrap();
@@ -134,6 +136,7 @@ impl System {
             kafka: self.kafka.clone(),
             group: format!("{}-process-manager", self.kafka.topic_prefix),
             listen: "127.0.0.1:0".parse().unwrap(),
+            server: service_kit::server::ServerLimits::default(),
             stuck_after: Duration::from_secs(2),
             aggregate_cache: NonZeroUsize::new(1000).unwrap(),
             conflict_retries: 5,
@@ -186,6 +189,7 @@ impl System {
             kafka: self.kafka.clone(),
             group: format!("{}-projector", self.kafka.topic_prefix),
             listen: "127.0.0.1:0".parse().unwrap(),
+            server: service_kit::server::ServerLimits::default(),
         })
         .await
         .unwrap();

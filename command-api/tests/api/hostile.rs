@@ -1,0 +1,254 @@
+//! What a client without a token can do to a public port: add metric series, hold connections
+//! open, pile up requests, flood the readiness probe. Each test fails without its bound.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::TestApp;
+
+/// The methods `http_requests_total` may name; anything else is `other`.
+const METHOD_LABELS: &[&str] = &[
+    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
+];
+
+#[tokio::test]
+async fn made_up_methods_and_paths_add_no_metric_series() {
+    let app = TestApp::spawn().await;
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        let method = format!("XMETHOD{i}");
+        let path = format!("/v1/x{}", uuid::Uuid::new_v4().simple());
+        let reply = app
+            .send(
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                &path,
+                None,
+                &[],
+                None,
+            )
+            .await;
+        assert!(reply.status.is_client_error(), "{}", reply.status);
+        sent.push((method, path));
+    }
+    let metrics = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (method, path) in &sent {
+        assert!(
+            !metrics.contains(method.as_str()),
+            "{method} became a label"
+        );
+        assert!(!metrics.contains(path.as_str()), "{path} became a label");
+    }
+    for line in metrics
+        .lines()
+        .filter(|line| line.starts_with("http_requests_total"))
+    {
+        let method = line
+            .split("method=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a method label");
+        assert!(METHOD_LABELS.contains(&method), "{line}");
+    }
+    assert!(
+        metrics.contains(r#"method="other""#) && metrics.contains(r#"route="unmatched""#),
+        "the made-up requests are counted under the catch-all labels"
+    );
+}
+
+/// Writes `bytes` one at a time, every 100 ms, until the server closes the connection;
+/// returns how long that took, or `None` if it was still open at `give_up`.
+async fn trickle(address: String, bytes: &'static [u8], give_up: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut socket = TcpStream::connect(address).await.unwrap();
+    let mut buffer = [0u8; 1024];
+    for byte in bytes.iter().cycle() {
+        if started.elapsed() > give_up {
+            return None;
+        }
+        if socket.write_all(&[*byte]).await.is_err() {
+            return Some(started.elapsed());
+        }
+        match tokio::time::timeout(Duration::from_millis(100), socket.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            // An answer to headers never finished: the server gave up on them (408).
+            Ok(Ok(_)) => return Some(started.elapsed()),
+            Err(_) => {}
+        }
+    }
+    unreachable!("cycle never ends")
+}
+
+#[tokio::test]
+async fn sockets_that_trickle_headers_are_closed_while_real_requests_are_served() {
+    let app = TestApp::spawn_adjusted(|config| {
+        config.server.header_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let slow: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn(trickle(
+                address.clone(),
+                b"GET /health/live HTTP/1.1\r\nHost: ledger\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa",
+                Duration::from_secs(5),
+            ))
+        })
+        .collect();
+    // Meanwhile, clients that send whole requests are served.
+    for _ in 0..10 {
+        let reply = app.send(Method::GET, "/health/live", None, &[], None).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for task in slow {
+        let closed_after = task
+            .await
+            .unwrap()
+            .expect("a trickling socket was never closed");
+        assert!(closed_after < Duration::from_secs(2), "{closed_after:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let app = TestApp::spawn_adjusted(|config| {
+        config.server.header_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut socket = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: ledger\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    let read = socket.read(&mut buffer).await.unwrap();
+    assert!(buffer[..read].starts_with(b"HTTP/1.1 200"));
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer))
+        .await
+        .expect("the idle connection was never closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Sends a command's headers and half of its body, and holds the request open.
+async fn half_sent_command(app: &TestApp) -> TcpStream {
+    let mut socket = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/accounts HTTP/1.1\r\nHost: ledger\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"owner\":",
+        app.teller()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_bound_are_shed_with_retry_after() {
+    let app = TestApp::spawn_adjusted(|config| {
+        config.server.max_in_flight = 2;
+    })
+    .await;
+    let held = [half_sent_command(&app).await, half_sent_command(&app).await];
+    // Both are in their handlers, waiting for the rest of the body.
+    let mut shed = None;
+    for _ in 0..50 {
+        let reply = app.send(Method::GET, "/health/live", None, &[], None).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            shed = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let shed = shed.expect("a third request was admitted beyond the bound of two");
+    assert_eq!(shed.problem(), "overloaded");
+    assert_eq!(shed.headers["retry-after"], "1");
+
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        let reply = app.send(Method::GET, "/health/live", None, &[], None).await;
+        if reply.status == StatusCode::OK {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        served,
+        "the bound was not released when the held requests ended"
+    );
+}
+
+#[tokio::test]
+async fn a_request_not_answered_in_time_gets_a_503_problem() {
+    let app = TestApp::spawn_adjusted(|config| {
+        config.server.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let started = Instant::now();
+    let mut socket = half_sent_command(&app).await;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&response).contains("urn:ledger:problem:") {
+            let read = socket.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "closed without an answer");
+            response.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .expect("no answer to a request held past the timeout");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        response.contains("urn:ledger:problem:timeout"),
+        "{response}"
+    );
+    assert!(
+        response.to_lowercase().contains("retry-after: 1"),
+        "{response}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(app.event_count().await, 0);
+}
+
+#[tokio::test]
+async fn a_flood_of_readiness_probes_costs_one_database_check() {
+    let app = TestApp::spawn().await;
+    let connections = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let ready = app
+        .send(Method::GET, "/health/ready", None, &[], None)
+        .await;
+    assert_eq!(ready.status, StatusCode::OK);
+    let before = connections().await;
+    let probes = (0..500).map(|_| app.send(Method::GET, "/health/ready", None, &[], None));
+    for reply in futures::future::join_all(probes).await {
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let after = connections().await;
+    assert!(
+        after <= before + 1,
+        "500 probes opened {} database connections",
+        after - before
+    );
+}

@@ -1,0 +1,225 @@
+//! Serving a router over HTTP/1.1 with every bound a public port needs: a header-read timeout
+//! (which hyper also applies to an idle keep-alive connection), a request timeout, a cap on
+//! open connections, a cap on requests in flight that sheds the excess with 503 and
+//! `Retry-After`, and a graceful shutdown that gives up after a grace period.
+//!
+//! `axum::serve` has none of these (it runs hyper without a timer, so even hyper's own header
+//! timeout is off), hence this accept loop, modelled on mini-redis's: a semaphore permit per
+//! connection, taken before `accept`, so a full server stops accepting instead of failing
+//! connections it already took. HTTP/2 is not offered: nothing in front of these services
+//! needs cleartext HTTP/2, and hyper has no header or idle timeout for it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
+
+use crate::config::{self, ConfigError, Setting};
+use crate::problem::Problem;
+
+/// The bounds of one listener. Read from the environment by [`ServerLimits::from_env`]; the
+/// defaults are [`ServerLimits::default`], and [`SETTINGS`] documents both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Longest wait for a request's headers, from the moment the connection is idle.
+    pub header_read_timeout: Duration,
+    /// Longest time from a request's headers to its response.
+    pub request_timeout: Duration,
+    /// Connections held open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Requests handled at once; more are answered 503 at once.
+    pub max_in_flight: usize,
+    /// How long shutdown waits for requests in flight before closing their connections.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            max_connections: 4096,
+            max_in_flight: 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The variables [`ServerLimits::from_env`] reads; every listener (APIs and ops) uses them.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "HTTP_HEADER_READ_TIMEOUT_MS",
+        default: "`10000`",
+        meaning: "a connection that has not sent a request's headers this long after connecting or after its last response is closed (the idle keep-alive timeout too)",
+    },
+    Setting {
+        name: "HTTP_REQUEST_TIMEOUT_MS",
+        default: "`15000`",
+        meaning: "a request not answered this long after its headers gets 503 `timeout`",
+    },
+    Setting {
+        name: "HTTP_MAX_CONNECTIONS",
+        default: "`4096`",
+        meaning: "connections open at once per listener; further ones wait to be accepted",
+    },
+    Setting {
+        name: "HTTP_MAX_IN_FLIGHT",
+        default: "`1024`",
+        meaning: "requests handled at once per listener; further ones get 503 `overloaded` with `Retry-After`",
+    },
+    Setting {
+        name: "HTTP_SHUTDOWN_GRACE_MS",
+        default: "`10000`",
+        meaning: "on SIGTERM, how long requests in flight may finish before their connections are closed",
+    },
+];
+
+impl ServerLimits {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let millis = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+            let value: u64 = config::parsed_or(name, default.as_millis() as u64)?;
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "must be at least 1 ms".into(),
+                });
+            }
+            Ok(Duration::from_millis(value))
+        };
+        let count = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
+            let value: usize = config::parsed_or(name, default)?;
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "must be at least 1".into(),
+                });
+            }
+            Ok(value)
+        };
+        Ok(Self {
+            header_read_timeout: millis(
+                "HTTP_HEADER_READ_TIMEOUT_MS",
+                defaults.header_read_timeout,
+            )?,
+            request_timeout: millis("HTTP_REQUEST_TIMEOUT_MS", defaults.request_timeout)?,
+            max_connections: count("HTTP_MAX_CONNECTIONS", defaults.max_connections)?,
+            max_in_flight: count("HTTP_MAX_IN_FLIGHT", defaults.max_in_flight)?,
+            shutdown_grace: millis("HTTP_SHUTDOWN_GRACE_MS", defaults.shutdown_grace)?,
+        })
+    }
+}
+
+/// Bounds the work of `router`'s routes: at most `max_in_flight` requests at once across all
+/// of them (the excess is answered 503 `overloaded` at once, never queued), each answered
+/// within `request_timeout` (else 503 `timeout`). Applied inside the request-id, tracing and
+/// metrics layers, so shed and timed-out requests are logged and counted like any other.
+pub(crate) fn bound_requests(router: Router, limits: &ServerLimits) -> Router {
+    router.layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(|error: tower::BoxError| async move {
+                refusal(&error)
+            }))
+            .load_shed()
+            // Global: `Router::layer` clones the layer into every route, and a plain
+            // concurrency limit would give each route its own budget.
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                limits.max_in_flight,
+            ))
+            .timeout(limits.request_timeout),
+    )
+}
+
+fn refusal(error: &tower::BoxError) -> Response {
+    let problem = if error.is::<tower::load_shed::error::Overloaded>() {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded")
+            .detail("The server is handling as many requests as it takes; retry shortly.")
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        tracing::warn!("request timed out");
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Request timed out",
+        )
+        .detail("The request was not answered in time; retry it (with its idempotency key).")
+    } else {
+        tracing::error!(%error, "request failed in the middleware");
+        return Problem::internal().into_response();
+    };
+    problem
+        .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .into_response()
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets requests in flight
+/// finish for at most `limits.shutdown_grace`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    // Every connection's task, so that the ones still open after the grace period are
+    // aborted rather than left running.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, or a connection reset before it was taken:
+                    // back off a little instead of spinning.
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            // Header timeouts, resets and clients that hang up all end here; none is ours.
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = limits.shutdown_grace.as_millis() as u64,
+            "requests still in flight after the shutdown grace period; closing their connections"
+        );
+    }
+    tasks.abort_all();
+}
