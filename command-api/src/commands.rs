@@ -528,9 +528,19 @@ async fn run_group<A: Stream>(group: Group<A>) {
         fresh,
         waiters,
     } = group;
+    // A stream never changes tenant, so another tenant's command on an existing stream is
+    // answered "not found" now, whatever becomes of the append: retried with the others
+    // after a lost race, it would end in a 409 naming the stream's version.
+    let exists = state.version > 0;
+    let (waiters, foreign): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|waiter| {
+        !exists || A::starts(&waiter.command) || state.state.belongs_to(A::tenant(&waiter.command))
+    });
+    for waiter in foreign {
+        let _ = waiter.answer.send(Answer::Done(Err(A::not_found())));
+    }
     // One key twice in one append would fail it as a whole: a repeat runs again instead, and
-    // its replay check finds what the first one did. Waiters whose request is gone are
-    // dropped: they have nobody to answer.
+    // its replay check finds what the first one did. Keys are per tenant, as the store's
+    // unique index is. Waiters whose request is gone are dropped: they have nobody to answer.
     let mut keys = std::collections::HashSet::new();
     let (waiters, repeats): (Vec<_>, Vec<_>) = waiters
         .into_iter()
@@ -539,7 +549,7 @@ async fn run_group<A: Stream>(group: Group<A>) {
             waiter
                 .key
                 .as_ref()
-                .is_none_or(|key| keys.insert(key.clone()))
+                .is_none_or(|key| keys.insert((A::tenant(&waiter.command).to_owned(), key.clone())))
         });
     retry(repeats, None);
 
@@ -645,16 +655,25 @@ mod tests {
         }
     }
 
+    fn deposit_of(tenant: &str) -> AccountCommand {
+        AccountCommand::Deposit {
+            tenant: tenant.into(),
+            amount: Amount::parse(5).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+        }
+    }
+
     fn waiter(
         command: AccountCommand,
         key: Option<&str>,
     ) -> (Waiter<Account>, oneshot::Receiver<Answer>) {
         let (answer, answered) = oneshot::channel();
+        let tenant = command.tenant().to_owned();
         let waiter = Waiter {
             ticket: 0,
             command,
             expected_version: None,
-            metadata: serde_json::json!({"tenant": "acme", "idempotency_key": key}).to_string(),
+            metadata: serde_json::json!({"tenant": tenant, "idempotency_key": key}).to_string(),
             key: key.map(str::to_owned),
             answer,
         };
@@ -686,16 +705,8 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
-    async fn a_repeated_idempotency_key_in_a_group_runs_again_and_the_rest_commit() {
-        let db = TestDatabase::create().await;
-        let appender = Appender::start(db.pool.clone(), 1);
-        let store = Arc::new(Store::<Account>::new(
-            db.pool.clone(),
-            appender,
-            NonZeroUsize::new(10).unwrap(),
-        ));
-        let id = Uuid::new_v4();
+    /// Opens account `id` for tenant `acme` through a group of its own.
+    async fn open(store: &Arc<Store<Account>>, id: Uuid) {
         let (open, opened) = waiter(
             AccountCommand::Open {
                 tenant: "acme".into(),
@@ -705,11 +716,97 @@ mod tests {
             },
             None,
         );
-        run(&store, id, vec![open]).await;
+        run(store, id, vec![open]).await;
         assert!(matches!(
             answer(opened).await,
             Answer::Done(Ok(Committed { version: 1, .. }))
         ));
+    }
+
+    fn store(db: &TestDatabase) -> Arc<Store<Account>> {
+        let appender = Appender::start(db.pool.clone(), 1);
+        Arc::new(Store::<Account>::new(
+            db.pool.clone(),
+            appender,
+            NonZeroUsize::new(10).unwrap(),
+        ))
+    }
+
+    /// A group that loses its race is told to run again, but never another tenant's command
+    /// in it: that one is "not found", final, and learns no version.
+    #[tokio::test]
+    async fn another_tenants_command_in_a_group_that_loses_a_race_is_not_found() {
+        let db = TestDatabase::create().await;
+        let store = store(&db);
+        let id = Uuid::new_v4();
+        open(&store, id).await;
+        // The group decides on a stale state: another replica appended version 2 since.
+        let mut slot = store.lock(&id.to_string()).await;
+        let stale = slot.take().unwrap();
+        sqlx::query(
+            r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+               VALUES ('account', $1, 2, 'AccountFrozen', '1', '"AccountFrozen"',
+                       '{"tenant":"acme","actor":"t","correlation_id":"c","causation_id":"c","request_id":"r"}')"#,
+        )
+        .bind(id.to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let (own, own_answer) = waiter(deposit(), None);
+        let (foreign, foreign_answer) = waiter(deposit_of("globex"), None);
+        run_group(Group {
+            store: store.clone(),
+            appended: AppendSignal::default(),
+            slot,
+            aggregate_id: id.to_string(),
+            stream_id: id,
+            state: stale,
+            fresh: true,
+            waiters: vec![own, foreign],
+        })
+        .await;
+        assert!(matches!(
+            answer(own_answer).await,
+            Answer::Retry {
+                current_version: Some(2)
+            }
+        ));
+        match answer(foreign_answer).await {
+            Answer::Done(Err(err)) => assert!(matches!(err, ApiError::NotFound), "{err:?}"),
+            _ => panic!("another tenant's command was told to retry"),
+        }
+    }
+
+    /// The same idempotency key from two tenants is two keys: in one group, neither is
+    /// taken for a repeat of the other.
+    #[tokio::test]
+    async fn one_key_of_two_tenants_is_two_keys() {
+        let db = TestDatabase::create().await;
+        let store = store(&db);
+        let id = Uuid::new_v4();
+        let opening = |tenant: &str| AccountCommand::Open {
+            tenant: tenant.into(),
+            owner: Owner::parse("Ada").unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            overdraft_limit: OverdraftLimit::parse(0).unwrap(),
+        };
+        let (acme, acme_answer) = waiter(opening("acme"), Some("k"));
+        let (globex, globex_answer) = waiter(opening("globex"), Some("k"));
+        run(&store, id, vec![acme, globex]).await;
+        assert!(matches!(
+            answer(acme_answer).await,
+            Answer::Done(Ok(Committed { version: 1, .. }))
+        ));
+        // Decided in the group (the account is taken), not sent round again as a repeat.
+        assert!(matches!(answer(globex_answer).await, Answer::Done(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_idempotency_key_in_a_group_runs_again_and_the_rest_commit() {
+        let db = TestDatabase::create().await;
+        let store = store(&db);
+        let id = Uuid::new_v4();
+        open(&store, id).await;
 
         let (first, first_answer) = waiter(deposit(), Some("k"));
         let (repeat, repeat_answer) = waiter(deposit(), Some("k"));

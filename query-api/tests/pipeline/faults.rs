@@ -345,3 +345,191 @@ async fn eventually(system: &System, url: &str, expected: StatusCode) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Anyone who can produce to the topic can copy a genuine message's headers. The projector
+/// applies nothing a message says that the event store does not hold, byte for byte.
+#[tokio::test]
+async fn forged_messages_never_reach_a_read_model() {
+    let system = System::start().await;
+    let account = system.open(0).await;
+    system.move_money(account, 100).await;
+    system.account_at(account, 2).await;
+    let topic = system.kafka.events_topic("account");
+    let key = account.to_string();
+    let genuine = read_all(&system.kafka, &topic, 2)
+        .await
+        .into_iter()
+        .find(|message| {
+            let headers = message.headers().unwrap();
+            header(headers, headers::SUBJECT) == Some(key.as_str())
+                && header(headers, headers::SEQUENCE) == Some("2")
+        })
+        .expect("the deposit's message");
+    let inflated = r#"{"amount":1000000000000,"currency":"EUR","balance_after":1000000000000}"#;
+    let producer: FutureProducer = system.kafka.producer().create().unwrap();
+    // The genuine headers with a bigger amount.
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(&key)
+                .payload(inflated)
+                .headers(genuine.headers().unwrap().clone()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // The same, announcing the next version before the genuine one exists.
+    let mut next = OwnedHeaders::new();
+    let forged_id = uuid::Uuid::new_v4().to_string();
+    for copied in genuine.headers().unwrap().iter() {
+        let value = match copied.key {
+            headers::SEQUENCE => Some("3".as_bytes()),
+            headers::ID => Some(forged_id.as_bytes()),
+            _ => copied.value,
+        };
+        next = next.insert(Header {
+            key: copied.key,
+            value,
+        });
+    }
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(&key)
+                .payload(inflated)
+                .headers(next),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    // The genuine next deposit is applied; the balance is the event store's.
+    let version = system.move_money(account, 50).await;
+    assert_eq!(version, 3);
+    assert_eq!(system.account_at(account, version).await["balance"], 150);
+    let (_, _, entries) = system
+        .query(&format!("/v1/accounts/{account}/entries"), &system.viewer())
+        .await;
+    let amounts: Vec<i64> = entries["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["amount"].as_i64().unwrap())
+        .collect();
+    assert_eq!(amounts.len(), 2, "{entries}");
+    assert!(
+        amounts.iter().all(|amount| [100, 50].contains(amount)),
+        "{entries}"
+    );
+    assert!(system.differences().await.is_empty());
+
+    let dead = read_all(&system.kafka, &system.kafka.deadletter_topic(), 2).await;
+    for message in &dead {
+        let reason = header(message.headers().unwrap(), headers::ERROR).unwrap();
+        assert!(
+            reason.contains("differs from the stored event")
+                || reason.contains("not in the event store"),
+            "{reason}"
+        );
+        assert_eq!(message.payload(), Some(inflated.as_bytes()));
+    }
+    let metrics = system
+        .client
+        .get(format!("{}/metrics", system.projector_ops))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unverified: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("ledger_projector_unverified_total"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .expect("ledger_projector_unverified_total");
+    assert!(unverified >= 2.0, "{unverified}");
+}
+
+/// A stored event this build cannot read (a version from a later release) stops its own
+/// stream only: it is parked, visible in readiness, and every other account keeps projecting.
+#[tokio::test]
+async fn an_unreadable_stored_event_parks_its_stream_and_no_other() {
+    let system = System::start().await;
+    let stuck = system.open(0).await;
+    let other = system.open(0).await;
+    system.account_at(stuck, 1).await;
+    system.account_at(other, 1).await;
+    for (sequence, version) in [(2, "99"), (3, "1")] {
+        sqlx::query(
+            r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+               VALUES ('account', $1, $2, 'MoneyDeposited', $3,
+                       '{"MoneyDeposited":{"amount":70,"currency":"EUR","balance_after":70}}',
+                       json_build_object('tenant', $4::text, 'actor', 'test', 'correlation_id', 'c', 'causation_id', 'c', 'request_id', 'r'))"#,
+        )
+        .bind(stuck.to_string())
+        .bind(sequence)
+        .bind(version)
+        .bind(TENANT)
+        .execute(&system.pool)
+        .await
+        .unwrap();
+    }
+    // The other accounts go on, on every partition.
+    let mut others = vec![other];
+    for _ in 0..5 {
+        others.push(system.open(0).await);
+    }
+    for account in &others {
+        let version = system.move_money(*account, 5).await;
+        system.account_at(*account, version).await;
+    }
+
+    let parked: (i64, String) = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let row = sqlx::query_as(
+                "SELECT sequence, reason FROM projector_parked_streams WHERE account_id = $1",
+            )
+            .bind(stuck)
+            .fetch_optional(&system.pool)
+            .await
+            .unwrap();
+            if let Some(row) = row {
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the stream was never parked");
+    assert_eq!(parked.0, 2);
+    assert!(parked.1.contains("99"), "{}", parked.1);
+    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
+        .bind(stuck)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+
+    let ready = format!("{}/health/ready", system.projector_ops);
+    let body: serde_json::Value = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let body: serde_json::Value = system
+                .client
+                .get(&ready)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if body["parked_streams"] == 1 {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("readiness never reported the parked stream");
+    assert_eq!(body["status"], "degraded");
+}
