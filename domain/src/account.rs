@@ -433,6 +433,12 @@ impl Account {
             return decided;
         }
         match account.status {
+            // A refund can land in a closed account (it was emptied and closed while its
+            // transfer was in flight, and the credit was declined). That money is paid out by
+            // a withdrawal of at most the balance; nothing else moves a closed account.
+            AccountStatus::Closed
+                if matches!(&command, AccountCommand::Withdraw { amount, .. }
+                    if amount.minor_units() <= account.balance) => {}
             AccountStatus::Closed => return Err(AccountError::Closed),
             AccountStatus::Frozen if !matches!(command, AccountCommand::Unfreeze { .. }) => {
                 return Err(AccountError::Frozen);

@@ -559,6 +559,85 @@ mod transfer_steps {
         }
     }
 
+    /// A refund is never refused, so it can take the balance above the ceiling: the ceiling
+    /// bounds what comes in (deposits, transfer credits), not money coming back. Further
+    /// inflows are refused until the balance is below the ceiling again.
+    #[test]
+    fn a_refund_may_exceed_the_balance_ceiling_and_inflows_wait_until_below_it() {
+        let mut capped = opened(0);
+        if let AccountEvent::AccountOpened { max_balance, .. } = &mut capped {
+            *max_balance = 1000;
+        }
+        let given = vec![
+            capped,
+            deposited(600, 600),
+            debited(500, 100),
+            deposited(900, 1000),
+        ];
+        AccountTest::with(())
+            .given(given.clone())
+            .when(refund(500))
+            .then_expect_events(vec![AccountEvent::TransferRefunded {
+                transfer_id: TRANSFER,
+                amount: amount(500),
+                currency: eur(),
+                balance_after: 1500,
+            }]);
+        let mut refunded = given;
+        refunded.push(AccountEvent::TransferRefunded {
+            transfer_id: TRANSFER,
+            amount: amount(500),
+            currency: eur(),
+            balance_after: 1500,
+        });
+        AccountTest::with(())
+            .given(refunded)
+            .when(deposit(1))
+            .then_expect_error(AccountError::BalanceLimitExceeded { max_balance: 1000 });
+    }
+
+    /// Emptied and closed while its transfer was in flight, the account takes the refund;
+    /// the money is then paid out, never stranded, and nothing else moves the account.
+    #[test]
+    fn a_refund_into_a_closed_account_can_be_paid_out_and_nothing_more() {
+        let refunded = vec![
+            opened(0),
+            deposited(30, 30),
+            debited(30, 0),
+            AccountEvent::AccountClosed,
+            AccountEvent::TransferRefunded {
+                transfer_id: TRANSFER,
+                amount: amount(30),
+                currency: eur(),
+                balance_after: 30,
+            },
+        ];
+        AccountTest::with(())
+            .given(refunded.clone())
+            .when(withdraw(30))
+            .then_expect_events(vec![AccountEvent::MoneyWithdrawn {
+                amount: amount(30),
+                currency: eur(),
+                balance_after: 0,
+            }]);
+        for command in [withdraw(31), deposit(1)] {
+            AccountTest::with(())
+                .given(refunded.clone())
+                .when(command)
+                .then_expect_error(AccountError::Closed);
+        }
+        let mut given = refunded;
+        given.push(AccountEvent::MoneyWithdrawn {
+            amount: amount(30),
+            currency: eur(),
+            balance_after: 0,
+        });
+        AccountTest::with(())
+            .given(given)
+            .when(withdraw(1))
+            .then_expect_error(AccountError::Closed);
+    }
+
     #[test]
     fn only_an_applied_debit_is_refunded_and_only_once() {
         for given in [
