@@ -2,7 +2,11 @@
 //!
 //! One relay is active among all replicas: the holder of a Postgres advisory lock, taken on a
 //! connection of its own, so the lock goes when the leader's process or connection dies and
-//! another replica takes over at its next try. The leader reads batches of final events after
+//! another replica takes over at its next try. The leader moves its checkpoint on that same
+//! connection, so every batch proves it still holds the lock: a leader whose connection was
+//! cut stops at its next batch, and its checkpoint never moves again. Server-side TCP
+//! keepalives on the connection let Postgres notice a leader whose host vanished within
+//! [`LEADER_KEEPALIVE`]'s bound, rather than the two hours of the kernel's default. The leader reads batches of final events after
 //! its checkpoint (see `service_kit::event_log`) and sends them with an idempotent producer,
 //! which keeps their order per partition. A few batches may be in flight at once; the
 //! checkpoint passes a batch only once the broker acknowledged it and every batch before. A
@@ -36,6 +40,11 @@ const READER: &str = "kafka-relay";
 /// Key of the leadership advisory lock (`hashtext('ledger.relay')` would do as well; a
 /// constant is easier to find in `pg_locks`).
 const LEADER_LOCK: i64 = 0x4c45_4447_4552;
+/// Server-side TCP keepalive of the leader's lock connection: idle seconds before the first
+/// probe, seconds between probes, probes lost before Postgres drops the connection (and the
+/// lock with it). A vanished leader is replaced within about 10 + 3 × 5 = 25 s plus
+/// `RELAY_LEADER_RETRY_MS`.
+const LEADER_KEEPALIVE: (u32, u32, u32) = (10, 5, 3);
 /// Longest pause between attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Batches sent but not yet acknowledged, at most.
@@ -160,6 +169,17 @@ impl Relay {
     /// Becomes the leader, then relays until something fails.
     async fn lead(&self) -> Result<Infallible, RelayError> {
         let mut lock = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let (idle, interval, count) = LEADER_KEEPALIVE;
+        sqlx::query(
+            "SELECT set_config('tcp_keepalives_idle', $1, false),
+                    set_config('tcp_keepalives_interval', $2, false),
+                    set_config('tcp_keepalives_count', $3, false)",
+        )
+        .bind(idle.to_string())
+        .bind(interval.to_string())
+        .bind(count.to_string())
+        .execute(&mut lock)
+        .await?;
         loop {
             let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(LEADER_LOCK)
@@ -172,6 +192,20 @@ impl Relay {
         }
         tracing::info!("relay is the leader");
         metrics::gauge!("ledger_relay_leader").set(1.0);
+        let mut unconfirmed = 0;
+        let ended = self.publish(&mut lock, &mut unconfirmed).await;
+        // Handed to the broker but not under the checkpoint: the next term sends them again.
+        metrics::counter!("ledger_relay_republished_events_total").increment(unconfirmed);
+        ended
+    }
+
+    /// Publishes from the checkpoint while `lock` holds the leadership, until something
+    /// fails. `unconfirmed` counts the events sent but not yet under the checkpoint.
+    async fn publish(
+        &self,
+        lock: &mut PgConnection,
+        unconfirmed: &mut u64,
+    ) -> Result<Infallible, RelayError> {
         // A producer per term: one that hit a fatal error (an idempotence violation after a
         // broker lost state, say) cannot be used again.
         let producer: FutureProducer = self.config.kafka.producer().create()?;
@@ -210,6 +244,7 @@ impl Relay {
                 let batch =
                     event_log::read_committed(&self.pool, sent, self.config.batch_size).await?;
                 if let Some(last) = batch.last().map(|event| event.position) {
+                    *unconfirmed += batch.len() as u64;
                     in_flight.push_back((last, send(&producer, &self.config.kafka, &batch).await?));
                     sent = last;
                     continue;
@@ -217,13 +252,16 @@ impl Relay {
             }
             if let Some((last, sent)) = in_flight.pop_front() {
                 acknowledged(sent.deliveries).await?;
+                let batch_events: u64 = sent.per_topic.iter().map(|(_, count)| count).sum();
                 for (topic, count) in sent.per_topic {
                     metrics::counter!("ledger_relay_published_total", "topic" => topic)
                         .increment(count);
                 }
-                if !event_log::advance_checkpoint(&self.pool, READER, acked, last).await? {
+                // On the lock's connection: if that was cut, so was the lock, and this fails.
+                if !event_log::advance_checkpoint(&mut *lock, READER, acked, last).await? {
                     return Err(RelayError::Deposed);
                 }
+                *unconfirmed -= batch_events;
                 acked = last;
                 continue;
             }

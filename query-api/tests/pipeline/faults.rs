@@ -3,7 +3,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -202,6 +202,105 @@ async fn one_relay_leads_and_another_takes_over_when_it_dies() {
     let version = system.move_money(account, 9).await;
     // The standby's next try (every 200 ms here) finds the lock free.
     assert_eq!(system.account_at(account, version).await["balance"], 9);
+    standby.abort();
+}
+
+/// The session holding the relay's leadership lock in this test's database, if any.
+async fn leader_pid(system: &System) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_optional(&system.pool)
+    .await
+    .unwrap()
+}
+
+/// The leader's lock connection is cut by the server (as when its host vanished and the
+/// keepalives gave up, or an operator terminated it) while it publishes: the standby leads
+/// within the bound, the old leader stops at its next batch, and every event arrives.
+#[tokio::test]
+async fn a_leader_whose_lock_connection_is_cut_mid_stream_hands_over_and_loses_nothing() {
+    let system = System::start().await;
+    let mut accounts = Vec::new();
+    for _ in 0..4 {
+        accounts.push(system.open(0).await);
+    }
+    system.account_at(accounts[3], 1).await;
+    let standby = system.spawn_relay();
+    let first = leader_pid(&system).await.expect("a leader");
+
+    let base = system.commands.clone();
+    let client = system.client.clone();
+    let load = tokio::spawn(async move {
+        let teller = token(TENANT, &["teller"]);
+        for round in 0..30 {
+            for account in &accounts {
+                let response = client
+                    .post(format!("{base}/v1/accounts/{account}/deposits"))
+                    .bearer_auth(&teller)
+                    .json(&json!({"amount": round + 1, "currency": "EUR"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(response.status().is_success());
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+    let cut = tokio::time::Instant::now();
+    let second = loop {
+        match leader_pid(&system).await {
+            Some(pid) if pid != first => break pid,
+            _ => {
+                assert!(cut.elapsed() < Duration::from_secs(5), "no relay took over");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    load.await.unwrap();
+    system.converged(Duration::from_secs(60)).await;
+    // Every event reached the topic, some perhaps twice (the old leader's unconfirmed batch).
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'account'")
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    let topic = system.kafka.events_topic("account");
+    let watermarks: rdkafka::consumer::BaseConsumer =
+        system.kafka.consumer("watermarks").create().unwrap();
+    let mut on_topic = 0;
+    for partition in 0..system.kafka.partitions {
+        let (low, high) = watermarks
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .unwrap();
+        on_topic += high - low;
+    }
+    assert!(
+        on_topic >= events,
+        "{on_topic} messages for {events} events"
+    );
+    let published = read_all(&system.kafka, &topic, on_topic as usize).await;
+    let distinct: std::collections::HashSet<(String, String)> = published
+        .iter()
+        .map(|message| {
+            let headers = message.headers().unwrap();
+            (
+                header(headers, headers::SUBJECT).unwrap().to_owned(),
+                header(headers, headers::SEQUENCE).unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(distinct.len() as i64, events);
+    // Leadership stays with one session.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(leader_pid(&system).await, Some(second));
     standby.abort();
 }
 
