@@ -28,6 +28,7 @@ impl Ledger {
         let kafka = testing::kafka().await;
         let app = command_api::Application::build(command_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
             database: database.config.clone(),
             auth: AuthConfig {
                 issuer: "ledger".into(),

@@ -18,6 +18,9 @@ use crate::relay::RelayConfig;
 pub struct Config {
     /// `COMMAND_API_ADDR`: where to listen (default `127.0.0.1:8080`; port 0 picks one).
     pub listen: SocketAddr,
+    /// `COMMAND_API_OPS_ADDR`: where the health probes and `/metrics` are served (default
+    /// `127.0.0.1:9080`; port 0 picks one), never on the public port.
+    pub ops_listen: SocketAddr,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     /// `COMMAND_API_MAX_BODY_BYTES`: larger request bodies are answered 413 (default 16 KiB).
@@ -45,6 +48,10 @@ impl Config {
             listen: config::parsed_or(
                 "COMMAND_API_ADDR",
                 SocketAddr::from(([127, 0, 0, 1], 8080)),
+            )?,
+            ops_listen: config::parsed_or(
+                "COMMAND_API_OPS_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 9080)),
             )?,
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
@@ -104,6 +111,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "COMMAND_API_ADDR",
         default: "`127.0.0.1:8080`",
         meaning: "listen address (port 0 picks one)",
+    },
+    Setting {
+        name: "COMMAND_API_OPS_ADDR",
+        default: "`127.0.0.1:9080`",
+        meaning: "the command API's ops server: `/metrics`, `/health/live`, `/health/ready` (never on the public port)",
     },
     Setting {
         name: "COMMAND_API_MAX_BODY_BYTES",

@@ -21,9 +21,9 @@ use axum::extract::{DefaultBodyLimit, FromRef};
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::{self, DatabaseError};
-use service_kit::http::{self, Need, Readiness};
+use service_kit::http::{self, Need, OpsServer, Readiness};
 use service_kit::kafka::BrokerProbe;
-use service_kit::server::{self, ServerLimits};
+use service_kit::server::{self, ServerLimits, Stopping};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -75,6 +75,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
+    ops: OpsServer,
     pool: PgPool,
     signal: AppendSignal,
     relay: Option<Relay>,
@@ -86,7 +87,6 @@ impl Application {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
         let auth = Arc::new(Authenticator::new(&config.auth)?);
-        let metrics = service_kit::metrics::install("command-api");
         let signal = AppendSignal::default();
         let mut readiness = Readiness::new(pool.clone());
         if let Some(relay) = &config.relay {
@@ -108,13 +108,17 @@ impl Application {
         };
         let router = http::with_standard_layers(
             http::with_cors(
-                api::router(state)
-                    .layer(DefaultBodyLimit::max(config.max_body_bytes))
-                    .merge(http::ops_routes(readiness, metrics)),
+                api::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes)),
                 config.cors_origins,
             ),
             &config.server,
         );
+        let ops = OpsServer::bind(config.ops_listen, readiness, "command-api", config.server)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.ops_listen,
+                source,
+            })?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -126,6 +130,7 @@ impl Application {
             listener,
             router,
             limits: config.server,
+            ops,
             pool,
             signal,
             relay,
@@ -140,27 +145,23 @@ impl Application {
             .unwrap_or_default()
     }
 
+    /// The port of the health probes and `/metrics`.
+    pub fn ops_port(&self) -> u16 {
+        self.ops.port()
+    }
+
     /// Serves (and relays, if configured) until `shutdown` resolves, then lets in-flight
     /// requests finish and stops the background tasks.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let until_stopped = move || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|stopped| *stopped).await;
-            }
-        };
+        let stopping = Stopping::on(shutdown);
         let mut background = tokio::task::JoinSet::new();
-        background.spawn(self.signal.forward(self.pool.clone(), until_stopped()));
+        background.spawn(self.signal.forward(self.pool.clone(), stopping.wait()));
+        background.spawn(self.ops.serve(stopping.wait()));
         if let Some(relay) = self.relay {
-            background.spawn(relay.run(until_stopped()));
+            background.spawn(relay.run(stopping.wait()));
         }
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        });
         tracing::info!(addr = ?self.listener.local_addr().ok(), "command-api listening");
-        server::serve(self.listener, self.router, self.limits, until_stopped()).await;
+        server::serve(self.listener, self.router, self.limits, stopping.wait()).await;
         background.join_all().await;
     }
 }

@@ -14,6 +14,9 @@ use service_kit::server::ServerLimits;
 pub struct Config {
     /// `QUERY_API_ADDR`: where to listen (default `127.0.0.1:8081`; port 0 picks one).
     pub listen: SocketAddr,
+    /// `QUERY_API_OPS_ADDR`: where the health probes and `/metrics` are served (default
+    /// `127.0.0.1:9081`; port 0 picks one), never on the public port.
+    pub ops_listen: SocketAddr,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     /// `QUERY_API_MAX_WAIT_MS`: how long a query with `min_version` waits for the read model
@@ -29,6 +32,10 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             listen: config::parsed_or("QUERY_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8081)))?,
+            ops_listen: config::parsed_or(
+                "QUERY_API_OPS_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 9081)),
+            )?,
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
             max_wait: Duration::from_millis(config::parsed_or("QUERY_API_MAX_WAIT_MS", 2000)?),
@@ -44,6 +51,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "QUERY_API_ADDR",
         default: "`127.0.0.1:8081`",
         meaning: "query API listen address",
+    },
+    Setting {
+        name: "QUERY_API_OPS_ADDR",
+        default: "`127.0.0.1:9081`",
+        meaning: "the query API's ops server: `/metrics`, `/health/live`, `/health/ready` (never on the public port)",
     },
     Setting {
         name: "QUERY_API_MAX_WAIT_MS",

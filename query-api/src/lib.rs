@@ -20,8 +20,8 @@ use axum::extract::FromRef;
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::{self, DatabaseError};
-use service_kit::http::{self, Readiness};
-use service_kit::server::{self, ServerLimits};
+use service_kit::http::{self, OpsServer, Readiness};
+use service_kit::server::{self, ServerLimits, Stopping};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -103,6 +103,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
+    ops: OpsServer,
 }
 
 impl Application {
@@ -112,10 +113,17 @@ impl Application {
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);
         tokio::spawn(watch_projections(pool.clone(), projected_tx));
-        let ops = http::ops_routes(
+        let ops = OpsServer::bind(
+            config.ops_listen,
             Readiness::new(pool.clone()),
-            service_kit::metrics::install("query-api"),
-        );
+            "query-api",
+            config.server,
+        )
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.ops_listen,
+            source,
+        })?;
         let state = AppState {
             pool,
             auth: Arc::new(Authenticator::new(&config.auth)?),
@@ -123,7 +131,7 @@ impl Application {
             projected,
         };
         let router = http::with_standard_layers(
-            http::with_cors(api::router(state).merge(ops), config.cors_origins),
+            http::with_cors(api::router(state), config.cors_origins),
             &config.server,
         );
         let listener =
@@ -137,6 +145,7 @@ impl Application {
             listener,
             router,
             limits: config.server,
+            ops,
         })
     }
 
@@ -148,9 +157,17 @@ impl Application {
             .unwrap_or_default()
     }
 
+    /// The port of the health probes and `/metrics`.
+    pub fn ops_port(&self) -> u16 {
+        self.ops.port()
+    }
+
     /// Serves until `shutdown` resolves, then lets in-flight requests finish.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         tracing::info!(addr = ?self.listener.local_addr().ok(), "query-api listening");
-        server::serve(self.listener, self.router, self.limits, shutdown).await;
+        let stopping = Stopping::on(shutdown);
+        let ops = tokio::spawn(self.ops.serve(stopping.wait()));
+        server::serve(self.listener, self.router, self.limits, stopping.wait()).await;
+        let _ = ops.await;
     }
 }

@@ -311,7 +311,7 @@ impl Readiness {
 
 /// The routes every process serves for its operators: `/health/live`, `/health/ready` and
 /// `/metrics` (Prometheus text; the pool gauges are sampled on each scrape).
-pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
+fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route(

@@ -223,3 +223,28 @@ pub async fn serve(
     }
     tasks.abort_all();
 }
+
+/// One shutdown signal shared by every task of a process (its listeners, its background
+/// loops): each waits on a future of its own.
+#[derive(Clone)]
+pub struct Stopping(tokio::sync::watch::Receiver<bool>);
+
+impl Stopping {
+    /// Fires when `shutdown` resolves.
+    pub fn on(shutdown: impl Future<Output = ()> + Send + 'static) -> Self {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        Self(stopped)
+    }
+
+    /// Resolves once the signal fired.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopped = self.0.clone();
+        async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        }
+    }
+}

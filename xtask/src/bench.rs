@@ -101,12 +101,16 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
     let database = DatabaseConfig::with_url(&server_url);
     reset_database(&database).await?;
 
-    let port = free_port()?;
-    let base = format!("http://127.0.0.1:{port}");
+    let (port, ops_port) = (free_port()?, free_port()?);
+    let api = CommandApi {
+        base: format!("http://127.0.0.1:{port}"),
+        ops: format!("http://127.0.0.1:{ops_port}"),
+    };
     let mut server = Command::new(workspace_root().join("target/release/command-api"))
         .env("DATABASE_URL", &database.url)
         .env("JWT_HS256_SECRET", SECRET)
         .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         // The command path alone: the relay's cost is measured by its own benchmark.
@@ -118,13 +122,13 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("starting command-api")?;
-    wait_ready(&base).await?;
+    wait_ready(&api.ops).await?;
 
     let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(128)
         .build()?;
-    let accounts = open_accounts(&client, &base, &token, ACCOUNTS).await?;
+    let accounts = open_accounts(&client, &api.base, &token, ACCOUNTS).await?;
     let hot = vec![accounts[0]];
 
     let mut runs = Vec::new();
@@ -132,7 +136,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         // A short warm-up fills the state cache and the connection pools.
         load(
             &client,
-            &base,
+            &api,
             &token,
             &accounts,
             concurrency,
@@ -143,7 +147,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         runs.push(
             load(
                 &client,
-                &base,
+                &api,
                 &token,
                 &accounts,
                 concurrency,
@@ -155,7 +159,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         runs.push(
             load(
                 &client,
-                &base,
+                &api,
                 &token,
                 &hot,
                 concurrency,
@@ -168,7 +172,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
     }
     let long_stream = load(
         &client,
-        &base,
+        &api,
         &token,
         &hot,
         16,
@@ -308,10 +312,11 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-pub(crate) async fn wait_ready(base: &str) -> anyhow::Result<()> {
+/// Waits for the readiness probe on `ops`, the command API's ops listener.
+pub(crate) async fn wait_ready(ops: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     for _ in 0..100 {
-        if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
+        if let Ok(response) = client.get(format!("{ops}/health/ready")).send().await
             && response.status().is_success()
         {
             return Ok(());
@@ -349,17 +354,24 @@ pub(crate) async fn open_accounts(
     Ok(ids)
 }
 
+/// Where the benchmarked command API listens: its public port and its ops listener.
+struct CommandApi {
+    base: String,
+    ops: String,
+}
+
 /// `concurrency` clients, each sending deposits back to back for `duration`.
 async fn load(
     client: &reqwest::Client,
-    base: &str,
+    api: &CommandApi,
     token: &str,
     accounts: &[Uuid],
     concurrency: usize,
     duration: Duration,
     label: &str,
 ) -> Run {
-    let before = batch_events(client, base).await;
+    let (base, ops) = (api.base.as_str(), api.ops.as_str());
+    let before = batch_events(client, ops).await;
     let started = Instant::now();
     let deadline = started + duration;
     let workers = (0..concurrency).map(|worker| {
@@ -424,7 +436,7 @@ async fn load(
     run.elapsed = started.elapsed();
     run.latencies.sort_unstable();
     if let (Some((sum_before, count_before)), Some((sum, count))) =
-        (before, batch_events(client, base).await)
+        (before, batch_events(client, ops).await)
         && count > count_before
     {
         run.events_per_commit = Some((sum - sum_before) / (count - count_before));
@@ -433,9 +445,9 @@ async fn load(
 }
 
 /// The sum and count of `ledger_append_batch_events` as the command API's `/metrics` has them.
-async fn batch_events(client: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
+async fn batch_events(client: &reqwest::Client, ops: &str) -> Option<(f64, f64)> {
     let text = client
-        .get(format!("{base}/metrics"))
+        .get(format!("{ops}/metrics"))
         .send()
         .await
         .ok()?

@@ -80,12 +80,18 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         properties: service_kit::kafka::ClientProperties::default(),
     };
     let mut services = [
-        Service::new("command-api", &[], "COMMAND_API_ADDR")?,
-        Service::new("projector", &[], "PROJECTOR_ADDR")?,
+        Service::new(
+            "command-api",
+            &[],
+            "COMMAND_API_OPS_ADDR",
+            Some("COMMAND_API_ADDR"),
+        )?,
+        Service::new("projector", &[], "PROJECTOR_ADDR", None)?,
         Service::new(
             "command-api",
             &["process-transfers"],
             "PROCESS_MANAGER_ADDR",
+            None,
         )?,
     ];
     for service in &mut services {
@@ -124,7 +130,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             }
         });
     }
-    let probe = Probe::start(services.iter().map(|s| (s.label, s.base())).collect());
+    let probe = Probe::start(services.iter().map(|s| (s.label, s.ops())).collect());
 
     // Five faults at even intervals, each over well before the load ends.
     let step = Duration::from_secs(seconds) / 6;
@@ -184,9 +190,11 @@ struct Service {
     label: &'static str,
     binary: &'static str,
     args: &'static [&'static str],
-    /// The variable that sets its listen address.
-    addr_variable: &'static str,
-    port: u16,
+    /// The variable that sets the address of its probes and metrics, and that port.
+    ops_variable: &'static str,
+    ops_port: u16,
+    /// The variable that sets its public API's address, if it has one, and that port.
+    api: Option<(&'static str, u16)>,
     child: Option<Child>,
 }
 
@@ -194,7 +202,8 @@ impl Service {
     fn new(
         binary: &'static str,
         args: &'static [&'static str],
-        addr_variable: &'static str,
+        ops_variable: &'static str,
+        api_variable: Option<&'static str>,
     ) -> anyhow::Result<Self> {
         let label = match args {
             [] => binary,
@@ -204,25 +213,39 @@ impl Service {
             label,
             binary,
             args,
-            addr_variable,
-            port: free_port()?,
+            ops_variable,
+            ops_port: free_port()?,
+            api: match api_variable {
+                Some(variable) => Some((variable, free_port()?)),
+                None => None,
+            },
             child: None,
         })
     }
 
+    /// The public API; the ops listener for a process without one.
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let port = self.api.map_or(self.ops_port, |(_, port)| port);
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn ops(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ops_port)
     }
 
     fn start(&mut self, database: &DatabaseConfig, kafka: &KafkaConfig) -> anyhow::Result<()> {
-        let child = Command::new(workspace_root().join("target/release").join(self.binary))
+        let mut command = Command::new(workspace_root().join("target/release").join(self.binary));
+        if let Some((variable, port)) = self.api {
+            command.env(variable, format!("127.0.0.1:{port}"));
+        }
+        let child = command
             .args(self.args)
             .env("DATABASE_URL", &database.url)
             .env("JWT_HS256_SECRET", SECRET)
             // One tenant at full speed: the per-tenant limit would be what is measured.
             .env("RATE_LIMIT_PER_TENANT", "0")
             .env("KAFKA_BROKERS", &kafka.brokers)
-            .env(self.addr_variable, format!("127.0.0.1:{}", self.port))
+            .env(self.ops_variable, format!("127.0.0.1:{}", self.ops_port))
             // Stuck transfers are looked for this often: the sweep is part of what is tested.
             .env("PROCESS_MANAGER_STUCK_AFTER_MS", "5000")
             .env("LOG_FORMAT", "json")
@@ -241,7 +264,7 @@ impl Service {
         let client = reqwest::Client::new();
         for _ in 0..150 {
             if let Ok(response) = client
-                .get(format!("{}/health/ready", self.base()))
+                .get(format!("{}/health/ready", self.ops()))
                 .send()
                 .await
                 && response.status().is_success()

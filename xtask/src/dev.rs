@@ -116,6 +116,8 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     }
     let command_addr = env_or("COMMAND_API_ADDR", "127.0.0.1:8080");
     let query_addr = env_or("QUERY_API_ADDR", "127.0.0.1:8081");
+    let command_ops_addr = env_or("COMMAND_API_OPS_ADDR", "127.0.0.1:9080");
+    let query_ops_addr = env_or("QUERY_API_OPS_ADDR", "127.0.0.1:9081");
     let projector_addr = env_or("PROJECTOR_ADDR", "127.0.0.1:8082");
     let process_manager_addr = env_or("PROCESS_MANAGER_ADDR", "127.0.0.1:8083");
     let service = |name: &str| {
@@ -126,6 +128,8 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             .env("KAFKA_BROKERS", &brokers)
             .env("COMMAND_API_ADDR", &command_addr)
             .env("QUERY_API_ADDR", &query_addr)
+            .env("COMMAND_API_OPS_ADDR", &command_ops_addr)
+            .env("QUERY_API_OPS_ADDR", &query_ops_addr)
             .env("PROJECTOR_ADDR", &projector_addr)
             .env("PROCESS_MANAGER_ADDR", &process_manager_addr)
             .stdin(Stdio::null())
@@ -145,8 +149,10 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     ];
     let commands = format!("http://{command_addr}");
     let queries = format!("http://{query_addr}");
-    wait_ready(&commands, &mut children[0]).await?;
-    wait_ready(&queries, &mut children[2]).await?;
+    let command_ops = format!("http://{command_ops_addr}");
+    let query_ops = format!("http://{query_ops_addr}");
+    wait_ready(&command_ops, &mut children[0]).await?;
+    wait_ready(&query_ops, &mut children[2]).await?;
     let projector = format!("http://{projector_addr}");
     let process_manager = format!("http://{process_manager_addr}");
     wait_ready(&projector, &mut children[1]).await?;
@@ -160,7 +166,8 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     println!(
         "\nLedger is running.\n\n  command API   {commands}   (OpenAPI {commands}/openapi.json, Swagger UI {commands}/docs)\n  \
          query API     {queries}   (OpenAPI {queries}/openapi.json, Swagger UI {queries}/docs)\n  \
-         projector     {projector}/metrics, process manager {process_manager}/metrics   (each service: /metrics, /health/ready)\n  \
+         ops           command API {command_ops}, query API {query_ops}, projector {projector}, process manager {process_manager}\n                \
+         (each: /metrics, /health/live, /health/ready; never on the APIs' public ports)\n  \
          Kafka         {brokers}   (topics ledger.account.events, ledger.transfer.events, ledger.deadletter)\n  Postgres      {}\n\n\
          Dev token (tenant `dev`, all roles, valid 24 h):\n\n  export TOKEN={token}\n\n\
          Try:\n  curl -s -X POST {commands}/v1/accounts -H \"Authorization: Bearer $TOKEN\" \\\n    -H 'Content-Type: application/json' -d '{{\"owner\":\"Ada\",\"currency\":\"EUR\"}}'\n  \

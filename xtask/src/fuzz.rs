@@ -38,6 +38,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("cargo build failed");
     }
     let (command_port, query_port) = (free_port()?, free_port()?);
+    let (command_ops, query_ops) = (free_port()?, free_port()?);
     let service = |name: &str| {
         let mut command = Command::new(workspace_root().join("target/debug").join(name));
         command
@@ -46,6 +47,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             .env("COMMAND_API_RELAY", "false")
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
             .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
+            .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{command_ops}"))
+            .env("QUERY_API_OPS_ADDR", format!("127.0.0.1:{query_ops}"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stdin(Stdio::null())
@@ -62,8 +65,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         ("command API", format!("http://127.0.0.1:{command_port}")),
         ("query API", format!("http://127.0.0.1:{query_port}")),
     ];
-    for (_, base) in &apis {
-        wait_ready(base).await?;
+    for ops in [command_ops, query_ops] {
+        wait_ready(&format!("http://127.0.0.1:{ops}")).await?;
     }
     let token = service_token(SECRET, "fuzz", "fuzzer", &["teller", "viewer", "auditor"])?;
     let config = workspace_root().join("xtask/fuzz/schemathesis.toml");

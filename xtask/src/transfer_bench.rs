@@ -45,7 +45,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     if !status.success() {
         bail!("cargo build failed");
     }
-    let port = free_port()?;
+    let (port, ops_port) = (free_port()?, free_port()?);
     let service = |name: &str| {
         let mut command = Command::new(workspace_root().join("target/release").join(name));
         command
@@ -55,6 +55,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             .env("RATE_LIMIT_PER_TENANT", "0")
             .env("KAFKA_BROKERS", &broker.address)
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+            .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
             .env("PROJECTOR_ADDR", "127.0.0.1:0")
             .env("PROCESS_MANAGER_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
@@ -75,7 +76,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         service("projector").spawn().context("starting projector")?,
     ];
     let base = format!("http://127.0.0.1:{port}");
-    wait_ready(&base).await?;
+    wait_ready(&format!("http://127.0.0.1:{ops_port}")).await?;
     let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)

@@ -30,6 +30,7 @@ fn init_tracing() {
 pub(crate) fn config(database: DatabaseConfig) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         database,
         auth: AuthConfig {
             issuer: "ledger".into(),
@@ -50,6 +51,8 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
 /// A running command API on its own database.
 pub(crate) struct TestApp {
     pub(crate) base: String,
+    /// The ops listener: health probes and `/metrics`.
+    pub(crate) ops: String,
     pub(crate) pool: PgPool,
     pub(crate) database: DatabaseConfig,
     client: reqwest::Client,
@@ -107,9 +110,11 @@ impl TestApp {
         let database = config.database.clone();
         let app = Application::build(config).await.expect("build app");
         let base = format!("http://127.0.0.1:{}", app.port());
+        let ops = format!("http://127.0.0.1:{}", app.ops_port());
         tokio::spawn(app.run_until_stopped(std::future::pending()));
         Self {
             base,
+            ops,
             pool,
             database,
             client: reqwest::Client::new(),
@@ -142,16 +147,13 @@ impl TestApp {
         if let Some(body) = body {
             request = request.body(body);
         }
-        let response = request.send().await.expect("request");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.expect("body");
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        reply(request.send().await.expect("request")).await
+    }
+
+    /// GET `path` from the ops listener.
+    pub(crate) async fn ops_get(&self, path: &str) -> Reply {
+        let response = self.client.get(format!("{}{path}", self.ops)).send().await;
+        reply(response.expect("request")).await
     }
 
     /// POST a JSON body as a teller of [`TENANT`].
@@ -236,4 +238,16 @@ pub(crate) fn token_with(secret: &str, tenant: &str, roles: &[&str], ttl: u64) -
         },
     )
     .unwrap()
+}
+
+async fn reply(response: reqwest::Response) -> Reply {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("body");
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }

@@ -14,6 +14,19 @@ const METHOD_LABELS: &[&str] = &[
     "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
 ];
 
+/// Probes and metrics (every tenant's volumes) are for operators: served on the ops listener
+/// only, never on the port clients reach.
+#[tokio::test]
+async fn the_public_port_serves_no_probe_and_no_metrics() {
+    let app = TestApp::spawn().await;
+    for path in ["/metrics", "/health/live", "/health/ready"] {
+        let public = app.send(Method::GET, path, None, &[], None).await;
+        assert_eq!(public.status, StatusCode::NOT_FOUND, "{path}");
+        let ops = app.ops_get(path).await;
+        assert_eq!(ops.status, StatusCode::OK, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn made_up_methods_and_paths_add_no_metric_series() {
     let app = TestApp::spawn().await;
@@ -33,7 +46,7 @@ async fn made_up_methods_and_paths_add_no_metric_series() {
         assert!(reply.status.is_client_error(), "{}", reply.status);
         sent.push((method, path));
     }
-    let metrics = reqwest::get(format!("{}/metrics", app.base))
+    let metrics = reqwest::get(format!("{}/metrics", app.ops))
         .await
         .unwrap()
         .text()
@@ -97,14 +110,16 @@ async fn sockets_that_trickle_headers_are_closed_while_real_requests_are_served(
         .map(|_| {
             tokio::spawn(trickle(
                 address.clone(),
-                b"GET /health/live HTTP/1.1\r\nHost: ledger\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa",
+                b"GET /openapi.json HTTP/1.1\r\nHost: ledger\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa",
                 Duration::from_secs(5),
             ))
         })
         .collect();
     // Meanwhile, clients that send whole requests are served.
     for _ in 0..10 {
-        let reply = app.send(Method::GET, "/health/live", None, &[], None).await;
+        let reply = app
+            .send(Method::GET, "/openapi.json", None, &[], None)
+            .await;
         assert_eq!(reply.status, StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -127,12 +142,13 @@ async fn an_idle_keep_alive_connection_is_closed() {
         .await
         .unwrap();
     socket
-        .write_all(b"GET /health/live HTTP/1.1\r\nHost: ledger\r\n\r\n")
+        .write_all(b"GET /nowhere HTTP/1.1\r\nHost: ledger\r\n\r\n")
         .await
         .unwrap();
+    // A small answer, read whole: the connection is then idle.
     let mut buffer = [0u8; 4096];
     let read = socket.read(&mut buffer).await.unwrap();
-    assert!(buffer[..read].starts_with(b"HTTP/1.1 200"));
+    assert!(buffer[..read].starts_with(b"HTTP/1.1 404"));
     let started = Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer))
         .await
@@ -165,7 +181,9 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_retry_after() {
     // Both are in their handlers, waiting for the rest of the body.
     let mut shed = None;
     for _ in 0..50 {
-        let reply = app.send(Method::GET, "/health/live", None, &[], None).await;
+        let reply = app
+            .send(Method::GET, "/openapi.json", None, &[], None)
+            .await;
         if reply.status == StatusCode::SERVICE_UNAVAILABLE {
             shed = Some(reply);
             break;
@@ -179,7 +197,9 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_retry_after() {
     drop(held);
     let mut served = false;
     for _ in 0..50 {
-        let reply = app.send(Method::GET, "/health/live", None, &[], None).await;
+        let reply = app
+            .send(Method::GET, "/openapi.json", None, &[], None)
+            .await;
         if reply.status == StatusCode::OK {
             served = true;
             break;
@@ -236,12 +256,10 @@ async fn a_flood_of_readiness_probes_costs_one_database_check() {
         .await
         .unwrap()
     };
-    let ready = app
-        .send(Method::GET, "/health/ready", None, &[], None)
-        .await;
+    let ready = app.ops_get("/health/ready").await;
     assert_eq!(ready.status, StatusCode::OK);
     let before = connections().await;
-    let probes = (0..500).map(|_| app.send(Method::GET, "/health/ready", None, &[], None));
+    let probes = (0..500).map(|_| app.ops_get("/health/ready"));
     for reply in futures::future::join_all(probes).await {
         assert_eq!(reply.status, StatusCode::OK);
     }

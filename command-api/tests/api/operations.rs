@@ -10,11 +10,9 @@ use crate::helpers::TestApp;
 #[tokio::test]
 async fn health_probes_answer() {
     let app = TestApp::spawn().await;
-    let live = app.send(Method::GET, "/health/live", None, &[], None).await;
+    let live = app.ops_get("/health/live").await;
     assert_eq!(live.status, StatusCode::OK);
-    let ready = app
-        .send(Method::GET, "/health/ready", None, &[], None)
-        .await;
+    let ready = app.ops_get("/health/ready").await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.body["database"], "ok");
 }
@@ -39,9 +37,7 @@ async fn readiness_reports_a_missing_broker_without_leaving_service() {
         });
     })
     .await;
-    let ready = app
-        .send(Method::GET, "/health/ready", None, &[], None)
-        .await;
+    let ready = app.ops_get("/health/ready").await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.body["database"], "ok");
     assert_eq!(ready.body["broker"], "unreachable");
@@ -64,7 +60,7 @@ async fn metrics_count_requests_and_commands() {
         .await;
     assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let response = reqwest::get(format!("{}/metrics", app.base)).await.unwrap();
+    let response = reqwest::get(format!("{}/metrics", app.ops)).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
         response.headers()["content-type"]
@@ -202,9 +198,7 @@ async fn a_database_outage_is_503_not_a_hang_and_recovers() {
         assert_eq!(reply.problem(), "service-unavailable");
         assert!(reply.headers.contains_key("retry-after"));
     }
-    let ready = app
-        .send(Method::GET, "/health/ready", None, &[], None)
-        .await;
+    let ready = app.ops_get("/health/ready").await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
 
@@ -216,9 +210,7 @@ async fn a_database_outage_is_503_not_a_hang_and_recovers() {
     // Readiness verdicts are reused for a second, so probes see the recovery within one.
     let recovered = std::time::Instant::now();
     loop {
-        let ready = app
-            .send(Method::GET, "/health/ready", None, &[], None)
-            .await;
+        let ready = app.ops_get("/health/ready").await;
         if ready.status == StatusCode::OK {
             break;
         }

@@ -18,15 +18,19 @@ const DB_PASSWORD: &str = "db-password-do-not-print";
 async fn the_logs_never_show_a_secret_a_token_or_a_password() {
     let database = TestDatabase::create().await;
     let (url, password) = with_password(&database.config.url);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, ops_port) = (free_port(), free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_command-api"))
         .env("DATABASE_URL", &url)
         .env("JWT_HS256_SECRET", JWT_SECRET)
         .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
         .env("COMMAND_API_RELAY", "false")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "debug")
@@ -39,7 +43,10 @@ async fn the_logs_never_show_a_secret_a_token_or_a_password() {
     let client = reqwest::Client::new();
     let mut ready = false;
     for _ in 0..100 {
-        if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
+        if let Ok(response) = client
+            .get(format!("http://127.0.0.1:{ops_port}/health/ready"))
+            .send()
+            .await
             && response.status().is_success()
         {
             ready = true;

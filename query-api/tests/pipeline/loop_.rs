@@ -111,6 +111,7 @@ async fn the_relay_in_the_command_api_publishes_too() {
     system.kill_relay().await;
     let app = command_api::Application::build(command_api::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         database: system.database.config.clone(),
         auth: service_kit::auth::AuthConfig {
             issuer: "ledger".into(),

@@ -81,6 +81,7 @@ impl System {
         let database = TestDatabase::create().await;
         let command_api = command_api::Application::build(command_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
             database: database.config.clone(),
             auth: auth(),
             max_body_bytes: 16 * 1024,
@@ -97,6 +98,7 @@ impl System {
         tokio::spawn(command_api.run_until_stopped(std::future::pending()));
         let query_api = query_api::Application::build(query_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
             database: database.config.clone(),
             auth: auth(),
             max_wait,
