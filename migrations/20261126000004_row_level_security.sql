@@ -5,10 +5,13 @@
 -- own role; a superuser bypasses row-level security, so only the reader role is constrained.
 
 -- Roles belong to the cluster, not the database: another database may have created it, and
--- two migrating at once may race.
+-- two migrating at once may race. Created only if missing, so that an owner without
+-- CREATEROLE migrates once a DBA created the roles (README.md, "Database roles").
 DO $$
 BEGIN
-    CREATE ROLE ledger_tenant_reader NOLOGIN;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ledger_tenant_reader') THEN
+        CREATE ROLE ledger_tenant_reader NOLOGIN;
+    END IF;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN
     NULL;
 END

@@ -29,7 +29,7 @@ impl Ledger {
         let app = command_api::Application::build(command_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ops_listen: "127.0.0.1:0".parse().unwrap(),
-            database: database.config.clone(),
+            database: database.config_as(service_kit::db::ServiceRole::Writer),
             auth: AuthConfig {
                 issuer: "ledger".into(),
                 audience: "ledger".into(),

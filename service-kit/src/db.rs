@@ -103,6 +103,12 @@ pub enum DatabaseError {
     Connect(#[source] sqlx::Error),
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the database lacks {pending} migration(s) of this build, and this role may not apply them: migrate as the owner first (`cargo xtask migrate`, or this binary with the owner's DATABASE_URL)"
+    )]
+    NotMigrated { pending: usize },
+    #[error("checking the database's migrations failed: {0}")]
+    Check(#[source] sqlx::Error),
 }
 
 /// Opens the pool, failing fast if the database is unreachable.
@@ -113,6 +119,69 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DatabaseError> {
         .connect_with(config.connect_options()?)
         .await
         .map_err(DatabaseError::Connect)
+}
+
+/// What a service may do in the database: each service connects as a login role that is a
+/// member of one of these (created by the migrations; README.md, "Database roles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceRole {
+    /// The command API, its relay and the process manager: read and append the event store.
+    Writer,
+    /// The projector: read the event store, write the read models.
+    Projector,
+    /// The query API: read one tenant's rows at a time.
+    TenantReader,
+}
+
+impl ServiceRole {
+    /// The group role the migrations grant to.
+    pub fn group(self) -> &'static str {
+        match self {
+            Self::Writer => "ledger_writer",
+            Self::Projector => "ledger_projector",
+            Self::TenantReader => TENANT_READER_ROLE,
+        }
+    }
+
+    /// The login role development and tests run the service as (`cargo xtask up`, the test
+    /// harness); production names its own.
+    pub fn development_login(self) -> &'static str {
+        match self {
+            Self::Writer => "ledger_dev_writer",
+            Self::Projector => "ledger_dev_projector",
+            Self::TenantReader => "ledger_dev_reader",
+        }
+    }
+
+    /// Creates [`Self::development_login`] if missing, a member of [`Self::group`] with its
+    /// own name as password (for servers that ask for one). Needs CREATEROLE; development only.
+    pub async fn ensure_development_login(self, admin: &PgPool) -> Result<(), sqlx::Error> {
+        let (login, group) = (self.development_login(), self.group());
+        sqlx::query(&format!(
+            "DO $$
+             BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{login}') THEN
+                     CREATE ROLE {login} LOGIN PASSWORD '{login}' IN ROLE {group};
+                 END IF;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                 NULL;
+             END
+             $$"
+        ))
+        .execute(admin)
+        .await?;
+        Ok(())
+    }
+
+    /// `url` with [`Self::development_login`] as its user and password.
+    pub fn development_url(self, url: &str) -> String {
+        let login = self.development_login();
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_owned();
+        };
+        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{login}:{login}@{host}")
+    }
 }
 
 /// The role tenant-scoped reads run as: row-level security shows it one tenant's rows.
@@ -136,9 +205,66 @@ pub async fn tenant_scope(
     Ok(tx)
 }
 
-/// Applies the pending migrations.
+/// Migrations whose text changed after databases applied it, without changing what it does to
+/// them: each version with the checksum (hex SHA-384) of the text it was first applied with.
+/// Such databases are re-stamped with the current checksum, which sqlx would otherwise refuse.
+/// 20261126000004 creates its role only when missing, so an owner without CREATEROLE can run it.
+const REWRITTEN: &[(i64, &str)] = &[(
+    20261126000004,
+    "958a80dcc9d8622c3539aff4524d89f006aa47abd982b4a9cbc0ad81119dacc9997024f77f21293d364974af41bf27f0",
+)];
+
+/// Brings the schema to this build's. The owner (a role that may create in the schema)
+/// applies what is pending; a service running as its own unprivileged role only checks that
+/// nothing is, and fails start-up naming the fix otherwise.
 pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
-    MIGRATOR.run(pool).await?;
+    let owner: bool = sqlx::query_scalar("SELECT has_schema_privilege(current_schema(), 'CREATE')")
+        .fetch_one(pool)
+        .await
+        .map_err(DatabaseError::Check)?;
+    if owner {
+        restamp_rewritten(pool)
+            .await
+            .map_err(DatabaseError::Check)?;
+        MIGRATOR.run(pool).await?;
+        return Ok(());
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .map_err(DatabaseError::Check)?;
+    let pending = MIGRATOR
+        .iter()
+        .filter(|migration| !applied.contains(&migration.version))
+        .count();
+    if pending > 0 {
+        return Err(DatabaseError::NotMigrated { pending });
+    }
+    Ok(())
+}
+
+async fn restamp_rewritten(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let tracked: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !tracked {
+        return Ok(());
+    }
+    for (version, applied_with) in REWRITTEN {
+        let Some(current) = MIGRATOR.iter().find(|m| m.version == *version) else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $2
+              WHERE version = $1 AND checksum = decode($3, 'hex')",
+        )
+        .bind(version)
+        .bind(current.checksum.as_ref())
+        .bind(applied_with)
+        .execute(pool)
+        .await?;
+    }
     Ok(())
 }
 

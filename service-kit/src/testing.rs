@@ -13,7 +13,7 @@ use testcontainers_modules::testcontainers::ContainerAsync;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use tokio::sync::OnceCell;
 
-use crate::db::{self, DatabaseConfig, TEST_DATABASE_PREFIX};
+use crate::db::{self, DatabaseConfig, ServiceRole, TEST_DATABASE_PREFIX};
 use crate::kafka::KafkaConfig;
 
 struct Server {
@@ -141,7 +141,25 @@ impl TestDatabase {
             .await
             .expect("connect to test database");
         db::migrate(&pool).await.expect("migrate test database");
+        for role in [
+            ServiceRole::Writer,
+            ServiceRole::Projector,
+            ServiceRole::TenantReader,
+        ] {
+            role.ensure_development_login(&pool)
+                .await
+                .expect("create the services' login roles");
+        }
         Self { config, pool }
+    }
+
+    /// This database as a service connects to it: as `role`'s login, with only the
+    /// privileges production grants it.
+    pub fn config_as(&self, role: ServiceRole) -> DatabaseConfig {
+        DatabaseConfig {
+            url: role.development_url(&self.config.url),
+            ..self.config.clone()
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use command_api::{Application, Config};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
-use service_kit::db::DatabaseConfig;
+use service_kit::db::{DatabaseConfig, ServiceRole};
 use service_kit::testing::TestDatabase;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -54,7 +54,10 @@ pub(crate) struct TestApp {
     /// The ops listener: health probes and `/metrics`.
     pub(crate) ops: String,
     pub(crate) pool: PgPool,
+    /// As the command API connects: the writer's login.
     pub(crate) database: DatabaseConfig,
+    /// As the owner connects (the test's own superuser), for what services may not do.
+    pub(crate) owner: DatabaseConfig,
     client: reqwest::Client,
 }
 
@@ -88,24 +91,28 @@ impl Reply {
 
 impl TestApp {
     pub(crate) async fn spawn() -> Self {
-        let database = TestDatabase::create().await;
-        Self::spawn_with(config(database.config.clone()), database.pool).await
+        Self::spawn_adjusted(|_| {}).await
     }
 
     /// An app whose configuration `adjust` changed from the tests' default.
     pub(crate) async fn spawn_adjusted(adjust: impl FnOnce(&mut Config)) -> Self {
         let database = TestDatabase::create().await;
-        let mut config = config(database.config.clone());
+        let mut config = config(database.config_as(ServiceRole::Writer));
         adjust(&mut config);
-        Self::spawn_with(config, database.pool).await
+        Self::spawn_with(config, database.pool, database.config).await
     }
 
     /// Another replica on the same database (its own cache and locks).
     pub(crate) async fn replica(&self) -> Self {
-        Self::spawn_with(config(self.database.clone()), self.pool.clone()).await
+        Self::spawn_with(
+            config(self.database.clone()),
+            self.pool.clone(),
+            self.owner.clone(),
+        )
+        .await
     }
 
-    async fn spawn_with(config: Config, pool: PgPool) -> Self {
+    async fn spawn_with(config: Config, pool: PgPool, owner: DatabaseConfig) -> Self {
         init_tracing();
         let database = config.database.clone();
         let app = Application::build(config).await.expect("build app");
@@ -117,6 +124,7 @@ impl TestApp {
             ops,
             pool,
             database,
+            owner,
             client: reqwest::Client::new(),
         }
     }

@@ -10,4 +10,5 @@ mod helpers;
 mod hostile;
 mod idempotency;
 mod operations;
+mod privileges;
 mod secrets;

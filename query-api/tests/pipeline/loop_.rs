@@ -112,7 +112,9 @@ async fn the_relay_in_the_command_api_publishes_too() {
     let app = command_api::Application::build(command_api::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ops_listen: "127.0.0.1:0".parse().unwrap(),
-        database: system.database.config.clone(),
+        database: system
+            .database
+            .config_as(service_kit::db::ServiceRole::Writer),
         auth: service_kit::auth::AuthConfig {
             issuer: "ledger".into(),
             audience: "ledger".into(),

@@ -11,6 +11,7 @@ use projector::Projector;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::db::ServiceRole;
 use service_kit::kafka::KafkaConfig;
 use service_kit::testing::{self, TestDatabase};
 use sqlx::PgPool;
@@ -47,7 +48,10 @@ pub(crate) fn token(tenant: &str, roles: &[&str]) -> String {
 }
 
 pub(crate) struct System {
+    /// The owner's pool (the test's superuser), for setting up and checking.
     pub(crate) pool: PgPool,
+    /// As the relay connects: the writer's login.
+    writer: PgPool,
     pub(crate) database: TestDatabase,
     pub(crate) kafka: KafkaConfig,
     pub(crate) commands: String,
@@ -82,7 +86,7 @@ impl System {
         let command_api = command_api::Application::build(command_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ops_listen: "127.0.0.1:0".parse().unwrap(),
-            database: database.config.clone(),
+            database: database.config_as(ServiceRole::Writer),
             auth: auth(),
             max_body_bytes: 16 * 1024,
             aggregate_cache: NonZeroUsize::new(1000).unwrap(),
@@ -99,7 +103,7 @@ impl System {
         let query_api = query_api::Application::build(query_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ops_listen: "127.0.0.1:0".parse().unwrap(),
-            database: database.config.clone(),
+            database: database.config_as(ServiceRole::TenantReader),
             auth: auth(),
             max_wait,
             cors_origins: Vec::new(),
@@ -109,8 +113,12 @@ impl System {
         .unwrap();
         let queries = format!("http://127.0.0.1:{}", query_api.port());
         tokio::spawn(query_api.run_until_stopped(std::future::pending()));
+        let writer = service_kit::db::connect(&database.config_as(ServiceRole::Writer))
+            .await
+            .unwrap();
         let mut system = Self {
             pool: database.pool.clone(),
+            writer,
             database,
             kafka,
             commands,
@@ -134,7 +142,7 @@ impl System {
     /// The transfer process manager, resuming transfers stuck for more than two seconds.
     pub(crate) async fn start_process_manager(&mut self) {
         let manager = ProcessManager::build(ProcessConfig {
-            database: self.database.config.clone(),
+            database: self.database.config_as(ServiceRole::Writer),
             kafka: self.kafka.clone(),
             group: format!("{}-process-manager", self.kafka.topic_prefix),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -170,7 +178,7 @@ impl System {
                 idle_poll: Duration::from_millis(200),
                 leader_retry: Duration::from_millis(200),
             },
-            self.pool.clone(),
+            self.writer.clone(),
             AppendSignal::default(),
         )
         .unwrap();
@@ -187,7 +195,7 @@ impl System {
 
     pub(crate) async fn start_projector(&mut self) {
         let projector = Projector::build(projector::Config {
-            database: self.database.config.clone(),
+            database: self.database.config_as(ServiceRole::Projector),
             kafka: self.kafka.clone(),
             group: format!("{}-projector", self.kafka.topic_prefix),
             listen: "127.0.0.1:0".parse().unwrap(),
