@@ -5,10 +5,11 @@ use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
-const USAGE: &str = "usage: command-api [relay|process-transfers]
+const USAGE: &str = "usage: command-api [relay|process-transfers|migrate]
   (no argument)      serve the command API (and the Kafka relay unless COMMAND_API_RELAY=false)
   relay              run only the Kafka relay
-  process-transfers  run the transfer process manager";
+  process-transfers  run the transfer process manager
+  migrate            apply the pending migrations (as the database's owner) and exit";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -36,6 +37,11 @@ async fn main() -> anyhow::Result<()> {
                 .await?
                 .run(shutdown_signal())
                 .await;
+        }
+        Some("migrate") => {
+            let pool = db::connect(&DatabaseConfig::from_env()?).await?;
+            db::migrate(&pool).await?;
+            tracing::info!("migrations applied");
         }
         Some(_) => anyhow::bail!(USAGE),
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use service_kit::auth::{Secret, TokenRequest, mint_hs256};
-use service_kit::db::{self, DatabaseConfig};
+use service_kit::db::{self, DatabaseConfig, ServiceRole};
 use tokio::process::{Child, Command};
 
 use crate::args::Flags;
@@ -68,9 +68,21 @@ async fn prepare_database() -> anyhow::Result<DatabaseConfig> {
     )?;
     let pool = db::connect(&config).await?;
     db::migrate(&pool).await?;
+    for role in SERVICE_ROLES {
+        role.ensure_development_login(&pool)
+            .await
+            .context("creating the services' login roles (needs CREATEROLE)")?;
+    }
     pool.close().await;
     Ok(config)
 }
+
+/// Every role a service runs as.
+const SERVICE_ROLES: [ServiceRole; 3] = [
+    ServiceRole::Writer,
+    ServiceRole::Projector,
+    ServiceRole::TenantReader,
+];
 
 /// `cargo xtask migrate`
 pub(crate) async fn migrate() -> anyhow::Result<()> {
@@ -120,10 +132,11 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     let query_ops_addr = env_or("QUERY_API_OPS_ADDR", "127.0.0.1:9081");
     let projector_addr = env_or("PROJECTOR_ADDR", "127.0.0.1:8082");
     let process_manager_addr = env_or("PROCESS_MANAGER_ADDR", "127.0.0.1:8083");
-    let service = |name: &str| {
+    // Each service as in production: its own login, with its role's privileges only.
+    let service = |name: &str, role: ServiceRole| {
         let mut command = Command::new(workspace_root().join("target/release").join(name));
         command
-            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_URL", role.development_url(&database.url))
             .env("JWT_HS256_SECRET", dev_secret().expose())
             .env("KAFKA_BROKERS", &brokers)
             .env("COMMAND_API_ADDR", &command_addr)
@@ -137,12 +150,16 @@ pub(crate) async fn up() -> anyhow::Result<()> {
         command
     };
     let mut children = vec![
-        service("command-api")
+        service("command-api", ServiceRole::Writer)
             .spawn()
             .context("starting command-api")?,
-        service("projector").spawn().context("starting projector")?,
-        service("query-api").spawn().context("starting query-api")?,
-        service("command-api")
+        service("projector", ServiceRole::Projector)
+            .spawn()
+            .context("starting projector")?,
+        service("query-api", ServiceRole::TenantReader)
+            .spawn()
+            .context("starting query-api")?,
+        service("command-api", ServiceRole::Writer)
             .arg("process-transfers")
             .spawn()
             .context("starting the transfer process manager")?,
