@@ -26,7 +26,7 @@ use std::convert::Infallible;
 use cqrs_es::Aggregate;
 use domain::{Account, Transfer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 use service_kit::db::channels;
 use service_kit::event_log::{self, LogPosition, LoggedEvent};
@@ -45,6 +45,8 @@ const LEADER_LOCK: i64 = 0x4c45_4447_4552;
 /// lock with it). A vanished leader is replaced within about 10 + 3 × 5 = 25 s plus
 /// `RELAY_LEADER_RETRY_MS`.
 const LEADER_KEEPALIVE: (u32, u32, u32) = (10, 5, 3);
+/// How often a leader waiting for the broker checks that its lock connection is alive.
+const LOCK_CHECK: Duration = Duration::from_secs(1);
 /// Longest pause between attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Batches sent but not yet acknowledged, at most.
@@ -192,8 +194,14 @@ impl Relay {
         }
         tracing::info!("relay is the leader");
         metrics::gauge!("ledger_relay_leader").set(1.0);
+        // A producer per term: one that hit a fatal error (an idempotence violation after a
+        // broker lost state, say) cannot be used again.
+        let producer: FutureProducer = self.config.kafka.producer().create()?;
         let mut unconfirmed = 0;
-        let ended = self.publish(&mut lock, &mut unconfirmed).await;
+        let ended = self.publish(&mut lock, &producer, &mut unconfirmed).await;
+        // Nothing more from this term: what it still holds would reach the topic after what
+        // the next leader publishes, out of order.
+        producer.purge(PurgeConfig::default().queue().inflight());
         // Handed to the broker but not under the checkpoint: the next term sends them again.
         metrics::counter!("ledger_relay_republished_events_total").increment(unconfirmed);
         ended
@@ -204,11 +212,9 @@ impl Relay {
     async fn publish(
         &self,
         lock: &mut PgConnection,
+        producer: &FutureProducer,
         unconfirmed: &mut u64,
     ) -> Result<Infallible, RelayError> {
-        // A producer per term: one that hit a fatal error (an idempotence violation after a
-        // broker lost state, say) cannot be used again.
-        let producer: FutureProducer = self.config.kafka.producer().create()?;
         let topics = vec![
             self.config.kafka.events_topic(Account::TYPE),
             self.config.kafka.events_topic(Transfer::TYPE),
@@ -245,13 +251,22 @@ impl Relay {
                     event_log::read_committed(&self.pool, sent, self.config.batch_size).await?;
                 if let Some(last) = batch.last().map(|event| event.position) {
                     *unconfirmed += batch.len() as u64;
-                    in_flight.push_back((last, send(&producer, &self.config.kafka, &batch).await?));
+                    in_flight.push_back((last, send(producer, &self.config.kafka, &batch).await?));
                     sent = last;
                     continue;
                 }
             }
             if let Some((last, sent)) = in_flight.pop_front() {
-                acknowledged(sent.deliveries).await?;
+                // Deliveries never time out (see `KafkaConfig::producer`), so a broker outage
+                // holds the leader here: it checks every second that the lock is still its own.
+                let acknowledged = acknowledged(sent.deliveries);
+                tokio::pin!(acknowledged);
+                loop {
+                    tokio::select! {
+                        result = &mut acknowledged => break result?,
+                        () = tokio::time::sleep(LOCK_CHECK) => lock.ping().await?,
+                    }
+                }
                 let batch_events: u64 = sent.per_topic.iter().map(|(_, count)| count).sum();
                 for (topic, count) in sent.per_topic {
                     metrics::counter!("ledger_relay_published_total", "topic" => topic)

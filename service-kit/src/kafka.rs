@@ -195,9 +195,11 @@ impl KafkaConfig {
     }
 
     /// An idempotent producer: acks from all in-sync replicas, no duplicates or reordering
-    /// from its own retries. Gapless: a message that fails (a delivery timeout) is a fatal
-    /// error of the producer instead of a gap later messages of its key would jump; the relay
-    /// then starts a new producer and resends from its checkpoint, in order.
+    /// from its own retries. A message never times out (`message.timeout.ms` 0): one that
+    /// expired would leave a gap that later messages of its key jump, and be resent after
+    /// them. It is retried until the broker takes it, and any other failure that would leave
+    /// a gap is fatal (gapless), so the relay ends its term and the next resends from the
+    /// checkpoint, in order.
     pub fn producer(&self) -> ClientConfig {
         let mut config = self.client();
         config
@@ -205,7 +207,7 @@ impl KafkaConfig {
             .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000");
+            .set("message.timeout.ms", "0");
         config
     }
 
@@ -675,6 +677,7 @@ mod tests {
         let producer = config_with(ClientProperties::default()).producer();
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(producer.get("message.timeout.ms"), Some("0"));
         assert_eq!(producer.get("acks"), Some("all"));
     }
 

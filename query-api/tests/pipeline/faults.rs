@@ -273,20 +273,13 @@ async fn a_leader_whose_lock_connection_is_cut_mid_stream_hands_over_and_loses_n
             .await
             .unwrap();
     let topic = system.kafka.events_topic("account");
-    let watermarks: rdkafka::consumer::BaseConsumer =
-        system.kafka.consumer("watermarks").create().unwrap();
-    let mut on_topic = 0;
-    for partition in 0..system.kafka.partitions {
-        let (low, high) = watermarks
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            .unwrap();
-        on_topic += high - low;
-    }
+    let on_topic = on_topic(&system.kafka, &topic).await;
     assert!(
         on_topic >= events,
         "{on_topic} messages for {events} events"
     );
     let published = read_all(&system.kafka, &topic, on_topic as usize).await;
+    assert_per_key_order(&published);
     let distinct: std::collections::HashSet<(String, String)> = published
         .iter()
         .map(|message| {
@@ -419,10 +412,50 @@ async fn a_broker_outage_delays_events_but_loses_none() {
                 && line.contains("outage.account.events")),
         "{metrics}"
     );
+    // Nothing timed out and was resent behind later events of its key.
+    let topic = system.kafka.events_topic("account");
+    let published = read_all(
+        &system.kafka,
+        &topic,
+        on_topic(&system.kafka, &topic).await as usize,
+    )
+    .await;
+    assert_per_key_order(&published);
     // Kafka clients leave their group on drop, which needs the broker: stop them first.
     system.kill_relay().await;
     system.kill_projector().await;
     drop(broker);
+}
+
+/// Messages now on `topic`, over all its partitions.
+async fn on_topic(kafka: &KafkaConfig, topic: &str) -> i64 {
+    let consumer: rdkafka::consumer::BaseConsumer = kafka.consumer("watermarks").create().unwrap();
+    (0..kafka.partitions)
+        .map(|partition| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+/// Per key, in the order read: no event arrives before its predecessor first did (repeats
+/// of earlier events, at-least-once, are fine).
+fn assert_per_key_order(messages: &[OwnedMessage]) {
+    let mut highest: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for message in messages {
+        let headers = message.headers().unwrap();
+        let key = header(headers, headers::SUBJECT).unwrap().to_owned();
+        let sequence: i64 = header(headers, headers::SEQUENCE).unwrap().parse().unwrap();
+        let seen = highest.entry(key.clone()).or_default();
+        assert!(
+            sequence <= *seen + 1,
+            "{key}: event {sequence} arrived before event {}",
+            *seen + 1
+        );
+        *seen = (*seen).max(sequence);
+    }
 }
 
 async fn readiness(system: &System, url: &str) -> StatusCode {
