@@ -27,7 +27,11 @@ END
 $$;
 
 REVOKE ALL ON events, log_checkpoints FROM PUBLIC;
-GRANT SELECT, INSERT ON events TO ledger_writer;
+-- Only the columns an append writes: the log's position (tx_id, global_position), the event's
+-- id and time, and the hash chain come from defaults and the trigger, never from a writer.
+GRANT SELECT ON events TO ledger_writer;
+GRANT INSERT (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+    ON events TO ledger_writer;
 GRANT SELECT, INSERT, UPDATE ON log_checkpoints TO ledger_writer;
 GRANT SELECT ON events TO ledger_projector;
 GRANT SELECT, INSERT, UPDATE, DELETE ON projector_parked_streams TO ledger_projector;

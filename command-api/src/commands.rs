@@ -528,16 +528,7 @@ async fn run_group<A: Stream>(group: Group<A>) {
         fresh,
         waiters,
     } = group;
-    // A stream never changes tenant, so another tenant's command on an existing stream is
-    // answered "not found" now, whatever becomes of the append: retried with the others
-    // after a lost race, it would end in a 409 naming the stream's version.
-    let exists = state.version > 0;
-    let (waiters, foreign): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|waiter| {
-        !exists || A::starts(&waiter.command) || state.state.belongs_to(A::tenant(&waiter.command))
-    });
-    for waiter in foreign {
-        let _ = waiter.answer.send(Answer::Done(Err(A::not_found())));
-    }
+    let waiters = answer_foreign(&state, waiters);
     // One key twice in one append would fail it as a whole: a repeat runs again instead, and
     // its replay check finds what the first one did. Keys are per tenant, as the store's
     // unique index is. Waiters whose request is gone are dropped: they have nobody to answer.
@@ -574,6 +565,9 @@ async fn run_group<A: Stream>(group: Group<A>) {
                 if let Err(err) = store.catch_up(&aggregate_id, &mut state).await {
                     return fail(waiters, err.into());
                 }
+                // The stream may have come into being since the group began (a stale empty
+                // cache): only its own tenant's commands learn its version.
+                let waiters = answer_foreign(&state, waiters);
                 let current_version = Some(state.version);
                 *slot = Some(state);
                 return retry(waiters, current_version);
@@ -595,6 +589,21 @@ async fn run_group<A: Stream>(group: Group<A>) {
         let _ = waiter.answer.send(Answer::Done(result));
     }
     // Only now is the stream unlocked (as `slot` drops): see `decide_and_append`.
+}
+
+/// Answers "not found" now to the waiters of another tenant than the existing stream's and
+/// returns the rest. A stream never changes tenant, so that answer is final whatever becomes of
+/// the group's append; retried with the others after a lost race, such a command would end in
+/// a 409 naming the stream's version.
+fn answer_foreign<A: Stream>(state: &Versioned<A>, waiters: Vec<Waiter<A>>) -> Vec<Waiter<A>> {
+    let exists = state.version > 0;
+    let (own, foreign): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|waiter| {
+        !exists || A::starts(&waiter.command) || state.state.belongs_to(A::tenant(&waiter.command))
+    });
+    for waiter in foreign {
+        let _ = waiter.answer.send(Answer::Done(Err(A::not_found())));
+    }
+    own
 }
 
 /// Decides each waiter's command on the state its predecessors in the group left.

@@ -47,6 +47,9 @@ const LEADER_LOCK: i64 = 0x4c45_4447_4552;
 const LEADER_KEEPALIVE: (u32, u32, u32) = (10, 5, 3);
 /// How often a leader waiting for the broker checks that its lock connection is alive.
 const LOCK_CHECK: Duration = Duration::from_secs(1);
+/// How long the lock's connection may take to answer before the leader steps down: well
+/// under the keepalives' 25 s, after which Postgres gives the lock to another replica.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Batches sent but not yet acknowledged, at most.
@@ -114,6 +117,18 @@ enum RelayError {
     Deposed,
     #[error("the producer dropped a delivery")]
     ProducerGone,
+    #[error("the leadership lock's connection did not answer: leadership given up")]
+    LockUnanswered,
+}
+
+/// Checks that the lock's connection, and so the lock, is alive. A connection the network
+/// dropped silently would not fail for many minutes: not answering in time ends the term too,
+/// since Postgres will have released the lock by the time the keepalives give up.
+async fn still_leader(lock: &mut PgConnection) -> Result<(), RelayError> {
+    tokio::time::timeout(LOCK_TIMEOUT, lock.ping())
+        .await
+        .map_err(|_| RelayError::LockUnanswered)??;
+    Ok(())
 }
 
 pub struct Relay {
@@ -264,7 +279,7 @@ impl Relay {
                 loop {
                     tokio::select! {
                         result = &mut acknowledged => break result?,
-                        () = tokio::time::sleep(LOCK_CHECK) => lock.ping().await?,
+                        () = tokio::time::sleep(LOCK_CHECK) => still_leader(lock).await?,
                     }
                 }
                 let batch_events: u64 = sent.per_topic.iter().map(|(_, count)| count).sum();
@@ -273,7 +288,11 @@ impl Relay {
                         .increment(count);
                 }
                 // On the lock's connection: if that was cut, so was the lock, and this fails.
-                if !event_log::advance_checkpoint(&mut *lock, READER, acked, last).await? {
+                let advance = event_log::advance_checkpoint(&mut *lock, READER, acked, last);
+                let advanced = tokio::time::timeout(LOCK_TIMEOUT, advance)
+                    .await
+                    .map_err(|_| RelayError::LockUnanswered)??;
+                if !advanced {
                     return Err(RelayError::Deposed);
                 }
                 *unconfirmed -= batch_events;
@@ -293,7 +312,7 @@ impl Relay {
                 notification = listener.recv() => { notification?; }
                 () = tokio::time::sleep(wait) => {}
             }
-            lock.ping().await?;
+            still_leader(lock).await?;
         }
     }
 }

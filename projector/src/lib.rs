@@ -31,8 +31,10 @@ use cqrs_es::Aggregate;
 use domain::{Account, Transfer};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
 use service_kit::http::{Need, OpsServer, Readiness};
@@ -50,6 +52,12 @@ pub mod model;
 pub mod rebuild;
 pub mod store;
 pub mod transfers;
+
+/// Largest message (key, value and headers) copied whole to the dead-letter topic, well under
+/// librdkafka's default `message.max.bytes` (1,000,000) with room for our headers. Only a
+/// foreign producer makes bigger ones; those are dead-lettered with our headers alone, and
+/// `ledger_truncated` giving the original size, rather than failing to be dead-lettered forever.
+const DEAD_LETTER_COPY_LIMIT: usize = 512 * 1024;
 
 /// Messages applied in one read-model transaction, at most.
 const MAX_BATCH: usize = 1000;
@@ -156,11 +164,20 @@ impl Projector {
                 addr: config.listen,
                 source,
             })?;
+        // Streams parked before a restart stay parked: the gauge (and its alert) says so from
+        // the start, not only once another stream parks. After `bind`, which installs the
+        // metrics recorder.
+        record_parked_streams(&pool).await;
         Ok(Self {
             pool,
             consumer,
             ops: Some(ops),
-            dead_letters: config.kafka.producer().create()?,
+            dead_letters: config
+                .kafka
+                .producer()
+                // Dead letters need no order, and a gap must not leave this producer unusable.
+                .set("enable.gapless.guarantee", "false")
+                .create()?,
             transfer_topic,
             deadletter_topic,
         })
@@ -237,11 +254,15 @@ impl Projector {
                     account_id,
                     sequence,
                 }),
-                Err(reason) => rejected.push(Rejected {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    reason,
-                }),
+                Err(reason) => {
+                    // Our relay writes no such message: someone else produced it.
+                    metrics::counter!("ledger_projector_unverified_total").increment(1);
+                    rejected.push(Rejected {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        reason,
+                    });
+                }
             }
         }
         let mut backoff = Duration::from_millis(100);
@@ -293,16 +314,22 @@ impl Projector {
         ids.dedup();
         let mut rows: HashMap<Uuid, AccountRow> =
             store::lock_rows(&mut tx, Tables::LIVE, &ids).await?;
+        // Streams parked earlier: only their blocking event is read again (it may be readable
+        // now), never the tail behind it, whatever a message announces.
+        let already_parked: HashMap<Uuid, i64> = store::parked_at(&mut tx, &ids).await?;
         let version_of =
             |rows: &HashMap<Uuid, AccountRow>, id: &Uuid| rows.get(id).map_or(0, |row| row.version);
         let mut exact = Vec::new();
         let mut up_to: HashMap<Uuid, i64> = HashMap::new();
         for notice in notices {
-            if notice.sequence <= version_of(&rows, &notice.account_id) {
-                exact.push((notice.account_id, notice.sequence));
-            } else {
-                let highest = up_to.entry(notice.account_id).or_default();
-                *highest = (*highest).max(notice.sequence);
+            let id = notice.account_id;
+            if notice.sequence <= version_of(&rows, &id) || already_parked.contains_key(&id) {
+                exact.push((id, notice.sequence));
+            }
+            if notice.sequence > version_of(&rows, &id) {
+                let limit = already_parked.get(&id).copied().unwrap_or(i64::MAX);
+                let highest = up_to.entry(id).or_default();
+                *highest = (*highest).max(notice.sequence.min(limit));
             }
         }
         let ranges: Vec<(Uuid, i64, i64)> = up_to
@@ -344,7 +371,13 @@ impl Projector {
             let mut version = before;
             while version < notice.sequence {
                 let next = version + 1;
-                let applied = match stored.get(&(id, next)) {
+                let event = stored.get(&(id, next));
+                if event.is_none() && already_parked.get(&id).is_some_and(|at| next > *at) {
+                    // Resumed, but only its blocking event was read: the account's next
+                    // message (or `projector rebuild`) brings the rest.
+                    break;
+                }
+                let applied = match event {
                     None => Err(format!("event {next} is missing from the event store")),
                     Some(event) => store::stored_event(id, event)
                         .map_err(|err| err.to_string())
@@ -354,8 +387,10 @@ impl Projector {
                         }),
                 };
                 if let Err(reason) = applied {
-                    tracing::error!(account = %id, sequence = next, reason, "parking an account stream the projection cannot continue");
-                    metrics::counter!("ledger_projector_parked_total").increment(1);
+                    if already_parked.get(&id) != Some(&next) {
+                        tracing::error!(account = %id, sequence = next, reason, "parking an account stream the projection cannot continue");
+                        metrics::counter!("ledger_projector_parked_total").increment(1);
+                    }
                     parked.push(Parked {
                         account_id: id,
                         sequence: next,
@@ -378,9 +413,11 @@ impl Projector {
         store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
         let resumed: Vec<Uuid> = changed
             .iter()
+            .filter(|id| already_parked.contains_key(id))
             .filter(|id| !parked.iter().any(|parked| parked.account_id == **id))
             .copied()
             .collect();
+        parked.retain(|parked| already_parked.get(&parked.account_id) != Some(&parked.sequence));
         store::park(&mut tx, &parked, &resumed).await?;
         if !changed_rows.is_empty() {
             // Delivered at commit: wakes queries waiting for a `min_version`.
@@ -391,10 +428,7 @@ impl Projector {
         }
         tx.commit().await?;
         if !parked.is_empty() || !resumed.is_empty() {
-            match store::parked_count(&self.pool).await {
-                Ok(count) => metrics::gauge!("ledger_projector_parked_streams").set(count as f64),
-                Err(err) => tracing::warn!(error = %err, "counting parked streams failed"),
-            }
+            record_parked_streams(&self.pool).await;
         }
         Ok(refused)
     }
@@ -452,44 +486,75 @@ impl Projector {
         );
         metrics::counter!("ledger_projector_deadletters_total", "topic" => message.topic().to_owned())
             .increment(1);
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
-            for header in original.iter() {
-                headers = headers.insert(header);
-            }
-        }
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
-        for (key, value) in [
-            (headers::ERROR, reason),
-            (headers::ORIGINAL_TOPIC, message.topic()),
-            (headers::ORIGINAL_PARTITION, partition.as_str()),
-            (headers::ORIGINAL_OFFSET, offset.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
+        let original_headers = message.headers();
         let key = message.key().unwrap_or_default();
         let payload = message.payload().unwrap_or_default();
+        let size = key.len()
+            + payload.len()
+            + original_headers.map_or(0, |headers| {
+                headers
+                    .iter()
+                    .map(|header| header.key.len() + header.value.map_or(0, <[u8]>::len))
+                    .sum()
+            });
+        let mut whole = size <= DEAD_LETTER_COPY_LIMIT;
         loop {
+            let (record_key, record_payload, record_headers) = if whole {
+                (key, payload, original_headers)
+            } else {
+                (&[][..], &[][..], None)
+            };
+            let mut headers = OwnedHeaders::new();
+            for header in record_headers.iter().flat_map(|headers| headers.iter()) {
+                headers = headers.insert(header);
+            }
+            let partition = message.partition().to_string();
+            let offset = message.offset().to_string();
+            let truncated = size.to_string();
+            let mut ours = vec![
+                (headers::ERROR, reason),
+                (headers::ORIGINAL_TOPIC, message.topic()),
+                (headers::ORIGINAL_PARTITION, partition.as_str()),
+                (headers::ORIGINAL_OFFSET, offset.as_str()),
+            ];
+            if !whole {
+                ours.push((headers::TRUNCATED, truncated.as_str()));
+            }
+            for (key, value) in ours {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
             let record = FutureRecord::to(&self.deadletter_topic)
-                .key(key)
-                .payload(payload)
-                .headers(headers.clone());
+                .key(record_key)
+                .payload(record_payload)
+                .headers(headers);
             match self
                 .dead_letters
                 .send(record, Duration::from_secs(10))
                 .await
             {
                 Ok(_) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+                    if whole =>
+                {
+                    whole = false;
+                }
                 Err((err, _)) => {
                     tracing::error!(error = %err, "dead-lettering failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
+    }
+}
+
+/// Sets `ledger_projector_parked_streams` from the table.
+async fn record_parked_streams(pool: &PgPool) {
+    match store::parked_count(pool).await {
+        Ok(count) => metrics::gauge!("ledger_projector_parked_streams").set(count as f64),
+        Err(err) => tracing::warn!(error = %err, "counting parked streams failed"),
     }
 }
 

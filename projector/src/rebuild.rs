@@ -149,7 +149,9 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
          ALTER TABLE accounts_rebuild RENAME TO accounts;
          ALTER TABLE account_entries_rebuild RENAME TO account_entries;
          DROP TABLE accounts_retired, account_entries_retired;
-         SELECT ledger_protect_read_models();",
+         SELECT ledger_protect_read_models();
+         -- Every stream was just folded whole, so none is parked any more.
+         DELETE FROM projector_parked_streams;",
     )
     .execute(&mut *tx)
     .await?;

@@ -235,6 +235,23 @@ pub struct Parked {
     pub reason: String,
 }
 
+/// Where each of `ids` that is parked stopped: the first version not applied.
+pub async fn parked_at(
+    connection: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT account_id, sequence FROM projector_parked_streams WHERE account_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(connection)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Longest reason kept: a reason quotes the stored event, which anyone who could write it chose.
+const MAX_REASON: usize = 500;
+
 /// Records `parked` streams and forgets the parking of `resumed` ones.
 pub async fn park(
     connection: &mut PgConnection,
@@ -250,7 +267,18 @@ pub async fn park(
         )
         .bind(parked.iter().map(|p| p.account_id).collect::<Vec<_>>())
         .bind(parked.iter().map(|p| p.sequence).collect::<Vec<_>>())
-        .bind(parked.iter().map(|p| p.reason.as_str()).collect::<Vec<_>>())
+        .bind(
+            parked
+                .iter()
+                .map(|p| {
+                    p.reason
+                        .replace('\0', "")
+                        .chars()
+                        .take(MAX_REASON)
+                        .collect()
+                })
+                .collect::<Vec<String>>(),
+        )
         .execute(&mut *connection)
         .await?;
     }

@@ -104,7 +104,7 @@ pub enum DatabaseError {
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(
-        "the database lacks {pending} migration(s) of this build, and this role may not apply them: migrate as the owner first (`cargo xtask migrate`, or this binary with the owner's DATABASE_URL)"
+        "the database lacks {pending} migration(s) of this build, and this role may not apply them: migrate as the database's owner first (`command-api migrate` with the owner's DATABASE_URL)"
     )]
     NotMigrated { pending: usize },
     #[error("checking the database's migrations failed: {0}")]
@@ -214,14 +214,18 @@ const REWRITTEN: &[(i64, &str)] = &[(
     "958a80dcc9d8622c3539aff4524d89f006aa47abd982b4a9cbc0ad81119dacc9997024f77f21293d364974af41bf27f0",
 )];
 
-/// Brings the schema to this build's. The owner (a role that may create in the schema)
-/// applies what is pending; a service running as its own unprivileged role only checks that
+/// Brings the schema to this build's. The database's owner applies what is pending; a service running as its own unprivileged role only checks that
 /// nothing is, and fails start-up naming the fix otherwise.
 pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
-    let owner: bool = sqlx::query_scalar("SELECT has_schema_privilege(current_schema(), 'CREATE')")
-        .fetch_one(pool)
-        .await
-        .map_err(DatabaseError::Check)?;
+    // The database's owner (or a superuser), not "may create in the schema": before Postgres
+    // 15 every role may create in `public`.
+    let owner: bool = sqlx::query_scalar(
+        "SELECT pg_has_role(current_user, datdba, 'MEMBER')
+           FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(DatabaseError::Check)?;
     if owner {
         restamp_rewritten(pool)
             .await

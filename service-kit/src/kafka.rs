@@ -346,6 +346,9 @@ pub mod headers {
     pub const ORIGINAL_TOPIC: &str = "ledger_original_topic";
     pub const ORIGINAL_PARTITION: &str = "ledger_original_partition";
     pub const ORIGINAL_OFFSET: &str = "ledger_original_offset";
+    /// On a dead letter too big to copy: the original message's size; its key, value and
+    /// headers are left out.
+    pub const TRUNCATED: &str = "ledger_truncated";
 }
 
 /// `ce_type` of an event, e.g. `ledger.account.MoneyDeposited.v1`.

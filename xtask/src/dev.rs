@@ -68,13 +68,21 @@ async fn prepare_database() -> anyhow::Result<DatabaseConfig> {
     )?;
     let pool = db::connect(&config).await?;
     db::migrate(&pool).await?;
+    pool.close().await;
+    Ok(config)
+}
+
+/// The development logins `up` runs the services as: well-known passwords, so only here,
+/// never in `migrate`, which may be pointed at a real server.
+async fn create_development_logins(database: &DatabaseConfig) -> anyhow::Result<()> {
+    let pool = db::connect(database).await?;
     for role in SERVICE_ROLES {
         role.ensure_development_login(&pool)
             .await
-            .context("creating the services' login roles (needs CREATEROLE)")?;
+            .context("creating the services' development logins (needs CREATEROLE)")?;
     }
     pool.close().await;
-    Ok(config)
+    Ok(())
 }
 
 /// Every role a service runs as.
@@ -94,6 +102,7 @@ pub(crate) async fn migrate() -> anyhow::Result<()> {
 /// `cargo xtask up`: everything, in the foreground, until ctrl-c.
 pub(crate) async fn up() -> anyhow::Result<()> {
     let database = prepare_database().await?;
+    create_development_logins(&database).await?;
     let (brokers, _broker) = match std::env::var("KAFKA_BROKERS") {
         Ok(brokers) => (brokers, None),
         Err(_) => {

@@ -37,6 +37,11 @@ async fn the_writer_appends_but_cannot_rewrite_history() {
     let writer = pool_as(&app.database).await;
     for statement in [
         "UPDATE events SET payload = '{}'",
+        // Its place in the log, or its time, chosen by the writer: the relay could skip it.
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, tx_id)
+         VALUES ('account', 'x', 1, 'AccountFrozen', '1', '\"AccountFrozen\"', '{\"tenant\":\"acme\"}', '1')",
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at)
+         VALUES ('account', 'x', 1, 'AccountFrozen', '1', '\"AccountFrozen\"', '{\"tenant\":\"acme\"}', now() - interval '1 year')",
         "DELETE FROM events",
         "TRUNCATE events",
         "ALTER TABLE events DISABLE TRIGGER events_append_only",

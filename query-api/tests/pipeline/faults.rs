@@ -665,3 +665,37 @@ async fn an_unreadable_stored_event_parks_its_stream_and_no_other() {
     .expect("readiness never reported the parked stream");
     assert_eq!(body["status"], "degraded");
 }
+
+/// A foreign producer's message too big to copy whole to the dead-letter topic is
+/// dead-lettered as a stub naming its size, instead of blocking the partition forever.
+#[tokio::test]
+async fn an_oversized_foreign_message_is_dead_lettered_as_a_stub() {
+    let system = System::start().await;
+    let account = system.open(0).await;
+    system.account_at(account, 1).await;
+    let topic = system.kafka.events_topic("account");
+    let producer: FutureProducer = system.kafka.producer().create().unwrap();
+    let key = account.to_string();
+    let huge = "x".repeat(600_000);
+    producer
+        .send(
+            FutureRecord::to(&topic).key(&key).payload(&huge),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let version = system.move_money(account, 5).await;
+    assert_eq!(system.account_at(account, version).await["balance"], 5);
+    let dead = read_all(&system.kafka, &system.kafka.deadletter_topic(), 1).await;
+    let headers = dead[0].headers().unwrap();
+    let size = key.len() + huge.len();
+    assert_eq!(
+        header(headers, headers::TRUNCATED),
+        Some(size.to_string().as_str())
+    );
+    assert_eq!(
+        header(headers, headers::ORIGINAL_TOPIC),
+        Some(topic.as_str())
+    );
+    assert!(dead[0].payload().is_none_or(<[u8]>::is_empty));
+}
