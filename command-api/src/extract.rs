@@ -16,6 +16,25 @@ use crate::error::ApiError;
 /// The longest accepted `Idempotency-Key`, `X-Correlation-Id` or `traceparent`.
 const MAX_HEADER_CHARS: usize = 255;
 
+/// Middleware: a request whose `Content-Length` is over `max` bytes is answered 413 before its
+/// body is read, so the client learns it at once instead of uploading it to a closed
+/// connection. Bodies without a declared length are still cut at `max` as they are read.
+pub(crate) async fn refuse_declared_oversize(
+    max: usize,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return axum::response::IntoResponse::into_response(ApiError::PayloadTooLarge);
+    }
+    next.run(request).await
+}
+
 /// A JSON body. Malformed JSON, unknown or missing fields and wrong types are told apart.
 pub(crate) struct AppJson<T>(pub(crate) T);
 

@@ -108,7 +108,12 @@ impl Application {
         };
         let router = http::with_standard_layers(
             http::with_cors(
-                api::router(state).layer(DefaultBodyLimit::max(config.max_body_bytes)),
+                api::router(state)
+                    .layer(DefaultBodyLimit::max(config.max_body_bytes))
+                    .layer(axum::middleware::from_fn({
+                        let max = config.max_body_bytes;
+                        move |request, next| extract::refuse_declared_oversize(max, request, next)
+                    })),
                 config.cors_origins,
             ),
             &config.server,

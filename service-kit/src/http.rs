@@ -98,6 +98,9 @@ pub fn with_cors(router: Router, origins: Vec<HeaderValue>) -> Router {
 /// request metrics, a panic answered as a 500 problem instead of a dropped connection, and the
 /// bounds on requests in flight and their duration (see [`crate::server`]).
 pub fn with_standard_layers(router: Router, limits: &ServerLimits) -> Router {
+    let router = router
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed);
     crate::server::bound_requests(router, limits)
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("handler panicked");
@@ -139,6 +142,22 @@ pub fn with_standard_layers(router: Router, limits: &ServerLimits) -> Router {
                 }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// 404 for a path no route has, as problem+json like every other error.
+async fn no_such_route() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found")
+        .detail("There is nothing at this path; the routes are in /openapi.json.")
+}
+
+/// 405 for a route that exists with other methods; axum adds `Allow` with those.
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+    )
+    .detail("This path does not take that method; `Allow` lists the ones it takes.")
 }
 
 /// The id of the current request (from `x-request-id`, generated when absent).

@@ -408,3 +408,64 @@ async fn transport_errors_have_their_own_types() {
     assert_eq!(reply.problem(), "invalid-header");
     assert_eq!(app.event_count().await, before);
 }
+
+/// Every error is problem+json, routing errors included: an unknown path is a 404 problem, a
+/// known path with another method a 405 problem with `Allow`.
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_are_problems() {
+    let app = TestApp::spawn().await;
+    let unknown = app
+        .send(reqwest::Method::GET, "/nope", None, &[], None)
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.problem(), "not-found");
+
+    let wrong = app
+        .send(
+            reqwest::Method::GET,
+            "/v1/accounts",
+            Some(&app.teller()),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong.problem(), "method-not-allowed");
+    assert_eq!(wrong.headers["allow"], "POST");
+
+    let ops = app.ops_get("/nope").await;
+    assert_eq!(ops.status, StatusCode::NOT_FOUND);
+    assert_eq!(ops.problem(), "not-found");
+}
+
+/// A body declared too big is refused before it is sent: the 413 comes back while the client
+/// has uploaded nothing, rather than after a broken pipe.
+#[tokio::test]
+async fn a_body_declared_too_big_is_refused_before_it_is_uploaded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let mut socket = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/accounts HTTP/1.1\r\nHost: ledger\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n",
+        app.teller()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&response).contains("urn:ledger:problem:") {
+            let read = socket.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "closed without an answer");
+            response.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .expect("no answer before the body was sent");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("payload-too-large"), "{response}");
+    assert_eq!(app.event_count().await, 0);
+}
