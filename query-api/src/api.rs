@@ -223,11 +223,20 @@ async fn account_at(
     // Subscribed before the first look, so a change between the look and the wait is not missed.
     let mut changes = state.projected.clone();
     changes.mark_unchanged();
+    let mut stream_checked = false;
     loop {
         let account = find_account(state, tenant, id).await?;
         match (account, min_version) {
             (Some(account), None) => return Ok(account),
             (None, None) => return Err(QueryError::NotFound),
+            // Not projected yet, or no such account at all: only the event store can tell, and
+            // a mistyped id must not be told to retry.
+            (None, Some(_)) if !stream_checked => {
+                if !stream_exists(state, tenant, id).await? {
+                    return Err(QueryError::NotFound);
+                }
+                stream_checked = true;
+            }
             (Some(account), Some(wanted)) if account.version >= wanted => return Ok(account),
             (_, Some(wanted)) if tokio::time::Instant::now() >= deadline => {
                 return Err(QueryError::NotYetVisible { wanted });
@@ -238,6 +247,19 @@ async fn account_at(
             }
         }
     }
+}
+
+/// Whether the event store holds account `id` for `tenant` (row-level security shows only
+/// that tenant's events).
+async fn stream_exists(state: &AppState, tenant: &str, id: Uuid) -> Result<bool, QueryError> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events
+                         WHERE aggregate_type = 'account' AND aggregate_id = $1 AND sequence = 1)",
+    )
+    .bind(id.to_string())
+    .fetch_one(&mut *state.scope(tenant).await?)
+    .await?;
+    Ok(exists)
 }
 
 pub(crate) fn limit(requested: Option<i64>, default: i64) -> Result<i64, QueryError> {
@@ -291,24 +313,36 @@ async fn get_account(
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
     let account = account_at(&state, &principal.tenant, id, params.min_version).await?;
-    let etag = format!("\"{}\"", account.version);
+    let version = account.version;
+    Ok(versioned(account, version, &headers))
+}
+
+/// `body` with its stream version as `ETag`, or 304 when `If-None-Match` names that version.
+/// `If-None-Match` compares weakly (RFC 9110 13.1.2): `W/"15"` matches `"15"`.
+pub(crate) fn versioned(
+    body: impl serde::Serialize,
+    version: i64,
+    headers: &HeaderMap,
+) -> Response {
+    let etag = format!("\"{version}\"");
     let unchanged = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| {
             value
                 .split(',')
-                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+                .map(str::trim)
+                .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
         });
     let mut response = if unchanged {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        Json(account).into_response()
+        Json(body).into_response()
     };
     if let Ok(value) = HeaderValue::from_str(&etag) {
         response.headers_mut().insert(header::ETAG, value);
     }
-    Ok(response)
+    response
 }
 
 #[utoipa::path(

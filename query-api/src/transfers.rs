@@ -1,7 +1,9 @@
 //! Transfers as the projector last saw them, and an account's transfers (either side).
 
 use axum::extract::{FromRequestParts, Path, State};
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -47,7 +49,8 @@ pub(crate) struct TransferView {
     /// Minor units.
     amount: i64,
     currency: String,
-    reference: String,
+    /// The client's reference; `null` when the transfer was requested without one.
+    reference: Option<String>,
     /// `requested`, `debited` (in flight), `completed`, `rejected` (the source declined:
     /// nothing moved), `refunding` (the destination declined) or `failed` (refunded: nothing
     /// moved in the end).
@@ -84,7 +87,7 @@ fn transfer_view(row: TransferTuple) -> TransferView {
         to_account: row.2,
         amount: row.3,
         currency: row.4,
-        reference: row.5,
+        reference: Some(row.5).filter(|reference| !reference.is_empty()),
         status: row.6,
         reason: row.7,
         version: row.8,
@@ -107,7 +110,8 @@ pub(crate) struct AccountTransfersParams {
     get, path = "/v1/transfers/{id}", tag = "transfers",
     params(("id" = Uuid, Path, description = "Transfer id")),
     responses(
-        (status = 200, description = "The transfer", body = TransferView),
+        (status = 200, description = "The transfer; `ETag` is its version", body = TransferView),
+        (status = 304, description = "Unchanged since the `If-None-Match` version"),
         (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such transfer for this tenant (yet: it appears once projected)", body = ProblemDocument, content_type = "application/problem+json"),
@@ -119,7 +123,8 @@ pub(crate) async fn get_transfer(
     State(state): State<AppState>,
     Reader(principal): Reader,
     TransferId(id): TransferId,
-) -> Result<Json<TransferView>, QueryError> {
+    headers: HeaderMap,
+) -> Result<Response, QueryError> {
     let row: Option<TransferTuple> = sqlx::query_as(&format!(
         "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1 AND tenant = $2"
     ))
@@ -127,9 +132,9 @@ pub(crate) async fn get_transfer(
     .bind(&principal.tenant)
     .fetch_optional(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    row.map(transfer_view)
-        .map(Json)
-        .ok_or(QueryError::TransferNotFound)
+    let transfer = row.map(transfer_view).ok_or(QueryError::TransferNotFound)?;
+    let version = transfer.version;
+    Ok(crate::api::versioned(transfer, version, &headers))
 }
 
 #[utoipa::path(

@@ -63,8 +63,10 @@ pub fn cors_origins_from_env() -> Result<Vec<HeaderValue>, ConfigError> {
 }
 
 /// Lets browsers on `origins` call the API with a bearer token; with no origins, nothing is
-/// added and cross-origin calls stay closed.
+/// added and cross-origin calls stay closed. Routing errors become problems first (see
+/// [`with_problem_fallbacks`]), so that the CORS layer covers them and their preflights too.
 pub fn with_cors(router: Router, origins: Vec<HeaderValue>) -> Router {
+    let router = with_problem_fallbacks(router);
     if origins.is_empty() {
         return router;
     }
@@ -98,9 +100,6 @@ pub fn with_cors(router: Router, origins: Vec<HeaderValue>) -> Router {
 /// request metrics, a panic answered as a 500 problem instead of a dropped connection, and the
 /// bounds on requests in flight and their duration (see [`crate::server`]).
 pub fn with_standard_layers(router: Router, limits: &ServerLimits) -> Router {
-    let router = router
-        .fallback(no_such_route)
-        .method_not_allowed_fallback(method_not_allowed);
     crate::server::bound_requests(router, limits)
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("handler panicked");
@@ -142,6 +141,14 @@ pub fn with_standard_layers(router: Router, limits: &ServerLimits) -> Router {
                 }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Unknown paths and wrong methods answered as problems, like every other error. Set before
+/// any layer: a fallback set later would bypass the layers of the routes.
+fn with_problem_fallbacks(router: Router) -> Router {
+    router
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed)
 }
 
 /// 404 for a path no route has, as problem+json like every other error.
@@ -331,7 +338,7 @@ impl Readiness {
 /// The routes every process serves for its operators: `/health/live`, `/health/ready` and
 /// `/metrics` (Prometheus text; the pool gauges are sampled on each scrape).
 fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/health/live", get(live))
         .route(
             "/health/ready",
@@ -351,7 +358,8 @@ fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
                     )
                 }
             }),
-        )
+        );
+    with_problem_fallbacks(routes)
 }
 
 /// The health probes and `/metrics` of a process without an API of its own (the projector,

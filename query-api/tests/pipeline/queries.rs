@@ -110,20 +110,33 @@ async fn entries_page_and_accounts_carry_etags() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["etag"], "\"6\"");
-    let response = system
+    // Weak comparison (RFC 9110): a weak tag, or a list naming the version, matches too.
+    for tag in ["\"6\"", "W/\"6\"", "\"5\", W/\"6\"", "*"] {
+        let response = system
+            .client
+            .get(format!("{}/v1/accounts/{account}", system.queries))
+            .bearer_auth(system.viewer())
+            .header("if-none-match", tag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{tag}");
+        assert_eq!(response.headers()["etag"], "\"6\"");
+    }
+    let changed = system
         .client
         .get(format!("{}/v1/accounts/{account}", system.queries))
         .bearer_auth(system.viewer())
-        .header("if-none-match", "\"6\"")
+        .header("if-none-match", "W/\"5\"")
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(changed.status(), StatusCode::OK);
 }
 
 #[tokio::test]
 async fn a_version_not_reached_in_time_is_503_with_retry_after() {
-    let system = System::start_with_wait(Duration::from_millis(300)).await;
+    let mut system = System::start_with_wait(Duration::from_millis(300)).await;
     let account = system.open(0).await;
     system.projected(account, 1).await;
     let started = std::time::Instant::now();
@@ -137,14 +150,31 @@ async fn a_version_not_reached_in_time_is_503_with_retry_after() {
     assert_eq!(problem(&body), "not-yet-visible");
     assert!(headers.contains_key("retry-after"));
     assert!(started.elapsed() < Duration::from_secs(3));
-    // An unknown account with min_version is also a wait, then 503 (it may be on its way).
-    let (status, _, _) = system
+    // An account the event store does not hold for this tenant is 404 at once: a mistyped id
+    // (or another tenant's) is never told to retry.
+    let theirs = system.open_in("globex", "Bo").await;
+    for id in [uuid::Uuid::new_v4(), theirs] {
+        let started = std::time::Instant::now();
+        let (status, _, body) = system
+            .query(
+                &format!("/v1/accounts/{id}?min_version=1"),
+                &system.viewer(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(problem(&body), "not-found");
+        assert!(started.elapsed() < Duration::from_millis(300));
+    }
+    // Stored but not projected yet: on its way, so a wait, then 503.
+    system.kill_projector().await;
+    let pending = system.open(0).await;
+    let (status, _, body) = system
         .query(
-            &format!("/v1/accounts/{}?min_version=1", uuid::Uuid::new_v4()),
+            &format!("/v1/accounts/{pending}?min_version=1"),
             &system.viewer(),
         )
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
 
 #[tokio::test]

@@ -62,7 +62,7 @@ pub(crate) async fn transfer(
 /// The transfer as the query API shows it once final.
 pub(crate) async fn settled(system: &System, id: Uuid) -> Value {
     for _ in 0..300 {
-        let (status, _, body) = system
+        let (status, headers, body) = system
             .query(&format!("/v1/transfers/{id}"), &system.viewer())
             .await;
         if status == StatusCode::OK
@@ -71,6 +71,8 @@ pub(crate) async fn settled(system: &System, id: Uuid) -> Value {
                 Some("completed" | "rejected" | "failed")
             )
         {
+            // A transfer carries its version as `ETag`, as an account does.
+            assert_eq!(headers["etag"], format!("\"{}\"", body["version"]));
             return body;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -142,6 +144,7 @@ async fn every_path_ends_completed_rejected_or_refunded() {
     for (id, (from, to, amount, _, status, reason)) in transfers.iter().zip(cases) {
         let view = settled(&system, *id).await;
         assert_eq!(view["status"], status, "{view}");
+        assert_eq!(view["reference"], "test", "{view}");
         assert_eq!(view["reason"].as_str(), reason, "{view}");
         assert_eq!(
             (
@@ -191,6 +194,24 @@ async fn every_path_ends_completed_rejected_or_refunded() {
         .await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 3);
     assert!(listed["next_cursor"].is_string());
+
+    // Without a reference, the transfer shows `null`, not an empty string.
+    let (status, body) = system
+        .command(
+            "/v1/transfers",
+            Some(
+                json!({"from_account": rich, "to_account": payee, "amount": 1, "currency": "EUR"}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let view = settled(
+        &system,
+        body["transfer_id"].as_str().unwrap().parse().unwrap(),
+    )
+    .await;
+    assert!(view["reference"].is_null(), "{view}");
 }
 
 #[tokio::test]
