@@ -37,6 +37,7 @@ impl Ledger {
                 rate_limit: None,
             },
             max_body_bytes: 16 * 1024,
+            query_api_url: "http://127.0.0.1:8081".into(),
             aggregate_cache: NonZeroUsize::new(100).unwrap(),
             conflict_retries: 5,
             append_writers: NonZeroUsize::new(2).unwrap(),

@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use domain::{
-    AccountCommand, Amount, Currency, OverdraftLimit, Owner, Reference, TransferCommand,
-    TransferError, TransferTerms,
+    AccountCommand, AccountError, Amount, Currency, OverdraftLimit, Owner, Reference,
+    TransferCommand, TransferError, TransferTerms,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -96,7 +96,8 @@ pub(crate) struct TransferRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct TransferAccepted {
     transfer_id: Uuid,
-    /// Where the query API reports the transfer's progress (`GET`, role `viewer`).
+    /// Where the query API reports the transfer's progress (`GET`, role `viewer`): an absolute
+    /// URL under `QUERY_API_PUBLIC_URL`. Also the response's `Location`.
     status_url: String,
 }
 
@@ -138,7 +139,7 @@ macro_rules! account_command {
         ("X-Correlation-Id" = Option<String>, Header, description = "Recorded on the event; defaults to the request id.", min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$"),
     ),
     responses(
-        (status = 201, description = "Account opened", body = CommandAccepted),
+        (status = 201, description = "Account opened; `Location` is its absolute URL on the query API (`QUERY_API_PUBLIC_URL`)", body = CommandAccepted),
         (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
@@ -167,7 +168,11 @@ async fn open_account(
         .commands
         .account(&context, target, command, None)
         .await?;
-    Ok(accepted(StatusCode::CREATED, committed))
+    let location = format!(
+        "{}/v1/accounts/{}",
+        state.query_api_url, committed.stream_id
+    );
+    Ok(accepted(StatusCode::CREATED, committed, Some(&location)))
 }
 
 account_command!(
@@ -299,14 +304,23 @@ async fn request_transfer(
     if terms.from == terms.to {
         return Err(ApiError::TransferRule(TransferError::SameAccount));
     }
-    // Another tenant's account is as absent as a missing one: nothing about it leaks.
+    // Another tenant's account is as absent as a missing one: nothing about it leaks. A
+    // transfer neither account's currency allows is refused now, not after a debit and a
+    // refund; what can change (funds, status) is judged by the accounts, later.
     for account in [terms.from, terms.to] {
-        if !state
+        match state
             .commands
-            .account_belongs_to(account, &principal.tenant)
+            .account_currency(account, &principal.tenant)
             .await?
         {
-            return Err(ApiError::NotFound);
+            None => return Err(ApiError::NotFound),
+            Some(currency) if currency != terms.currency => {
+                return Err(ApiError::Rule(AccountError::CurrencyMismatch {
+                    account: currency,
+                    requested: terms.currency,
+                }));
+            }
+            Some(_) => {}
         }
     }
     let context = context(&principal, &headers, "POST /v1/transfers", &body);
@@ -318,7 +332,10 @@ async fn request_transfer(
             TransferCommand::Request(terms),
         )
         .await?;
-    let status_url = format!("/v1/transfers/{}", committed.stream_id);
+    let status_url = format!(
+        "{}/v1/transfers/{}",
+        state.query_api_url, committed.stream_id
+    );
     let mut response = (
         StatusCode::ACCEPTED,
         Json(TransferAccepted {
@@ -351,7 +368,7 @@ async fn run(
         .commands
         .account(&context, Target::Existing(id), command, headers.if_match)
         .await?;
-    Ok(accepted(StatusCode::OK, committed))
+    Ok(accepted(StatusCode::OK, committed, None))
 }
 
 fn context(
@@ -382,7 +399,8 @@ fn context(
     }
 }
 
-fn accepted(status: StatusCode, committed: Committed) -> Response {
+/// The answer to a command; `location` (201 only) is where the query API shows the account.
+fn accepted(status: StatusCode, committed: Committed, location: Option<&str>) -> Response {
     let mut response = (
         status,
         Json(CommandAccepted {
@@ -395,10 +413,7 @@ fn accepted(status: StatusCode, committed: Committed) -> Response {
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", committed.version)) {
         headers.insert(header::ETAG, etag);
     }
-    if status == StatusCode::CREATED
-        && let Ok(location) =
-            HeaderValue::from_str(&format!("/v1/accounts/{}", committed.stream_id))
-    {
+    if let Some(location) = location.and_then(|location| HeaderValue::from_str(location).ok()) {
         headers.insert(header::LOCATION, location);
     }
     if committed.replayed {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use domain::{
-    Account, AccountCommand, AccountError, StepOutcome, StoredEvent, Transfer, TransferCommand,
-    TransferError, TransferStep,
+    Account, AccountCommand, AccountError, Currency, StepOutcome, StoredEvent, Transfer,
+    TransferCommand, TransferError, TransferStep,
 };
 use serde::Serialize;
 use sqlx::PgPool;
@@ -229,27 +229,27 @@ impl CommandService {
             .await
     }
 
-    /// True if account `id` exists and belongs to `tenant`. An account never changes hands or
-    /// disappears, so a cached one that does is the answer without asking the database.
-    pub(crate) async fn account_belongs_to(
+    /// The currency of account `id` if it exists and belongs to `tenant`, else `None`. An
+    /// account never changes hands or currency, so a cached state answers without asking the
+    /// database.
+    pub(crate) async fn account_currency(
         &self,
         id: Uuid,
         tenant: &str,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Option<Currency>, ApiError> {
+        let currency_for = |account: &Account| {
+            account
+                .state()
+                .filter(|open| open.tenant == tenant)
+                .map(|open| open.currency)
+        };
         {
             let slot = self.accounts.lock(&id.to_string()).await;
-            if slot
-                .as_ref()
-                .is_some_and(|cached| cached.state.belongs_to(tenant))
-            {
-                return Ok(true);
+            if let Some(currency) = slot.as_ref().and_then(|cached| currency_for(&cached.state)) {
+                return Ok(Some(currency));
             }
         }
-        Ok(self
-            .latest(&self.accounts, id)
-            .await?
-            .state
-            .belongs_to(tenant))
+        Ok(currency_for(&self.latest(&self.accounts, id).await?.state))
     }
 
     /// What became of `step` of `transfer_id` on account `id`, as far as this process knows:

@@ -40,6 +40,10 @@ pub struct Config {
     pub cors_origins: Vec<HeaderValue>,
     /// The bounds of the listener: see `service_kit::server`.
     pub server: ServerLimits,
+    /// `QUERY_API_PUBLIC_URL` (default `http://127.0.0.1:8081`): the query API as clients
+    /// reach it, without a trailing slash. `Location` (201) and `status_url` (202) point there,
+    /// where the resources are.
+    pub query_api_url: String,
 }
 
 impl Config {
@@ -66,8 +70,21 @@ impl Config {
             },
             cors_origins: service_kit::http::cors_origins_from_env()?,
             server: ServerLimits::from_env()?,
+            query_api_url: query_api_url()?,
         })
     }
+}
+
+fn query_api_url() -> Result<String, ConfigError> {
+    let url =
+        config::optional("QUERY_API_PUBLIC_URL").unwrap_or_else(|| "http://127.0.0.1:8081".into());
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError::Invalid {
+            name: "QUERY_API_PUBLIC_URL",
+            reason: "must be an absolute http(s) URL".into(),
+        });
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 /// `COMMAND_API_AGGREGATE_CACHE`; the process manager reads it too, as it runs commands.
@@ -111,6 +128,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "COMMAND_API_ADDR",
         default: "`127.0.0.1:8080`",
         meaning: "listen address (port 0 picks one)",
+    },
+    Setting {
+        name: "QUERY_API_PUBLIC_URL",
+        default: "`http://127.0.0.1:8081`",
+        meaning: "the query API as clients reach it: `Location` (201) and `status_url` (202) of the command API point there",
     },
     Setting {
         name: "COMMAND_API_OPS_ADDR",

@@ -47,6 +47,8 @@ pub(crate) struct AppState {
     commands: Arc<commands::CommandService>,
     /// Verifies bearer tokens.
     auth: Arc<Authenticator>,
+    /// `QUERY_API_PUBLIC_URL`: where `Location` and `status_url` point.
+    query_api_url: Arc<str>,
 }
 
 impl FromRef<AppState> for Arc<Authenticator> {
@@ -105,6 +107,7 @@ impl Application {
                 signal.clone(),
             )),
             auth,
+            query_api_url: config.query_api_url.clone().into(),
         };
         let router = http::with_standard_layers(
             http::with_cors(

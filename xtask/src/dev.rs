@@ -150,6 +150,7 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             .env("KAFKA_BROKERS", &brokers)
             .env("COMMAND_API_ADDR", &command_addr)
             .env("QUERY_API_ADDR", &query_addr)
+            .env("QUERY_API_PUBLIC_URL", format!("http://{query_addr}"))
             .env("COMMAND_API_OPS_ADDR", &command_ops_addr)
             .env("QUERY_API_OPS_ADDR", &query_ops_addr)
             .env("PROJECTOR_ADDR", &projector_addr)

@@ -18,9 +18,10 @@ async fn an_account_lives_through_every_command() {
     assert_eq!(opened.status, StatusCode::CREATED);
     assert_eq!(opened.version(), 1);
     let id = opened.body["account_id"].as_str().unwrap().to_owned();
+    // On the query API, where the account can be read (QUERY_API_PUBLIC_URL).
     assert_eq!(
         opened.headers["location"],
-        format!("/v1/accounts/{id}").as_str()
+        format!("http://127.0.0.1:8081/v1/accounts/{id}").as_str()
     );
     assert_eq!(opened.headers["etag"], "\"1\"");
 

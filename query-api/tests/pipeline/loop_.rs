@@ -124,6 +124,7 @@ async fn the_relay_in_the_command_api_publishes_too() {
             rate_limit: None,
         },
         max_body_bytes: 16 * 1024,
+        query_api_url: "http://127.0.0.1:8081".into(),
         aggregate_cache: std::num::NonZeroUsize::new(10).unwrap(),
         conflict_retries: 5,
         append_writers: std::num::NonZeroUsize::new(2).unwrap(),

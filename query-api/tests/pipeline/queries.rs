@@ -242,3 +242,28 @@ async fn bad_queries_and_bad_callers_get_problems() {
         );
     }
 }
+
+/// The command API's `Location` (201) is followed as it is, to the query API.
+#[tokio::test]
+async fn the_location_of_a_new_account_is_followed_to_the_query_api() {
+    let system = System::start().await;
+    let opened = system
+        .client
+        .post(format!("{}/v1/accounts", system.commands))
+        .bearer_auth(crate::system::token(crate::system::TENANT, &["teller"]))
+        .json(&serde_json::json!({"owner": "Ada", "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), StatusCode::CREATED);
+    let location = opened.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&system.queries), "{location}");
+    let followed = system
+        .client
+        .get(format!("{location}?min_version=1"))
+        .bearer_auth(system.viewer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(followed.status(), StatusCode::OK);
+}

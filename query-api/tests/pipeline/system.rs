@@ -83,23 +83,6 @@ impl System {
             }
         });
         let database = TestDatabase::create().await;
-        let command_api = command_api::Application::build(command_api::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ops_listen: "127.0.0.1:0".parse().unwrap(),
-            database: database.config_as(ServiceRole::Writer),
-            auth: auth(),
-            max_body_bytes: 16 * 1024,
-            aggregate_cache: NonZeroUsize::new(1000).unwrap(),
-            conflict_retries: 5,
-            append_writers: NonZeroUsize::new(2).unwrap(),
-            relay: None,
-            cors_origins: Vec::new(),
-            server: service_kit::server::ServerLimits::default(),
-        })
-        .await
-        .unwrap();
-        let commands = format!("http://127.0.0.1:{}", command_api.port());
-        tokio::spawn(command_api.run_until_stopped(std::future::pending()));
         let query_api = query_api::Application::build(query_api::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ops_listen: "127.0.0.1:0".parse().unwrap(),
@@ -113,6 +96,25 @@ impl System {
         .unwrap();
         let queries = format!("http://127.0.0.1:{}", query_api.port());
         tokio::spawn(query_api.run_until_stopped(std::future::pending()));
+        let command_api = command_api::Application::build(command_api::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
+            database: database.config_as(ServiceRole::Writer),
+            auth: auth(),
+            max_body_bytes: 16 * 1024,
+            // Where `Location` and `status_url` point: this system's query API.
+            query_api_url: queries.clone(),
+            aggregate_cache: NonZeroUsize::new(1000).unwrap(),
+            conflict_retries: 5,
+            append_writers: NonZeroUsize::new(2).unwrap(),
+            relay: None,
+            cors_origins: Vec::new(),
+            server: service_kit::server::ServerLimits::default(),
+        })
+        .await
+        .unwrap();
+        let commands = format!("http://127.0.0.1:{}", command_api.port());
+        tokio::spawn(command_api.run_until_stopped(std::future::pending()));
         let writer = service_kit::db::connect(&database.config_as(ServiceRole::Writer))
             .await
             .unwrap();
