@@ -12,6 +12,8 @@ use serde::Serialize;
 use service_kit::kafka::{KafkaConfig, header, headers};
 use sqlx::PgPool;
 
+use crate::verify::Scope;
+
 /// Messages compared with the store per query.
 const BATCH: usize = 1000;
 /// Broker calls and the wait for the next message give up after this long.
@@ -70,12 +72,13 @@ struct Published {
     hash: String,
 }
 
-/// Compares the messages on `aggregate_type`'s topic with the store: every one, or about
-/// `sample` of them spread evenly over the topic.
+/// Compares the messages on `aggregate_type`'s topic within `scope` (one stream, one tenant's,
+/// or all) with the store: every one, or about `sample` of them spread evenly over those.
 pub async fn check_topic(
     pool: &PgPool,
     kafka: &KafkaConfig,
     aggregate_type: &str,
+    scope: &Scope,
     sample: Option<u64>,
 ) -> Result<KafkaCheckReport, KafkaCheckError> {
     let started = Instant::now();
@@ -101,7 +104,11 @@ pub async fn check_topic(
             total += (high - low) as u64;
         }
     }
-    let stride = sample.map_or(1, |sample| (total / sample.max(1)).max(1));
+    // A sample spreads over the whole topic; a narrower scope is compared whole.
+    let stride = match scope {
+        Scope::All => sample.map_or(1, |sample| (total / sample.max(1)).max(1)),
+        Scope::Stream { .. } | Scope::Tenant(_) => 1,
+    };
     let mut report = KafkaCheckReport {
         topic: topic.clone(),
         messages: total,
@@ -114,11 +121,12 @@ pub async fn check_topic(
     consumer.subscribe(&[&topic])?;
     let mut stream = consumer.stream();
     let mut pending = Vec::new();
+    let mut read = 0u64;
     let mut seen = 0u64;
     while !ends.is_empty() {
         let message = match tokio::time::timeout(TIMEOUT, stream.next()).await {
             Ok(Some(message)) => message?,
-            Ok(None) | Err(_) => return Err(KafkaCheckError::Stalled(TIMEOUT, total - seen)),
+            Ok(None) | Err(_) => return Err(KafkaCheckError::Stalled(TIMEOUT, total - read)),
         };
         let partition = message.partition();
         let Some(&end) = ends.get(&partition) else {
@@ -128,6 +136,21 @@ pub async fn check_topic(
             ends.remove(&partition);
         }
         if message.offset() >= end {
+            continue;
+        }
+        read += 1;
+        let in_scope = match scope {
+            Scope::All => true,
+            Scope::Stream { aggregate_id, .. } => message
+                .headers()
+                .and_then(|h| header(h, headers::SUBJECT))
+                .is_some_and(|subject| subject == aggregate_id),
+            Scope::Tenant(tenant) => message
+                .headers()
+                .and_then(|h| header(h, headers::TENANT))
+                .is_some_and(|of| of == tenant),
+        };
+        if !in_scope {
             continue;
         }
         seen += 1;

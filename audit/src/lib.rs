@@ -24,3 +24,5 @@ pub mod verify;
 
 /// The aggregate type of accounts in `events`.
 pub const ACCOUNT: &str = "account";
+/// The transfers' aggregate type, as stored and in topic names.
+pub const TRANSFER: &str = "transfer";

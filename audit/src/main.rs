@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use audit::export::{self, Format, Selection};
 use audit::verify::{self, Scope, VerifyReport};
-use audit::{ACCOUNT, kafka_check, replay};
+use audit::{ACCOUNT, TRANSFER, kafka_check, replay};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use service_kit::db::{self, DatabaseConfig};
@@ -41,10 +41,12 @@ enum Command {
         /// The export's format (default: from the file's extension, `.csv` or JSON Lines).
         #[arg(long, value_enum, requires = "file")]
         format: Option<FileFormat>,
-        /// Also compare the hashes carried on the Kafka topic with the store.
+        /// Also compare the hashes carried on the Kafka topics (accounts and transfers) with the
+        /// store; with --account or --tenant, only their messages.
         #[arg(long, conflicts_with = "file")]
         kafka: bool,
-        /// With --kafka: compare about this many messages, spread over the topic, not all.
+        /// With --kafka and neither filter: compare about this many messages of each topic,
+        /// spread over it, not all.
         #[arg(long, requires = "kafka")]
         sample: Option<u64>,
     },
@@ -136,29 +138,41 @@ async fn main() -> anyhow::Result<ExitCode> {
             let mut intact = report.intact();
             if kafka {
                 let config = KafkaConfig::from_env()?;
-                let report = kafka_check::check_topic(&pool, &config, ACCOUNT, sample).await?;
-                writeln!(out, "\nkafka topic: {}", report.topic)?;
-                writeln!(out, "messages on the topic: {}", report.messages)?;
-                writeln!(out, "messages compared: {}", report.compared)?;
-                writeln!(out, "hash mismatches: {}", report.mismatches.len())?;
-                writeln!(out, "unreadable messages: {}", report.unreadable)?;
-                writeln!(out, "time taken: {}", seconds(report.elapsed))?;
-                for mismatch in &report.mismatches {
-                    writeln!(
-                        out,
-                        "  {ACCOUNT}/{} version {} (partition {}, offset {}): published {}, stored {}",
-                        mismatch.aggregate_id,
-                        mismatch.version,
-                        mismatch.partition,
-                        mismatch.offset,
-                        mismatch.published_hash,
-                        mismatch
-                            .stored_hash
-                            .as_deref()
-                            .unwrap_or("nothing (event missing)"),
-                    )?;
+                for aggregate_type in [ACCOUNT, TRANSFER] {
+                    if let Scope::Stream {
+                        aggregate_type: only,
+                        ..
+                    } = &scope
+                        && only != aggregate_type
+                    {
+                        continue;
+                    }
+                    let report =
+                        kafka_check::check_topic(&pool, &config, aggregate_type, &scope, sample)
+                            .await?;
+                    writeln!(out, "\nkafka topic: {}", report.topic)?;
+                    writeln!(out, "messages on the topic: {}", report.messages)?;
+                    writeln!(out, "messages compared: {}", report.compared)?;
+                    writeln!(out, "hash mismatches: {}", report.mismatches.len())?;
+                    writeln!(out, "unreadable messages: {}", report.unreadable)?;
+                    writeln!(out, "time taken: {}", seconds(report.elapsed))?;
+                    for mismatch in &report.mismatches {
+                        writeln!(
+                            out,
+                            "  {aggregate_type}/{} version {} (partition {}, offset {}): published {}, stored {}",
+                            mismatch.aggregate_id,
+                            mismatch.version,
+                            mismatch.partition,
+                            mismatch.offset,
+                            mismatch.published_hash,
+                            mismatch
+                                .stored_hash
+                                .as_deref()
+                                .unwrap_or("nothing (event missing)"),
+                        )?;
+                    }
+                    intact &= report.intact();
                 }
-                intact &= report.intact();
             }
             intact
         }

@@ -268,11 +268,31 @@ async fn a_history_rewritten_after_publication_is_caught_against_kafka() {
     let ledger = Ledger::start().await;
     let rehashed = ledger.account(&[10, 20, 30]).await;
     let truncated = ledger.account(&[5, 6]).await;
+    // A transfer's stream (no process manager here: it stays requested, one event).
+    let transfer: Uuid = ledger
+        .post(
+            "/v1/transfers",
+            json!({"from_account": rehashed, "to_account": truncated, "amount": 1, "currency": "EUR"}),
+        )
+        .await["transfer_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     ledger.published().await;
     let (ok, out) = ledger.audit(&["verify", "--kafka"]).await;
     assert!(ok, "{out}");
+    // Both topics: 7 account events, 1 transfer event.
     assert!(out.contains("messages compared: 7"), "{out}");
+    assert!(out.contains("messages compared: 1"), "{out}");
     assert!(out.contains("hash mismatches: 0"), "{out}");
+    // One account: only its messages, and not the transfer topic.
+    let (ok, out) = ledger
+        .audit(&["verify", "--kafka", "--account", &rehashed.to_string()])
+        .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("messages compared: 4"), "{out}");
+    assert!(!out.contains("transfer.events"), "{out}");
 
     // Version 2 rewritten with its hash recomputed as the trigger would: the chain breaks
     // only at version 3; the published hash pins version 2 itself.
@@ -285,12 +305,15 @@ async fn a_history_rewritten_after_publication_is_caught_against_kafka() {
             rehashed,
         )
         .await;
-    // The last event deleted: no chain can tell, the topic can.
+    // The last event deleted: no chain can tell, the topic can; on either topic.
     ledger
         .tamper(
             "DELETE FROM events WHERE aggregate_id = $1 AND sequence = 3",
             truncated,
         )
+        .await;
+    ledger
+        .tamper("DELETE FROM events WHERE aggregate_id = $1", transfer)
         .await;
 
     let (ok, out) = ledger.audit(&["verify", "--kafka"]).await;
@@ -311,6 +334,12 @@ async fn a_history_rewritten_after_publication_is_caught_against_kafka() {
     };
     assert!(mismatch(rehashed, 2), "{out}");
     assert!(mismatch(truncated, 3), "{out}");
+    assert!(
+        out.lines().any(|line| line
+            .trim_start()
+            .starts_with(&format!("transfer/{transfer} version 1 (partition"))),
+        "{out}"
+    );
     assert!(out.contains("stored nothing (event missing)"), "{out}");
 
     let (_, out) = ledger.audit(&["verify", "--kafka", "--sample", "3"]).await;
