@@ -25,8 +25,24 @@ pub mod channels {
     pub const READ_MODELS_CHANGED: &str = "ledger_projected";
 }
 
-/// Prefix of every database a test creates; `cargo xtask test` drops leftovers by it.
-pub const TEST_DATABASE_PREFIX: &str = "ledger_test_";
+/// Prefix of every database a test creates.
+const TEST_DATABASE_PREFIX: &str = "ledger_test_";
+
+/// The variable `cargo xtask test` sets to name its run, so that afterwards it drops its own
+/// databases, and only those: another run on the same server keeps its own.
+pub const TEST_RUN_VARIABLE: &str = "LEDGER_TEST_RUN";
+
+/// The name of a new test database: `ledger_test_<run>_<unique>`, the run being
+/// [`TEST_RUN_VARIABLE`] (`adhoc` outside `cargo xtask test`).
+pub fn test_database_name() -> String {
+    let run = std::env::var(TEST_RUN_VARIABLE).unwrap_or_else(|_| "adhoc".into());
+    format!("{}{}", test_run_prefix(&run), uuid::Uuid::new_v4().simple())
+}
+
+/// What the names of one run's test databases start with.
+pub fn test_run_prefix(run: &str) -> String {
+    format!("{TEST_DATABASE_PREFIX}{run}_")
+}
 
 /// Where the database is and how the pool behaves.
 #[derive(Clone)]

@@ -13,7 +13,7 @@ use testcontainers_modules::testcontainers::ContainerAsync;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use tokio::sync::OnceCell;
 
-use crate::db::{self, DatabaseConfig, ServiceRole, TEST_DATABASE_PREFIX};
+use crate::db::{self, DatabaseConfig, ServiceRole};
 use crate::kafka::KafkaConfig;
 
 struct Server {
@@ -105,7 +105,7 @@ pub fn nisshi_binary() -> Option<std::path::PathBuf> {
 pub async fn empty_database_url() -> String {
     let server = server().await;
     let options: PgConnectOptions = server.url.parse().expect("DATABASE_URL");
-    let name = format!("{TEST_DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let name = db::test_database_name();
     let mut admin = PgConnection::connect_with(&options)
         .await
         .expect("connect to the test database server");
@@ -127,7 +127,7 @@ impl TestDatabase {
     pub async fn create() -> Self {
         let server = server().await;
         let options: PgConnectOptions = server.url.parse().expect("DATABASE_URL");
-        let name = format!("{TEST_DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        let name = db::test_database_name();
         let mut admin = PgConnection::connect_with(&options)
             .await
             .expect("connect to the test database server");

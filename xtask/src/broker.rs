@@ -75,9 +75,20 @@ pub(crate) async fn start(storage: Storage) -> anyhow::Result<Broker> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    start_at(storage, format!("127.0.0.1:{port}")).await
+}
+
+/// Starts a broker on `address` (which must be free) and waits until it accepts connections.
+pub(crate) async fn start_at(storage: Storage, address: String) -> anyhow::Result<Broker> {
+    // Checked first: a broker already there would answer the readiness wait below.
+    std::net::TcpListener::bind(&address).with_context(|| {
+        format!(
+            "{address} is taken: set LEDGER_DEV_BROKER_ADDR to another address, or KAFKA_BROKERS to use the broker there"
+        )
+    })?;
     let mut broker = Broker {
         binary: ensure_installed().await?,
-        address: format!("127.0.0.1:{port}"),
+        address,
         storage: match storage {
             Storage::Memory => "memory://nisshi/".to_owned(),
             Storage::Postgres(url) => url,

@@ -110,10 +110,11 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             let storage =
                 DatabaseConfig::with_url(database_url_named(&database.url, "ledger_kafka"));
             db::ensure_database_exists(&storage).await?;
-            let broker = broker::start(broker::Storage::Postgres(format!(
-                "{}?sslmode=disable",
-                storage.url
-            )))
+            // A fixed address, so that a consumer set up once keeps working across restarts.
+            let broker = broker::start_at(
+                broker::Storage::Postgres(format!("{}?sslmode=disable", storage.url)),
+                env_or("LEDGER_DEV_BROKER_ADDR", "127.0.0.1:9092"),
+            )
             .await?;
             (broker.address.clone(), Some(broker))
         }

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the README's test command.
 
 use anyhow::bail;
-use service_kit::db::TEST_DATABASE_PREFIX;
+use service_kit::db::{TEST_RUN_VARIABLE, test_run_prefix};
 use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
 
@@ -26,10 +26,8 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             }
         },
     };
-    if let Some(url) = &database_url {
-        drop_leftover_databases(url).await?;
-    }
     ensure_python_kafka_client().await?;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     // A broker for the tests, unless one is named; it stops when this command ends.
     let broker = match std::env::var("KAFKA_BROKERS") {
         Ok(_) => None,
@@ -48,21 +46,42 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     }
     // For the tests that stop and restart a broker of their own.
     cargo.env("NISSHI_BIN", broker::ensure_installed().await?);
+    cargo.env(TEST_RUN_VARIABLE, &run);
     let status = cargo.status().await?;
+    let databases = match &database_url {
+        Some(url) => run_databases(url, &run).await?,
+        None => Vec::new(),
+    };
     if !status.success() {
+        if !databases.is_empty() {
+            println!(
+                "\nkept for inspection, this run's test databases: {}",
+                databases.join(", ")
+            );
+        }
         bail!("tests failed");
+    }
+    if let Some(url) = &database_url {
+        drop_databases(url, &databases).await?;
     }
     Ok(())
 }
 
-/// Tests create one database each; drop what earlier runs left behind.
-async fn drop_leftover_databases(url: &str) -> anyhow::Result<()> {
+/// The databases the tests of `run` created (one per test).
+async fn run_databases(url: &str, run: &str) -> anyhow::Result<Vec<String>> {
     let mut connection = PgConnection::connect(url).await?;
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
-            .bind(format!("{TEST_DATABASE_PREFIX}%"))
-            .fetch_all(&mut connection)
-            .await?;
+    let names = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE starts_with(datname, $1) ORDER BY datname",
+    )
+    .bind(test_run_prefix(run))
+    .fetch_all(&mut connection)
+    .await?;
+    connection.close().await?;
+    Ok(names)
+}
+
+async fn drop_databases(url: &str, names: &[String]) -> anyhow::Result<()> {
+    let mut connection = PgConnection::connect(url).await?;
     for name in names {
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .execute(&mut connection)

@@ -120,11 +120,7 @@ async fn an_owner_without_superuser_or_createrole_migrates_and_services_only_che
     let cluster = TestDatabase::create().await;
     // The roles exist in the cluster (the first migration created them); the owner is new.
     let owner = format!("ledger_test_owner_{}", uuid::Uuid::new_v4().simple());
-    let name = format!(
-        "{}{}",
-        db::TEST_DATABASE_PREFIX,
-        uuid::Uuid::new_v4().simple()
-    );
+    let name = db::test_database_name();
     for statement in [
         format!("CREATE ROLE {owner} LOGIN PASSWORD '{owner}' NOSUPERUSER NOCREATEROLE"),
         format!("CREATE DATABASE {name} OWNER {owner}"),
