@@ -99,6 +99,37 @@ pub(crate) async fn migrate() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask audit ARGS`: `ledger-audit ARGS` against what `up` runs (its database, its
+/// broker), unless `DATABASE_URL` or `KAFKA_BROKERS` say otherwise. It only reads.
+pub(crate) async fn audit(args: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "-p", "audit"])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("cargo build -p audit failed");
+    }
+    let database = DatabaseConfig::from_env()?;
+    let status = Command::new(workspace_root().join("target/release/ledger-audit"))
+        .args(args)
+        .env("DATABASE_URL", &database.url)
+        .env(
+            "KAFKA_BROKERS",
+            env_or("KAFKA_BROKERS", &env_or("LEDGER_DEV_BROKER_ADDR", DEV_BROKER_ADDR)),
+        )
+        .status()
+        .await
+        .context("running ledger-audit")?;
+    if !status.success() {
+        bail!("ledger-audit exited with {status}");
+    }
+    Ok(())
+}
+
+/// Where `up` starts its broker unless `LEDGER_DEV_BROKER_ADDR` names another address: fixed,
+/// so that a consumer set up once keeps working across restarts.
+const DEV_BROKER_ADDR: &str = "127.0.0.1:9092";
+
 /// `cargo xtask up`: everything, in the foreground, until ctrl-c.
 pub(crate) async fn up() -> anyhow::Result<()> {
     let database = prepare_database().await?;
@@ -110,10 +141,9 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             let storage =
                 DatabaseConfig::with_url(database_url_named(&database.url, "ledger_kafka"));
             db::ensure_database_exists(&storage).await?;
-            // A fixed address, so that a consumer set up once keeps working across restarts.
             let broker = broker::start_at(
                 broker::Storage::Postgres(format!("{}?sslmode=disable", storage.url)),
-                env_or("LEDGER_DEV_BROKER_ADDR", "127.0.0.1:9092"),
+                env_or("LEDGER_DEV_BROKER_ADDR", DEV_BROKER_ADDR),
             )
             .await?;
             (broker.address.clone(), Some(broker))
@@ -202,7 +232,8 @@ pub(crate) async fn up() -> anyhow::Result<()> {
          curl -s {queries}/v1/accounts -H \"Authorization: Bearer $TOKEN\"\n  \
          curl -s -X POST {commands}/v1/transfers -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n    \
          -d '{{\"from_account\":\"<id>\",\"to_account\":\"<id>\",\"amount\":500,\"currency\":\"EUR\"}}'\n\n\
-         More tokens: cargo xtask token --tenant T --role teller\nPress ctrl-c to stop.\n",
+         More tokens: cargo xtask token --tenant T --role teller\n\
+         Audit: cargo xtask audit verify --kafka\nPress ctrl-c to stop.\n",
         redact(&database.url)
     );
     if let Some(status) = first_exit(&mut children).await {

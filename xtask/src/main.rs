@@ -33,6 +33,8 @@ commands:
   config-reference       write README.md's configuration table from the services' SETTINGS
   token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]
                          mint a development JWT
+  audit ARGS             ledger-audit (built in release) against the `up` database and broker,
+                         e.g. `cargo xtask audit verify --kafka`
   test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
   fuzz [--examples N]    schemathesis against both APIs' OpenAPI documents
   chaos [--seconds S] [--clients C] [--restart-postgres yes|no]
@@ -57,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         Some("migrate") => dev::migrate().await,
         Some("config-reference") => config_reference::write(),
         Some("token") => dev::token(&rest),
+        Some("audit") => dev::audit(&rest).await,
         Some("test") => test::run(&rest).await,
         Some("bench") => bench::run(&rest).await,
         Some("fuzz") => fuzz::run(&rest).await,
