@@ -115,7 +115,10 @@ pub(crate) async fn audit(args: &[String]) -> anyhow::Result<()> {
         .env("DATABASE_URL", &database.url)
         .env(
             "KAFKA_BROKERS",
-            env_or("KAFKA_BROKERS", &env_or("LEDGER_DEV_BROKER_ADDR", DEV_BROKER_ADDR)),
+            env_or(
+                "KAFKA_BROKERS",
+                &env_or("LEDGER_DEV_BROKER_ADDR", DEV_BROKER_ADDR),
+            ),
         )
         .status()
         .await

@@ -103,12 +103,21 @@ async fn ensure_python_kafka_client() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("installing the confluent-kafka Python package for the analyst tests...");
+    pip_install("confluent-kafka").await
+}
+
+/// `pip install package` with every version pinned by `xtask/python-constraints.txt`, the one
+/// list of the Python packages the project uses.
+pub(crate) async fn pip_install(package: &str) -> anyhow::Result<()> {
+    let constraints = crate::dev::workspace_root().join("xtask/python-constraints.txt");
     let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "confluent-kafka"])
+        .args(["-m", "pip", "install", "--quiet", "--constraint"])
+        .arg(&constraints)
+        .arg(package)
         .status()
         .await?;
     if !status.success() {
-        bail!("pip install confluent-kafka failed");
+        bail!("pip install {package} failed");
     }
     Ok(())
 }
