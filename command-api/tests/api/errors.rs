@@ -442,7 +442,7 @@ async fn unknown_routes_and_wrong_methods_are_problems() {
 /// has uploaded nothing, rather than after a broken pipe.
 #[tokio::test]
 async fn a_body_declared_too_big_is_refused_before_it_is_uploaded() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let app = TestApp::spawn().await;
     let mut socket = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
@@ -453,18 +453,9 @@ async fn a_body_declared_too_big_is_refused_before_it_is_uploaded() {
         app.teller()
     );
     socket.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(2), async {
-        let mut buffer = [0u8; 4096];
-        while !String::from_utf8_lossy(&response).contains("urn:ledger:problem:") {
-            let read = socket.read(&mut buffer).await.unwrap();
-            assert!(read > 0, "closed without an answer");
-            response.extend_from_slice(&buffer[..read]);
-        }
-    })
-    .await
-    .expect("no answer before the body was sent");
-    let response = String::from_utf8_lossy(&response);
+    let response = crate::helpers::problem_on(&mut socket, std::time::Duration::from_secs(2))
+        .await
+        .expect("no answer before the body was sent");
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("payload-too-large"), "{response}");
     assert_eq!(app.event_count().await, 0);

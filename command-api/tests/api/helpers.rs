@@ -260,3 +260,25 @@ async fn reply(response: reqwest::Response) -> Reply {
         body,
     }
 }
+
+/// What the server wrote on a raw connection until its problem+json body began, if that came
+/// within `within`; for requests a client library would not send (half a body, a huge
+/// declared length).
+pub(crate) async fn problem_on(
+    socket: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut response = Vec::new();
+    tokio::time::timeout(within, async {
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&response).contains("urn:ledger:problem:") {
+            let read = socket.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "closed without an answer");
+            response.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .ok()?;
+    Some(String::from_utf8_lossy(&response).into_owned())
+}

@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, problem_on};
 
 /// The methods `http_requests_total` may name; anything else is `other`.
 const METHOD_LABELS: &[&str] = &[
@@ -220,18 +220,9 @@ async fn a_request_not_answered_in_time_gets_a_503_problem() {
     .await;
     let started = Instant::now();
     let mut socket = half_sent_command(&app).await;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buffer = [0u8; 4096];
-        while !String::from_utf8_lossy(&response).contains("urn:ledger:problem:") {
-            let read = socket.read(&mut buffer).await.unwrap();
-            assert!(read > 0, "closed without an answer");
-            response.extend_from_slice(&buffer[..read]);
-        }
-    })
-    .await
-    .expect("no answer to a request held past the timeout");
-    let response = String::from_utf8_lossy(&response);
+    let response = problem_on(&mut socket, Duration::from_secs(5))
+        .await
+        .expect("no answer to a request held past the timeout");
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(
         response.contains("urn:ledger:problem:timeout"),

@@ -396,15 +396,7 @@ async fn a_broker_outage_delays_events_but_loses_none() {
 
     assert_eq!(system.account_at(account, 12).await["balance"], 11);
     system.converged(Duration::from_secs(30)).await;
-    let metrics = system
-        .client
-        .get(format!("{}/metrics", system.projector_ops))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.projector_metrics().await;
     assert!(
         metrics
             .lines()
@@ -565,15 +557,7 @@ async fn forged_messages_never_reach_a_read_model() {
         );
         assert_eq!(message.payload(), Some(inflated.as_bytes()));
     }
-    let metrics = system
-        .client
-        .get(format!("{}/metrics", system.projector_ops))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.projector_metrics().await;
     let unverified: f64 = metrics
         .lines()
         .find(|line| line.starts_with("ledger_projector_unverified_total"))

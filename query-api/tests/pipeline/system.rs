@@ -211,6 +211,18 @@ impl System {
         ));
     }
 
+    /// The running projector's `/metrics`.
+    pub(crate) async fn projector_metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.projector_ops))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Kills the projector mid-stream, as a crash would.
     pub(crate) async fn kill_projector(&mut self) {
         if let Some(projector) = self.projector.take() {
