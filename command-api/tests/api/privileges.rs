@@ -168,14 +168,15 @@ async fn an_owner_without_superuser_or_createrole_migrates_and_services_only_che
     ));
     owned.close().await;
     writer.close().await;
+    // The role is the cluster's, so it goes; dropping a database may take longer than the
+    // pool's statement timeout on a busy machine.
+    let mut admin = cluster.pool.acquire().await.unwrap();
     for statement in [
+        "SET statement_timeout = 0".to_owned(),
         format!("DROP DATABASE {name} WITH (FORCE)"),
         format!("DROP ROLE {owner}"),
     ] {
-        sqlx::query(&statement)
-            .execute(&cluster.pool)
-            .await
-            .unwrap();
+        sqlx::query(&statement).execute(&mut *admin).await.unwrap();
     }
 }
 
