@@ -261,3 +261,40 @@ async fn a_flood_of_readiness_probes_costs_one_database_check() {
         after - before
     );
 }
+
+/// Beyond `HTTP_MAX_CONNECTIONS`, a connection waits in the kernel's backlog until one of the
+/// open ones ends, instead of costing the process a task and a socket.
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    let app = TestApp::spawn_adjusted(|config| {
+        config.server.max_connections = 2;
+    })
+    .await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let held = [
+        TcpStream::connect(&address).await.unwrap(),
+        TcpStream::connect(&address).await.unwrap(),
+    ];
+    let url = format!("{}/openapi.json", app.base);
+    let mut third = tokio::spawn(async move {
+        // A client of its own: a new connection, not one of the held ones.
+        reqwest::Client::new()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a third connection was served while two were open"
+    );
+    drop(held);
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the waiting connection was never served")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
