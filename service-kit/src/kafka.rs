@@ -34,6 +34,10 @@ pub struct KafkaConfig {
     pub replication: Replication,
     /// Every other client property: security (TLS, SASL) and `KAFKA_PROPERTIES_FILE`.
     pub properties: ClientProperties,
+    /// `KAFKA_FETCH_WAIT_MS` (default 10): how long a consumer's fetch may wait at the broker
+    /// for data. Short for latency (some brokers, nisshi among them, answer late within the
+    /// wait even when data came); longer to idle cheaply.
+    pub fetch_wait_ms: u32,
 }
 
 /// `KAFKA_REPLICATION_FACTOR` (default 1, the compose cluster's single broker) and
@@ -166,6 +170,7 @@ impl KafkaConfig {
                     .transpose()?,
             },
             properties: ClientProperties::from_env()?,
+            fetch_wait_ms: config::parsed_or("KAFKA_FETCH_WAIT_MS", 10)?,
         })
     }
 
@@ -188,6 +193,11 @@ impl KafkaConfig {
             .set("client.id", "ledger")
             .set("socket.nagle.disable", "true")
             .set("log_level", "4");
+        self.deployment_properties(config)
+    }
+
+    /// `config` with the deployment's properties set last, so they win over ours.
+    fn deployment_properties(&self, mut config: ClientConfig) -> ClientConfig {
         for (key, value) in &self.properties.0 {
             config.set(key, value);
         }
@@ -208,7 +218,7 @@ impl KafkaConfig {
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("message.timeout.ms", "0");
-        config
+        self.deployment_properties(config)
     }
 
     /// A consumer in `group` that commits offsets only when told to.
@@ -219,14 +229,12 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            // Latency over batching: some brokers hold a fetch for the whole wait even when
-            // data is there, which would add this much to every event's way to the read model.
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", self.fetch_wait_ms.to_string())
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             // For [`ConsumerLag`]: how often librdkafka reports each partition's lag.
             .set("statistics.interval.ms", "5000");
-        config
+        self.deployment_properties(config)
     }
 
     /// Creates `topics` if missing. Brokers differ in what else they support (partition
@@ -570,6 +578,7 @@ mod tests {
             partitions: 1,
             replication: Replication::default(),
             properties,
+            fetch_wait_ms: 10,
         }
     }
 
@@ -655,8 +664,10 @@ mod tests {
             client.get("ssl.certificate.location"),
             Some("/etc/ledger/client.pem")
         );
-        // The file wins over our own defaults.
+        // The file wins over our own defaults, the producer's and the consumer's too.
         assert_eq!(client.get("socket.nagle.disable"), Some("false"));
+        let tuned = config_with(properties(&[], Some("fetch.wait.max.ms=250")).unwrap());
+        assert_eq!(tuned.consumer("g").get("fetch.wait.max.ms"), Some("250"));
 
         let typo = config_with(properties(&[], Some("sasl.pasword=x")).unwrap());
         let created: Result<rdkafka::producer::BaseProducer, _> = typo.producer().create();

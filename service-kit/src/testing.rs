@@ -86,6 +86,7 @@ pub async fn kafka() -> KafkaConfig {
         partitions: 3,
         replication: crate::kafka::Replication::default(),
         properties: crate::kafka::ClientProperties::default(),
+        fetch_wait_ms: 10,
     }
 }
 

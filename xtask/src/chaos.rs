@@ -78,6 +78,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         partitions: 3,
         replication: service_kit::kafka::Replication::default(),
         properties: service_kit::kafka::ClientProperties::default(),
+        fetch_wait_ms: 10,
     };
     let mut services = [
         Service::new(

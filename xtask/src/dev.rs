@@ -185,6 +185,9 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             .env("COMMAND_API_ADDR", &command_addr)
             .env("QUERY_API_ADDR", &query_addr)
             .env("QUERY_API_PUBLIC_URL", format!("http://{query_addr}"))
+            // Idle cheaply: nisshi serves each fetch from its Postgres storage, and at the 10 ms
+            // default the two consumers kept it and Postgres at a whole core with no traffic.
+            .env("KAFKA_FETCH_WAIT_MS", env_or("KAFKA_FETCH_WAIT_MS", "500"))
             .env("COMMAND_API_OPS_ADDR", &command_ops_addr)
             .env("QUERY_API_OPS_ADDR", &query_ops_addr)
             .env("PROJECTOR_ADDR", &projector_addr)

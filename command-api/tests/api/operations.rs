@@ -30,6 +30,7 @@ async fn readiness_reports_a_missing_broker_without_leaving_service() {
                 partitions: 1,
                 replication: service_kit::kafka::Replication::default(),
                 properties: service_kit::kafka::ClientProperties::default(),
+                fetch_wait_ms: 10,
             },
             batch_size: 100,
             idle_poll: Duration::from_millis(200),

@@ -374,6 +374,7 @@ async fn a_broker_outage_delays_events_but_loses_none() {
             partitions: 2,
             replication: service_kit::kafka::Replication::default(),
             properties: service_kit::kafka::ClientProperties::default(),
+            fetch_wait_ms: 10,
         },
     )
     .await;
