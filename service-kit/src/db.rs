@@ -169,9 +169,20 @@ impl ServiceRole {
         }
     }
 
+    /// Every role a service runs as.
+    pub const ALL: [Self; 3] = [Self::Writer, Self::Projector, Self::TenantReader];
+
+    /// Creates every role's [`Self::development_login`] that is missing.
+    pub async fn ensure_development_logins(admin: &PgPool) -> Result<(), sqlx::Error> {
+        for role in Self::ALL {
+            role.ensure_development_login(admin).await?;
+        }
+        Ok(())
+    }
+
     /// Creates [`Self::development_login`] if missing, a member of [`Self::group`] with its
     /// own name as password (for servers that ask for one). Needs CREATEROLE; development only.
-    pub async fn ensure_development_login(self, admin: &PgPool) -> Result<(), sqlx::Error> {
+    async fn ensure_development_login(self, admin: &PgPool) -> Result<(), sqlx::Error> {
         let (login, group) = (self.development_login(), self.group());
         sqlx::query(&format!(
             "DO $$

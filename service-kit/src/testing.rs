@@ -142,15 +142,9 @@ impl TestDatabase {
             .await
             .expect("connect to test database");
         db::migrate(&pool).await.expect("migrate test database");
-        for role in [
-            ServiceRole::Writer,
-            ServiceRole::Projector,
-            ServiceRole::TenantReader,
-        ] {
-            role.ensure_development_login(&pool)
-                .await
-                .expect("create the services' login roles");
-        }
+        ServiceRole::ensure_development_logins(&pool)
+            .await
+            .expect("create the services' login roles");
         Self { config, pool }
     }
 

@@ -76,21 +76,12 @@ async fn prepare_database() -> anyhow::Result<DatabaseConfig> {
 /// never in `migrate`, which may be pointed at a real server.
 async fn create_development_logins(database: &DatabaseConfig) -> anyhow::Result<()> {
     let pool = db::connect(database).await?;
-    for role in SERVICE_ROLES {
-        role.ensure_development_login(&pool)
-            .await
-            .context("creating the services' development logins (needs CREATEROLE)")?;
-    }
+    ServiceRole::ensure_development_logins(&pool)
+        .await
+        .context("creating the services' development logins (needs CREATEROLE)")?;
     pool.close().await;
     Ok(())
 }
-
-/// Every role a service runs as.
-const SERVICE_ROLES: [ServiceRole; 3] = [
-    ServiceRole::Writer,
-    ServiceRole::Projector,
-    ServiceRole::TenantReader,
-];
 
 /// `cargo xtask migrate`
 pub(crate) async fn migrate() -> anyhow::Result<()> {
