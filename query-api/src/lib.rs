@@ -109,6 +109,14 @@ pub struct Application {
 impl Application {
     /// Connects to and migrates the database, binds the listener and assembles the routes.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        // A `min_version` wait the request timeout cuts short would answer 503 `timeout`
+        // instead of the documented `not-yet-visible`.
+        if config.max_wait >= config.server.request_timeout {
+            return Err(StartError::Config(ConfigError::Invalid {
+                name: "QUERY_API_MAX_WAIT_MS",
+                reason: "must be below HTTP_REQUEST_TIMEOUT_MS".into(),
+            }));
+        }
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);

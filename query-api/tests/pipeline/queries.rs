@@ -267,3 +267,24 @@ async fn the_location_of_a_new_account_is_followed_to_the_query_api() {
         .unwrap();
     assert_eq!(followed.status(), StatusCode::OK);
 }
+
+/// A `min_version` wait longer than the request timeout would be cut short by a 503 `timeout`:
+/// such a configuration does not start.
+#[tokio::test]
+async fn a_wait_longer_than_the_request_timeout_is_refused_at_start_up() {
+    let database = service_kit::testing::TestDatabase::create().await;
+    let built = query_api::Application::build(query_api::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
+        database: database.config_as(service_kit::db::ServiceRole::TenantReader),
+        auth: crate::system::auth(),
+        max_wait: Duration::from_secs(15),
+        cors_origins: Vec::new(),
+        server: service_kit::server::ServerLimits::default(),
+    })
+    .await;
+    let err = built
+        .err()
+        .expect("started with max_wait = request_timeout");
+    assert!(err.to_string().contains("QUERY_API_MAX_WAIT_MS"), "{err}");
+}

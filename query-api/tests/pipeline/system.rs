@@ -23,7 +23,7 @@ pub(crate) const TENANT: &str = "acme";
 
 static TRACING: Once = Once::new();
 
-fn auth() -> AuthConfig {
+pub(crate) fn auth() -> AuthConfig {
     AuthConfig {
         issuer: "ledger".into(),
         audience: "ledger".into(),
@@ -90,7 +90,10 @@ impl System {
             auth: auth(),
             max_wait,
             cors_origins: Vec::new(),
-            server: service_kit::server::ServerLimits::default(),
+            server: service_kit::server::ServerLimits {
+                request_timeout: max_wait + Duration::from_secs(5),
+                ..service_kit::server::ServerLimits::default()
+            },
         })
         .await
         .unwrap();
