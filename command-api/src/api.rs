@@ -18,7 +18,7 @@ use uuid::Uuid;
 use service_kit::problem::{BearerAuth, ProblemDocument, RateLimitedResponses};
 
 use crate::AppState;
-use crate::commands::{CommandContext, Committed, Idempotency, Target};
+use crate::engine::{CommandContext, Committed, Idempotency, Target};
 use crate::error::ApiError;
 use crate::extract::{AccountId, AppJson, CommandHeaders, Teller};
 
@@ -302,7 +302,7 @@ async fn request_transfer(
         reference: Reference::parse(&body.reference)?,
     };
     if terms.from == terms.to {
-        return Err(ApiError::TransferRule(TransferError::SameAccount));
+        return Err(TransferError::SameAccount.into());
     }
     // Another tenant's account is as absent as a missing one: nothing about it leaks. A
     // transfer neither account's currency allows is refused now, not after a debit and a
@@ -313,12 +313,13 @@ async fn request_transfer(
             .account_currency(account, &principal.tenant)
             .await?
         {
-            None => return Err(ApiError::NotFound),
+            None => return Err(AccountError::NotFound.into()),
             Some(currency) if currency != terms.currency => {
-                return Err(ApiError::Rule(AccountError::CurrencyMismatch {
+                return Err(AccountError::CurrencyMismatch {
                     account: currency,
                     requested: terms.currency,
-                }));
+                }
+                .into());
             }
             Some(_) => {}
         }
@@ -400,7 +401,7 @@ fn context(
 }
 
 /// The answer to a command; `location` (201 only) is where the query API shows the account.
-fn accepted(status: StatusCode, committed: Committed, location: Option<&str>) -> Response {
+fn accepted<E>(status: StatusCode, committed: Committed<E>, location: Option<&str>) -> Response {
     let mut response = (
         status,
         Json(CommandAccepted {

@@ -1,6 +1,5 @@
-//! The command API's one error type, and its one mapping to problem+json.
-
-use std::sync::Arc;
+//! The HTTP edge's one error type, and its one mapping to problem+json: what the request
+//! itself got wrong, and why the engine did not run its command.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -8,8 +7,7 @@ use domain::{AccountError, TransferError, ValueError};
 use service_kit::auth::AuthError;
 use service_kit::problem::Problem;
 
-use crate::append::AppendError;
-use crate::store::LoadError;
+use crate::engine::CommandError;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -34,74 +32,19 @@ pub(crate) enum ApiError {
         header: &'static str,
         reason: &'static str,
     },
-    #[error("account not found")]
-    NotFound,
-    #[error("version conflict")]
-    Conflict { current_version: Option<u64> },
     #[error(transparent)]
-    Rule(AccountError),
-    #[error("transfer not found")]
-    TransferNotFound,
-    #[error(transparent)]
-    TransferRule(TransferError),
-    #[error("idempotency key reused with a different request")]
-    IdempotencyKeyReused,
-    #[error("database unavailable: {0}")]
-    Unavailable(#[source] Arc<sqlx::Error>),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
+    Command(#[from] CommandError),
 }
 
-impl ApiError {
-    /// The same failure for another command that shared the operation that failed (a group of
-    /// commands on one stream).
-    pub(crate) fn duplicate(&self) -> Self {
-        match self {
-            Self::Unavailable(err) => Self::Unavailable(err.clone()),
-            other => Self::Internal(anyhow::anyhow!("{other:#}")),
-        }
+impl From<AccountError> for ApiError {
+    fn from(err: AccountError) -> Self {
+        Self::Command(err.into())
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(err: sqlx::Error) -> Self {
-        Arc::new(err).into()
-    }
-}
-
-impl From<Arc<sqlx::Error>> for ApiError {
-    fn from(err: Arc<sqlx::Error>) -> Self {
-        if service_kit::db::is_outage(&err) {
-            Self::Unavailable(err)
-        } else {
-            Self::Internal(err.into())
-        }
-    }
-}
-
-impl From<AppendError> for ApiError {
-    fn from(err: AppendError) -> Self {
-        match err {
-            AppendError::Database(err) => err.into(),
-            other => Self::Internal(other.into()),
-        }
-    }
-}
-
-impl From<LoadError> for ApiError {
-    fn from(err: LoadError) -> Self {
-        use cqrs_es::persist::PersistenceError;
-        match err {
-            LoadError::Database(err) => err.into(),
-            // postgres-es boxes the sqlx error; unbox it to tell an outage from a bug.
-            LoadError::Repository(
-                PersistenceError::ConnectionError(boxed) | PersistenceError::UnknownError(boxed),
-            ) => match boxed.downcast::<sqlx::Error>() {
-                Ok(err) => (*err).into(),
-                Err(other) => Self::Internal(anyhow::anyhow!(other)),
-            },
-            other => Self::Internal(other.into()),
-        }
+impl From<TransferError> for ApiError {
+    fn from(err: TransferError) -> Self {
+        Self::Command(err.into())
     }
 }
 
@@ -171,67 +114,78 @@ impl IntoResponse for ApiError {
                     .detail(format!("{header}: {reason}"))
                     .extension("header", header)
             }
-            Self::NotFound => Problem::new(S::NOT_FOUND, "not-found", "Account not found")
-                .detail("No account with this id exists for your tenant."),
-            Self::Conflict { current_version } => {
-                let mut problem = Problem::new(S::CONFLICT, "conflict", "Version conflict").detail(
-                    "The account changed concurrently; read it again and retry with its current version.",
-                );
-                if let Some(version) = current_version {
-                    problem = problem.extension("current_version", version);
-                    if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
-                        problem = problem.header(header::ETAG, etag);
-                    }
-                }
-                problem
-            }
-            Self::Rule(err) => {
-                let mut problem = Problem::new(
-                    S::UNPROCESSABLE_ENTITY,
-                    rule_slug(&err),
-                    "Business rule violated",
-                )
-                .detail(err.to_string());
-                if let AccountError::InsufficientFunds {
-                    available,
-                    requested,
-                } = err
-                {
-                    problem = problem
-                        .extension("available", available)
-                        .extension("requested", requested);
-                }
-                problem
-            }
-            Self::TransferNotFound => Problem::new(S::NOT_FOUND, "not-found", "Transfer not found")
-                .detail("No transfer with this id exists for your tenant."),
-            Self::TransferRule(TransferError::SameAccount) => Problem::new(
-                S::UNPROCESSABLE_ENTITY,
-                "same-account",
-                "Business rule violated",
-            )
-            .detail(TransferError::SameAccount.to_string()),
-            // Only the process manager records steps, and the accounts decide each step once:
-            // any other refusal of a transfer command is a bug, not the client's doing.
-            Self::TransferRule(err) => {
-                tracing::error!(error = %err, "transfer command refused");
-                Problem::internal()
-            }
-            Self::IdempotencyKeyReused => Problem::new(
-                S::UNPROCESSABLE_ENTITY,
-                "idempotency-key-reused",
-                "Idempotency key reused",
-            )
-            .detail("This Idempotency-Key was already used with a different request."),
-            Self::Unavailable(err) => {
-                tracing::warn!(error = %err, "database unavailable");
-                Problem::unavailable("The database")
-            }
-            Self::Internal(err) => {
-                tracing::error!(error = ?err, "internal error");
-                Problem::internal()
-            }
+            Self::Command(err) => command_problem(err),
         };
         problem.into_response()
+    }
+}
+
+fn command_problem(err: CommandError) -> Problem {
+    use StatusCode as S;
+    match err {
+        CommandError::Account(AccountError::NotFound) => {
+            Problem::new(S::NOT_FOUND, "not-found", "Account not found")
+                .detail("No account with this id exists for your tenant.")
+        }
+        CommandError::Conflict { current_version } => {
+            let mut problem = Problem::new(S::CONFLICT, "conflict", "Version conflict").detail(
+                    "The account changed concurrently; read it again and retry with its current version.",
+                );
+            if let Some(version) = current_version {
+                problem = problem.extension("current_version", version);
+                if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+                    problem = problem.header(header::ETAG, etag);
+                }
+            }
+            problem
+        }
+        CommandError::Account(err) => {
+            let mut problem = Problem::new(
+                S::UNPROCESSABLE_ENTITY,
+                rule_slug(&err),
+                "Business rule violated",
+            )
+            .detail(err.to_string());
+            if let AccountError::InsufficientFunds {
+                available,
+                requested,
+            } = err
+            {
+                problem = problem
+                    .extension("available", available)
+                    .extension("requested", requested);
+            }
+            problem
+        }
+        CommandError::Transfer(TransferError::NotFound) => {
+            Problem::new(S::NOT_FOUND, "not-found", "Transfer not found")
+                .detail("No transfer with this id exists for your tenant.")
+        }
+        CommandError::Transfer(TransferError::SameAccount) => Problem::new(
+            S::UNPROCESSABLE_ENTITY,
+            "same-account",
+            "Business rule violated",
+        )
+        .detail(TransferError::SameAccount.to_string()),
+        // Only the process manager records steps, and the accounts decide each step once:
+        // any other refusal of a transfer command is a bug, not the client's doing.
+        CommandError::Transfer(err) => {
+            tracing::error!(error = %err, "transfer command refused");
+            Problem::internal()
+        }
+        CommandError::IdempotencyKeyReused => Problem::new(
+            S::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+        )
+        .detail("This Idempotency-Key was already used with a different request."),
+        CommandError::Unavailable(err) => {
+            tracing::warn!(error = %err, "database unavailable");
+            Problem::unavailable("The database")
+        }
+        CommandError::Internal(err) => {
+            tracing::error!(error = ?err, "internal error");
+            Problem::internal()
+        }
     }
 }

@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header;
 use axum::http::request::Parts;
 use bytes::Bytes;
+use domain::AccountError;
 use serde::de::DeserializeOwned;
 use service_kit::auth::{AuthError, Principal, Role};
 use service_kit::http::RequestId;
@@ -109,8 +110,10 @@ impl<S: Send + Sync> FromRequestParts<S> for AccountId {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
-            .map_err(|_| ApiError::NotFound)?;
-        raw.parse().map(AccountId).map_err(|_| ApiError::NotFound)
+            .map_err(|_| AccountError::NotFound)?;
+        raw.parse()
+            .map(AccountId)
+            .map_err(|_| AccountError::NotFound.into())
     }
 }
 

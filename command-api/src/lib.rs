@@ -5,11 +5,13 @@
 //! - [`config`]: settings, read once from the environment.
 //! - `api`: routes, request/response bodies, OpenAPI document.
 //! - `extract`: extractors whose rejections are problem+json.
-//! - `commands`: one command end to end (idempotency, If-Match, retries).
-//! - `store`: loading and appending streams; the per-stream lock and state cache.
+//! - `error`: the HTTP edge's one error type and its mapping to problem+json.
+//! - `engine`: runs commands against the event store; knows nothing of HTTP.
 //! - [`relay`]: publishing the event log to Kafka, in commit order, from one leader.
 //! - [`process`]: the transfer process manager (`command-api process-transfers`).
-//! - `error`: the one error type and its mapping to problem+json.
+//!
+//! Imports run from the HTTP edge (`api`, `extract`, `error`) and the two background
+//! processes (`relay`, `process`) into `engine`, never back.
 //!
 //! [`Application::build`] starts exactly what production starts; tests call it with port 0.
 
@@ -28,23 +30,22 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 mod api;
-mod append;
-mod commands;
 pub mod config;
+mod engine;
 mod error;
 mod extract;
 pub mod process;
 pub mod relay;
-mod store;
 
 pub use config::Config;
-use relay::{AppendSignal, Relay};
+pub use engine::AppendSignal;
+use relay::Relay;
 
 /// Shared by every request.
 #[derive(Clone)]
 pub(crate) struct AppState {
     /// Runs commands; holds the per-account state cache for the life of the process.
-    commands: Arc<commands::CommandService>,
+    commands: Arc<engine::CommandService>,
     /// Verifies bearer tokens.
     auth: Arc<Authenticator>,
     /// `QUERY_API_PUBLIC_URL`: where `Location` and `status_url` point.
@@ -99,7 +100,7 @@ impl Application {
             .map(|relay| Relay::new(relay, pool.clone(), signal.clone()))
             .transpose()?;
         let state = AppState {
-            commands: Arc::new(commands::CommandService::new(
+            commands: Arc::new(engine::CommandService::new(
                 pool.clone(),
                 config.aggregate_cache,
                 config.conflict_retries,

@@ -1,6 +1,6 @@
 use command_api::process::{ProcessConfig, ProcessManager};
-use command_api::relay::{AppendSignal, Relay, RelayConfig};
-use command_api::{Application, Config};
+use command_api::relay::{Relay, RelayConfig};
+use command_api::{AppendSignal, Application, Config};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat, TracingConfig};

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{
-    AccountCommand, AccountError, NextStep, StepOutcome, Transfer, TransferCommand, TransferStatus,
-    TransferStep, TransferTerms,
+    AccountCommand, AccountError, AccountEvent, NextStep, StepOutcome, Transfer, TransferCommand,
+    TransferError, TransferStatus, TransferStep, TransferTerms,
 };
 use futures::StreamExt;
 use rdkafka::Message;
@@ -41,9 +41,7 @@ use uuid::Uuid;
 use cqrs_es::Aggregate;
 
 use crate::StartError;
-use crate::commands::{CommandContext, CommandService, Target};
-use crate::error::ApiError;
-use crate::relay::AppendSignal;
+use crate::engine::{AppendSignal, CommandContext, CommandError, CommandService, Target};
 
 /// Messages taken per batch; their transfers are driven concurrently.
 const MAX_BATCH: usize = 200;
@@ -259,7 +257,7 @@ impl ProcessManager {
                     Ok(status) => {
                         tracing::debug!(transfer = %id, status = status.as_str(), "transfer driven")
                     }
-                    Err(ApiError::Unavailable(err)) => {
+                    Err(CommandError::Unavailable(err)) => {
                         tracing::warn!(transfer = %id, error = %err, "database unavailable; retrying");
                         retry.push(*id);
                     }
@@ -277,11 +275,11 @@ impl ProcessManager {
     }
 
     /// Takes the transfer's next steps until it is final, and returns that status.
-    async fn drive(&self, id: Uuid) -> Result<TransferStatus, ApiError> {
+    async fn drive(&self, id: Uuid) -> Result<TransferStatus, CommandError> {
         loop {
             let transfer = self.commands.transfer_state(id).await?;
             let Some(requested) = transfer.state.state() else {
-                return Err(ApiError::TransferNotFound);
+                return Err(TransferError::NotFound.into());
             };
             let NextStep::Ask { account, step } = transfer.state.next_step() else {
                 return Ok(requested.status);
@@ -309,7 +307,7 @@ impl ProcessManager {
         transfer_id: Uuid,
         account: Uuid,
         step: TransferStep,
-    ) -> Result<StepOutcome, ApiError> {
+    ) -> Result<StepOutcome, CommandError> {
         let command = AccountCommand::for_transfer_step(
             step,
             terms.tenant.clone(),
@@ -323,16 +321,20 @@ impl ProcessManager {
             .account(&context, Target::Existing(account), command, None)
             .await
         {
-            Ok(_) => self
-                .commands
-                .step_outcome(account, transfer_id, step)
-                .await?
+            Ok(committed) => committed
+                .events
+                .iter()
+                .filter_map(AccountEvent::transfer_step)
+                .find(|&(id, taken, _)| id == transfer_id && taken == step)
+                .map(|(_, _, outcome)| outcome)
                 .ok_or_else(|| {
-                    ApiError::Internal(anyhow::anyhow!(
-                        "account {account} took the {step:?} of transfer {transfer_id} but does not record it"
+                    CommandError::Internal(anyhow::anyhow!(
+                        "account {account} accepted the {step:?} of transfer {transfer_id} but did not record it"
                     ))
                 }),
-            Err(ApiError::Rule(AccountError::TransferStepRecorded { outcome, .. })) => Ok(outcome),
+            Err(CommandError::Account(AccountError::TransferStepRecorded { outcome, .. })) => {
+                Ok(outcome)
+            }
             Err(err) => Err(err),
         }
     }

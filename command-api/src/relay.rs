@@ -17,7 +17,6 @@
 //! or a slow poll, whichever comes first.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::VecDeque;
@@ -33,7 +32,8 @@ use service_kit::event_log::{self, LogPosition, LoggedEvent};
 use service_kit::kafka::{self, KafkaConfig};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::Notify;
+
+use crate::engine::AppendSignal;
 
 /// The `log_checkpoints` row of the Kafka relay.
 const READER: &str = "kafka-relay";
@@ -54,8 +54,6 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Batches sent but not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 4;
-/// Shortest pause between two `NOTIFY`s from one process.
-const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 /// How often the leader measures its lag for `/metrics`.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -69,42 +67,6 @@ pub struct RelayConfig {
     pub idle_poll: Duration,
     /// How often a non-leader tries to become the leader.
     pub leader_retry: Duration,
-}
-
-/// Wakes relays after an append: the one in this process directly, those of other replicas
-/// through `NOTIFY`, sent off the request path, coalesced (one pending notification stands for
-/// any number of appends) and at most every [`NOTIFY_INTERVAL`], so that a busy command API does
-/// not double its transaction rate.
-#[derive(Debug, Clone, Default)]
-pub struct AppendSignal {
-    local: Arc<Notify>,
-    remote: Arc<Notify>,
-}
-
-impl AppendSignal {
-    pub(crate) fn appended(&self) {
-        self.local.notify_one();
-        self.remote.notify_one();
-    }
-
-    /// Forwards appends to `NOTIFY` until `shutdown`.
-    pub(crate) async fn forward(self, pool: PgPool, shutdown: impl Future<Output = ()> + Send) {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = self.remote.notified() => {}
-            }
-            if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(channels::EVENTS_APPENDED)
-                .execute(&pool)
-                .await
-            {
-                tracing::debug!(error = %err, "could not notify other relays");
-            }
-            tokio::time::sleep(NOTIFY_INTERVAL).await;
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +270,7 @@ impl Relay {
                 self.config.idle_poll
             };
             tokio::select! {
-                () = self.signal.local.notified() => {}
+                () = self.signal.appended_here() => {}
                 notification = listener.recv() => { notification?; }
                 () = tokio::time::sleep(wait) => {}
             }

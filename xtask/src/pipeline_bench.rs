@@ -7,7 +7,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use command_api::relay::{AppendSignal, Relay, RelayConfig};
+use command_api::AppendSignal;
+use command_api::relay::{Relay, RelayConfig};
 use serde_json::json;
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::kafka::KafkaConfig;

@@ -5,8 +5,9 @@ use std::num::NonZeroUsize;
 use std::sync::Once;
 use std::time::Duration;
 
+use command_api::AppendSignal;
 use command_api::process::{ProcessConfig, ProcessManager};
-use command_api::relay::{AppendSignal, Relay, RelayConfig};
+use command_api::relay::{Relay, RelayConfig};
 use projector::Projector;
 use reqwest::StatusCode;
 use serde_json::{Value, json};

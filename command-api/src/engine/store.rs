@@ -1,30 +1,16 @@
-//! The event streams of one aggregate type (accounts, transfers): loading, appending, and the
-//! in-memory state between commands.
-//!
-//! Commands for one stream take turns in this process under a per-stream async lock, in groups
-//! (see `commands`), and the state each group leaves behind is kept (bounded, least recently
-//! used). A command on a cached stream therefore costs no read, only its rows in the next
-//! batched INSERT (see `append`). The cache is never trusted for correctness: the insert names
-//! the next sequence number, so a stale state (another replica wrote meanwhile) fails on the
-//! primary key and the command is retried on fresh state.
-//!
-//! Ordering rule of the event log (DESIGN.md): a transaction may only write to a stream after
-//! the version it builds on has committed. Both the load and the cache respect that: a state is
-//! cached only after its insert committed, and the stream stays locked until then.
+//! The event streams of one aggregate type (accounts, transfers) in the event store: loading
+//! and folding them, appending to them (through `append`'s batches), and finding the event that
+//! spent an idempotency key. No state is kept here; `stream` keeps it between commands.
 
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use domain::StoredEvent;
-use lru::LruCache;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
-use crate::append::{Append, AppendError, Appender, EventRow};
-use crate::commands::Waiter;
+use super::append::{Append, AppendError, Appender, EventRow};
 
 /// A stream's state and the version (last sequence) it reflects.
 #[derive(Debug, Clone, Default)]
@@ -39,33 +25,6 @@ impl<A: Aggregate> Versioned<A> {
             self.state.apply(event);
             self.version += 1;
         }
-    }
-}
-
-/// The cached state of one stream; `None` until loaded or after a failed append.
-pub(crate) type Slot<A> = Option<Versioned<A>>;
-
-/// One stream in this process: its state, locked while commands run on it, and the commands
-/// waiting to run (see `commands::CommandService::decide_and_append`).
-pub(crate) struct StreamHandle<A: Aggregate> {
-    pub(crate) slot: Arc<AsyncMutex<Slot<A>>>,
-    waiting: Mutex<Vec<Waiter<A>>>,
-}
-
-impl<A: Aggregate> Default for StreamHandle<A> {
-    fn default() -> Self {
-        Self {
-            slot: Arc::default(),
-            waiting: Mutex::default(),
-        }
-    }
-}
-
-impl<A: Aggregate> StreamHandle<A> {
-    pub(crate) fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waiter<A>>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -94,33 +53,45 @@ SELECT aggregate_id, sequence, metadata ->> 'request_hash'
  ORDER BY sequence DESC
  LIMIT 1";
 
+const FIRST_EVENT: &str = "
+SELECT event_type, event_version, payload
+  FROM events
+ WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1";
+
 /// The streams of aggregate type `A` in the event store.
 pub(crate) struct Store<A: Aggregate> {
+    pool: PgPool,
     appender: Appender,
     repository: PostgresEventRepository,
-    cache: Mutex<LruCache<String, Arc<StreamHandle<A>>>>,
+    _aggregate: std::marker::PhantomData<fn() -> A>,
 }
 
 impl<A: Aggregate<Event: StoredEvent> + Default> Store<A> {
-    pub(crate) fn new(pool: PgPool, appender: Appender, cache_capacity: NonZeroUsize) -> Self {
+    pub(crate) fn new(pool: PgPool, appender: Appender) -> Self {
         Self {
-            repository: PostgresEventRepository::new(pool),
+            repository: PostgresEventRepository::new(pool.clone()),
+            pool,
             appender,
-            cache: Mutex::new(LruCache::new(cache_capacity)),
+            _aggregate: std::marker::PhantomData,
         }
     }
 
-    pub(crate) fn stream(&self, aggregate_id: &str) -> Arc<StreamHandle<A>> {
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.get_or_insert_ref(aggregate_id, Arc::default).clone()
-    }
-
-    /// Locks the stream's slot; commands on one stream run one at a time in this process.
-    pub(crate) async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot<A>> {
-        self.stream(aggregate_id).slot.clone().lock_owned().await
+    /// The event that started the stream, if it exists: read by primary key, without the
+    /// stream's lock and whatever the stream's length.
+    pub(crate) async fn first_event(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<A::Event>, LoadError> {
+        let row: Option<(String, String, serde_json::Value)> = sqlx::query_as(FIRST_EVENT)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .map(|(event_type, event_version, payload)| {
+                domain::read_stored(&event_type, &event_version, payload)
+            })
+            .transpose()?)
     }
 
     /// The whole stream, folded.

@@ -1,0 +1,647 @@
+//! One stream in this process: its cached state, the commands waiting for it, and the groups
+//! in which those commands are decided and appended together.
+//!
+//! Commands for one stream take turns in this process under a per-stream async lock. The
+//! command that gets the lock takes every command waiting for it, decides them in turn and
+//! appends all their events at once (`run_group`): on a busy stream that is one commit for
+//! many commands instead of one each, since a stream's next append may only start once the last
+//! one has committed. The state each group leaves behind is kept (bounded, least recently
+//! used), so a command on a cached stream costs no read, only its rows in the next batched
+//! INSERT (see `append`). The cache is never trusted for correctness: the insert names the next
+//! sequence number, so a stale state (another replica wrote meanwhile) fails on the primary key
+//! and the command is retried on fresh state.
+//!
+//! Ordering rule of the event log (docs/ARCHITECTURE.md): a transaction may only write to a
+//! stream after the version it builds on has committed. Both the load and the cache respect
+//! that: a state is cached only after its insert committed, and the stream stays locked until
+//! then.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cqrs_es::Aggregate;
+use cqrs_es::event_sink::EventSink;
+use domain::{
+    Account, AccountCommand, AccountError, StoredEvent, Transfer, TransferCommand, TransferError,
+};
+use lru::LruCache;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, oneshot};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::append::{AppendError, EventRow};
+use super::error::CommandError;
+use super::signal::AppendSignal;
+use super::store::{Store, Versioned, event_row};
+
+/// What running commands needs to know of an aggregate beyond cqrs-es's trait.
+pub(crate) trait Stream:
+    Aggregate<
+        Services = (),
+        Command: Clone + Send + Sync,
+        Event: StoredEvent,
+        Error: Into<CommandError>,
+    > + Default
+    + Clone
+    + 'static
+{
+    /// True if the stream exists and belongs to `tenant`.
+    fn belongs_to(&self, tenant: &str) -> bool;
+    /// True for the command that starts a stream.
+    fn starts(command: &Self::Command) -> bool;
+    fn tenant(command: &Self::Command) -> &str;
+    fn name(command: &Self::Command) -> &'static str;
+    /// The refusal for a stream that does not exist for the caller's tenant.
+    fn not_found() -> Self::Error;
+}
+
+impl Stream for Account {
+    fn belongs_to(&self, tenant: &str) -> bool {
+        Account::belongs_to(self, tenant)
+    }
+
+    fn starts(command: &AccountCommand) -> bool {
+        matches!(command, AccountCommand::Open { .. })
+    }
+
+    fn tenant(command: &AccountCommand) -> &str {
+        command.tenant()
+    }
+
+    fn name(command: &AccountCommand) -> &'static str {
+        command.name()
+    }
+
+    fn not_found() -> AccountError {
+        AccountError::NotFound
+    }
+}
+
+impl Stream for Transfer {
+    fn belongs_to(&self, tenant: &str) -> bool {
+        Transfer::belongs_to(self, tenant)
+    }
+
+    fn starts(command: &TransferCommand) -> bool {
+        matches!(command, TransferCommand::Request(_))
+    }
+
+    fn tenant(command: &TransferCommand) -> &str {
+        command.tenant()
+    }
+
+    fn name(command: &TransferCommand) -> &'static str {
+        command.name()
+    }
+
+    fn not_found() -> TransferError {
+        TransferError::NotFound
+    }
+}
+
+/// A command's events once appended, and the stream version after them.
+#[derive(Debug)]
+pub(crate) struct Appended<E> {
+    pub(crate) version: u64,
+    pub(crate) events: Vec<E>,
+}
+
+/// A command for a stream, as it waits for its turn.
+pub(crate) struct Request<'a, A: Aggregate> {
+    pub(crate) command: &'a A::Command,
+    /// The version the command only applies to (`If-Match`), if any.
+    pub(crate) expected_version: Option<u64>,
+    /// The metadata every event of the command carries, serialised.
+    pub(crate) metadata: &'a str,
+    pub(crate) key: Option<&'a str>,
+    /// True if the stream id was generated for this command: nothing to load.
+    pub(crate) new: bool,
+}
+
+/// What became of a command's turn on its stream.
+pub(crate) enum Answer<E> {
+    Done(Result<Appended<E>, CommandError>),
+    /// The group lost a race (another replica wrote, or spent an idempotency key): run the
+    /// command again, from the replay check.
+    Retry {
+        current_version: Option<u64>,
+    },
+}
+
+/// The cached state of one stream; `None` until loaded or after a failed append.
+type Slot<A> = Option<Versioned<A>>;
+
+/// One stream in this process: its state, locked while commands run on it, and the commands
+/// waiting to run.
+struct StreamHandle<A: Aggregate> {
+    slot: Arc<AsyncMutex<Slot<A>>>,
+    waiting: Mutex<Vec<Waiter<A>>>,
+}
+
+impl<A: Aggregate> Default for StreamHandle<A> {
+    fn default() -> Self {
+        Self {
+            slot: Arc::default(),
+            waiting: Mutex::default(),
+        }
+    }
+}
+
+impl<A: Aggregate> StreamHandle<A> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waiter<A>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The streams of one aggregate type in this process, the recently used ones cached.
+pub(crate) struct Streams<A: Aggregate> {
+    store: Store<A>,
+    cache: Mutex<LruCache<String, Arc<StreamHandle<A>>>>,
+    /// Tells a command's entry among its stream's waiters from the others'.
+    tickets: AtomicU64,
+    /// Wakes the relay after each append.
+    appended: AppendSignal,
+}
+
+impl<A: Stream> Streams<A> {
+    pub(crate) fn new(store: Store<A>, capacity: NonZeroUsize, appended: AppendSignal) -> Self {
+        Self {
+            store,
+            cache: Mutex::new(LruCache::new(capacity)),
+            tickets: AtomicU64::new(0),
+            appended,
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Store<A> {
+        &self.store
+    }
+
+    fn handle(&self, aggregate_id: &str) -> Arc<StreamHandle<A>> {
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.get_or_insert_ref(aggregate_id, Arc::default).clone()
+    }
+
+    async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot<A>> {
+        self.handle(aggregate_id).slot.clone().lock_owned().await
+    }
+
+    /// A stream's cached state, or its state loaded from the store if none is cached.
+    pub(crate) async fn known(&self, id: Uuid) -> Result<Versioned<A>, CommandError> {
+        let aggregate_id = id.to_string();
+        let mut slot = self.lock(&aggregate_id).await;
+        if let Some(cached) = slot.as_ref() {
+            return Ok(cached.clone());
+        }
+        let state = self.store.load(&aggregate_id).await?;
+        *slot = Some(state.clone());
+        Ok(state)
+    }
+
+    /// Gives `request` its turn on stream `id`: it joins the stream's waiters, and either a
+    /// group that holds the lock answers it, or it gets the lock and runs the group itself.
+    #[tracing::instrument(skip_all)]
+    pub(crate) async fn take_turn(
+        self: &Arc<Self>,
+        id: Uuid,
+        request: Request<'_, A>,
+    ) -> Result<Answer<A::Event>, CommandError> {
+        let aggregate_id = id.to_string();
+        let stream = self.handle(&aggregate_id);
+        let (answer, mut answered) = oneshot::channel();
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        stream.waiting().push(Waiter {
+            ticket,
+            command: request.command.clone(),
+            expected_version: request.expected_version,
+            metadata: request.metadata.to_owned(),
+            key: request.key.map(str::to_owned),
+            answer,
+        });
+        // A group answers every waiter it took before it lets go of the lock, so a waiter
+        // either is answered or gets the lock with its own entry still queued.
+        let answer = tokio::select! {
+            biased;
+            answer = &mut answered => answer,
+            mut slot = stream.slot.clone().lock_owned() => {
+                let (state, fresh) = match slot.take() {
+                    Some(cached) => (cached, false),
+                    None if request.new => (Versioned::default(), true),
+                    None => match self.store.load(&aggregate_id).await {
+                        Ok(loaded) => (loaded, true),
+                        Err(err) => {
+                            // Only this command fails; the next waiter loads for itself.
+                            stream.waiting().retain(|waiter| waiter.ticket != ticket);
+                            return Err(err.into());
+                        }
+                    },
+                };
+                let waiters = std::mem::take(&mut *stream.waiting());
+                let alone = matches!(waiters.as_slice(), [only] if only.ticket == ticket);
+                let group = run_group(Group {
+                    streams: self.clone(),
+                    slot,
+                    aggregate_id,
+                    state,
+                    fresh,
+                    waiters,
+                });
+                if alone {
+                    group.await;
+                } else {
+                    // Spawned, so that a client hanging up cannot cancel the others'
+                    // commands half way through.
+                    tokio::spawn(group.in_current_span());
+                }
+                answered.await
+            }
+        };
+        answer.map_err(|_| {
+            CommandError::Internal(anyhow::anyhow!(
+                "the command's group stopped without answering"
+            ))
+        })
+    }
+}
+
+/// The aggregate's decision on `state`: the next state and the events that lead to it.
+async fn decide<A: Stream>(
+    state: &Versioned<A>,
+    command: &A::Command,
+    expected_version: Option<u64>,
+) -> Result<(Versioned<A>, Vec<A::Event>), CommandError> {
+    if !A::starts(command) && !state.state.belongs_to(A::tenant(command)) {
+        // Before the version check, so other tenants learn nothing, not even a version.
+        return Err(A::not_found().into());
+    }
+    if let Some(expected) = expected_version
+        && expected != state.version
+    {
+        return Err(CommandError::Conflict {
+            current_version: Some(state.version),
+        });
+    }
+    let mut next = state.clone();
+    let sink = EventSink::default();
+    next.state
+        .handle(command.clone(), &(), &sink)
+        .await
+        .map_err(Into::into)?;
+    let events = sink.collect().await;
+    next.version += events.len() as u64;
+    Ok((next, events))
+}
+
+/// A command waiting for its stream.
+struct Waiter<A: Aggregate> {
+    ticket: u64,
+    command: A::Command,
+    expected_version: Option<u64>,
+    metadata: String,
+    key: Option<String>,
+    answer: oneshot::Sender<Answer<A::Event>>,
+}
+
+/// Commands on one stream, decided and appended together while its lock is held.
+struct Group<A: Stream> {
+    streams: Arc<Streams<A>>,
+    slot: OwnedMutexGuard<Slot<A>>,
+    aggregate_id: String,
+    state: Versioned<A>,
+    /// True if `state` was just read from the store rather than cached.
+    fresh: bool,
+    waiters: Vec<Waiter<A>>,
+}
+
+/// The group's decisions on one starting state.
+struct Decided<A: Aggregate> {
+    next: Versioned<A>,
+    rows: Vec<EventRow>,
+    /// Each waiter's outcome if the rows commit: its events and the version after them.
+    outcomes: Vec<Result<Appended<A::Event>, CommandError>>,
+}
+
+async fn run_group<A: Stream>(group: Group<A>) {
+    let Group {
+        streams,
+        mut slot,
+        aggregate_id,
+        mut state,
+        fresh,
+        waiters,
+    } = group;
+    let waiters = answer_foreign(&state, waiters);
+    // One key twice in one append would fail it as a whole: a repeat runs again instead, and
+    // its replay check finds what the first one did. Keys are per tenant, as the store's
+    // unique index is. Waiters whose request is gone are dropped: they have nobody to answer.
+    let mut keys = std::collections::HashSet::new();
+    let (waiters, repeats): (Vec<_>, Vec<_>) = waiters
+        .into_iter()
+        .filter(|waiter| !waiter.answer.is_closed())
+        .partition(|waiter| {
+            waiter
+                .key
+                .as_ref()
+                .is_none_or(|key| keys.insert((A::tenant(&waiter.command).to_owned(), key.clone())))
+        });
+    retry(repeats, None);
+
+    let mut decided = decide_group(&state, &waiters).await;
+    if !fresh && decided.outcomes.iter().any(Result::is_err) {
+        // A refusal may come from state another replica has since changed: only a refusal on
+        // the latest state is final.
+        if let Err(err) = streams.store.catch_up(&aggregate_id, &mut state).await {
+            return fail(waiters, err.into());
+        }
+        decided = decide_group(&state, &waiters).await;
+    }
+    let Decided {
+        next,
+        rows,
+        outcomes,
+    } = decided;
+    if !rows.is_empty() {
+        match streams
+            .store
+            .append(&aggregate_id, state.version, rows)
+            .await
+        {
+            Ok(()) => streams.appended.appended(),
+            Err(AppendError::StreamConflict) => {
+                if let Err(err) = streams.store.catch_up(&aggregate_id, &mut state).await {
+                    return fail(waiters, err.into());
+                }
+                // The stream may have come into being since the group began (a stale empty
+                // cache): only its own tenant's commands learn its version.
+                let waiters = answer_foreign(&state, waiters);
+                let current_version = Some(state.version);
+                *slot = Some(state);
+                return retry(waiters, current_version);
+            }
+            Err(AppendError::IdempotencyKeyTaken) => {
+                *slot = Some(state);
+                return retry(waiters, None);
+            }
+            Err(err) => return fail(waiters, err.into()),
+        }
+    }
+    *slot = Some(next);
+    for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+        let _ = waiter.answer.send(Answer::Done(outcome));
+    }
+    // Only now is the stream unlocked (as `slot` drops): see `Streams::take_turn`.
+}
+
+/// Answers "not found" now to the waiters of another tenant than the existing stream's and
+/// returns the rest. A stream never changes tenant, so that answer is final whatever becomes of
+/// the group's append; retried with the others after a lost race, such a command would end in
+/// a 409 naming the stream's version.
+fn answer_foreign<A: Stream>(state: &Versioned<A>, waiters: Vec<Waiter<A>>) -> Vec<Waiter<A>> {
+    let exists = state.version > 0;
+    let (own, foreign): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|waiter| {
+        !exists || A::starts(&waiter.command) || state.state.belongs_to(A::tenant(&waiter.command))
+    });
+    for waiter in foreign {
+        let _ = waiter.answer.send(Answer::Done(Err(A::not_found().into())));
+    }
+    own
+}
+
+/// Decides each waiter's command on the state its predecessors in the group left.
+async fn decide_group<A: Stream>(state: &Versioned<A>, waiters: &[Waiter<A>]) -> Decided<A> {
+    let mut next = state.clone();
+    let mut rows = Vec::new();
+    let mut outcomes = Vec::with_capacity(waiters.len());
+    for waiter in waiters {
+        let outcome = match decide(&next, &waiter.command, waiter.expected_version).await {
+            Ok((after, events)) => events
+                .iter()
+                .map(|event| event_row(event, &waiter.metadata))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|mut serialised| {
+                    rows.append(&mut serialised);
+                    next = after;
+                    Appended {
+                        version: next.version,
+                        events,
+                    }
+                })
+                .map_err(CommandError::from),
+            Err(err) => Err(err),
+        };
+        outcomes.push(outcome);
+    }
+    Decided {
+        next,
+        rows,
+        outcomes,
+    }
+}
+
+fn retry<A: Aggregate>(waiters: Vec<Waiter<A>>, current_version: Option<u64>) {
+    for waiter in waiters {
+        let _ = waiter.answer.send(Answer::Retry { current_version });
+    }
+}
+
+/// The store failed the whole group: every command gets the failure.
+fn fail<A: Aggregate>(waiters: Vec<Waiter<A>>, err: CommandError) {
+    for waiter in waiters {
+        let _ = waiter.answer.send(Answer::Done(Err(err.duplicate())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::{AccountEvent, Amount, Currency, OverdraftLimit, Owner};
+    use service_kit::testing::TestDatabase;
+
+    use super::super::append::Appender;
+    use super::*;
+
+    fn deposit() -> AccountCommand {
+        AccountCommand::Deposit {
+            tenant: "acme".into(),
+            amount: Amount::parse(5).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+        }
+    }
+
+    fn deposit_of(tenant: &str) -> AccountCommand {
+        AccountCommand::Deposit {
+            tenant: tenant.into(),
+            amount: Amount::parse(5).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+        }
+    }
+
+    fn waiter(
+        command: AccountCommand,
+        key: Option<&str>,
+    ) -> (Waiter<Account>, oneshot::Receiver<Answer<AccountEvent>>) {
+        let (answer, answered) = oneshot::channel();
+        let tenant = command.tenant().to_owned();
+        let waiter = Waiter {
+            ticket: 0,
+            command,
+            expected_version: None,
+            metadata: serde_json::json!({"tenant": tenant, "idempotency_key": key}).to_string(),
+            key: key.map(str::to_owned),
+            answer,
+        };
+        (waiter, answered)
+    }
+
+    /// What `waiter` was told, within a bound: a waiter nobody answers fails the test.
+    async fn answer(answered: oneshot::Receiver<Answer<AccountEvent>>) -> Answer<AccountEvent> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), answered)
+            .await
+            .expect("the waiter is answered")
+            .expect("the group answers rather than dropping the waiter")
+    }
+
+    /// Runs `waiters` as one group on `id`, as the command that took the stream's lock would.
+    async fn run(streams: &Arc<Streams<Account>>, id: Uuid, waiters: Vec<Waiter<Account>>) {
+        let mut slot = streams.lock(&id.to_string()).await;
+        let state = slot.take().unwrap_or_default();
+        run_group(Group {
+            streams: streams.clone(),
+            slot,
+            aggregate_id: id.to_string(),
+            state,
+            fresh: true,
+            waiters,
+        })
+        .await;
+    }
+
+    /// Opens account `id` for tenant `acme` through a group of its own.
+    async fn open(streams: &Arc<Streams<Account>>, id: Uuid) {
+        let (open, opened) = waiter(
+            AccountCommand::Open {
+                tenant: "acme".into(),
+                owner: Owner::parse("Ada").unwrap(),
+                currency: Currency::parse("EUR").unwrap(),
+                overdraft_limit: OverdraftLimit::parse(0).unwrap(),
+            },
+            None,
+        );
+        run(streams, id, vec![open]).await;
+        assert!(matches!(
+            answer(opened).await,
+            Answer::Done(Ok(Appended { version: 1, .. }))
+        ));
+    }
+
+    fn streams(db: &TestDatabase) -> Arc<Streams<Account>> {
+        let appender = Appender::start(db.pool.clone(), 1);
+        Arc::new(Streams::new(
+            Store::new(db.pool.clone(), appender),
+            NonZeroUsize::new(10).unwrap(),
+            AppendSignal::default(),
+        ))
+    }
+
+    /// A group that loses its race is told to run again, but never another tenant's command
+    /// in it: that one is "not found", final, and learns no version.
+    #[tokio::test]
+    async fn another_tenants_command_in_a_group_that_loses_a_race_is_not_found() {
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+        // The group decides on a stale state: another replica appended version 2 since.
+        let mut slot = streams.lock(&id.to_string()).await;
+        let stale = slot.take().unwrap();
+        sqlx::query(
+            r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+               VALUES ('account', $1, 2, 'AccountFrozen', '1', '"AccountFrozen"',
+                       '{"tenant":"acme","actor":"t","correlation_id":"c","causation_id":"c","request_id":"r"}')"#,
+        )
+        .bind(id.to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let (own, own_answer) = waiter(deposit(), None);
+        let (foreign, foreign_answer) = waiter(deposit_of("globex"), None);
+        run_group(Group {
+            streams: streams.clone(),
+            slot,
+            aggregate_id: id.to_string(),
+            state: stale,
+            fresh: true,
+            waiters: vec![own, foreign],
+        })
+        .await;
+        assert!(matches!(
+            answer(own_answer).await,
+            Answer::Retry {
+                current_version: Some(2)
+            }
+        ));
+        match answer(foreign_answer).await {
+            Answer::Done(Err(err)) => assert!(
+                matches!(err, CommandError::Account(AccountError::NotFound)),
+                "{err:?}"
+            ),
+            _ => panic!("another tenant's command was told to retry"),
+        }
+    }
+
+    /// The same idempotency key from two tenants is two keys: in one group, neither is
+    /// taken for a repeat of the other.
+    #[tokio::test]
+    async fn one_key_of_two_tenants_is_two_keys() {
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        let opening = |tenant: &str| AccountCommand::Open {
+            tenant: tenant.into(),
+            owner: Owner::parse("Ada").unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            overdraft_limit: OverdraftLimit::parse(0).unwrap(),
+        };
+        let (acme, acme_answer) = waiter(opening("acme"), Some("k"));
+        let (globex, globex_answer) = waiter(opening("globex"), Some("k"));
+        run(&streams, id, vec![acme, globex]).await;
+        assert!(matches!(
+            answer(acme_answer).await,
+            Answer::Done(Ok(Appended { version: 1, .. }))
+        ));
+        // Decided in the group (the account is taken), not sent round again as a repeat.
+        assert!(matches!(answer(globex_answer).await, Answer::Done(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_idempotency_key_in_a_group_runs_again_and_the_rest_commit() {
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+
+        let (first, first_answer) = waiter(deposit(), Some("k"));
+        let (repeat, repeat_answer) = waiter(deposit(), Some("k"));
+        let (other, other_answer) = waiter(deposit(), None);
+        run(&streams, id, vec![first, repeat, other]).await;
+        assert!(matches!(
+            answer(first_answer).await,
+            Answer::Done(Ok(Appended { version: 2, .. }))
+        ));
+        assert!(matches!(answer(repeat_answer).await, Answer::Retry { .. }));
+        assert!(matches!(
+            answer(other_answer).await,
+            Answer::Done(Ok(Appended { version: 3, .. }))
+        ));
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, 3);
+    }
+}
