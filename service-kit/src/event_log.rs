@@ -1,7 +1,7 @@
 //! Reading the global event log in commit order, without gaps and without timeouts.
 //!
 //! Identity values are handed out at insert, not at commit, so ordering by `global_position`
-//! alone skips rows whose transaction commits late. Instead (DESIGN.md):
+//! alone skips rows whose transaction commits late. Instead (docs/ARCHITECTURE.md):
 //!
 //! ```sql
 //! WHERE (tx_id, global_position) > ($last_tx, $last_pos)

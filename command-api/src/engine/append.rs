@@ -5,7 +5,7 @@
 //! or from a group of commands on that stream (see `commands`). The stream stays locked until
 //! the append is answered, so a batch never carries two appends to one stream. Every append in
 //! a batch was decided on a committed version before the batch's transaction takes its xid (at
-//! its INSERT), so the log's per-stream order (DESIGN.md) holds as before. What a batch saves
+//! its INSERT), so the log's per-stream order (docs/ARCHITECTURE.md) holds. What a batch saves
 //! is the per-transaction cost: one round trip, one statement and one commit (one WAL flush)
 //! for many appends instead of one each. Batches form without waiting: a writer takes whatever
 //! is queued when it comes free, so a lone command goes out at once and a busy service writes
