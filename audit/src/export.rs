@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
-use service_kit::event_log::{EVENT_COLUMNS, LogPosition, LoggedEvent};
+use service_kit::event_log::{self, EVENT_COLUMNS, LogPosition, LoggedEvent};
 use service_kit::progress::Progress;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgPool};
@@ -95,6 +95,7 @@ impl TryFrom<ExportRecord> for LoggedEvent {
             event_version: record.event_version,
             event_id: record.event_id,
             recorded_at: record.recorded_at,
+            tenant: event_log::tenant_of(&record.metadata),
             payload: record.payload,
             metadata: record.metadata,
             prev_hash,
@@ -143,7 +144,7 @@ impl Selection {
         };
         placeholder(self.aggregate_type.is_some(), "aggregate_type = ?");
         placeholder(self.aggregate_id.is_some(), "aggregate_id = ?");
-        placeholder(self.tenant.is_some(), "metadata ->> 'tenant' = ?");
+        placeholder(self.tenant.is_some(), "tenant = ?");
         placeholder(self.from.is_some(), "recorded_at >= ?");
         placeholder(self.to.is_some(), "recorded_at < ?");
         if conditions.is_empty() {

@@ -12,7 +12,7 @@ pub async fn stream_tenant(
     aggregate_id: &str,
 ) -> Result<Option<String>, sqlx::Error> {
     let tenant: Option<Option<String>> = sqlx::query_scalar(
-        "SELECT metadata ->> 'tenant' FROM events
+        "SELECT tenant FROM events
           WHERE aggregate_type = $1 AND aggregate_id = $2
           ORDER BY sequence LIMIT 1",
     )

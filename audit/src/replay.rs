@@ -38,7 +38,7 @@ pub async fn replay(
 ) -> Result<ReplayReport, StateError> {
     let started = Instant::now();
     let filter = "aggregate_type = $1 AND recorded_at <= $2
-                  AND ($3::text IS NULL OR metadata ->> 'tenant' = $3)";
+                  AND ($3::text IS NULL OR tenant = $3)";
     let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM events WHERE {filter}"))
         .bind(ACCOUNT)
         .bind(until)

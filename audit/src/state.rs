@@ -147,6 +147,7 @@ mod tests {
             event_version: "1".into(),
             event_id: uuid::Uuid::nil(),
             recorded_at: at,
+            tenant: String::new(),
             payload: payload.into(),
             metadata: "{}".into(),
             prev_hash: None,

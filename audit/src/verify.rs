@@ -124,7 +124,7 @@ pub async fn verify_store(
             "aggregate_type = $1 AND aggregate_id = $2",
             vec![aggregate_type, aggregate_id],
         ),
-        Scope::Tenant(tenant) => ("metadata ->> 'tenant' = $1", vec![tenant]),
+        Scope::Tenant(tenant) => ("tenant = $1", vec![tenant]),
         Scope::All => ("true", vec![]),
     };
     let total: i64 = sqlx::query_scalar_with(

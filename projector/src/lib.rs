@@ -379,10 +379,10 @@ impl Projector {
                 }
                 let applied = match event {
                     None => Err(format!("event {next} is missing from the event store")),
-                    Some(event) => store::stored_event(id, event)
+                    Some(stored) => store::decode(stored)
                         .map_err(|err| err.to_string())
-                        .and_then(|event| {
-                            model::apply(&mut row, &event, &mut entries)
+                        .and_then(|(_, event)| {
+                            model::apply(&mut row, id, stored, &event, &mut entries)
                                 .map_err(|err| err.to_string())
                         }),
                 };

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use domain::AccountEvent;
+use service_kit::event_log::LoggedEvent;
 use uuid::Uuid;
 
 /// A row of `accounts`.
@@ -37,17 +38,6 @@ pub struct EntryRow {
     pub transfer_id: Option<Uuid>,
 }
 
-/// One event of an account stream, as the projection needs it.
-#[derive(Debug, Clone)]
-pub struct StreamEvent {
-    pub account_id: Uuid,
-    pub sequence: i64,
-    pub tenant: String,
-    pub event_id: Uuid,
-    pub recorded_at: DateTime<Utc>,
-    pub event: AccountEvent,
-}
-
 /// An event that cannot follow the row it would apply to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FoldError {
@@ -66,37 +56,40 @@ pub enum FoldError {
     },
 }
 
-/// Applies `event`, the next version of its stream, to `row`; a money movement also adds an
-/// entry.
+/// Applies `event` (as decoded from `stored`), the next version of account `account_id`, to
+/// `row`; a money movement also adds an entry.
 pub fn apply(
     row: &mut Option<AccountRow>,
-    event: &StreamEvent,
+    account_id: Uuid,
+    stored: &LoggedEvent,
+    event: &AccountEvent,
     entries: &mut Vec<EntryRow>,
 ) -> Result<(), FoldError> {
-    let at = event.recorded_at;
+    let at = stored.recorded_at;
+    let sequence = stored.sequence;
     if let AccountEvent::AccountOpened {
         tenant,
         owner,
         currency,
         overdraft_limit,
         ..
-    } = &event.event
+    } = event
     {
         if row.is_some() {
             return Err(FoldError::OpenedTwice {
-                account: event.account_id,
-                sequence: event.sequence,
+                account: account_id,
+                sequence,
             });
         }
         *row = Some(AccountRow {
-            id: event.account_id,
+            id: account_id,
             tenant: tenant.clone(),
             owner: owner.as_str().to_owned(),
             currency: currency.to_string(),
             overdraft_limit: overdraft_limit.minor_units(),
             balance: 0,
             status: "active".into(),
-            version: event.sequence,
+            version: sequence,
             opened_at: at,
             updated_at: at,
         });
@@ -104,35 +97,35 @@ pub fn apply(
     }
     let Some(account) = row.as_mut() else {
         return Err(FoldError::NotOpened {
-            account: event.account_id,
-            sequence: event.sequence,
+            account: account_id,
+            sequence,
         });
     };
-    if account.tenant != event.tenant {
+    if account.tenant != stored.tenant {
         return Err(FoldError::TenantMismatch {
-            account: event.account_id,
-            sequence: event.sequence,
+            account: account_id,
+            sequence,
             expected: account.tenant.clone(),
-            got: event.tenant.clone(),
+            got: stored.tenant.clone(),
         });
     }
     let mut movement =
         |kind, amount: i64, balance_after: i64, currency: String, transfer_id: Option<Uuid>| {
             account.balance = balance_after;
             entries.push(EntryRow {
-                account_id: event.account_id,
-                version: event.sequence,
+                account_id: account_id,
+                version: sequence,
                 tenant: account.tenant.clone(),
                 kind,
                 amount,
                 currency,
                 balance_after,
-                event_id: event.event_id,
+                event_id: stored.event_id,
                 recorded_at: at,
                 transfer_id,
             });
         };
-    match &event.event {
+    match event {
         AccountEvent::AccountOpened { .. } => {}
         AccountEvent::MoneyDeposited {
             amount,
@@ -199,7 +192,7 @@ pub fn apply(
         AccountEvent::AccountUnfrozen => account.status = "active".into(),
         AccountEvent::AccountClosed => account.status = "closed".into(),
     }
-    account.version = event.sequence;
+    account.version = sequence;
     account.updated_at = at;
     Ok(())
 }
@@ -210,15 +203,32 @@ mod tests {
 
     use super::*;
 
-    fn event(sequence: i64, tenant: &str, event: AccountEvent) -> StreamEvent {
-        StreamEvent {
-            account_id: Uuid::nil(),
+    /// The stored event (only the fields the fold reads matter) and its decoded form.
+    fn event(sequence: i64, tenant: &str, event: AccountEvent) -> (LoggedEvent, AccountEvent) {
+        let stored = LoggedEvent {
+            position: service_kit::event_log::LogPosition::START,
+            aggregate_type: "account".into(),
+            aggregate_id: Uuid::nil().to_string(),
             sequence,
-            tenant: tenant.into(),
+            event_type: String::new(),
+            event_version: String::new(),
             event_id: Uuid::new_v4(),
             recorded_at: Utc::now(),
-            event,
-        }
+            tenant: tenant.into(),
+            payload: String::new(),
+            metadata: String::new(),
+            prev_hash: None,
+            hash: Vec::new(),
+        };
+        (stored, event)
+    }
+
+    fn fold(
+        row: &mut Option<AccountRow>,
+        (stored, event): &(LoggedEvent, AccountEvent),
+        entries: &mut Vec<EntryRow>,
+    ) -> Result<(), FoldError> {
+        apply(row, Uuid::nil(), stored, event, entries)
     }
 
     fn opened() -> AccountEvent {
@@ -245,7 +255,7 @@ mod tests {
             event(2, "acme", deposited),
             event(3, "acme", AccountEvent::AccountFrozen),
         ] {
-            apply(&mut row, &e, &mut entries).unwrap();
+            fold(&mut row, &e, &mut entries).unwrap();
         }
         let row = row.unwrap();
         assert_eq!(
@@ -261,16 +271,16 @@ mod tests {
         let mut entries = Vec::new();
         let mut row = None;
         assert!(matches!(
-            apply(
+            fold(
                 &mut row,
                 &event(2, "acme", AccountEvent::AccountFrozen),
                 &mut entries
             ),
             Err(FoldError::NotOpened { .. })
         ));
-        apply(&mut row, &event(1, "acme", opened()), &mut entries).unwrap();
+        fold(&mut row, &event(1, "acme", opened()), &mut entries).unwrap();
         assert!(matches!(
-            apply(
+            fold(
                 &mut row,
                 &event(2, "globex", AccountEvent::AccountFrozen),
                 &mut entries
@@ -278,7 +288,7 @@ mod tests {
             Err(FoldError::TenantMismatch { .. })
         ));
         assert!(matches!(
-            apply(&mut row, &event(2, "acme", opened()), &mut entries),
+            fold(&mut row, &event(2, "acme", opened()), &mut entries),
             Err(FoldError::OpenedTwice { .. })
         ));
     }

@@ -53,18 +53,9 @@ impl Fold {
         if event.aggregate_type != "account" {
             return Ok(());
         }
-        let account: Uuid =
-            event
-                .aggregate_id
-                .parse()
-                .map_err(|_| StoredEventError::Unreadable {
-                    aggregate_id: event.aggregate_id.clone(),
-                    sequence: event.sequence,
-                    reason: "aggregate id is not a UUID".into(),
-                })?;
-        let stream_event = store::stored_event(account, event)?;
+        let (account, decoded) = store::decode(event)?;
         let mut row = self.rows.remove(&account);
-        let applied = model::apply(&mut row, &stream_event, &mut self.entries);
+        let applied = model::apply(&mut row, account, event, &decoded, &mut self.entries);
         if let Some(row) = row {
             self.rows.insert(account, row);
         }

@@ -8,7 +8,7 @@ use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::model::{AccountRow, EntryRow, StreamEvent};
+use crate::model::{AccountRow, EntryRow};
 
 /// Which pair of tables to write: the live ones, or the ones a rebuild fills.
 #[derive(Debug, Clone, Copy)]
@@ -298,31 +298,20 @@ pub async fn parked_count(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// Reads one stored account event of `account`, upcast to the current version.
-pub fn stored_event(account: Uuid, event: &LoggedEvent) -> Result<StreamEvent, StoredEventError> {
-    let sequence = event.sequence;
+/// The account a stored account event belongs to, and the event as this code reads it.
+pub fn decode(stored: &LoggedEvent) -> Result<(Uuid, AccountEvent), StoredEventError> {
     let unreadable = |reason: String| StoredEventError::Unreadable {
-        aggregate_id: account.to_string(),
-        sequence,
+        aggregate_id: stored.aggregate_id.clone(),
+        sequence: stored.sequence,
         reason,
     };
-    let payload =
-        serde_json::from_str(&event.payload).map_err(|err| unreadable(err.to_string()))?;
-    let decoded: AccountEvent =
-        domain::read_stored(&event.event_type, &event.event_version, payload)
-            .map_err(|err| unreadable(err.to_string()))?;
-    let metadata: serde_json::Value =
-        serde_json::from_str(&event.metadata).map_err(|err| unreadable(err.to_string()))?;
-    let tenant = metadata["tenant"]
-        .as_str()
-        .ok_or_else(|| unreadable("metadata has no tenant".into()))?
-        .to_owned();
-    Ok(StreamEvent {
-        account_id: account,
-        sequence,
-        tenant,
-        event_id: event.event_id,
-        recorded_at: event.recorded_at,
-        event: decoded,
-    })
+    let account = stored
+        .aggregate_id
+        .parse()
+        .map_err(|_| unreadable("aggregate id is not a UUID".into()))?;
+    if stored.tenant.is_empty() {
+        return Err(unreadable("metadata names no tenant".into()));
+    }
+    let event = stored.decode().map_err(|err| unreadable(err.to_string()))?;
+    Ok((account, event))
 }

@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::{Transfer, TransferEvent};
+use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -26,19 +27,8 @@ pub struct TransferRow {
     pub updated_at: DateTime<Utc>,
 }
 
-/// One stored event of a transfer stream.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct StoredTransferEvent {
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub event_version: String,
-    pub recorded_at: DateTime<Utc>,
-    pub payload: String,
-}
-
 /// Folds one transfer's events, in version order, into its row; `Err` names what cannot be read.
-pub fn fold(id: Uuid, events: &[StoredTransferEvent]) -> Result<Option<TransferRow>, String> {
+pub fn fold(id: Uuid, events: &[LoggedEvent]) -> Result<Option<TransferRow>, String> {
     let mut transfer = Transfer::default();
     let mut version = 0;
     for event in events {
@@ -48,10 +38,7 @@ pub fn fold(id: Uuid, events: &[StoredTransferEvent]) -> Result<Option<TransferR
         let unreadable = |err: &dyn std::fmt::Display| {
             format!("transfer {id} version {}: {err}", event.sequence)
         };
-        let payload = serde_json::from_str(&event.payload).map_err(|err| unreadable(&err))?;
-        let decoded: TransferEvent =
-            domain::read_stored(&event.event_type, &event.event_version, payload)
-                .map_err(|err| unreadable(&err))?;
+        let decoded: TransferEvent = event.decode().map_err(|err| unreadable(&err))?;
         transfer.apply(decoded);
         version = event.sequence;
     }
@@ -80,14 +67,14 @@ pub fn fold(id: Uuid, events: &[StoredTransferEvent]) -> Result<Option<TransferR
 pub async fn stored_events(
     connection: &mut PgConnection,
     ids: Option<&[Uuid]>,
-) -> Result<Vec<StoredTransferEvent>, sqlx::Error> {
+) -> Result<Vec<LoggedEvent>, sqlx::Error> {
     let ids: Option<Vec<String>> = ids.map(|ids| ids.iter().map(Uuid::to_string).collect());
-    sqlx::query_as(
-        "SELECT aggregate_id, sequence, event_type, event_version, recorded_at, payload::text AS payload
+    sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS}
            FROM events
           WHERE aggregate_type = $1 AND ($2::text[] IS NULL OR aggregate_id = ANY($2))
-          ORDER BY aggregate_id, sequence",
-    )
+          ORDER BY aggregate_id, sequence"
+    ))
     .bind(Transfer::TYPE)
     .bind(ids)
     .fetch_all(connection)
@@ -96,7 +83,7 @@ pub async fn stored_events(
 
 /// Folds stored events of many transfers (grouped by stream) into rows. Streams that cannot
 /// be folded are returned with the reason instead.
-pub fn fold_all(events: &[StoredTransferEvent]) -> (Vec<TransferRow>, Vec<(Uuid, String)>) {
+pub fn fold_all(events: &[LoggedEvent]) -> (Vec<TransferRow>, Vec<(Uuid, String)>) {
     let mut rows = Vec::new();
     let mut unreadable = Vec::new();
     for stream in events.chunk_by(|a, b| a.aggregate_id == b.aggregate_id) {

@@ -72,6 +72,8 @@ pub struct LoggedEvent {
     pub event_version: String,
     pub event_id: Uuid,
     pub recorded_at: DateTime<Utc>,
+    /// The tenant the metadata names (the `tenant` column); empty if it names none.
+    pub tenant: String,
     /// The stored JSON text.
     pub payload: String,
     pub metadata: String,
@@ -81,6 +83,19 @@ pub struct LoggedEvent {
 }
 
 impl LoggedEvent {
+    /// The event as the current code reads it, older versions upcast: the one way a stored
+    /// event is decoded.
+    pub fn decode<E: domain::StoredEvent>(&self) -> Result<E, domain::ReadError> {
+        let payload = serde_json::from_str(&self.payload).map_err(|source| {
+            domain::ReadError::Unreadable {
+                event_type: self.event_type.clone(),
+                event_version: self.event_version.clone(),
+                source,
+            }
+        })?;
+        domain::read_stored(&self.event_type, &self.event_version, payload)
+    }
+
     /// The fields and links the hash chain covers, for verification.
     pub fn chained(&self) -> StoredEvent<'_> {
         StoredEvent {
@@ -101,10 +116,24 @@ impl LoggedEvent {
     }
 }
 
+/// The tenant `metadata` names, as the `tenant` column derives it; for events that were not
+/// read from the store (an export file).
+pub fn tenant_of(metadata: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Tenant {
+        tenant: Option<String>,
+    }
+    serde_json::from_str::<Tenant>(metadata)
+        .ok()
+        .and_then(|parsed| parsed.tenant)
+        .unwrap_or_default()
+}
+
 /// The select list [`LoggedEvent`]'s `FromRow` reads, for queries over `events`.
 pub const EVENT_COLUMNS: &str = "tx_id::text AS tx_id, global_position, aggregate_type, \
     aggregate_id, sequence, event_type, event_version, event_id, recorded_at, \
-    payload::text AS payload, metadata::text AS metadata, prev_hash, hash";
+    coalesce(tenant, '') AS tenant, payload::text AS payload, metadata::text AS metadata, \
+    prev_hash, hash";
 
 impl<'r> sqlx::FromRow<'r, PgRow> for LoggedEvent {
     fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
@@ -124,6 +153,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for LoggedEvent {
             event_version: row.try_get("event_version")?,
             event_id: row.try_get("event_id")?,
             recorded_at: row.try_get("recorded_at")?,
+            tenant: row.try_get("tenant")?,
             payload: row.try_get("payload")?,
             metadata: row.try_get("metadata")?,
             prev_hash: row.try_get("prev_hash")?,
@@ -143,10 +173,11 @@ macro_rules! read_committed_sql {
     ($filter:literal) => {
         concat!(
             "SELECT tx_id::text AS tx_id, global_position, aggregate_type, aggregate_id, sequence,
-                    event_type, event_version, event_id, recorded_at, payload, metadata, prev_hash, hash
+                    event_type, event_version, event_id, recorded_at, tenant, payload, metadata,
+                    prev_hash, hash
                FROM (SELECT tx_id, global_position, aggregate_type, aggregate_id, sequence, event_type,
-                            event_version, event_id, recorded_at, payload::text AS payload,
-                            metadata::text AS metadata, prev_hash, hash
+                            event_version, event_id, recorded_at, coalesce(tenant, '') AS tenant,
+                            payload::text AS payload, metadata::text AS metadata, prev_hash, hash
                        FROM events
                       WHERE (tx_id, global_position) > ($1::text::xid8, $2) ",
             $filter,
@@ -181,7 +212,7 @@ pub async fn read_committed_of_tenant(
     after: LogPosition,
     limit: i64,
 ) -> Result<Vec<LoggedEvent>, sqlx::Error> {
-    sqlx::query_as(read_committed_sql!("AND metadata ->> 'tenant' = $4"))
+    sqlx::query_as(read_committed_sql!("AND tenant = $4"))
         .bind(after.tx_id.to_string())
         .bind(after.global_position)
         .bind(limit)

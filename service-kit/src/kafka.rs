@@ -374,8 +374,6 @@ pub struct Envelope {
 #[derive(serde::Deserialize, Default)]
 struct MetadataView {
     #[serde(default)]
-    tenant: String,
-    #[serde(default)]
     correlation_id: String,
     #[serde(default)]
     causation_id: String,
@@ -408,7 +406,7 @@ pub fn envelope(event: &LoggedEvent) -> Envelope {
         (headers::TIME, time.as_str()),
         (headers::CONTENT_TYPE, "application/json"),
         (headers::SEQUENCE, sequence.as_str()),
-        (headers::TENANT, metadata.tenant.as_str()),
+        (headers::TENANT, event.tenant.as_str()),
         (headers::CORRELATION_ID, metadata.correlation_id.as_str()),
         (headers::CAUSATION_ID, metadata.causation_id.as_str()),
         (headers::HASH, hash.as_str()),
@@ -715,6 +713,7 @@ mod tests {
             event_version: "1".into(),
             event_id: uuid::Uuid::new_v4(),
             recorded_at: chrono::Utc::now(),
+            tenant: "acme".into(),
             payload: r#"{"MoneyDeposited":{"amount":5}}"#.into(),
             metadata: r#"{"tenant":"acme","correlation_id":"c","causation_id":"r"}"#.into(),
             prev_hash: None,

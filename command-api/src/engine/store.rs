@@ -49,7 +49,7 @@ pub(crate) enum LoadError {
 const FIND_IDEMPOTENCY_KEY: &str = "
 SELECT aggregate_id, sequence, metadata ->> 'request_hash'
   FROM events
- WHERE (metadata ->> 'tenant') = $1 AND (metadata ->> 'idempotency_key') = $2
+ WHERE tenant = $1 AND (metadata ->> 'idempotency_key') = $2
  ORDER BY sequence DESC
  LIMIT 1";
 

@@ -17,7 +17,7 @@ async fn visible_tenants(pool: &PgPool, tenant: &str) -> Vec<Vec<String>> {
         "SELECT DISTINCT tenant FROM accounts ORDER BY 1",
         "SELECT DISTINCT tenant FROM account_entries ORDER BY 1",
         "SELECT DISTINCT tenant FROM transfers ORDER BY 1",
-        "SELECT DISTINCT metadata ->> 'tenant' FROM events ORDER BY 1",
+        "SELECT DISTINCT tenant FROM events ORDER BY 1",
     ] {
         let mut scope = db::tenant_scope(pool, tenant).await.unwrap();
         seen.push(
