@@ -2,12 +2,14 @@
 //! API serves.
 //!
 //! # Layout
-//! - [`model`]: the read-model rows and how one event changes them.
+//! - [`model`]: the account read-model rows and how one event changes them.
 //! - [`store`]: reading and writing those rows; reading streams back from the event store.
-//! - `projection` (here): the consumer loop.
+//! - [`transfers`]: the `transfers` read model, refolded from the event store per message.
+//! - [`projection`]: the [`projection::ReadModel`] abstraction over both, and the list of
+//!   read models that `rebuild` and `check` cover.
 //! - [`rebuild`]: replaying the event store into fresh tables and swapping them in.
 //! - [`check`]: comparing the read models with a fold of the event store.
-//! - [`transfers`]: the `transfers` read model, refolded from the event store per message.
+//! - `Projector` (here): the consumer loop.
 //!
 //! Guarantees: offsets are committed only after the read-model transaction committed; each row
 //! records the last stream version applied, so a re-delivered event is skipped and a gap (an
@@ -49,6 +51,7 @@ use crate::store::{Parked, Tables};
 
 pub mod check;
 pub mod model;
+pub mod projection;
 pub mod rebuild;
 pub mod store;
 pub mod transfers;

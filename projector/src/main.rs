@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             let report = rebuild::rebuild(&pool, true).await?;
             tracing::info!(
                 events = report.events,
-                accounts = report.accounts,
+                rows = ?report.rows,
                 seconds = report.elapsed.as_secs_f64(),
                 "read models rebuilt and swapped in"
             );
@@ -42,11 +42,12 @@ async fn main() -> anyhow::Result<ExitCode> {
             for difference in &report.differences {
                 writeln!(out, "{}: {}", difference.id, difference.what)?;
             }
+            for (model, rows) in &report.rows {
+                write!(out, "{model}: {rows}, ")?;
+            }
             writeln!(
                 out,
-                "accounts: {}, transfers: {}, events: {}, differences: {}, time taken: {:.2} s",
-                report.accounts,
-                report.transfers,
+                "events: {}, differences: {}, time taken: {:.2} s",
                 report.events,
                 report.differences.len(),
                 report.elapsed.as_secs_f64()

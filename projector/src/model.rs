@@ -7,7 +7,7 @@ use service_kit::event_log::LoggedEvent;
 use uuid::Uuid;
 
 /// A row of `accounts`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AccountRow {
     pub id: Uuid,
     pub tenant: String,
@@ -113,7 +113,7 @@ pub fn apply(
         |kind, amount: i64, balance_after: i64, currency: String, transfer_id: Option<Uuid>| {
             account.balance = balance_after;
             entries.push(EntryRow {
-                account_id: account_id,
+                account_id,
                 version: sequence,
                 tenant: account.tenant.clone(),
                 kind,

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use domain::AccountEvent;
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::{PgConnection, Postgres, Transaction};
@@ -28,18 +27,52 @@ impl Tables {
     };
 }
 
-type AccountTuple = (
-    Uuid,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    String,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// The columns of an `accounts` row, in the order [`save`] binds them, with their types: the one
+/// list the upsert and the reads are generated from, so a column cannot be written on insert
+/// and forgotten on update.
+const ACCOUNT_COLUMNS: &[(&str, &str)] = &[
+    ("id", "uuid"),
+    ("tenant", "text"),
+    ("owner", "text"),
+    ("currency", "text"),
+    ("overdraft_limit", "int8"),
+    ("balance", "int8"),
+    ("status", "text"),
+    ("version", "int8"),
+    ("opened_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
+];
+
+fn column_list(columns: &[(&str, &str)]) -> String {
+    columns
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `INSERT` of rows given as one array per column (`$1` the first of `columns`, which is the
+/// key), moving an existing row forward (every column) only to a higher `version`.
+pub fn upsert(table: &str, columns: &[(&str, &str)]) -> String {
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| format!("${}::{kind}[]", i + 1))
+        .collect();
+    let updates: Vec<String> = columns
+        .iter()
+        .skip(1)
+        .map(|(name, _)| format!("{name} = EXCLUDED.{name}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) SELECT * FROM UNNEST({})
+         ON CONFLICT ({}) DO UPDATE SET {} WHERE {table}.version < EXCLUDED.version",
+        column_list(columns),
+        arrays.join(", "),
+        columns[0].0,
+        updates.join(", "),
+    )
+}
 
 /// The rows of `ids`, locked until the transaction ends, in id order (so that two projectors
 /// during a rebalance cannot deadlock).
@@ -48,33 +81,39 @@ pub async fn lock_rows(
     tables: Tables,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, AccountRow>, sqlx::Error> {
-    let rows: Vec<AccountTuple> = sqlx::query_as(&format!(
-        "SELECT id, tenant, owner, currency, overdraft_limit, balance, status, version, opened_at, updated_at
-           FROM {} WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    let rows: Vec<AccountRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM {} WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        column_list(ACCOUNT_COLUMNS),
         tables.accounts
     ))
     .bind(ids)
     .fetch_all(&mut **tx)
     .await?;
+    Ok(rows.into_iter().map(|row| (row.id, row)).collect())
+}
+
+/// Every live account row, with its number of entries.
+pub async fn all_rows(
+    connection: &mut PgConnection,
+) -> Result<HashMap<Uuid, (AccountRow, i64)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Counted {
+        #[sqlx(flatten)]
+        row: AccountRow,
+        entries: i64,
+    }
+    let rows: Vec<Counted> = sqlx::query_as(&format!(
+        "SELECT {}, (SELECT count(*) FROM {} e WHERE e.account_id = a.id) AS entries
+           FROM {} a",
+        column_list(ACCOUNT_COLUMNS),
+        Tables::LIVE.entries,
+        Tables::LIVE.accounts,
+    ))
+    .fetch_all(connection)
+    .await?;
     Ok(rows
         .into_iter()
-        .map(|r| {
-            (
-                r.0,
-                AccountRow {
-                    id: r.0,
-                    tenant: r.1,
-                    owner: r.2,
-                    currency: r.3,
-                    overdraft_limit: r.4,
-                    balance: r.5,
-                    status: r.6,
-                    version: r.7,
-                    opened_at: r.8,
-                    updated_at: r.9,
-                },
-            )
-        })
+        .map(|counted| (counted.row.id, (counted.row, counted.entries)))
         .collect())
 }
 
@@ -86,28 +125,19 @@ pub async fn save(
     entries: &[EntryRow],
 ) -> Result<(), sqlx::Error> {
     if !rows.is_empty() {
-        sqlx::query(&format!(
-            "INSERT INTO {0} (id, tenant, owner, currency, overdraft_limit, balance, status, version, opened_at, updated_at)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[],
-                                  $7::text[], $8::int8[], $9::timestamptz[], $10::timestamptz[])
-             ON CONFLICT (id) DO UPDATE
-                SET balance = EXCLUDED.balance, status = EXCLUDED.status,
-                    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
-              WHERE {0}.version < EXCLUDED.version",
-            tables.accounts
-        ))
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-        .execute(&mut *connection)
-        .await?;
+        sqlx::query(&upsert(tables.accounts, ACCOUNT_COLUMNS))
+            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+            .execute(&mut *connection)
+            .await?;
     }
     if !entries.is_empty() {
         sqlx::query(&format!(
@@ -314,4 +344,25 @@ pub fn decode(stored: &LoggedEvent) -> Result<(Uuid, AccountEvent), StoredEventE
     }
     let event = stored.decode().map_err(|err| unreadable(err.to_string()))?;
     Ok((account, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upsert_moves_every_column_but_the_key_forward() {
+        let sql = upsert("accounts", ACCOUNT_COLUMNS);
+        let (insert, update) = sql.split_once("DO UPDATE").unwrap();
+        assert!(insert.contains(&format!("({})", column_list(ACCOUNT_COLUMNS))));
+        for (i, (name, kind)) in ACCOUNT_COLUMNS.iter().enumerate() {
+            assert!(insert.contains(&format!("${}::{kind}[]", i + 1)), "{name}");
+            assert_eq!(
+                update.contains(&format!("{name} = EXCLUDED.{name}")),
+                i > 0,
+                "{name}"
+            );
+        }
+        assert!(update.ends_with("WHERE accounts.version < EXCLUDED.version"));
+    }
 }

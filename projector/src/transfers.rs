@@ -10,8 +10,10 @@ use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::store;
+
 /// A row of `transfers`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct TransferRow {
     pub id: Uuid,
     pub tenant: String,
@@ -27,40 +29,63 @@ pub struct TransferRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The live table, and the one a rebuild fills before it is swapped in.
+pub const TABLE: &str = "transfers";
+pub const REBUILD_TABLE: &str = "transfers_rebuild";
+
+/// One transfer folded so far, event by event in version order.
+#[derive(Debug, Default)]
+pub struct TransferFold {
+    transfer: Transfer,
+    version: i64,
+    requested_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+impl TransferFold {
+    /// Folds the stream's next event; `Err` names what cannot be read.
+    pub fn apply(&mut self, id: Uuid, event: &LoggedEvent) -> Result<(), String> {
+        if event.sequence != self.version + 1 {
+            return Err(format!("transfer {id} lacks version {}", self.version + 1));
+        }
+        let decoded: TransferEvent = event
+            .decode()
+            .map_err(|err| format!("transfer {id} version {}: {err}", event.sequence))?;
+        self.transfer.apply(decoded);
+        self.version = event.sequence;
+        self.requested_at.get_or_insert(event.recorded_at);
+        self.updated_at = Some(event.recorded_at);
+        Ok(())
+    }
+
+    /// The row of the transfer folded so far; `None` before it was requested.
+    pub fn row(&self, id: Uuid) -> Option<TransferRow> {
+        let state = self.transfer.state()?;
+        let terms = &state.terms;
+        Some(TransferRow {
+            id,
+            tenant: terms.tenant.clone(),
+            from_account: terms.from,
+            to_account: terms.to,
+            amount: terms.amount.minor_units(),
+            currency: terms.currency.to_string(),
+            reference: terms.reference.as_str().to_owned(),
+            status: state.status.as_str().to_owned(),
+            reason: state.reason.map(|reason| reason.as_str().to_owned()),
+            version: self.version,
+            requested_at: self.requested_at?,
+            updated_at: self.updated_at?,
+        })
+    }
+}
+
 /// Folds one transfer's events, in version order, into its row; `Err` names what cannot be read.
 pub fn fold(id: Uuid, events: &[LoggedEvent]) -> Result<Option<TransferRow>, String> {
-    let mut transfer = Transfer::default();
-    let mut version = 0;
+    let mut fold = TransferFold::default();
     for event in events {
-        if event.sequence != version + 1 {
-            return Err(format!("transfer {id} lacks version {}", version + 1));
-        }
-        let unreadable = |err: &dyn std::fmt::Display| {
-            format!("transfer {id} version {}: {err}", event.sequence)
-        };
-        let decoded: TransferEvent = event.decode().map_err(|err| unreadable(&err))?;
-        transfer.apply(decoded);
-        version = event.sequence;
+        fold.apply(id, event)?;
     }
-    let (Some(state), Some(first), Some(last)) = (transfer.state(), events.first(), events.last())
-    else {
-        return Ok(None);
-    };
-    let terms = &state.terms;
-    Ok(Some(TransferRow {
-        id,
-        tenant: terms.tenant.clone(),
-        from_account: terms.from,
-        to_account: terms.to,
-        amount: terms.amount.minor_units(),
-        currency: terms.currency.to_string(),
-        reference: terms.reference.as_str().to_owned(),
-        status: state.status.as_str().to_owned(),
-        reason: state.reason.map(|reason| reason.as_str().to_owned()),
-        version,
-        requested_at: first.recorded_at,
-        updated_at: last.recorded_at,
-    }))
+    Ok(fold.row(id))
 }
 
 /// The stored events of the transfers `ids` (every transfer when `None`), by stream and version.
@@ -111,43 +136,62 @@ pub async fn project(
 ) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
     let events = stored_events(connection, Some(ids)).await?;
     let (rows, unreadable) = fold_all(&events);
-    save(connection, &rows).await?;
+    save(connection, TABLE, &rows).await?;
     Ok(unreadable)
 }
 
-/// Inserts `rows`, or moves existing ones forward (never back).
-pub async fn save(connection: &mut PgConnection, rows: &[TransferRow]) -> Result<(), sqlx::Error> {
+/// The columns of a row, in the order [`save`] binds them, with their types: the one list the
+/// upsert is generated from, so a column cannot be written on insert and forgotten on update.
+const COLUMNS: &[(&str, &str)] = &[
+    ("id", "uuid"),
+    ("tenant", "text"),
+    ("from_account", "uuid"),
+    ("to_account", "uuid"),
+    ("amount", "int8"),
+    ("currency", "text"),
+    ("reference", "text"),
+    ("status", "text"),
+    ("reason", "text"),
+    ("version", "int8"),
+    ("requested_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
+];
+
+/// Inserts `rows` into `table`, or moves existing ones forward (never back).
+pub async fn save(
+    connection: &mut PgConnection,
+    table: &str,
+    rows: &[TransferRow],
+) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO transfers (id, tenant, from_account, to_account, amount, currency, reference,
-                                status, reason, version, requested_at, updated_at)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::int8[],
-                              $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[],
-                              $11::timestamptz[], $12::timestamptz[])
-         ON CONFLICT (id) DO UPDATE
-            SET status = EXCLUDED.status, reason = EXCLUDED.reason, version = EXCLUDED.version,
-                updated_at = EXCLUDED.updated_at
-          WHERE transfers.version < EXCLUDED.version",
-    )
-    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.from_account).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.to_account).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.amount).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| r.reference.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.requested_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-    .execute(connection)
-    .await?;
+    sqlx::query(&store::upsert(table, COLUMNS))
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.from_account).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.to_account).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.amount).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.reference.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reason.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.requested_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+        .execute(connection)
+        .await?;
     Ok(())
+}
+
+/// Every row of the live table.
+pub async fn all_rows(connection: &mut PgConnection) -> Result<Vec<TransferRow>, sqlx::Error> {
+    let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    sqlx::query_as(&format!("SELECT {} FROM {TABLE}", columns.join(", ")))
+        .fetch_all(connection)
+        .await
 }
