@@ -2,7 +2,7 @@
 //! statement and one transaction per batch.
 //!
 //! An append is one stream's events after the version they were decided on, from one command
-//! or from a group of commands on that stream (see `commands`). The stream stays locked until
+//! or from a group of commands on that stream (see `stream`). The stream stays locked until
 //! the append is answered, so a batch never carries two appends to one stream. Every append in
 //! a batch was decided on a committed version before the batch's transaction takes its xid (at
 //! its INSERT), so the log's per-stream order (docs/ARCHITECTURE.md) holds. What a batch saves

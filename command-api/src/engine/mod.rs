@@ -223,7 +223,9 @@ impl CommandService {
         self.transfers.known(id).await
     }
 
-    /// Runs `command` on `target` and counts its outcome in `ledger_commands_total`.
+    /// Runs `command` on `target` and counts its outcome in `ledger_commands_total`. With
+    /// `expected_version` (from `If-Match`) the command only applies to that version; without
+    /// it, a lost race is retried on fresh state.
     #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, command = A::name(&command), id = %target.id()))]
     async fn execute<A: Stream>(
         &self,
@@ -233,60 +235,46 @@ impl CommandService {
         command: A::Command,
         expected_version: Option<u64>,
     ) -> Result<Committed<A::Event>, CommandError> {
-        let name = A::name(&command);
-        let result = self
-            .decide_and_append(streams, context, target, command, expected_version)
-            .await;
+        let metadata = context.metadata();
+        let request = Request {
+            command: &command,
+            expected_version,
+            metadata: &metadata,
+            key: context.idempotency.as_ref().map(|i| i.key.as_str()),
+            new: matches!(target, Target::New(_)),
+        };
+        let result = async {
+            let mut last_seen = None;
+            for _attempt in 0..=self.conflict_retries {
+                if let Some(replay) = self.replay(context).await? {
+                    return Ok(replay);
+                }
+                match streams.take_turn(target.id(), request.clone()).await? {
+                    Answer::Done(result) => {
+                        return result.map(|appended| Committed {
+                            stream_id: target.id(),
+                            version: appended.version,
+                            events: appended.events,
+                            replayed: false,
+                        });
+                    }
+                    Answer::Retry { current_version } => {
+                        tracing::debug!("lost a race on the stream, retrying");
+                        last_seen = current_version.or(last_seen);
+                    }
+                }
+            }
+            Err(CommandError::Conflict {
+                current_version: last_seen,
+            })
+        }
+        .await;
         let outcome = result
             .as_ref()
             .map_or_else(CommandError::outcome, |_| "accepted");
-        metrics::counter!("ledger_commands_total", "command" => name, "outcome" => outcome)
+        metrics::counter!("ledger_commands_total", "command" => A::name(&command), "outcome" => outcome)
             .increment(1);
         result
-    }
-
-    /// With `expected_version` (from `If-Match`) the command only applies to that version;
-    /// without it, a lost race is retried on fresh state.
-    async fn decide_and_append<A: Stream>(
-        &self,
-        streams: &Arc<Streams<A>>,
-        context: &CommandContext,
-        target: Target,
-        command: A::Command,
-        expected_version: Option<u64>,
-    ) -> Result<Committed<A::Event>, CommandError> {
-        let metadata = context.metadata();
-        let key = context.idempotency.as_ref().map(|i| i.key.as_str());
-        let mut last_seen = None;
-        for _attempt in 0..=self.conflict_retries {
-            if let Some(replay) = self.replay(context).await? {
-                return Ok(replay);
-            }
-            let request = Request {
-                command: &command,
-                expected_version,
-                metadata: &metadata,
-                key,
-                new: matches!(target, Target::New(_)),
-            };
-            match streams.take_turn(target.id(), request).await? {
-                Answer::Done(result) => {
-                    return result.map(|appended| Committed {
-                        stream_id: target.id(),
-                        version: appended.version,
-                        events: appended.events,
-                        replayed: false,
-                    });
-                }
-                Answer::Retry { current_version } => {
-                    tracing::debug!("lost a race on the stream, retrying");
-                    last_seen = current_version.or(last_seen);
-                }
-            }
-        }
-        Err(CommandError::Conflict {
-            current_version: last_seen,
-        })
     }
 
     /// The stored outcome of an earlier request with the same idempotency key, if any.

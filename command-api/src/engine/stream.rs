@@ -119,6 +119,13 @@ pub(crate) struct Request<'a, A: Aggregate> {
     pub(crate) new: bool,
 }
 
+// Not derived: a derive would ask `A: Clone` of the aggregate, not only of its parts.
+impl<A: Aggregate> Clone for Request<'_, A> {
+    fn clone(&self) -> Self {
+        Self { ..*self }
+    }
+}
+
 /// What became of a command's turn on its stream.
 pub(crate) enum Answer<E> {
     Done(Result<Appended<E>, CommandError>),
