@@ -177,3 +177,76 @@ fn deserialize<A: Aggregate<Event: StoredEvent>>(
         .map(|event| domain::read_stored(&event.event_type, &event.event_version, event.payload))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::persist::PersistedEventRepository;
+    use domain::{Account, AccountEvent, Amount, Currency};
+    use service_kit::db::{self, ServiceRole};
+    use service_kit::event_log::{self, LogPosition};
+    use service_kit::testing::TestDatabase;
+
+    use super::*;
+
+    /// The migrations promise that postgres-es's own INSERT keeps working (it names the seven
+    /// columns the writer may insert; defaults, the tenant column and the hash chain do the
+    /// rest), and that what it writes reads back like our own appends.
+    #[tokio::test]
+    async fn an_event_appended_by_postgres_es_as_the_writer_is_chained_and_reads_back() {
+        let database = TestDatabase::create().await;
+        let writer = db::connect(&database.config_as(ServiceRole::Writer))
+            .await
+            .unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        let appender = Appender::start(writer.clone(), 1);
+        let store = Store::<Account>::new(writer.clone(), appender);
+        let opened = serde_json::json!({"AccountOpened": {
+            "tenant": "acme", "owner": "Ada", "currency": "EUR",
+            "overdraft_limit": 0, "max_balance": 1000
+        }});
+        let deposited = AccountEvent::MoneyDeposited {
+            amount: Amount::parse(7).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            balance_after: 7,
+        };
+        let metadata = serde_json::json!({"tenant": "acme", "actor": "t"});
+        let events = [
+            SerializedEvent::new(
+                id.clone(),
+                1,
+                "account".into(),
+                "AccountOpened".into(),
+                "2".into(),
+                opened,
+                metadata.clone(),
+            ),
+            SerializedEvent::new(
+                id.clone(),
+                2,
+                "account".into(),
+                "MoneyDeposited".into(),
+                "1".into(),
+                serde_json::to_value(&deposited).unwrap(),
+                metadata,
+            ),
+        ];
+        PostgresEventRepository::new(writer.clone())
+            .persist::<Account>(&events, None)
+            .await
+            .unwrap();
+
+        let loaded = store.load(&id).await.unwrap();
+        assert_eq!(loaded.version, 2);
+        assert_eq!(loaded.state.state().map(|open| open.balance), Some(7));
+        let logged = event_log::read_committed(&database.pool, LogPosition::START, 10)
+            .await
+            .unwrap();
+        assert_eq!(logged.len(), 2);
+        assert!(logged.iter().all(|event| event.tenant == "acme"));
+        assert_eq!(
+            logged[1].prev_hash.as_deref(),
+            Some(logged[0].hash.as_slice())
+        );
+        assert!(matches!(logged[1].decode::<AccountEvent>(), Ok(event) if event == deposited));
+    }
+}
