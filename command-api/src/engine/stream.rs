@@ -188,11 +188,38 @@ impl<A: Stream> Streams<A> {
     }
 
     fn handle(&self, aggregate_id: &str) -> Arc<StreamHandle<A>> {
-        let mut cache = self
-            .cache
+        let mut cache = self.cache();
+        if let Some(handle) = cache.get(aggregate_id) {
+            metrics::counter!("ledger_stream_cache_lookups_total", "aggregate" => A::TYPE, "result" => "hit")
+                .increment(1);
+            return handle.clone();
+        }
+        metrics::counter!("ledger_stream_cache_lookups_total", "aggregate" => A::TYPE, "result" => "miss")
+            .increment(1);
+        let handle = Arc::<StreamHandle<A>>::default();
+        if cache
+            .push(aggregate_id.to_owned(), handle.clone())
+            .is_some()
+        {
+            metrics::counter!("ledger_stream_cache_evictions_total", "aggregate" => A::TYPE)
+                .increment(1);
+        }
+        handle
+    }
+
+    /// Drops a stream that turned out not to exist from the cache: ids that answer "not found"
+    /// must not evict real streams. Commands already queued on its handle still run on it; one
+    /// that arrives later starts a new handle, which the store's primary key keeps correct.
+    fn forget_if_absent(&self, aggregate_id: &str, state: &Versioned<A>) {
+        if state.version == 0 {
+            self.cache().pop(aggregate_id);
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<String, Arc<StreamHandle<A>>>> {
+        self.cache
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.get_or_insert_ref(aggregate_id, Arc::default).clone()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn lock(&self, aggregate_id: &str) -> OwnedMutexGuard<Slot<A>> {
@@ -207,6 +234,7 @@ impl<A: Stream> Streams<A> {
             return Ok(cached.clone());
         }
         let state = self.store.load(&aggregate_id).await?;
+        self.forget_if_absent(&aggregate_id, &state);
         *slot = Some(state.clone());
         Ok(state)
     }
@@ -398,6 +426,7 @@ async fn run_group<A: Stream>(group: Group<A>) {
             Err(err) => return fail(waiters, err.into()),
         }
     }
+    streams.forget_if_absent(&aggregate_id, &next);
     *slot = Some(next);
     for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
         let _ = waiter.answer.send(Answer::Done(outcome));
@@ -650,5 +679,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, 3);
+    }
+
+    /// Ids that answer "not found" take no cache slot, so probing random ids cannot evict
+    /// the streams that exist.
+    #[tokio::test]
+    async fn unknown_streams_do_not_enter_the_cache() {
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+        let command = deposit();
+        for _ in 0..20 {
+            let request = Request {
+                command: &command,
+                expected_version: None,
+                metadata: "{}",
+                key: None,
+                new: false,
+            };
+            let answer = streams.take_turn(Uuid::new_v4(), request).await.unwrap();
+            assert!(matches!(
+                answer,
+                Answer::Done(Err(CommandError::Account(AccountError::NotFound)))
+            ));
+        }
+        let cache = streams.cache();
+        assert_eq!(cache.len(), 1);
+        assert!(cache.contains(&id.to_string()));
     }
 }
