@@ -11,8 +11,11 @@
 //! Offsets are committed once the batch's transfers were driven.
 //!
 //! Transfers can still stall (every manager was down, or a step kept failing); on start-up and
-//! then periodically the manager looks in the event store for transfers that made no progress
-//! for `stuck_after` and drives them.
+//! then every `stuck_after` the manager drives the transfers that made no progress for that
+//! long. It finds them in `transfers_in_flight`, which a trigger on the event store keeps in
+//! the appending statement itself, so the sweep costs in proportion to the transfers not yet
+//! final. A transfer that keeps failing is retried at every sweep and stays counted in
+//! `ledger_transfers_stuck` (alert `LedgerTransfersStuck`) until it settles.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +48,8 @@ use crate::engine::{AppendSignal, CommandContext, CommandError, CommandService, 
 
 /// Messages taken per batch; their transfers are driven concurrently.
 const MAX_BATCH: usize = 200;
+/// Stuck transfers driven per sweep, at most: the rest wait for the next one.
+const MAX_SWEEP: i64 = 1000;
 /// The namespace of the process manager's deterministic command ids.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d74_7261_6e73_6665_7273);
 
@@ -262,6 +267,7 @@ impl ProcessManager {
                         retry.push(*id);
                     }
                     Err(err) => {
+                        metrics::counter!("ledger_transfer_drive_failures_total").increment(1);
                         tracing::error!(transfer = %id, error = %err, "driving a transfer failed; the sweep will retry it");
                     }
                 }
@@ -339,23 +345,42 @@ impl ProcessManager {
         }
     }
 
-    /// Drives every transfer that made no progress for `stuck_after`.
+    /// Drives the transfers that made no progress for `stuck_after` (the longest-stuck first,
+    /// at most [`MAX_SWEEP`] a run), and reports how many are stuck. Reads the table of
+    /// transfers in flight, so its cost follows the transfers not yet final, not history.
     async fn sweep(&self) {
-        let stuck: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
-            "SELECT aggregate_id FROM events
-              WHERE aggregate_type = $1
-              GROUP BY aggregate_id
-             HAVING bool_and(event_type NOT IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))
-                AND max(recorded_at) < now() - make_interval(secs => $2)",
-        )
-        .bind(Transfer::TYPE)
-        .bind(self.stuck_after.as_secs_f64())
-        .fetch_all(&self.pool)
+        let stuck: Result<(i64, Vec<String>), sqlx::Error> = async {
+            let older_than = self.stuck_after.as_secs_f64();
+            let count = sqlx::query_scalar(
+                "SELECT count(*) FROM transfers_in_flight
+                  WHERE last_event_at < now() - make_interval(secs => $1)",
+            )
+            .bind(older_than)
+            .fetch_one(&self.pool)
+            .await?;
+            let ids = sqlx::query_scalar(
+                "SELECT transfer_id FROM transfers_in_flight
+                  WHERE last_event_at < now() - make_interval(secs => $1)
+                  ORDER BY last_event_at LIMIT $2",
+            )
+            .bind(older_than)
+            .bind(MAX_SWEEP)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok((count, ids))
+        }
         .await;
         match stuck {
-            Ok(ids) if ids.is_empty() => {}
-            Ok(ids) => {
-                tracing::info!(transfers = ids.len(), "resuming stuck transfers");
+            Ok((count, ids)) => {
+                metrics::gauge!("ledger_transfers_stuck").set(count as f64);
+                if ids.is_empty() {
+                    return;
+                }
+                tracing::info!(
+                    transfers = ids.len(),
+                    stuck = count,
+                    "resuming stuck transfers"
+                );
                 let ids = ids.iter().filter_map(|id| id.parse().ok()).collect();
                 self.drive_all(ids, &HashMap::new()).await;
             }

@@ -125,6 +125,10 @@ pub enum DatabaseError {
     NotMigrated { pending: usize },
     #[error("checking the database's migrations failed: {0}")]
     Check(#[source] sqlx::Error),
+    #[error(
+        "the event log holds transaction ids up to {newest}, but this cluster's next one is {next}: it was restored (logically) into a cluster whose transaction counter is behind, and new events would sort before published ones and never be read. Advance the counter past {newest} (pg_resetwal --next-transaction-id, with the cluster stopped) before starting"
+    )]
+    TransactionCounterBehind { newest: u64, next: u64 },
 }
 
 /// Opens the pool, failing fast if the database is unreachable.
@@ -258,7 +262,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
             .await
             .map_err(DatabaseError::Check)?;
         MIGRATOR.run(pool).await?;
-        return Ok(());
+        return check_transaction_counter(pool).await;
     }
     let applied: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
@@ -271,6 +275,27 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DatabaseError> {
         .count();
     if pending > 0 {
         return Err(DatabaseError::NotMigrated { pending });
+    }
+    check_transaction_counter(pool).await
+}
+
+/// Refuses a cluster whose transaction counter is behind the event log's newest `tx_id`. The
+/// log is read in `(tx_id, global_position)` order from a checkpoint, so events appended with
+/// lower ids than those already published would never be read: the relay, the projector and
+/// the audit log would all stop in silence. Only a logical restore (pg_dump, logical
+/// replication) into another cluster brings that about. One index lookup.
+async fn check_transaction_counter(pool: &PgPool) -> Result<(), DatabaseError> {
+    let (newest, next): (Option<String>, String) = sqlx::query_as(
+        "SELECT (SELECT tx_id FROM events ORDER BY tx_id DESC LIMIT 1)::text,
+                pg_snapshot_xmax(pg_current_snapshot())::text",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(DatabaseError::Check)?;
+    let parse = |id: &str| id.parse::<u64>().unwrap_or_default();
+    let (newest, next) = (newest.as_deref().map_or(0, parse), parse(&next));
+    if newest >= next {
+        return Err(DatabaseError::TransactionCounterBehind { newest, next });
     }
     Ok(())
 }

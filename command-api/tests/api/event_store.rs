@@ -215,3 +215,72 @@ async fn an_account_opened_as_version_1_still_loads_and_its_chain_holds() {
     .unwrap();
     assert_eq!(version, "2");
 }
+
+/// After a logical restore into a cluster whose transaction counter is behind the log, new
+/// events would sort before the published ones and never be read: a service refuses to start
+/// there, naming the cause, instead of stopping the pipeline in silence.
+#[tokio::test]
+async fn a_service_refuses_a_cluster_whose_transaction_counter_is_behind_the_log() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    // As restored from a cluster that had handed out many more transaction ids.
+    sqlx::query(
+        r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                               payload, metadata, tx_id)
+           VALUES ('account', $1, 2, 'AccountFrozen', '1', '"AccountFrozen"',
+                   '{"tenant":"acme"}', (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8)"#,
+    )
+    .bind(account.to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let refused = command_api::Application::build(crate::helpers::config(app.database.clone()))
+        .await
+        .err()
+        .expect("the command API refuses to start");
+    assert!(
+        refused
+            .to_string()
+            .contains("transaction counter is behind"),
+        "{refused}"
+    );
+}
+
+/// The stuck-transfer sweep reads `transfers_in_flight`, which the appending statement keeps:
+/// a transfer enters with its request and leaves with its final event.
+#[tokio::test]
+async fn transfers_in_flight_follow_the_log() {
+    let app = TestApp::spawn().await;
+    let from = app.open_account(&app.teller(), 0).await;
+    let to = app.open_account(&app.teller(), 0).await;
+    app.deposit(from, 10).await.version();
+    let reply = app
+        .post(
+            "/v1/transfers",
+            json!({"from_account": from, "to_account": to, "amount": 5,
+                   "currency": "EUR", "reference": "r"}),
+        )
+        .await;
+    let transfer = reply.body["transfer_id"]
+        .as_str()
+        .expect("transfer id")
+        .to_owned();
+    let in_flight = || async {
+        sqlx::query_scalar::<_, String>("SELECT transfer_id FROM transfers_in_flight")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(in_flight().await, vec![transfer.clone()]);
+    sqlx::query(
+        r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                               payload, metadata)
+           VALUES ('transfer', $1, 2, 'TransferRejected', '1',
+                   '{"TransferRejected":{"reason":"insufficient_funds"}}', '{"tenant":"acme"}')"#,
+    )
+    .bind(&transfer)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert!(in_flight().await.is_empty());
+}
