@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::Account;
 use futures::TryStreamExt;
+use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use service_kit::progress::Progress;
 use sqlx::PgPool;
 
@@ -47,11 +48,11 @@ pub async fn replay(
         .await?;
     let progress = Progress::new("events", total as u64, show_progress);
     let query = format!(
-        "SELECT aggregate_id, sequence, event_type, event_version, payload::text
+        "SELECT {EVENT_COLUMNS}
            FROM events WHERE {filter}
           ORDER BY aggregate_id, sequence"
     );
-    let mut rows = sqlx::query_as::<_, (String, i64, String, String, String)>(&query)
+    let mut rows = sqlx::query_as::<_, LoggedEvent>(&query)
         .bind(ACCOUNT)
         .bind(until)
         .bind(tenant)
@@ -59,19 +60,17 @@ pub async fn replay(
     let mut accounts: Vec<Replayed> = Vec::new();
     let mut events = 0u64;
     let mut read = 0u64;
-    while let Some((aggregate_id, sequence, event_type, event_version, payload)) =
-        rows.try_next().await?
-    {
+    while let Some(event) = rows.try_next().await? {
         read += 1;
         if read.is_multiple_of(10_000) {
             progress.update(read);
         }
         if accounts
             .last()
-            .is_none_or(|last| last.account_id != aggregate_id)
+            .is_none_or(|last| last.account_id != event.aggregate_id)
         {
             accounts.push(Replayed {
-                account_id: aggregate_id,
+                account_id: event.aggregate_id.clone(),
                 version: 0,
                 account: Account::default(),
             });
@@ -81,17 +80,11 @@ pub async fn replay(
         };
         // Past a version that was not recorded in time, the stream's later events are not
         // part of its state at `until`.
-        if sequence != current.version + 1 {
+        if event.sequence != current.version + 1 {
             continue;
         }
-        current.account.apply(state::decode(
-            &current.account_id,
-            sequence,
-            &event_type,
-            &event_version,
-            &payload,
-        )?);
-        current.version = sequence;
+        current.account.apply(state::account_event(&event)?);
+        current.version = event.sequence;
         events += 1;
     }
     progress.finish(read);

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::{Account, AccountEvent};
+use futures::TryStreamExt;
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::PgConnection;
 
@@ -50,18 +51,43 @@ pub fn fold<'a>(
     events: impl IntoIterator<Item = &'a LoggedEvent>,
     as_of: AsOf,
 ) -> Result<Option<AccountAsOf>, StateError> {
-    let mut folded: Option<AccountAsOf> = None;
-    for (expected, event) in (1..).zip(events) {
+    let mut fold = AsOfFold::new(as_of);
+    for event in events {
+        if !fold.push(event)? {
+            break;
+        }
+    }
+    Ok(fold.folded)
+}
+
+/// A fold as of `as_of`, fed one event at a time, so a stream is never held whole in memory.
+struct AsOfFold {
+    as_of: AsOf,
+    folded: Option<AccountAsOf>,
+}
+
+impl AsOfFold {
+    fn new(as_of: AsOf) -> Self {
+        Self {
+            as_of,
+            folded: None,
+        }
+    }
+
+    /// Folds the stream's next event if `as_of` includes it; false once it does not (the
+    /// stream's later events are not part of the state either).
+    fn push(&mut self, event: &LoggedEvent) -> Result<bool, StateError> {
+        let expected = self.folded.as_ref().map_or(1, |state| state.version + 1);
         let included = event.sequence == expected
-            && match as_of {
+            && match self.as_of {
                 AsOf::Latest => true,
                 AsOf::Version(version) => event.sequence <= version,
                 AsOf::Instant(at) => event.recorded_at <= at,
             };
         if !included {
-            break;
+            return Ok(false);
         }
-        let state = folded.get_or_insert_with(|| AccountAsOf {
+        let state = self.folded.get_or_insert_with(|| AccountAsOf {
             version: 0,
             recorded_at: event.recorded_at,
             account: Account::default(),
@@ -69,39 +95,20 @@ pub fn fold<'a>(
         state.account.apply(account_event(event)?);
         state.version = event.sequence;
         state.recorded_at = event.recorded_at;
+        Ok(true)
     }
-    Ok(folded)
 }
 
 /// Reads a stored account event, upcast to the current version.
 pub fn account_event(event: &LoggedEvent) -> Result<AccountEvent, StateError> {
-    decode(
-        &event.aggregate_id,
-        event.sequence,
-        &event.event_type,
-        &event.event_version,
-        &event.payload,
-    )
+    event.decode().map_err(|err| StateError::Unreadable {
+        aggregate_id: event.aggregate_id.clone(),
+        sequence: event.sequence,
+        reason: err.to_string(),
+    })
 }
 
-pub(crate) fn decode(
-    aggregate_id: &str,
-    sequence: i64,
-    event_type: &str,
-    event_version: &str,
-    payload: &str,
-) -> Result<AccountEvent, StateError> {
-    let unreadable = |reason: String| StateError::Unreadable {
-        aggregate_id: aggregate_id.to_owned(),
-        sequence,
-        reason,
-    };
-    let payload = serde_json::from_str(payload).map_err(|err| unreadable(err.to_string()))?;
-    domain::read_stored(event_type, event_version, payload)
-        .map_err(|err| unreadable(err.to_string()))
-}
-
-/// The account `id` as of `as_of`, from the event store.
+/// The account `id` as of `as_of`, from the event store, read as a stream of rows.
 pub async fn account_as_of(
     connection: &mut PgConnection,
     id: &str,
@@ -112,20 +119,26 @@ pub async fn account_as_of(
         AsOf::Version(version) => (Some(version), None),
         AsOf::Instant(at) => (None, Some(at)),
     };
-    let events: Vec<LoggedEvent> = sqlx::query_as(&format!(
+    let query = format!(
         "SELECT {EVENT_COLUMNS} FROM events
           WHERE aggregate_type = $1 AND aggregate_id = $2
             AND ($3::int8 IS NULL OR sequence <= $3)
             AND ($4::timestamptz IS NULL OR recorded_at <= $4)
           ORDER BY sequence"
-    ))
-    .bind(ACCOUNT)
-    .bind(id)
-    .bind(version)
-    .bind(at)
-    .fetch_all(connection)
-    .await?;
-    fold(&events, as_of)
+    );
+    let mut events = sqlx::query_as::<_, LoggedEvent>(&query)
+        .bind(ACCOUNT)
+        .bind(id)
+        .bind(version)
+        .bind(at)
+        .fetch(connection);
+    let mut fold = AsOfFold::new(as_of);
+    while let Some(event) = events.try_next().await? {
+        if !fold.push(&event)? {
+            break;
+        }
+    }
+    Ok(fold.folded)
 }
 
 #[cfg(test)]
