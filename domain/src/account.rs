@@ -689,6 +689,3 @@ impl Aggregate for Account {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod properties;

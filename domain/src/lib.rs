@@ -9,14 +9,19 @@
 //! - [`versions`]: reading events stored at older versions (upcasting).
 //! - [`contract`]: the JSON Schema of every event type and version, for analysts.
 //!
-//! Every rule lives here and is tested with cqrs-es's given/when/then `TestFramework`; the
-//! services only translate HTTP and storage into these types.
+//! Every rule lives here and is tested with cqrs-es's given/when/then `TestFramework`, and the
+//! properties the design leans on (money conserved, balances within their limits, dense
+//! versions, refusals without effect) are checked over arbitrary command sequences in
+//! `properties`; the services only translate HTTP and storage into these types.
 
 pub mod account;
 pub mod contract;
 pub mod money;
 pub mod transfer;
 pub mod versions;
+
+#[cfg(test)]
+mod properties;
 
 pub use account::{
     Account, AccountCommand, AccountError, AccountEvent, AccountOpenedV1, AccountStatus,

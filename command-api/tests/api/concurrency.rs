@@ -208,3 +208,68 @@ async fn a_command_is_decided_on_what_the_commands_before_it_in_its_group_did() 
     );
     assert_eq!(app.balance(account).await, 11);
 }
+
+/// Accepted and refused commands racing on one account: each accepted one gets a version of
+/// its own, a refused one appends nothing, and the stream's versions run 1..=n without a gap.
+#[tokio::test]
+async fn refused_commands_among_accepted_ones_leave_no_gap_in_the_versions() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    // 30 deposits of 20 bring in 600; 30 withdrawals of 30 would take 900, so at least ten
+    // withdrawals are refused whatever the order.
+    let replies = join_all((0..60).map(|i| {
+        let app = &app;
+        async move {
+            let (kind, amount) = if i % 2 == 0 {
+                ("deposits", 20)
+            } else {
+                ("withdrawals", 30)
+            };
+            let reply = app
+                .post(
+                    &format!("/v1/accounts/{account}/{kind}"),
+                    serde_json::json!({"amount": amount, "currency": "EUR"}),
+                )
+                .await;
+            (if kind == "deposits" { amount } else { -amount }, reply)
+        }
+    }))
+    .await;
+    let (mut versions, mut refused, mut balance) = (Vec::new(), 0, 0);
+    for (amount, reply) in &replies {
+        match reply.status {
+            StatusCode::OK => {
+                versions.push(reply.version());
+                balance += amount;
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                assert_eq!(reply.problem(), "insufficient-funds");
+                refused += 1;
+            }
+            StatusCode::CONFLICT => assert_eq!(reply.problem(), "conflict"),
+            other => panic!("unexpected {other}: {}", reply.body),
+        }
+    }
+    assert!(refused >= 10, "only {refused} refused");
+    versions.sort_unstable();
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(account.to_string())
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let n = sequences.len() as i64;
+    assert_eq!(sequences, (1..=n).collect::<Vec<_>>(), "dense versions");
+    assert_eq!(
+        n,
+        1 + versions.len() as i64,
+        "one event per 2xx, none per refusal"
+    );
+    assert_eq!(
+        versions,
+        (2..=n).collect::<Vec<_>>(),
+        "each accepted command got its own version"
+    );
+    assert_eq!(app.balance(account).await, balance);
+    assert_eq!(commit_order(&app.pool, account).await as i64, n);
+}

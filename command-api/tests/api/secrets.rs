@@ -74,26 +74,46 @@ async fn the_logs_never_show_a_secret_a_token_or_a_password() {
     assert_eq!(opened.status(), StatusCode::CREATED);
     let account: serde_json::Value = opened.json().await.unwrap();
     let account = account["account_id"].as_str().unwrap().to_owned();
-    for (bearer, body, expected) in [
+    let funded = client
+        .post(format!("{base}/v1/accounts/{account}/deposits"))
+        .bearer_auth(&token)
+        .json(&json!({"amount": 10_000, "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(funded.status(), StatusCode::OK);
+    // Each kind of outcome once, so that each one's log lines are searched: applied, refused
+    // by validation, refused by a rule, and a forged token, which must not be accepted.
+    for (bearer, body, expected, problem) in [
         (
             &token,
             json!({"amount": 5, "currency": "EUR"}),
             StatusCode::OK,
+            None,
         ),
         (
             &token,
             json!({"amount": 5000, "currency": "EUR"}),
             StatusCode::OK,
+            None,
         ),
         (
             &token,
             json!({"amount": -1, "currency": "EUR"}),
             StatusCode::UNPROCESSABLE_ENTITY,
+            Some("amount-out-of-range"),
+        ),
+        (
+            &token,
+            json!({"amount": 1_000_000, "currency": "EUR"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("insufficient-funds"),
         ),
         (
             &forged,
             json!({"amount": 5, "currency": "EUR"}),
             StatusCode::UNAUTHORIZED,
+            Some("invalid-token"),
         ),
     ] {
         let response = client
@@ -105,10 +125,15 @@ async fn the_logs_never_show_a_secret_a_token_or_a_password() {
             .unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        assert!(
-            status == expected || status == StatusCode::UNPROCESSABLE_ENTITY,
-            "{status} {text}"
-        );
+        assert_eq!(status, expected, "{body}: {text}");
+        if let Some(problem) = problem {
+            let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                reply["type"],
+                format!("urn:ledger:problem:{problem}"),
+                "{text}"
+            );
+        }
         for secret in [
             JWT_SECRET,
             password.as_str(),
