@@ -7,6 +7,7 @@
 //! - [`kafka`]: Kafka client settings, topic names, the CloudEvents envelope.
 //! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
 //! - [`progress`]: a progress bar on stderr for long command-line jobs.
+//! - [`retry`]: the one backoff policy of every retry loop.
 //!
 //! Feature `telemetry`:
 //! - [`telemetry`]: `tracing` subscriber (human or JSON lines), OpenTelemetry trace export.
@@ -43,6 +44,7 @@ pub mod problem;
 pub mod progress;
 #[cfg(feature = "http")]
 pub mod rate_limit;
+pub mod retry;
 #[cfg(feature = "http")]
 pub mod server;
 #[cfg(feature = "telemetry")]
