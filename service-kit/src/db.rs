@@ -1,9 +1,9 @@
 //! The Postgres pool and the schema migrations.
 
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -45,10 +45,10 @@ pub fn test_run_prefix(run: &str) -> String {
 }
 
 /// Where the database is and how the pool behaves.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct DatabaseConfig {
-    /// Connection URL; may hold a password, so it is never printed.
-    pub url: String,
+    /// Connection URL; may hold a password, so it is a secret: never printed.
+    pub url: SecretString,
     pub max_connections: u32,
     /// How long a request waits for a free connection before it is answered 503.
     pub acquire_timeout: Duration,
@@ -56,23 +56,14 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
 }
 
-impl fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseConfig")
-            .field("url", &"[redacted]")
-            .field("max_connections", &self.max_connections)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("statement_timeout", &self.statement_timeout)
-            .finish()
-    }
-}
-
 impl DatabaseConfig {
     /// Reads `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 16),
     /// `DATABASE_ACQUIRE_TIMEOUT_MS` (default 3000), `DATABASE_STATEMENT_TIMEOUT_MS` (default 5000).
     pub fn from_env() -> Result<Self, ConfigError> {
         let config = Self {
-            url: config::optional("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            url: config::optional("DATABASE_URL")
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
+                .into(),
             max_connections: config::parsed_or("DATABASE_MAX_CONNECTIONS", 16)?,
             acquire_timeout: Duration::from_millis(config::parsed_or(
                 "DATABASE_ACQUIRE_TIMEOUT_MS",
@@ -90,7 +81,7 @@ impl DatabaseConfig {
     /// A config for `url` with the defaults above.
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            url: url.into().into(),
             max_connections: 16,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(5),
@@ -99,7 +90,7 @@ impl DatabaseConfig {
 
     fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
         // The parse error may quote the URL, password included: it is not passed on.
-        let options = PgConnectOptions::from_str(&self.url).map_err(|_| ConfigError::Invalid {
+        let options = PgConnectOptions::from_str(self.url.expose_secret()).map_err(|_| ConfigError::Invalid {
             name: "DATABASE_URL",
             reason: "not a valid postgres:// URL".to_owned(),
         })?;
@@ -343,5 +334,19 @@ pub fn is_outage(err: &sqlx::Error) -> bool {
                 || matches!(code.as_ref(), "57014" | "55000" | "3D000")
         }),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_and_its_password_never_print() {
+        let config = DatabaseConfig::with_url("postgres://alice:p%40ss@db.example:6432/ledger");
+        assert!(!format!("{config:?}").contains("p%40ss"));
+        let invalid = DatabaseConfig::with_url("postgres://alice:p%40ss@db.example:port/ledger");
+        let err = invalid.connect_options().unwrap_err();
+        assert!(!err.to_string().contains("p%40ss"), "{err}");
     }
 }

@@ -28,6 +28,11 @@
 //! The workspace takes this crate without default features, so that each crate names the
 //! parts it uses: `ledger-audit` builds without axum, utoipa or OpenTelemetry.
 
+/// Secrets (the JWT secret, the database URL, Kafka properties): `secrecy` keeps them out of
+/// `Debug` and logs, and wipes them from memory when dropped. Re-exported so that every crate
+/// names them the same way.
+pub use secrecy::{ExposeSecret, SecretString};
+
 #[cfg(feature = "http")]
 pub mod auth;
 pub mod config;

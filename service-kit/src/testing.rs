@@ -5,6 +5,7 @@
 //! it), otherwise a container started once per test binary with testcontainers. The broker is
 //! `KAFKA_BROKERS` when set (`cargo xtask test` starts one), otherwise a Kafka container.
 
+use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
@@ -152,7 +153,7 @@ impl TestDatabase {
     /// privileges production grants it.
     pub fn config_as(&self, role: ServiceRole) -> DatabaseConfig {
         DatabaseConfig {
-            url: role.development_url(&self.config.url),
+            url: role.development_url(self.config.url.expose_secret()).into(),
             ..self.config.clone()
         }
     }

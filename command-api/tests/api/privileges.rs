@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig, DatabaseError, ServiceRole};
 use service_kit::event_log::{self, LogPosition};
 use service_kit::testing::TestDatabase;
@@ -133,13 +134,14 @@ async fn an_owner_without_superuser_or_createrole_migrates_and_services_only_che
     let base = cluster
         .config
         .url
+        .expose_secret()
         .rsplit_once('/')
         .map(|(server, _)| server.to_owned())
         .unwrap();
     let (scheme, host) = base.split_once("://").unwrap();
     let host = host.split_once('@').map_or(host, |(_, host)| host);
     let fresh = DatabaseConfig::with_url(format!("{scheme}://{host}/{name}"));
-    let as_writer = DatabaseConfig::with_url(ServiceRole::Writer.development_url(&fresh.url));
+    let as_writer = DatabaseConfig::with_url(ServiceRole::Writer.development_url(fresh.url.expose_secret()));
     let writer = pool_as(&as_writer).await;
     assert!(
         matches!(db::migrate(&writer).await, Err(DatabaseError::Check(_))),
