@@ -88,17 +88,43 @@ impl DatabaseConfig {
         }
     }
 
+    /// The same server, login and pool settings, for the database `name` (`postgres`, say,
+    /// to create or drop others).
+    pub fn with_database(&self, name: &str) -> Result<Self, ConfigError> {
+        self.rewritten(|options| options.database(name))
+    }
+
+    /// The same server and database, as `user` with `password`.
+    pub fn with_login(&self, user: &str, password: &str) -> Result<Self, ConfigError> {
+        self.rewritten(|options| options.username(user).password(password))
+    }
+
+    fn rewritten(
+        &self,
+        change: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    ) -> Result<Self, ConfigError> {
+        let url = change(parse_url(self.url.expose_secret())?).to_url_lossy();
+        Ok(Self {
+            url: String::from(url).into(),
+            ..self.clone()
+        })
+    }
+
     fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
-        // The parse error may quote the URL, password included: it is not passed on.
-        let options = PgConnectOptions::from_str(self.url.expose_secret()).map_err(|_| ConfigError::Invalid {
-            name: "DATABASE_URL",
-            reason: "not a valid postgres:// URL".to_owned(),
-        })?;
         let timeout_ms = self.statement_timeout.as_millis().to_string();
-        Ok(options
+        Ok(parse_url(self.url.expose_secret())?
             .options([("statement_timeout", timeout_ms.as_str())])
             .log_statements(tracing::log::LevelFilter::Trace))
     }
+}
+
+/// `url` as sqlx reads it. The parse error may quote the URL, password included: it is not
+/// passed on.
+fn parse_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
+    PgConnectOptions::from_str(url).map_err(|_| ConfigError::Invalid {
+        name: "DATABASE_URL",
+        reason: "not a valid postgres:// URL".to_owned(),
+    })
 }
 
 /// Why the database could not be used at start-up.
@@ -191,14 +217,16 @@ impl ServiceRole {
         Ok(())
     }
 
-    /// `url` with [`Self::development_login`] as its user and password.
+    /// `url` with [`Self::development_login`] as its user and password (`url` itself if it
+    /// is not a database URL).
     pub fn development_url(self, url: &str) -> String {
         let login = self.development_login();
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return url.to_owned();
-        };
-        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-        format!("{scheme}://{login}:{login}@{host}")
+        DatabaseConfig::with_url(url)
+            .with_login(login, login)
+            .map_or_else(
+                |_| url.to_owned(),
+                |config| config.url.expose_secret().to_owned(),
+            )
     }
 }
 
@@ -339,11 +367,36 @@ pub fn is_outage(err: &sqlx::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::postgres::PgSslMode;
+
     use super::*;
+
+    const URL: &str = "postgres://alice:p%40ss@db.example:6432/ledger?sslmode=require";
+
+    #[test]
+    fn another_database_or_login_keeps_the_rest_of_the_url() {
+        let config = DatabaseConfig::with_url(URL);
+        let admin = config.with_database("postgres").unwrap();
+        let options = admin.connect_options().unwrap();
+        assert_eq!(options.get_database(), Some("postgres"));
+        assert_eq!(options.get_username(), "alice");
+        assert_eq!(options.get_host(), "db.example");
+        assert_eq!(options.get_port(), 6432);
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::Require));
+        assert!(admin.url.expose_secret().contains(":p%40ss@"));
+        assert_eq!(admin.statement_timeout, config.statement_timeout);
+
+        let writer = DatabaseConfig::with_url(ServiceRole::Writer.development_url(URL));
+        let options = writer.connect_options().unwrap();
+        assert_eq!(options.get_username(), "ledger_dev_writer");
+        assert_eq!(options.get_database(), Some("ledger"));
+        assert!(!writer.url.expose_secret().contains("p%40ss"));
+        assert_eq!(ServiceRole::Writer.development_url("no URL"), "no URL");
+    }
 
     #[test]
     fn the_url_and_its_password_never_print() {
-        let config = DatabaseConfig::with_url("postgres://alice:p%40ss@db.example:6432/ledger");
+        let config = DatabaseConfig::with_url(URL);
         assert!(!format!("{config:?}").contains("p%40ss"));
         let invalid = DatabaseConfig::with_url("postgres://alice:p%40ss@db.example:port/ledger");
         let err = invalid.connect_options().unwrap_err();

@@ -3,7 +3,6 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 use command_api::relay::RelayConfig;
 use reqwest::{Method, StatusCode};
-use service_kit::ExposeSecret;
 use service_kit::kafka::KafkaConfig;
 
 use crate::helpers::TestApp;
@@ -168,7 +167,7 @@ async fn a_database_outage_is_503_not_a_hang_and_recovers() {
         .get_database()
         .unwrap()
         .to_owned();
-    let admin = sqlx::PgPool::connect(&app.owner.url.expose_secret().replace(&name, "postgres"))
+    let admin = service_kit::db::connect(&app.owner.with_database("postgres").unwrap())
         .await
         .unwrap();
     sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
