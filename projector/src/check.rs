@@ -33,7 +33,19 @@ pub struct CheckReport {
     pub elapsed: Duration,
 }
 
-type ReadRow = (Uuid, String, String, String, i64, i64, String, i64, i64);
+/// An account as the read model holds it, with its number of entries.
+#[derive(sqlx::FromRow)]
+struct ReadRow {
+    id: Uuid,
+    tenant: String,
+    owner: String,
+    currency: String,
+    overdraft_limit: i64,
+    balance: i64,
+    status: String,
+    version: i64,
+    entries: i64,
+}
 
 /// Folds every committed event and compares each account's balance, status, version,
 /// owner, currency, overdraft limit and number of entries with the read models.
@@ -55,7 +67,7 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
     }
     let rows: Vec<ReadRow> = sqlx::query_as(
         "SELECT a.id, a.tenant, a.owner, a.currency, a.overdraft_limit, a.balance, a.status,
-                a.version, (SELECT count(*) FROM account_entries e WHERE e.account_id = a.id)
+                a.version, (SELECT count(*) FROM account_entries e WHERE e.account_id = a.id) AS entries
            FROM accounts a",
     )
     .fetch_all(pool)
@@ -63,7 +75,7 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
     let mut differences = Vec::new();
     let mut seen = HashMap::with_capacity(rows.len());
     for row in rows {
-        let id = row.0;
+        let id = row.id;
         seen.insert(id, ());
         let Some(expected) = fold.rows.get(&id) else {
             differences.push(Difference {
@@ -93,7 +105,17 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
 }
 
 fn compare(expected: &AccountRow, entries: i64, row: &ReadRow, out: &mut Vec<Difference>) {
-    let (id, tenant, owner, currency, overdraft, balance, status, version, entry_count) = row;
+    let ReadRow {
+        id,
+        tenant,
+        owner,
+        currency,
+        overdraft_limit: overdraft,
+        balance,
+        status,
+        version,
+        entries: entry_count,
+    } = row;
     let mut differ = |field: &str, events: String, read_model: String| {
         if events != read_model {
             out.push(Difference {

@@ -6,7 +6,7 @@ use domain::AccountEvent;
 use uuid::Uuid;
 
 /// A row of `accounts`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AccountRow {
     pub id: Uuid,
     pub tenant: String,

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use domain::AccountEvent;
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::{PgConnection, Postgres, Transaction};
@@ -28,19 +27,6 @@ impl Tables {
     };
 }
 
-type AccountTuple = (
-    Uuid,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    String,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
 /// The rows of `ids`, locked until the transaction ends, in id order (so that two projectors
 /// during a rebalance cannot deadlock).
 pub async fn lock_rows(
@@ -48,7 +34,7 @@ pub async fn lock_rows(
     tables: Tables,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, AccountRow>, sqlx::Error> {
-    let rows: Vec<AccountTuple> = sqlx::query_as(&format!(
+    let rows: Vec<AccountRow> = sqlx::query_as(&format!(
         "SELECT id, tenant, owner, currency, overdraft_limit, balance, status, version, opened_at, updated_at
            FROM {} WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         tables.accounts
@@ -56,26 +42,7 @@ pub async fn lock_rows(
     .bind(ids)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.0,
-                AccountRow {
-                    id: r.0,
-                    tenant: r.1,
-                    owner: r.2,
-                    currency: r.3,
-                    overdraft_limit: r.4,
-                    balance: r.5,
-                    status: r.6,
-                    version: r.7,
-                    opened_at: r.8,
-                    updated_at: r.9,
-                },
-            )
-        })
-        .collect())
+    Ok(rows.into_iter().map(|row| (row.id, row)).collect())
 }
 
 /// Writes `rows` (insert or move forward, never back) and `entries` (once each).

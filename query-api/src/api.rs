@@ -87,7 +87,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 }
 
 /// An account as the read model holds it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub(crate) struct AccountView {
     id: Uuid,
     owner: String,
@@ -105,7 +105,7 @@ pub(crate) struct AccountView {
 }
 
 /// A money movement.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub(crate) struct EntryView {
     /// The stream version of the event that moved the money.
     version: i64,
@@ -163,32 +163,6 @@ pub(crate) struct ListEntriesParams {
     min_version: Option<i64>,
 }
 
-type AccountTuple = (
-    Uuid,
-    String,
-    String,
-    i64,
-    i64,
-    String,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-fn account_view(row: AccountTuple) -> AccountView {
-    AccountView {
-        id: row.0,
-        owner: row.1,
-        currency: row.2,
-        balance: row.3,
-        overdraft_limit: row.4,
-        status: row.5,
-        version: row.6,
-        opened_at: row.7,
-        updated_at: row.8,
-    }
-}
-
 const ACCOUNT_COLUMNS: &str =
     "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
 
@@ -197,14 +171,14 @@ pub(crate) async fn find_account(
     tenant: &str,
     id: Uuid,
 ) -> Result<Option<AccountView>, QueryError> {
-    let row: Option<AccountTuple> = sqlx::query_as(&format!(
+    let account = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 AND tenant = $2"
     ))
     .bind(id)
     .bind(tenant)
     .fetch_optional(&mut *state.scope(tenant).await?)
     .await?;
-    Ok(row.map(account_view))
+    Ok(account)
 }
 
 /// The account, once its view reached `min_version` (waiting at most the configured time).
@@ -371,7 +345,7 @@ async fn list_accounts(
         ));
     }
     let after: Option<Uuid> = decode_cursor(params.cursor.as_deref())?;
-    let rows: Vec<AccountTuple> = sqlx::query_as(&format!(
+    let accounts: Vec<AccountView> = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts
           WHERE tenant = $1
             AND ($2::text IS NULL OR owner = $2)
@@ -387,11 +361,7 @@ async fn list_accounts(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    Ok(Json(page(
-        rows.into_iter().map(account_view).collect(),
-        limit,
-        |a| a.id.to_string(),
-    )))
+    Ok(Json(page(accounts, limit, |a| a.id.to_string())))
 }
 
 #[utoipa::path(
@@ -416,17 +386,7 @@ async fn list_entries(
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
     account_at(&state, &principal.tenant, id, params.min_version).await?;
-    type EntryTuple = (
-        i64,
-        String,
-        i64,
-        String,
-        i64,
-        Uuid,
-        DateTime<Utc>,
-        Option<Uuid>,
-    );
-    let rows: Vec<EntryTuple> = sqlx::query_as(
+    let entries: Vec<EntryView> = sqlx::query_as(
         "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id
            FROM account_entries
           WHERE account_id = $1 AND tenant = $2 AND ($3::int8 IS NULL OR version > $3)
@@ -439,19 +399,6 @@ async fn list_entries(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    let entries = rows
-        .into_iter()
-        .map(|r| EntryView {
-            version: r.0,
-            kind: r.1,
-            amount: r.2,
-            currency: r.3,
-            balance_after: r.4,
-            event_id: r.5,
-            recorded_at: r.6,
-            transfer_id: r.7,
-        })
-        .collect();
     Ok(Json(page(entries, limit, |e| e.version.to_string())))
 }
 

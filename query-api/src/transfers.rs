@@ -41,7 +41,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TransferId {
 }
 
 /// A transfer and how far it got.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub(crate) struct TransferView {
     id: Uuid,
     from_account: Uuid,
@@ -64,37 +64,9 @@ pub(crate) struct TransferView {
     updated_at: DateTime<Utc>,
 }
 
-type TransferTuple = (
-    Uuid,
-    Uuid,
-    Uuid,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, currency, reference, status, reason, version, requested_at, updated_at";
-
-fn transfer_view(row: TransferTuple) -> TransferView {
-    TransferView {
-        id: row.0,
-        from_account: row.1,
-        to_account: row.2,
-        amount: row.3,
-        currency: row.4,
-        reference: Some(row.5).filter(|reference| !reference.is_empty()),
-        status: row.6,
-        reason: row.7,
-        version: row.8,
-        requested_at: row.9,
-        updated_at: row.10,
-    }
-}
+/// The columns of a [`TransferView`]; a transfer requested without a reference has an empty
+/// one, shown as `null`.
+const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, currency, NULLIF(reference, '') AS reference, status, reason, version, requested_at, updated_at";
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -125,14 +97,14 @@ pub(crate) async fn get_transfer(
     TransferId(id): TransferId,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let row: Option<TransferTuple> = sqlx::query_as(&format!(
+    let transfer: Option<TransferView> = sqlx::query_as(&format!(
         "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1 AND tenant = $2"
     ))
     .bind(id)
     .bind(&principal.tenant)
     .fetch_optional(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    let transfer = row.map(transfer_view).ok_or(QueryError::TransferNotFound)?;
+    let transfer = transfer.ok_or(QueryError::TransferNotFound)?;
     let version = transfer.version;
     Ok(crate::api::versioned(transfer, version, &headers))
 }
@@ -162,7 +134,7 @@ pub(crate) async fn account_transfers(
         .await?
         .ok_or(QueryError::NotFound)?;
     // Two index range scans, merged: either side of the transfer.
-    let rows: Vec<TransferTuple> = sqlx::query_as(&format!(
+    let transfers: Vec<TransferView> = sqlx::query_as(&format!(
         "SELECT {TRANSFER_COLUMNS} FROM (
              (SELECT {TRANSFER_COLUMNS} FROM transfers
                WHERE tenant = $1 AND from_account = $2 AND ($3::uuid IS NULL OR id > $3)
@@ -179,9 +151,5 @@ pub(crate) async fn account_transfers(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    Ok(Json(page(
-        rows.into_iter().map(transfer_view).collect(),
-        limit,
-        |transfer| transfer.id.to_string(),
-    )))
+    Ok(Json(page(transfers, limit, |transfer| transfer.id.to_string())))
 }
