@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -10,12 +10,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{AuthError, Principal, Role};
+use service_kit::auth::{Authorized, RequiredRoles, Role};
+use service_kit::http::{PathId, PathResource};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use service_kit::problem::{BearerAuth, ProblemDocument, RateLimitedResponses};
+use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems};
 
 use crate::AppState;
 use crate::error::QueryError;
@@ -42,35 +43,26 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An authenticated caller allowed to read: role `viewer` or `teller`.
-pub(crate) struct Reader(pub(crate) Principal);
+/// Roles `viewer` or `teller`: reading the read models (`Authorized<Reader>`).
+pub(crate) enum Reader {}
 
-impl FromRequestParts<AppState> for Reader {
-    type Rejection = AuthError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let principal = Principal::from_request_parts(parts, state).await?;
-        principal.require_any(&[Role::Viewer, Role::Teller])?;
-        Ok(Self(principal))
-    }
+impl RequiredRoles for Reader {
+    const ROLES: &'static [Role] = &[Role::Viewer, Role::Teller];
 }
 
-/// `{id}`: anything but a UUID names no account.
-pub(crate) struct AccountId(pub(crate) Uuid);
+/// An account named in the path; anything but a UUID names none.
+pub(crate) enum Account {}
 
-impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+impl PathResource for Account {
     type Rejection = QueryError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| QueryError::NotFound)?;
-        raw.parse().map(AccountId).map_err(|_| QueryError::NotFound)
+    fn not_found() -> QueryError {
+        QueryError::NotFound
     }
 }
+
+/// The `{id}` of an account path.
+pub(crate) type AccountId = PathId<Account>;
 
 /// Query-string parameters, with malformed ones answered as problem+json.
 pub(crate) struct Params<T>(pub(crate) T);
@@ -272,8 +264,6 @@ pub(crate) fn decode_cursor<T: std::str::FromStr>(
         (status = 200, description = "The account; `ETag` is its version", body = AccountView),
         (status = 304, description = "Unchanged since the `If-None-Match` version"),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "`min_version` not reached in time, or database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
@@ -281,8 +271,8 @@ pub(crate) fn decode_cursor<T: std::str::FromStr>(
 )]
 async fn get_account(
     State(state): State<AppState>,
-    Reader(principal): Reader,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Reader>,
+    PathId { id, .. }: AccountId,
     Params(params): Params<ReadParams>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
@@ -325,15 +315,12 @@ pub(crate) fn versioned(
     responses(
         (status = 200, description = "A page of the tenant's accounts, by id", body = Page<AccountView>),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 async fn list_accounts(
     State(state): State<AppState>,
-    Reader(principal): Reader,
+    Authorized { principal, .. }: Authorized<Reader>,
     Params(params): Params<ListAccountsParams>,
 ) -> Result<Json<Page<AccountView>>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
@@ -370,8 +357,6 @@ async fn list_accounts(
     responses(
         (status = 200, description = "A page of the account's money movements, oldest first", body = Page<EntryView>),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "`min_version` not reached in time, or database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
@@ -379,8 +364,8 @@ async fn list_accounts(
 )]
 async fn list_entries(
     State(state): State<AppState>,
-    Reader(principal): Reader,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Reader>,
+    PathId { id, .. }: AccountId,
     Params(params): Params<ListEntriesParams>,
 ) -> Result<Json<Page<EntryView>>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
@@ -440,6 +425,15 @@ fn asyncapi(
         crate::audit::AuditEventView, crate::audit::EventPage, crate::audit::LogPage,
         crate::audit::AccountStateView, crate::audit::VerificationView, crate::audit::BreakView,
     )),
-    modifiers(&BearerAuth, &RateLimitedResponses),
+    modifiers(&BearerAuth, &PROBLEMS),
 )]
 pub(crate) struct ApiDoc;
+
+/// 401, 403, 429 and 503 on every operation (all take a token).
+const PROBLEMS: StandardProblems = StandardProblems {
+    roles: &[
+        ("accounts", Reader::ROLES),
+        ("transfers", Reader::ROLES),
+        ("audit", crate::audit::Auditor::ROLES),
+    ],
+};

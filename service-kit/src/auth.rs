@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +165,36 @@ impl Principal {
                 needed: roles.iter().map(|role| role.as_str()).collect(),
             })
         }
+    }
+}
+
+/// The roles an [`Authorized`] caller needs: any one of them.
+pub trait RequiredRoles {
+    const ROLES: &'static [Role];
+}
+
+/// An authenticated caller holding one of `R`'s roles: 401 without a valid token, 429 once
+/// the tenant's budget is spent, 403 without the role.
+pub struct Authorized<R> {
+    pub principal: Principal,
+    roles: PhantomData<R>,
+}
+
+impl<S, R> FromRequestParts<S> for Authorized<R>
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+    R: RequiredRoles,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        principal.require_any(R::ROLES)?;
+        Ok(Self {
+            principal,
+            roles: PhantomData,
+        })
     }
 }
 
