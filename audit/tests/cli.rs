@@ -8,9 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use command_api::relay::RelayConfig;
 use serde_json::{Value, json};
-use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::auth::{AuthConfig, TokenRequest, VerificationKey, mint_hs256};
 use service_kit::kafka::KafkaConfig;
 use service_kit::testing::{self, TestDatabase};
+use service_kit::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 const SECRET: &str = "audit-cli-test-secret-0123456789abcdef";
@@ -33,7 +34,7 @@ impl Ledger {
             auth: AuthConfig {
                 issuer: "ledger".into(),
                 audience: "ledger".into(),
-                key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+                key: VerificationKey::Hs256(SecretString::from(SECRET)),
                 rate_limit: None,
             },
             max_body_bytes: 16 * 1024,
@@ -67,7 +68,7 @@ impl Ledger {
 
     async fn post(&self, path: &str, body: Value) -> Value {
         let teller = mint_hs256(
-            &Secret::new(SECRET.into()),
+            &SecretString::from(SECRET),
             "ledger",
             "ledger",
             &TokenRequest {
@@ -132,7 +133,7 @@ impl Ledger {
     async fn audit(&self, args: &[&str]) -> (bool, String) {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledger-audit"))
             .args(args)
-            .env("DATABASE_URL", &self.database.config.url)
+            .env("DATABASE_URL", self.database.config.url.expose_secret())
             .env("KAFKA_BROKERS", &self.kafka.brokers)
             .env("KAFKA_TOPIC_PREFIX", &self.kafka.topic_prefix)
             .output()

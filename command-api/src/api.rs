@@ -15,7 +15,9 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use service_kit::problem::{BearerAuth, ProblemDocument, RateLimitedResponses};
+use service_kit::auth::{Authorized, RequiredRoles};
+use service_kit::http::PathId;
+use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems};
 
 use crate::AppState;
 use crate::engine::{CommandContext, Committed, Idempotency, Target};
@@ -115,15 +117,9 @@ macro_rules! account_command {
             ),
             responses(
                 (status = 200, description = "Applied", body = CommandAccepted),
-                (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
-                (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-                (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
                 (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
                 (status = 409, description = "Version conflict; `current_version` is the current one", body = ProblemDocument, content_type = "application/problem+json"),
-                (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
-                (status = 415, description = "Body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
                 (status = 422, description = "Invalid value or business rule violated", body = ProblemDocument, content_type = "application/problem+json"),
-                (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
             ),
             security(("bearer" = []))
         )]
@@ -140,19 +136,13 @@ macro_rules! account_command {
     ),
     responses(
         (status = 201, description = "Account opened; `Location` is its absolute URL on the query API (`QUERY_API_PUBLIC_URL`)", body = CommandAccepted),
-        (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid value or reused idempotency key", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 async fn open_account(
     State(state): State<AppState>,
-    Teller(principal): Teller,
+    Authorized { principal, .. }: Authorized<Teller>,
     headers: CommandHeaders,
     AppJson(body): AppJson<OpenAccountRequest>,
 ) -> Result<Response, ApiError> {
@@ -163,7 +153,7 @@ async fn open_account(
         overdraft_limit: OverdraftLimit::parse(body.overdraft_limit)?,
     };
     let target = Target::New(Uuid::now_v7());
-    let context = context(&principal, &headers, "POST /v1/accounts", &body);
+    let context = context(&principal, &headers, None, &body);
     let committed = state
         .commands
         .account(&context, target, command, None)
@@ -181,8 +171,8 @@ account_command!(
 body: [MoneyRequest],
 async fn deposit(
     State(state): State<AppState>,
-    Teller(principal): Teller,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Teller>,
+    PathId { id, .. }: AccountId,
     headers: CommandHeaders,
     AppJson(body): AppJson<MoneyRequest>,
 ) -> Result<Response, ApiError> {
@@ -191,8 +181,7 @@ async fn deposit(
         amount: Amount::parse(body.amount)?,
         currency: Currency::parse(&body.currency)?,
     };
-    let route = format!("POST /v1/accounts/{id}/deposits");
-    run(&state, &principal, &headers, id, command, &route, &body).await
+    run(&state, &principal, &headers, id, command, &body).await
 });
 
 account_command!(
@@ -201,8 +190,8 @@ account_command!(
 body: [MoneyRequest],
 async fn withdraw(
     State(state): State<AppState>,
-    Teller(principal): Teller,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Teller>,
+    PathId { id, .. }: AccountId,
     headers: CommandHeaders,
     AppJson(body): AppJson<MoneyRequest>,
 ) -> Result<Response, ApiError> {
@@ -211,8 +200,7 @@ async fn withdraw(
         amount: Amount::parse(body.amount)?,
         currency: Currency::parse(&body.currency)?,
     };
-    let route = format!("POST /v1/accounts/{id}/withdrawals");
-    run(&state, &principal, &headers, id, command, &route, &body).await
+    run(&state, &principal, &headers, id, command, &body).await
 });
 
 account_command!(
@@ -221,15 +209,14 @@ account_command!(
 body: [],
 async fn freeze(
     State(state): State<AppState>,
-    Teller(principal): Teller,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Teller>,
+    PathId { id, .. }: AccountId,
     headers: CommandHeaders,
 ) -> Result<Response, ApiError> {
     let command = AccountCommand::Freeze {
         tenant: principal.tenant.clone(),
     };
-    let route = format!("POST /v1/accounts/{id}/freeze");
-    run(&state, &principal, &headers, id, command, &route, &()).await
+    run(&state, &principal, &headers, id, command, &()).await
 });
 
 account_command!(
@@ -238,15 +225,14 @@ account_command!(
 body: [],
 async fn unfreeze(
     State(state): State<AppState>,
-    Teller(principal): Teller,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Teller>,
+    PathId { id, .. }: AccountId,
     headers: CommandHeaders,
 ) -> Result<Response, ApiError> {
     let command = AccountCommand::Unfreeze {
         tenant: principal.tenant.clone(),
     };
-    let route = format!("POST /v1/accounts/{id}/unfreeze");
-    run(&state, &principal, &headers, id, command, &route, &()).await
+    run(&state, &principal, &headers, id, command, &()).await
 });
 
 account_command!(
@@ -255,15 +241,14 @@ account_command!(
 body: [],
 async fn close(
     State(state): State<AppState>,
-    Teller(principal): Teller,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Teller>,
+    PathId { id, .. }: AccountId,
     headers: CommandHeaders,
 ) -> Result<Response, ApiError> {
     let command = AccountCommand::Close {
         tenant: principal.tenant.clone(),
     };
-    let route = format!("POST /v1/accounts/{id}/close");
-    run(&state, &principal, &headers, id, command, &route, &()).await
+    run(&state, &principal, &headers, id, command, &()).await
 });
 
 #[utoipa::path(
@@ -276,20 +261,14 @@ async fn close(
     ),
     responses(
         (status = 202, description = "Accepted: the process manager debits the source, then credits the destination (or refunds the source). Follow `status_url` on the query API.", body = TransferAccepted),
-        (status = 400, description = "Malformed body or header", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "An account does not exist for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid value, the same account twice, or a reused idempotency key", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 async fn request_transfer(
     State(state): State<AppState>,
-    Teller(principal): Teller,
+    Authorized { principal, .. }: Authorized<Teller>,
     headers: CommandHeaders,
     AppJson(body): AppJson<TransferRequest>,
 ) -> Result<Response, ApiError> {
@@ -324,7 +303,7 @@ async fn request_transfer(
             Some(_) => {}
         }
     }
-    let context = context(&principal, &headers, "POST /v1/transfers", &body);
+    let context = context(&principal, &headers, None, &body);
     let committed = state
         .commands
         .transfer(
@@ -361,10 +340,9 @@ async fn run(
     headers: &CommandHeaders,
     id: Uuid,
     command: AccountCommand,
-    route: &str,
     body: &impl Serialize,
 ) -> Result<Response, ApiError> {
-    let context = context(principal, headers, route, body);
+    let context = context(principal, headers, Some(id), body);
     let committed = state
         .commands
         .account(&context, Target::Existing(id), command, headers.if_match)
@@ -372,15 +350,20 @@ async fn run(
     Ok(accepted(StatusCode::OK, committed, None))
 }
 
+/// What a command carries besides itself; `account` is the account its path names.
 fn context(
     principal: &service_kit::auth::Principal,
     headers: &CommandHeaders,
-    route: &str,
+    account: Option<Uuid>,
     body: &impl Serialize,
 ) -> CommandContext {
     let idempotency = headers.idempotency_key.clone().map(|key| {
         // The fingerprint of what was asked: the route (with the account id) and the parsed
         // body, so formatting differences in the JSON do not count as a different request.
+        let route = match account {
+            Some(id) => headers.route.replace("{id}", &id.to_string()),
+            None => headers.route.clone(),
+        };
         let mut hasher = Sha256::new();
         hasher.update(route.as_bytes());
         hasher.update([0]);
@@ -431,6 +414,45 @@ fn accepted<E>(status: StatusCode, committed: Committed<E>, location: Option<&st
         OpenAccountRequest, MoneyRequest, CommandAccepted, TransferRequest, TransferAccepted,
         ProblemDocument,
     )),
-    modifiers(&BearerAuth, &RateLimitedResponses),
+    modifiers(&BearerAuth, &PROBLEMS),
 )]
 pub(crate) struct ApiDoc;
+
+/// 401, 403, 429, 503 on every command; 400, 413 and 415 too, since every one is a POST.
+const PROBLEMS: StandardProblems = StandardProblems {
+    roles: &[("accounts", Teller::ROLES), ("transfers", Teller::ROLES)],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys already spent were fingerprinted with the route as the client called it (the
+    /// account id in it) and the parsed body; the route template from `MatchedPath` must give
+    /// the same fingerprint, or their retries would be refused as another request.
+    #[test]
+    fn the_idempotency_fingerprint_is_the_called_route_and_the_parsed_body() {
+        let account = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+        let headers = CommandHeaders {
+            route: "POST /v1/accounts/{id}/deposits".into(),
+            request_id: "request".into(),
+            if_match: None,
+            idempotency_key: Some("key".into()),
+            correlation_id: "correlation".into(),
+            traceparent: None,
+        };
+        let principal = service_kit::auth::Principal {
+            subject: "alice".into(),
+            tenant: "acme".into(),
+            roles: Default::default(),
+        };
+        let body = serde_json::json!({"amount": 1, "currency": "EUR"});
+        let context = context(&principal, &headers, Some(account), &body);
+        let mut expected = Sha256::new();
+        expected.update(format!("POST /v1/accounts/{account}/deposits").as_bytes());
+        expected.update([0]);
+        expected.update(serde_json::to_vec(&body).unwrap());
+        let idempotency = context.idempotency.unwrap();
+        assert_eq!(idempotency.request_hash, hex::encode(expected.finalize()));
+    }
+}

@@ -1,15 +1,14 @@
 //! Extractors whose rejections are [`ApiError`]s, so every malformed request gets the same
 //! problem+json as every other error.
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::header;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use domain::AccountError;
 use serde::de::DeserializeOwned;
-use service_kit::auth::{AuthError, Principal, Role};
-use service_kit::http::RequestId;
-use uuid::Uuid;
+use service_kit::auth::{RequiredRoles, Role};
+use service_kit::http::{PathId, PathResource, RequestId};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -85,41 +84,32 @@ fn classify(err: serde_json::Error) -> ApiError {
     }
 }
 
-/// An authenticated caller holding the `teller` role.
-pub(crate) struct Teller(pub(crate) Principal);
+/// Role `teller`: every command needs it (`Authorized<Teller>`).
+pub(crate) enum Teller {}
 
-impl FromRequestParts<AppState> for Teller {
-    type Rejection = AuthError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let principal = Principal::from_request_parts(parts, state).await?;
-        principal.require_any(&[Role::Teller])?;
-        Ok(Self(principal))
-    }
+impl RequiredRoles for Teller {
+    const ROLES: &'static [Role] = &[Role::Teller];
 }
 
-/// The `{id}` of an account path. Anything but a UUID names no account: 404.
-pub(crate) struct AccountId(pub(crate) Uuid);
+/// An account named in the path; anything but a UUID names none: 404.
+pub(crate) enum Account {}
 
-impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+impl PathResource for Account {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| AccountError::NotFound)?;
-        raw.parse()
-            .map(AccountId)
-            .map_err(|_| AccountError::NotFound.into())
+    fn not_found() -> ApiError {
+        AccountError::NotFound.into()
     }
 }
 
-/// The headers a command reads besides authentication.
+/// The `{id}` of an account path.
+pub(crate) type AccountId = PathId<Account>;
+
+/// The headers a command reads besides authentication, and its route.
 #[derive(Debug, Clone)]
 pub(crate) struct CommandHeaders {
+    /// The method and the route's template, e.g. `POST /v1/accounts/{id}/deposits`.
+    pub(crate) route: String,
     pub(crate) request_id: String,
     /// `If-Match: "<version>"`; `*` or absent means any version.
     pub(crate) if_match: Option<u64>,
@@ -135,6 +125,11 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let Ok(RequestId(request_id)) = RequestId::from_request_parts(parts, state).await;
+        let template = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map_or_else(|| parts.uri.path(), MatchedPath::as_str);
+        let route = format!("{} {template}", parts.method);
         let text = |name: &str, header: &'static str| -> Result<Option<String>, ApiError> {
             match parts.headers.get(name) {
                 None => Ok(None),
@@ -171,6 +166,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
             None => text("traceparent", "traceparent")?.filter(|value| is_traceparent(value)),
         };
         Ok(Self {
+            route,
             request_id,
             if_match,
             idempotency_key,

@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::Retryable;
 use domain::{
     AccountCommand, AccountError, AccountEvent, NextStep, StepOutcome, Transfer, TransferCommand,
     TransferError, TransferStatus, TransferStep, TransferTerms,
@@ -35,6 +36,7 @@ use service_kit::config::{self, ConfigError};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
+use service_kit::retry;
 use service_kit::server::ServerLimits;
 use service_kit::telemetry;
 use sqlx::PgPool;
@@ -247,24 +249,21 @@ impl ProcessManager {
     /// Drives each transfer, continuing the trace of its message if `traces` has one; retries
     /// those that failed because the database was unavailable until they pass. Any other
     /// failure is logged and left to the sweep.
-    async fn drive_all(&self, mut transfers: Vec<Uuid>, traces: &HashMap<Uuid, String>) {
-        let mut backoff = Duration::from_millis(100);
-        while !transfers.is_empty() {
-            let results = futures::future::join_all(transfers.iter().map(|id| {
-                let span = tracing::info_span!("drive", transfer = %id);
-                telemetry::continue_trace(&span, traces.get(id).map(String::as_str));
-                self.drive(*id).instrument(span)
-            }))
-            .await;
-            let mut retry = Vec::new();
-            for (id, result) in transfers.iter().zip(results) {
-                match result {
+    async fn drive_all(&self, transfers: Vec<Uuid>, traces: &HashMap<Uuid, String>) {
+        futures::future::join_all(transfers.into_iter().map(|id| {
+            let span = tracing::info_span!("drive", transfer = %id);
+            telemetry::continue_trace(&span, traces.get(&id).map(String::as_str));
+            async move {
+                let driven = (|| self.drive(id))
+                    .retry(retry::policy())
+                    .when(|err| matches!(err, CommandError::Unavailable(_)))
+                    .notify(|err, _| {
+                        tracing::warn!(transfer = %id, error = %err, "database unavailable; retrying")
+                    })
+                    .await;
+                match driven {
                     Ok(status) => {
                         tracing::debug!(transfer = %id, status = status.as_str(), "transfer driven")
-                    }
-                    Err(CommandError::Unavailable(err)) => {
-                        tracing::warn!(transfer = %id, error = %err, "database unavailable; retrying");
-                        retry.push(*id);
                     }
                     Err(err) => {
                         metrics::counter!("ledger_transfer_drive_failures_total").increment(1);
@@ -272,12 +271,9 @@ impl ProcessManager {
                     }
                 }
             }
-            if !retry.is_empty() {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            transfers = retry;
-        }
+            .instrument(span)
+        }))
+        .await;
     }
 
     /// Takes the transfer's next steps until it is final, and returns that status.

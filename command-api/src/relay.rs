@@ -22,6 +22,7 @@ use std::time::Duration;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
+use backon::BackoffBuilder;
 use cqrs_es::Aggregate;
 use domain::{Account, Transfer};
 use rdkafka::error::KafkaError;
@@ -30,6 +31,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use service_kit::db::channels;
 use service_kit::event_log::{self, LogPosition, LoggedEvent};
 use service_kit::kafka::{self, KafkaConfig};
+use service_kit::retry;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -50,8 +52,6 @@ const LOCK_CHECK: Duration = Duration::from_secs(1);
 /// How long the lock's connection may take to answer before the leader steps down: well
 /// under the keepalives' 25 s, after which Postgres gives the lock to another replica.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest pause between attempts after a failure.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Batches sent but not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 4;
 /// How often the leader measures its lag for `/metrics`.
@@ -115,33 +115,35 @@ impl Relay {
     }
 
     /// Runs until `shutdown` resolves: waits for leadership, relays while leader, and starts
-    /// over after any failure (with a pause), so a broker or database outage heals itself.
+    /// over after any failure (with the pause [`retry::policy`] gives), so a broker or
+    /// database outage heals itself.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(100);
         metrics::gauge!("ledger_relay_leader").set(0.0);
+        let mut pauses = retry::policy().build();
         loop {
-            // A leader that ran for a while and then failed starts its retries afresh.
             let started = tokio::time::Instant::now();
-            tokio::select! {
+            let err = tokio::select! {
                 () = &mut shutdown => return,
                 result = self.lead() => {
-                    // Only a leader measures lag; a deposed one must not report a frozen value.
-                    metrics::gauge!("ledger_relay_leader").set(0.0);
-                    metrics::gauge!("ledger_relay_lag_events").set(0.0);
-                    metrics::gauge!("ledger_relay_lag_seconds").set(0.0);
                     let Err(err) = result;
-                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "relay interrupted");
+                    err
                 }
+            };
+            // Only a leader measures lag; a deposed one must not report a frozen value.
+            metrics::gauge!("ledger_relay_leader").set(0.0);
+            metrics::gauge!("ledger_relay_lag_events").set(0.0);
+            metrics::gauge!("ledger_relay_lag_seconds").set(0.0);
+            // A leader that ran for a while and then failed starts its retries afresh.
+            if started.elapsed() > retry::MAX_DELAY {
+                pauses = retry::policy().build();
             }
-            if started.elapsed() > MAX_BACKOFF {
-                backoff = Duration::from_millis(100);
-            }
+            let pause = pauses.next().unwrap_or(retry::MAX_DELAY);
+            tracing::warn!(error = %err, retry_in_ms = pause.as_millis() as u64, "relay interrupted");
             tokio::select! {
                 () = &mut shutdown => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(pause) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 

@@ -41,6 +41,7 @@ use service_kit::config::{self, ConfigError, Setting};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
 use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
+use service_kit::retry;
 use service_kit::server::ServerLimits;
 use service_kit::telemetry;
 use sqlx::PgPool;
@@ -268,17 +269,11 @@ impl Projector {
                 }
             }
         }
-        let mut backoff = Duration::from_millis(100);
-        let refused = loop {
-            match self.apply(&notices).await {
-                Ok(refused) => break refused,
-                Err(err) => {
-                    tracing::error!(error = %err, retry_in_ms = backoff.as_millis() as u64, "applying a batch failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
+        let refused = retry::until_ok(
+            || self.apply(&notices),
+            |err, pause| tracing::error!(error = %err, retry_in_ms = pause.as_millis() as u64, "applying a batch failed; retrying"),
+        )
+        .await;
         rejected.extend(refused);
         if !transfers.is_empty() {
             rejected.extend(self.project_transfers(&transfers).await);
@@ -442,27 +437,21 @@ impl Projector {
         let mut ids: Vec<Uuid> = messages.iter().map(|(_, _, id)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut backoff = Duration::from_millis(100);
-        let unreadable = loop {
-            let projected = async {
+        let ids = &ids;
+        let unreadable = retry::until_ok(
+            || async move {
                 let mut tx = self.pool.begin().await?;
-                let unreadable = transfers::project(&mut tx, &ids).await?;
+                let unreadable = transfers::project(&mut tx, ids).await?;
                 sqlx::query("SELECT pg_notify($1, '')")
                     .bind(db::channels::READ_MODELS_CHANGED)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(unreadable)
-            };
-            match projected.await {
-                Ok(unreadable) => break unreadable,
-                Err(err) => {
-                    tracing::error!(error = %err, retry_in_ms = backoff.as_millis() as u64, "projecting transfers failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
+            },
+            |err, pause| tracing::error!(error = %err, retry_in_ms = pause.as_millis() as u64, "projecting transfers failed; retrying"),
+        )
+        .await;
         messages
             .iter()
             .filter_map(|(partition, offset, id)| {

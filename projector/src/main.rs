@@ -1,30 +1,46 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
 use projector::{Config, Projector, check, rebuild};
 use service_kit::db;
 use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
-const USAGE: &str = "usage: projector [run|rebuild|check]
-  run (default)  consume the event topics into the read models
-  rebuild        replay the event store into fresh read-model tables and swap them in
-  check          compare the read models with a fold of the event store; exit 1 on any difference";
+/// The projector: keeps the read models, rebuilds them, checks them. Configured by environment
+/// variables (README.md).
+#[derive(Parser)]
+#[command(name = "projector", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the event topics into the read models (the default).
+    Run,
+    /// Replay the event store into fresh read-model tables and swap them in.
+    Rebuild,
+    /// Compare the read models with a fold of the event store; exit 1 on any difference.
+    Check,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
+    let command = Cli::parse().command;
     let _telemetry = telemetry::init(
         LogFormat::from_env()?,
         &TracingConfig::from_env("projector")?,
     )?;
-    match std::env::args().nth(1).as_deref() {
-        None | Some("run") => {
+    match command {
+        None | Some(Command::Run) => {
             Projector::build(Config::from_env()?)
                 .await?
                 .run_until_stopped(shutdown_signal())
                 .await;
         }
-        Some("rebuild") => {
+        Some(Command::Rebuild) => {
             let pool = db::connect(&db::DatabaseConfig::from_env()?).await?;
             db::migrate(&pool).await?;
             let report = rebuild::rebuild(&pool, true).await?;
@@ -35,7 +51,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 "read models rebuilt and swapped in"
             );
         }
-        Some("check") => {
+        Some(Command::Check) => {
             let pool = db::connect(&db::DatabaseConfig::from_env()?).await?;
             let report = check::check(&pool).await?;
             let mut out = std::io::stdout().lock();
@@ -56,7 +72,6 @@ async fn main() -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Some(_) => anyhow::bail!(USAGE),
     }
     Ok(ExitCode::SUCCESS)
 }

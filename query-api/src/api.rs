@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -10,12 +10,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{AuthError, Principal, Role};
+use service_kit::auth::{Authorized, RequiredRoles, Role};
+use service_kit::http::{PathId, PathResource};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use service_kit::problem::{BearerAuth, ProblemDocument, RateLimitedResponses};
+use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems};
 
 use crate::AppState;
 use crate::error::QueryError;
@@ -42,35 +43,26 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An authenticated caller allowed to read: role `viewer` or `teller`.
-pub(crate) struct Reader(pub(crate) Principal);
+/// Roles `viewer` or `teller`: reading the read models (`Authorized<Reader>`).
+pub(crate) enum Reader {}
 
-impl FromRequestParts<AppState> for Reader {
-    type Rejection = AuthError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let principal = Principal::from_request_parts(parts, state).await?;
-        principal.require_any(&[Role::Viewer, Role::Teller])?;
-        Ok(Self(principal))
-    }
+impl RequiredRoles for Reader {
+    const ROLES: &'static [Role] = &[Role::Viewer, Role::Teller];
 }
 
-/// `{id}`: anything but a UUID names no account.
-pub(crate) struct AccountId(pub(crate) Uuid);
+/// An account named in the path; anything but a UUID names none.
+pub(crate) enum Account {}
 
-impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+impl PathResource for Account {
     type Rejection = QueryError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| QueryError::NotFound)?;
-        raw.parse().map(AccountId).map_err(|_| QueryError::NotFound)
+    fn not_found() -> QueryError {
+        QueryError::NotFound
     }
 }
+
+/// The `{id}` of an account path.
+pub(crate) type AccountId = PathId<Account>;
 
 /// Query-string parameters, with malformed ones answered as problem+json.
 pub(crate) struct Params<T>(pub(crate) T);
@@ -87,7 +79,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 }
 
 /// An account as the read model holds it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub(crate) struct AccountView {
     id: Uuid,
     owner: String,
@@ -105,7 +97,7 @@ pub(crate) struct AccountView {
 }
 
 /// A money movement.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub(crate) struct EntryView {
     /// The stream version of the event that moved the money.
     version: i64,
@@ -163,32 +155,6 @@ pub(crate) struct ListEntriesParams {
     min_version: Option<i64>,
 }
 
-type AccountTuple = (
-    Uuid,
-    String,
-    String,
-    i64,
-    i64,
-    String,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-fn account_view(row: AccountTuple) -> AccountView {
-    AccountView {
-        id: row.0,
-        owner: row.1,
-        currency: row.2,
-        balance: row.3,
-        overdraft_limit: row.4,
-        status: row.5,
-        version: row.6,
-        opened_at: row.7,
-        updated_at: row.8,
-    }
-}
-
 const ACCOUNT_COLUMNS: &str =
     "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
 
@@ -197,14 +163,14 @@ pub(crate) async fn find_account(
     tenant: &str,
     id: Uuid,
 ) -> Result<Option<AccountView>, QueryError> {
-    let row: Option<AccountTuple> = sqlx::query_as(&format!(
+    let account = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 AND tenant = $2"
     ))
     .bind(id)
     .bind(tenant)
     .fetch_optional(&mut *state.scope(tenant).await?)
     .await?;
-    Ok(row.map(account_view))
+    Ok(account)
 }
 
 /// The account, once its view reached `min_version` (waiting at most the configured time).
@@ -298,8 +264,6 @@ pub(crate) fn decode_cursor<T: std::str::FromStr>(
         (status = 200, description = "The account; `ETag` is its version", body = AccountView),
         (status = 304, description = "Unchanged since the `If-None-Match` version"),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "`min_version` not reached in time, or database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
@@ -307,8 +271,8 @@ pub(crate) fn decode_cursor<T: std::str::FromStr>(
 )]
 async fn get_account(
     State(state): State<AppState>,
-    Reader(principal): Reader,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Reader>,
+    PathId { id, .. }: AccountId,
     Params(params): Params<ReadParams>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
@@ -351,15 +315,12 @@ pub(crate) fn versioned(
     responses(
         (status = 200, description = "A page of the tenant's accounts, by id", body = Page<AccountView>),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 async fn list_accounts(
     State(state): State<AppState>,
-    Reader(principal): Reader,
+    Authorized { principal, .. }: Authorized<Reader>,
     Params(params): Params<ListAccountsParams>,
 ) -> Result<Json<Page<AccountView>>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
@@ -371,7 +332,7 @@ async fn list_accounts(
         ));
     }
     let after: Option<Uuid> = decode_cursor(params.cursor.as_deref())?;
-    let rows: Vec<AccountTuple> = sqlx::query_as(&format!(
+    let accounts: Vec<AccountView> = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts
           WHERE tenant = $1
             AND ($2::text IS NULL OR owner = $2)
@@ -387,11 +348,7 @@ async fn list_accounts(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    Ok(Json(page(
-        rows.into_iter().map(account_view).collect(),
-        limit,
-        |a| a.id.to_string(),
-    )))
+    Ok(Json(page(accounts, limit, |a| a.id.to_string())))
 }
 
 #[utoipa::path(
@@ -400,8 +357,6 @@ async fn list_accounts(
     responses(
         (status = 200, description = "A page of the account's money movements, oldest first", body = Page<EntryView>),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "`min_version` not reached in time, or database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
@@ -409,24 +364,14 @@ async fn list_accounts(
 )]
 async fn list_entries(
     State(state): State<AppState>,
-    Reader(principal): Reader,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Reader>,
+    PathId { id, .. }: AccountId,
     Params(params): Params<ListEntriesParams>,
 ) -> Result<Json<Page<EntryView>>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
     account_at(&state, &principal.tenant, id, params.min_version).await?;
-    type EntryTuple = (
-        i64,
-        String,
-        i64,
-        String,
-        i64,
-        Uuid,
-        DateTime<Utc>,
-        Option<Uuid>,
-    );
-    let rows: Vec<EntryTuple> = sqlx::query_as(
+    let entries: Vec<EntryView> = sqlx::query_as(
         "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id
            FROM account_entries
           WHERE account_id = $1 AND tenant = $2 AND ($3::int8 IS NULL OR version > $3)
@@ -439,19 +384,6 @@ async fn list_entries(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    let entries = rows
-        .into_iter()
-        .map(|r| EntryView {
-            version: r.0,
-            kind: r.1,
-            amount: r.2,
-            currency: r.3,
-            balance_after: r.4,
-            event_id: r.5,
-            recorded_at: r.6,
-            transfer_id: r.7,
-        })
-        .collect();
     Ok(Json(page(entries, limit, |e| e.version.to_string())))
 }
 
@@ -493,6 +425,15 @@ fn asyncapi(
         crate::audit::AuditEventView, crate::audit::EventPage, crate::audit::LogPage,
         crate::audit::AccountStateView, crate::audit::VerificationView, crate::audit::BreakView,
     )),
-    modifiers(&BearerAuth, &RateLimitedResponses),
+    modifiers(&BearerAuth, &PROBLEMS),
 )]
 pub(crate) struct ApiDoc;
+
+/// 401, 403, 429 and 503 on every operation (all take a token).
+const PROBLEMS: StandardProblems = StandardProblems {
+    roles: &[
+        ("accounts", Reader::ROLES),
+        ("transfers", Reader::ROLES),
+        ("audit", crate::audit::Auditor::ROLES),
+    ],
+};

@@ -5,14 +5,14 @@
 use audit::ACCOUNT;
 use audit::history::{self, EventMetadata};
 use audit::state::{self, AsOf, StateError};
-use axum::extract::{FromRequestParts, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{AuthError, Principal, Role};
+use service_kit::auth::{Authorized, Principal, RequiredRoles, Role};
 use service_kit::event_log::{self, LogPosition, LoggedEvent};
+use service_kit::http::PathId;
 use service_kit::problem::ProblemDocument;
 use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
@@ -33,20 +33,11 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/audit/log", get(tenant_log))
 }
 
-/// An authenticated caller with role `auditor`.
-pub(crate) struct Auditor(Principal);
+/// Role `auditor`: every audit route needs it (`Authorized<Auditor>`).
+pub(crate) enum Auditor {}
 
-impl FromRequestParts<AppState> for Auditor {
-    type Rejection = AuthError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let principal = Principal::from_request_parts(parts, state).await?;
-        principal.require_any(&[Role::Auditor])?;
-        Ok(Self(principal))
-    }
+impl RequiredRoles for Auditor {
+    const ROLES: &'static [Role] = &[Role::Auditor];
 }
 
 /// One stored event with who caused it, where it sits in the log and its hash-chain links.
@@ -220,17 +211,14 @@ impl From<StateError> for QueryError {
     responses(
         (status = 200, description = "The stream's events in version order, with metadata and hashes", body = EventPage),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn stream_events(
     State(state): State<AppState>,
-    Auditor(principal): Auditor,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Auditor>,
+    PathId { id, .. }: AccountId,
     Params(params): Params<StreamEventsParams>,
 ) -> Result<Json<EventPage>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
@@ -265,17 +253,14 @@ pub(crate) async fn stream_events(
     responses(
         (status = 200, description = "The account's state folded from its events up to that point", body = AccountStateView),
         (status = 400, description = "Invalid query, or both `at` and `version`", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant, or none yet at that point", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn account_state(
     State(state): State<AppState>,
-    Auditor(principal): Auditor,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Auditor>,
+    PathId { id, .. }: AccountId,
     Params(params): Params<StateParams>,
 ) -> Result<Json<AccountStateView>, QueryError> {
     let as_of = match (params.at, params.version) {
@@ -327,15 +312,12 @@ fn missing(as_of: AsOf) -> QueryError {
     responses(
         (status = 200, description = "The tenant's events in commit order (the order the relay publishes)", body = LogPage),
         (status = 400, description = "Invalid query or cursor", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn tenant_log(
     State(state): State<AppState>,
-    Auditor(principal): Auditor,
+    Authorized { principal, .. }: Authorized<Auditor>,
     Params(params): Params<LogParams>,
 ) -> Result<Json<LogPage>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
@@ -364,17 +346,14 @@ pub(crate) async fn tenant_log(
     params(("id" = Uuid, Path, description = "Account id")),
     responses(
         (status = 200, description = "The chain recomputed from the raw rows: intact, or where it first breaks", body = VerificationView),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `auditor` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn verify_account(
     State(state): State<AppState>,
-    Auditor(principal): Auditor,
-    AccountId(id): AccountId,
+    Authorized { principal, .. }: Authorized<Auditor>,
+    PathId { id, .. }: AccountId,
 ) -> Result<Json<VerificationView>, QueryError> {
     let mut scope = state.scope(&principal.tenant).await?;
     own_stream(&mut scope, &principal, id).await?;

@@ -1,13 +1,14 @@
 //! Transfers as the projector last saw them, and an account's transfers (either side).
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::http::request::Parts;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use service_kit::auth::Authorized;
+use service_kit::http::{PathId, PathResource};
 use service_kit::problem::ProblemDocument;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -24,24 +25,22 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/accounts/{id}/transfers", get(account_transfers))
 }
 
-/// `{id}` of a transfer: anything but a UUID names none.
-pub(crate) struct TransferId(Uuid);
+/// A transfer named in the path; anything but a UUID names none.
+pub(crate) enum Transfer {}
 
-impl<S: Send + Sync> FromRequestParts<S> for TransferId {
+impl PathResource for Transfer {
     type Rejection = QueryError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| QueryError::TransferNotFound)?;
-        raw.parse()
-            .map(TransferId)
-            .map_err(|_| QueryError::TransferNotFound)
+    fn not_found() -> QueryError {
+        QueryError::TransferNotFound
     }
 }
 
+/// The `{id}` of a transfer path.
+pub(crate) type TransferId = PathId<Transfer>;
+
 /// A transfer and how far it got.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub(crate) struct TransferView {
     id: Uuid,
     from_account: Uuid,
@@ -64,37 +63,9 @@ pub(crate) struct TransferView {
     updated_at: DateTime<Utc>,
 }
 
-type TransferTuple = (
-    Uuid,
-    Uuid,
-    Uuid,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, currency, reference, status, reason, version, requested_at, updated_at";
-
-fn transfer_view(row: TransferTuple) -> TransferView {
-    TransferView {
-        id: row.0,
-        from_account: row.1,
-        to_account: row.2,
-        amount: row.3,
-        currency: row.4,
-        reference: Some(row.5).filter(|reference| !reference.is_empty()),
-        status: row.6,
-        reason: row.7,
-        version: row.8,
-        requested_at: row.9,
-        updated_at: row.10,
-    }
-}
+/// The columns of a [`TransferView`]; a transfer requested without a reference has an empty
+/// one, shown as `null`.
+const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, currency, NULLIF(reference, '') AS reference, status, reason, version, requested_at, updated_at";
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -112,27 +83,24 @@ pub(crate) struct AccountTransfersParams {
     responses(
         (status = 200, description = "The transfer; `ETag` is its version", body = TransferView),
         (status = 304, description = "Unchanged since the `If-None-Match` version"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such transfer for this tenant (yet: it appears once projected)", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn get_transfer(
     State(state): State<AppState>,
-    Reader(principal): Reader,
-    TransferId(id): TransferId,
+    Authorized { principal, .. }: Authorized<Reader>,
+    PathId { id, .. }: TransferId,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let row: Option<TransferTuple> = sqlx::query_as(&format!(
+    let transfer: Option<TransferView> = sqlx::query_as(&format!(
         "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1 AND tenant = $2"
     ))
     .bind(id)
     .bind(&principal.tenant)
     .fetch_optional(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    let transfer = row.map(transfer_view).ok_or(QueryError::TransferNotFound)?;
+    let transfer = transfer.ok_or(QueryError::TransferNotFound)?;
     let version = transfer.version;
     Ok(crate::api::versioned(transfer, version, &headers))
 }
@@ -143,17 +111,14 @@ pub(crate) async fn get_transfer(
     responses(
         (status = 200, description = "A page of the transfers from or to the account, oldest first", body = Page<TransferView>),
         (status = 400, description = "Invalid query", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 403, description = "Role `viewer` or `teller` required", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such account for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn account_transfers(
     State(state): State<AppState>,
-    Reader(principal): Reader,
-    AccountId(account): AccountId,
+    Authorized { principal, .. }: Authorized<Reader>,
+    PathId { id: account, .. }: AccountId,
     Params(params): Params<AccountTransfersParams>,
 ) -> Result<Json<Page<TransferView>>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
@@ -162,7 +127,7 @@ pub(crate) async fn account_transfers(
         .await?
         .ok_or(QueryError::NotFound)?;
     // Two index range scans, merged: either side of the transfer.
-    let rows: Vec<TransferTuple> = sqlx::query_as(&format!(
+    let transfers: Vec<TransferView> = sqlx::query_as(&format!(
         "SELECT {TRANSFER_COLUMNS} FROM (
              (SELECT {TRANSFER_COLUMNS} FROM transfers
                WHERE tenant = $1 AND from_account = $2 AND ($3::uuid IS NULL OR id > $3)
@@ -179,9 +144,7 @@ pub(crate) async fn account_transfers(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(&principal.tenant).await?)
     .await?;
-    Ok(Json(page(
-        rows.into_iter().map(transfer_view).collect(),
-        limit,
-        |transfer| transfer.id.to_string(),
-    )))
+    Ok(Json(page(transfers, limit, |transfer| {
+        transfer.id.to_string()
+    })))
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError};
@@ -27,31 +29,11 @@ const MIN_SECRET_BYTES: usize = 32;
 /// Clock skew tolerated between the token issuer and us.
 const LEEWAY_SECONDS: u64 = 5;
 
-/// A secret string whose `Debug` and `Display` never show it.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
 /// How tokens are verified.
 #[derive(Debug, Clone)]
 pub enum VerificationKey {
     /// Development: a shared secret, HS256.
-    Hs256(Secret),
+    Hs256(SecretString),
     /// Production: a PEM public key and the one algorithm it is used with.
     PublicKey { algorithm: Algorithm, pem: String },
 }
@@ -76,7 +58,7 @@ impl AuthConfig {
             config::optional("JWT_HS256_SECRET"),
             config::optional("JWT_PUBLIC_KEY_PEM"),
         ) {
-            (Some(secret), None) => VerificationKey::Hs256(Secret::new(secret)),
+            (Some(secret), None) => VerificationKey::Hs256(secret.into()),
             (None, Some(pem)) => {
                 let algorithm = match config::required(
                     "JWT_ALGORITHM",
@@ -186,6 +168,36 @@ impl Principal {
     }
 }
 
+/// The roles an [`Authorized`] caller needs: any one of them.
+pub trait RequiredRoles {
+    const ROLES: &'static [Role];
+}
+
+/// An authenticated caller holding one of `R`'s roles: 401 without a valid token, 429 once
+/// the tenant's budget is spent, 403 without the role.
+pub struct Authorized<R> {
+    pub principal: Principal,
+    roles: PhantomData<R>,
+}
+
+impl<S, R> FromRequestParts<S> for Authorized<R>
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+    R: RequiredRoles,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        principal.require_any(R::ROLES)?;
+        Ok(Self {
+            principal,
+            roles: PhantomData,
+        })
+    }
+}
+
 /// Why a request was not authenticated or not authorised.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -268,14 +280,14 @@ impl Authenticator {
     pub fn new(config: &AuthConfig) -> Result<Self, ConfigError> {
         let (key, algorithm) = match &config.key {
             VerificationKey::Hs256(secret) => {
-                if secret.expose().len() < MIN_SECRET_BYTES {
+                if secret.expose_secret().len() < MIN_SECRET_BYTES {
                     return Err(ConfigError::Invalid {
                         name: "JWT_HS256_SECRET",
                         reason: format!("must be at least {MIN_SECRET_BYTES} bytes"),
                     });
                 }
                 (
-                    DecodingKey::from_secret(secret.expose().as_bytes()),
+                    DecodingKey::from_secret(secret.expose_secret().as_bytes()),
                     Algorithm::HS256,
                 )
             }
@@ -397,7 +409,7 @@ pub struct TokenRequest<'a> {
 /// Mints an HS256 token accepted by an [`Authenticator`] configured with the same secret,
 /// issuer and audience.
 pub fn mint_hs256(
-    secret: &Secret,
+    secret: &SecretString,
     issuer: &str,
     audience: &str,
     request: &TokenRequest<'_>,
@@ -416,7 +428,7 @@ pub fn mint_hs256(
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(secret.expose().as_bytes()),
+        &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
     )
 }
 
@@ -430,7 +442,7 @@ mod tests {
         Authenticator::new(&AuthConfig {
             issuer: "ledger".into(),
             audience: "ledger".into(),
-            key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+            key: VerificationKey::Hs256(SecretString::from(SECRET)),
             rate_limit: None,
         })
         .unwrap()
@@ -438,7 +450,7 @@ mod tests {
 
     fn token(tenant: &str, ttl: u64) -> String {
         mint_hs256(
-            &Secret::new(SECRET.into()),
+            &SecretString::from(SECRET),
             "ledger",
             "ledger",
             &TokenRequest {
@@ -465,7 +477,7 @@ mod tests {
         let short = AuthConfig {
             issuer: "ledger".into(),
             audience: "ledger".into(),
-            key: VerificationKey::Hs256(Secret::new("short".into())),
+            key: VerificationKey::Hs256(SecretString::from("short")),
             rate_limit: None,
         };
         assert!(Authenticator::new(&short).is_err());
@@ -477,7 +489,7 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let secret = Secret::new(SECRET.into());
+        let secret = SecretString::from(SECRET);
         assert!(!format!("{secret:?}").contains(SECRET));
         let config = AuthConfig {
             issuer: "i".into(),

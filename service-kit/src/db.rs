@@ -1,9 +1,9 @@
 //! The Postgres pool and the schema migrations.
 
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -45,10 +45,10 @@ pub fn test_run_prefix(run: &str) -> String {
 }
 
 /// Where the database is and how the pool behaves.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct DatabaseConfig {
-    /// Connection URL; may hold a password, so it is never printed.
-    pub url: String,
+    /// Connection URL; may hold a password, so it is a secret: never printed.
+    pub url: SecretString,
     pub max_connections: u32,
     /// How long a request waits for a free connection before it is answered 503.
     pub acquire_timeout: Duration,
@@ -56,23 +56,14 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
 }
 
-impl fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseConfig")
-            .field("url", &"[redacted]")
-            .field("max_connections", &self.max_connections)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("statement_timeout", &self.statement_timeout)
-            .finish()
-    }
-}
-
 impl DatabaseConfig {
     /// Reads `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 16),
     /// `DATABASE_ACQUIRE_TIMEOUT_MS` (default 3000), `DATABASE_STATEMENT_TIMEOUT_MS` (default 5000).
     pub fn from_env() -> Result<Self, ConfigError> {
         let config = Self {
-            url: config::optional("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            url: config::optional("DATABASE_URL")
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
+                .into(),
             max_connections: config::parsed_or("DATABASE_MAX_CONNECTIONS", 16)?,
             acquire_timeout: Duration::from_millis(config::parsed_or(
                 "DATABASE_ACQUIRE_TIMEOUT_MS",
@@ -90,24 +81,50 @@ impl DatabaseConfig {
     /// A config for `url` with the defaults above.
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            url: url.into().into(),
             max_connections: 16,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(5),
         }
     }
 
+    /// The same server, login and pool settings, for the database `name` (`postgres`, say,
+    /// to create or drop others).
+    pub fn with_database(&self, name: &str) -> Result<Self, ConfigError> {
+        self.rewritten(|options| options.database(name))
+    }
+
+    /// The same server and database, as `user` with `password`.
+    pub fn with_login(&self, user: &str, password: &str) -> Result<Self, ConfigError> {
+        self.rewritten(|options| options.username(user).password(password))
+    }
+
+    fn rewritten(
+        &self,
+        change: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    ) -> Result<Self, ConfigError> {
+        let url = change(parse_url(self.url.expose_secret())?).to_url_lossy();
+        Ok(Self {
+            url: String::from(url).into(),
+            ..self.clone()
+        })
+    }
+
     fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
-        // The parse error may quote the URL, password included: it is not passed on.
-        let options = PgConnectOptions::from_str(&self.url).map_err(|_| ConfigError::Invalid {
-            name: "DATABASE_URL",
-            reason: "not a valid postgres:// URL".to_owned(),
-        })?;
         let timeout_ms = self.statement_timeout.as_millis().to_string();
-        Ok(options
+        Ok(parse_url(self.url.expose_secret())?
             .options([("statement_timeout", timeout_ms.as_str())])
             .log_statements(tracing::log::LevelFilter::Trace))
     }
+}
+
+/// `url` as sqlx reads it. The parse error may quote the URL, password included: it is not
+/// passed on.
+fn parse_url(url: &str) -> Result<PgConnectOptions, ConfigError> {
+    PgConnectOptions::from_str(url).map_err(|_| ConfigError::Invalid {
+        name: "DATABASE_URL",
+        reason: "not a valid postgres:// URL".to_owned(),
+    })
 }
 
 /// Why the database could not be used at start-up.
@@ -204,14 +221,16 @@ impl ServiceRole {
         Ok(())
     }
 
-    /// `url` with [`Self::development_login`] as its user and password.
+    /// `url` with [`Self::development_login`] as its user and password (`url` itself if it
+    /// is not a database URL).
     pub fn development_url(self, url: &str) -> String {
         let login = self.development_login();
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return url.to_owned();
-        };
-        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-        format!("{scheme}://{login}:{login}@{host}")
+        DatabaseConfig::with_url(url)
+            .with_login(login, login)
+            .map_or_else(
+                |_| url.to_owned(),
+                |config| config.url.expose_secret().to_owned(),
+            )
     }
 }
 
@@ -368,5 +387,44 @@ pub fn is_outage(err: &sqlx::Error) -> bool {
                 || matches!(code.as_ref(), "57014" | "55000" | "3D000")
         }),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::postgres::PgSslMode;
+
+    use super::*;
+
+    const URL: &str = "postgres://alice:p%40ss@db.example:6432/ledger?sslmode=require";
+
+    #[test]
+    fn another_database_or_login_keeps_the_rest_of_the_url() {
+        let config = DatabaseConfig::with_url(URL);
+        let admin = config.with_database("postgres").unwrap();
+        let options = admin.connect_options().unwrap();
+        assert_eq!(options.get_database(), Some("postgres"));
+        assert_eq!(options.get_username(), "alice");
+        assert_eq!(options.get_host(), "db.example");
+        assert_eq!(options.get_port(), 6432);
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::Require));
+        assert!(admin.url.expose_secret().contains(":p%40ss@"));
+        assert_eq!(admin.statement_timeout, config.statement_timeout);
+
+        let writer = DatabaseConfig::with_url(ServiceRole::Writer.development_url(URL));
+        let options = writer.connect_options().unwrap();
+        assert_eq!(options.get_username(), "ledger_dev_writer");
+        assert_eq!(options.get_database(), Some("ledger"));
+        assert!(!writer.url.expose_secret().contains("p%40ss"));
+        assert_eq!(ServiceRole::Writer.development_url("no URL"), "no URL");
+    }
+
+    #[test]
+    fn the_url_and_its_password_never_print() {
+        let config = DatabaseConfig::with_url(URL);
+        assert!(!format!("{config:?}").contains("p%40ss"));
+        let invalid = DatabaseConfig::with_url("postgres://alice:p%40ss@db.example:port/ledger");
+        let err = invalid.connect_options().unwrap_err();
+        assert!(!err.to_string().contains("p%40ss"), "{err}");
     }
 }

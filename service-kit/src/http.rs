@@ -2,13 +2,14 @@
 //! problems, health probes, `/metrics`, and graceful shutdown.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -183,6 +184,35 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         Ok(Self(id))
+    }
+}
+
+/// What a UUID in a path names, and the answer when it names nothing.
+pub trait PathResource {
+    type Rejection: IntoResponse;
+    /// The answer to an id that is not a UUID: the same as to one that exists nowhere.
+    fn not_found() -> Self::Rejection;
+}
+
+/// The `{id}` of a path: a UUID naming an `R`. Anything else names none: `R::not_found()`.
+pub struct PathId<R> {
+    pub id: uuid::Uuid,
+    resource: PhantomData<R>,
+}
+
+impl<S: Send + Sync, R: PathResource> FromRequestParts<S> for PathId<R> {
+    type Rejection = R::Rejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| R::not_found())?;
+        raw.parse()
+            .map(|id| Self {
+                id,
+                resource: PhantomData,
+            })
+            .map_err(|_| R::not_found())
     }
 }
 

@@ -16,6 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{self, ConfigError};
 use crate::event_log::LoggedEvent;
@@ -59,18 +60,10 @@ impl Default for Replication {
 }
 
 /// librdkafka properties set on every client after ours, so a deployment can set anything
-/// librdkafka knows. Values may be secrets (`sasl.password`, key passwords): `Debug` shows
-/// the keys only, and nothing logs them.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct ClientProperties(Vec<(String, String)>);
-
-impl fmt::Debug for ClientProperties {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|(key, _)| key))
-            .finish()
-    }
-}
+/// librdkafka knows. Values may be secrets (`sasl.password`, key passwords), so each is a
+/// [`SecretString`]: `Debug` shows the keys only, and nothing logs the values.
+#[derive(Debug, Clone, Default)]
+pub struct ClientProperties(Vec<(String, SecretString)>);
 
 /// The SASL mechanisms we document and test the configuration of; librdkafka knows others
 /// (GSSAPI, OAUTHBEARER), which `KAFKA_PROPERTIES_FILE` can select.
@@ -100,7 +93,7 @@ impl ClientProperties {
         setting: impl Fn(&'static str) -> Option<String>,
         file: Option<&str>,
     ) -> Result<Self, ConfigError> {
-        let mut properties = Vec::new();
+        let mut properties: Vec<(String, SecretString)> = Vec::new();
         let protocol = setting("KAFKA_SECURITY_PROTOCOL").map(|value| value.to_lowercase());
         if let Some(protocol) = &protocol {
             if !SECURITY_PROTOCOLS.contains(&protocol.as_str()) {
@@ -109,7 +102,7 @@ impl ClientProperties {
                     reason: format!("must be one of {}", SECURITY_PROTOCOLS.join(", ")),
                 });
             }
-            properties.push(("security.protocol".to_owned(), protocol.clone()));
+            properties.push(("security.protocol".to_owned(), protocol.as_str().into()));
         }
         if protocol.as_deref().is_some_and(|p| p.starts_with("sasl_")) {
             let mechanism = setting("KAFKA_SASL_MECHANISM").unwrap_or_else(|| "PLAIN".into());
@@ -128,12 +121,12 @@ impl ClientProperties {
                 name: "KAFKA_SASL_PASSWORD",
                 hint,
             })?;
-            properties.push(("sasl.mechanism".to_owned(), mechanism));
-            properties.push(("sasl.username".to_owned(), username));
-            properties.push(("sasl.password".to_owned(), password));
+            properties.push(("sasl.mechanism".to_owned(), mechanism.into()));
+            properties.push(("sasl.username".to_owned(), username.into()));
+            properties.push(("sasl.password".to_owned(), password.into()));
         }
         if let Some(ca) = setting("KAFKA_SSL_CA_LOCATION") {
-            properties.push(("ssl.ca.location".to_owned(), ca));
+            properties.push(("ssl.ca.location".to_owned(), ca.into()));
         }
         for (number, line) in file.unwrap_or_default().lines().enumerate() {
             let line = line.trim();
@@ -146,7 +139,7 @@ impl ClientProperties {
                     reason: format!("line {} is not key=value", number + 1),
                 });
             };
-            properties.push((key.trim().to_owned(), value.trim().to_owned()));
+            properties.push((key.trim().to_owned(), value.trim().into()));
         }
         Ok(Self(properties))
     }
@@ -199,7 +192,7 @@ impl KafkaConfig {
     /// `config` with the deployment's properties set last, so they win over ours.
     fn deployment_properties(&self, mut config: ClientConfig) -> ClientConfig {
         for (key, value) in &self.properties.0 {
-            config.set(key, value);
+            config.set(key, value.expose_secret());
         }
         config
     }

@@ -2,32 +2,57 @@
 //!
 //! # Layout
 //! - [`config`]: reading typed settings from the environment, with errors that name the variable.
-//! - [`telemetry`]: `tracing` subscriber (human or JSON lines).
-//! - [`problem`]: RFC 9457 `application/problem+json` responses.
-//! - [`auth`]: JWT bearer authentication, claims and roles.
-//! - [`http`]: request ids, request tracing, health probes, `/metrics`, graceful shutdown.
-//! - [`server`]: serving a router with timeouts and bounds on connections and requests.
-//! - [`metrics`]: the Prometheus recorder and the request metrics.
 //! - [`db`]: the Postgres pool and the embedded migrations.
 //! - [`event_log`]: reading the global event log in commit order, and readers' checkpoints.
 //! - [`kafka`]: Kafka client settings, topic names, the CloudEvents envelope.
 //! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
 //! - [`progress`]: a progress bar on stderr for long command-line jobs.
+//! - [`retry`]: the one backoff policy of every retry loop.
+//!
+//! Feature `telemetry`:
+//! - [`telemetry`]: `tracing` subscriber (human or JSON lines), OpenTelemetry trace export.
+//!
+//! Feature `http` (with `telemetry`), for the services that serve HTTP:
+//! - [`problem`]: RFC 9457 `application/problem+json` responses, and the parts every OpenAPI
+//!   document shares.
+//! - [`auth`]: JWT bearer authentication, claims, roles, and the extractor that checks them.
+//! - [`http`]: request ids, request tracing, health probes, `/metrics`, graceful shutdown, and
+//!   the extractor of an id in the path.
+//! - [`server`]: serving a router with timeouts and bounds on connections and requests.
+//! - [`metrics`]: the Prometheus recorder and the request metrics.
 //! - [`rate_limit`]: per-tenant request budgets.
-//! - `testing` (feature `test-support`): a fresh, migrated database per test.
+//!
+//! Feature `test-support`:
+//! - `testing`: a fresh, migrated database per test.
+//!
+//! The workspace takes this crate without default features, so that each crate names the
+//! parts it uses: `ledger-audit` builds without axum, utoipa or OpenTelemetry.
 
+/// Secrets (the JWT secret, the database URL, Kafka properties): `secrecy` keeps them out of
+/// `Debug` and logs, and wipes them from memory when dropped. Re-exported so that every crate
+/// names them the same way.
+pub use secrecy::{ExposeSecret, SecretString};
+
+#[cfg(feature = "http")]
 pub mod auth;
 pub mod config;
 pub mod db;
 pub mod event_log;
 pub mod hash_chain;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod kafka;
+#[cfg(feature = "http")]
 pub mod metrics;
+#[cfg(feature = "http")]
 pub mod problem;
 pub mod progress;
+#[cfg(feature = "http")]
 pub mod rate_limit;
+pub mod retry;
+#[cfg(feature = "http")]
 pub mod server;
+#[cfg(feature = "telemetry")]
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;

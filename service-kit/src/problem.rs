@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::auth::Role;
+
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -129,41 +131,87 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Documents the per-tenant rate limit: a 429 problem with `Retry-After` on every operation
-/// that takes a token (the ones documenting a 401), since the limit is per tenant.
-pub struct RateLimitedResponses;
+/// The problems every operation that takes a token shares, added to the OpenAPI document so
+/// that each `#[utoipa::path]` lists only its own: 401, 403 (the roles of the operation's
+/// tag), 429 with `Retry-After` (the per-tenant rate limit) and 503 (database unavailable);
+/// on every POST also 400 (malformed body or header), 413 and 415. An operation that documents
+/// one of these itself keeps its own description.
+pub struct StandardProblems {
+    /// The roles each tag's operations need (any one of them): their
+    /// [`crate::auth::RequiredRoles::ROLES`].
+    pub roles: &'static [(&'static str, &'static [Role])],
+}
 
-impl utoipa::Modify for RateLimitedResponses {
+impl utoipa::Modify for StandardProblems {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::schema::{ObjectBuilder, Type};
-        use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
-        let response = ResponseBuilder::new()
-            .description("The tenant's request budget is spent (see `RATE_LIMIT_PER_TENANT`)")
-            .content(
-                PROBLEM_JSON,
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ProblemDocument")))
-                    .build(),
-            )
-            .header(
-                "Retry-After",
-                HeaderBuilder::new()
-                    .schema(ObjectBuilder::new().schema_type(Type::Integer))
-                    .description(Some("Seconds until a request will be accepted again"))
-                    .build(),
-            )
-            .build();
         for item in openapi.paths.paths.values_mut() {
-            for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
-                if operation.responses.responses.contains_key("401") {
+            for (post, operation) in [(false, &mut item.get), (true, &mut item.post)] {
+                let Some(operation) = operation else { continue };
+                if operation.security.as_ref().is_none_or(Vec::is_empty) {
+                    continue;
+                }
+                let mut standard = vec![
+                    ("401", problem("Missing, invalid or expired token")),
+                    ("429", rate_limited()),
+                    ("503", problem("Database unavailable")),
+                ];
+                let roles = operation.tags.iter().flatten().find_map(|tag| {
+                    self.roles
+                        .iter()
+                        .find(|(name, _)| name == tag)
+                        .map(|(_, roles)| roles)
+                });
+                if let Some(roles) = roles {
+                    let names: Vec<String> = roles
+                        .iter()
+                        .map(|role| format!("`{}`", role.as_str()))
+                        .collect();
+                    standard.push((
+                        "403",
+                        problem(&format!("Role {} required", names.join(" or "))),
+                    ));
+                }
+                if post {
+                    standard.extend([
+                        ("400", problem("Malformed body or header")),
+                        ("413", problem("Body too large")),
+                        ("415", problem("Body is not JSON")),
+                    ]);
+                }
+                for (status, response) in standard {
                     operation
                         .responses
                         .responses
-                        .insert("429".into(), response.clone().into());
+                        .entry(status.to_owned())
+                        .or_insert_with(|| response.build().into());
                 }
             }
         }
     }
+}
+
+/// A problem+json response described as `description`.
+fn problem(description: &str) -> utoipa::openapi::ResponseBuilder {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new().description(description).content(
+        PROBLEM_JSON,
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("ProblemDocument")))
+            .build(),
+    )
+}
+
+/// 429: the tenant's budget is spent; `Retry-After` says when to try again.
+fn rate_limited() -> utoipa::openapi::ResponseBuilder {
+    use utoipa::openapi::HeaderBuilder;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    problem("The tenant's request budget is spent (see `RATE_LIMIT_PER_TENANT`)").header(
+        "Retry-After",
+        HeaderBuilder::new()
+            .schema(ObjectBuilder::new().schema_type(Type::Integer))
+            .description(Some("Seconds until a request will be accepted again"))
+            .build(),
+    )
 }
 
 #[cfg(test)]

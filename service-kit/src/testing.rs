@@ -6,7 +6,7 @@
 //! `KAFKA_BROKERS` when set (`cargo xtask test` starts one), otherwise a Kafka container.
 
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
 use testcontainers_modules::postgres::Postgres;
 use testcontainers_modules::testcontainers::ContainerAsync;
@@ -102,19 +102,26 @@ pub fn nisshi_binary() -> Option<std::path::PathBuf> {
         .filter(|path| path.is_file())
 }
 
-/// The URL of a new, empty database (no migrations), for a broker's storage.
-pub async fn empty_database_url() -> String {
-    let server = server().await;
-    let options: PgConnectOptions = server.url.parse().expect("DATABASE_URL");
+/// A new, empty database (no migrations) on the test server, and how to reach it.
+async fn create_database() -> PgConnectOptions {
+    let server: PgConnectOptions = server().await.url.parse().expect("DATABASE_URL");
     let name = db::test_database_name();
-    let mut admin = PgConnection::connect_with(&options)
+    let mut admin = PgConnection::connect_with(&server)
         .await
         .expect("connect to the test database server");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
         .expect("create test database");
-    url_with_database(&server.url, &name)
+    server.database(&name)
+}
+
+/// The URL of a new, empty database (no migrations), for a broker's storage.
+pub async fn empty_database_url() -> String {
+    let mut url = create_database().await.to_url_lossy();
+    // Another program reads it: none of sqlx's own parameters.
+    url.set_query(None);
+    url.into()
 }
 
 /// A database that exists for one test.
@@ -126,18 +133,7 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates and migrates a database with a unique name.
     pub async fn create() -> Self {
-        let server = server().await;
-        let options: PgConnectOptions = server.url.parse().expect("DATABASE_URL");
-        let name = db::test_database_name();
-        let mut admin = PgConnection::connect_with(&options)
-            .await
-            .expect("connect to the test database server");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        let url = url_with_database(&server.url, &name);
-        let config = DatabaseConfig::with_url(url);
+        let config = DatabaseConfig::with_url(create_database().await.to_url_lossy());
         let pool = db::connect(&config)
             .await
             .expect("connect to test database");
@@ -151,10 +147,8 @@ impl TestDatabase {
     /// This database as a service connects to it: as `role`'s login, with only the
     /// privileges production grants it.
     pub fn config_as(&self, role: ServiceRole) -> DatabaseConfig {
-        DatabaseConfig {
-            url: role.development_url(&self.config.url),
-            ..self.config.clone()
-        }
+        let login = role.development_login();
+        self.config.with_login(login, login).expect("DATABASE_URL")
     }
 }
 
@@ -196,37 +190,4 @@ pub fn rewrite_and_rehash(version: i64, payload: &str) -> String {
           WHERE aggregate_id = $1 AND sequence = {version}",
         zeros = "00".repeat(32)
     )
-}
-
-/// `url` with its path (the database name) replaced by `database`.
-fn url_with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_end = base
-        .find("://")
-        .map(|scheme| scheme + 3)
-        .and_then(|start| base[start..].find('/').map(|slash| start + slash))
-        .unwrap_or(base.len());
-    let mut result = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        result.push('?');
-        result.push_str(query);
-    }
-    result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::url_with_database;
-
-    #[test]
-    fn replaces_the_database_name() {
-        assert_eq!(
-            url_with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
-            "postgres://u@h:5432/x?sslmode=disable"
-        );
-        assert_eq!(url_with_database("postgres://u@h", "x"), "postgres://u@h/x");
-    }
 }

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use service_kit::auth::{Secret, TokenRequest, mint_hs256};
+use service_kit::auth::{TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig};
+use service_kit::{ExposeSecret, SecretString};
 use tokio::process::Command;
 use uuid::Uuid;
 
@@ -107,7 +108,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         ops: format!("http://127.0.0.1:{ops_port}"),
     };
     let mut server = Command::new(workspace_root().join("target/release/command-api"))
-        .env("DATABASE_URL", &database.url)
+        .env("DATABASE_URL", database.url.expose_secret())
         .env("JWT_HS256_SECRET", SECRET)
         .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
         .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
@@ -168,7 +169,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
             )
             .await,
         );
-        runs.push(pgbench(&database.url, concurrency, seconds).await?);
+        runs.push(pgbench(database.url.expose_secret(), concurrency, seconds).await?);
     }
     let long_stream = load(
         &client,
@@ -210,7 +211,7 @@ pub(crate) fn service_token(
     roles: &[&str],
 ) -> anyhow::Result<String> {
     Ok(mint_hs256(
-        &Secret::new(secret.into()),
+        &SecretString::from(secret),
         "ledger",
         "ledger",
         &TokenRequest {
@@ -271,12 +272,16 @@ pub(crate) async fn recreate_database(
 ) -> anyhow::Result<()> {
     let name = database
         .url
+        .expose_secret()
         .rsplit('/')
         .next()
         .and_then(|tail| tail.split('?').next())
         .filter(|name| name.starts_with(prefix))
         .with_context(|| format!("the database's name must start with {prefix}"))?;
-    let admin_url = database.url.replace(&format!("/{name}"), "/postgres");
+    let admin_url = database
+        .url
+        .expose_secret()
+        .replace(&format!("/{name}"), "/postgres");
     let admin = sqlx::PgPool::connect(&admin_url)
         .await
         .context("is Postgres running? Set DATABASE_URL")?;

@@ -27,6 +27,7 @@ use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::{Value, json};
+use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::event_log;
 use service_kit::kafka::{KafkaConfig, header, headers};
@@ -241,7 +242,7 @@ impl Service {
         }
         let child = command
             .args(self.args)
-            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_URL", database.url.expose_secret())
             .env("JWT_HS256_SECRET", SECRET)
             // One tenant at full speed: the per-tenant limit would be what is measured.
             .env("RATE_LIMIT_PER_TENANT", "0")

@@ -4,8 +4,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use service_kit::auth::{Secret, TokenRequest, mint_hs256};
+use service_kit::auth::{TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig, ServiceRole};
+use service_kit::{ExposeSecret, SecretString};
 use tokio::process::{Child, Command};
 
 use crate::args::Flags;
@@ -17,8 +18,10 @@ const DEV_JWT_SECRET: &str = "ledger-development-secret-do-not-use-in-production
 const DEV_ISSUER: &str = "ledger";
 const DEV_AUDIENCE: &str = "ledger";
 
-fn dev_secret() -> Secret {
-    Secret::new(std::env::var("JWT_HS256_SECRET").unwrap_or_else(|_| DEV_JWT_SECRET.to_owned()))
+fn dev_secret() -> SecretString {
+    std::env::var("JWT_HS256_SECRET")
+        .unwrap_or_else(|_| DEV_JWT_SECRET.to_owned())
+        .into()
 }
 
 fn dev_token(
@@ -103,7 +106,7 @@ pub(crate) async fn audit(args: &[String]) -> anyhow::Result<()> {
     let database = DatabaseConfig::from_env()?;
     let status = Command::new(workspace_root().join("target/release/ledger-audit"))
         .args(args)
-        .env("DATABASE_URL", &database.url)
+        .env("DATABASE_URL", database.url.expose_secret())
         .env(
             "KAFKA_BROKERS",
             env_or(
@@ -132,11 +135,16 @@ pub(crate) async fn up() -> anyhow::Result<()> {
         Ok(brokers) => (brokers, None),
         Err(_) => {
             // Postgres storage, so a restart of `up` keeps what was published.
-            let storage =
-                DatabaseConfig::with_url(database_url_named(&database.url, "ledger_kafka"));
+            let storage = DatabaseConfig::with_url(database_url_named(
+                database.url.expose_secret(),
+                "ledger_kafka",
+            ));
             db::ensure_database_exists(&storage).await?;
             let broker = broker::start_at(
-                broker::Storage::Postgres(format!("{}?sslmode=disable", storage.url)),
+                broker::Storage::Postgres(format!(
+                    "{}?sslmode=disable",
+                    storage.url.expose_secret()
+                )),
                 env_or("LEDGER_DEV_BROKER_ADDR", DEV_BROKER_ADDR),
             )
             .await?;
@@ -170,8 +178,11 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     let service = |name: &str, role: ServiceRole| {
         let mut command = Command::new(workspace_root().join("target/release").join(name));
         command
-            .env("DATABASE_URL", role.development_url(&database.url))
-            .env("JWT_HS256_SECRET", dev_secret().expose())
+            .env(
+                "DATABASE_URL",
+                role.development_url(database.url.expose_secret()),
+            )
+            .env("JWT_HS256_SECRET", dev_secret().expose_secret())
             .env("KAFKA_BROKERS", &brokers)
             .env("COMMAND_API_ADDR", &command_addr)
             .env("QUERY_API_ADDR", &query_addr)
@@ -231,7 +242,7 @@ pub(crate) async fn up() -> anyhow::Result<()> {
          -d '{{\"from_account\":\"<id>\",\"to_account\":\"<id>\",\"amount\":500,\"currency\":\"EUR\"}}'\n\n\
          More tokens: cargo xtask token --tenant T --role teller\n\
          Audit: cargo xtask audit verify --kafka\nPress ctrl-c to stop.\n",
-        redact(&database.url)
+        redact(database.url.expose_secret())
     );
     if let Some(status) = first_exit(&mut children).await {
         eprintln!("a service exited ({status}); stopping the others");

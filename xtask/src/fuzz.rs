@@ -8,6 +8,7 @@
 use std::process::Stdio;
 
 use anyhow::{Context, bail};
+use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 
@@ -43,7 +44,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let service = |name: &str| {
         let mut command = Command::new(workspace_root().join("target/debug").join(name));
         command
-            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_URL", database.url.expose_secret())
             .env("JWT_HS256_SECRET", SECRET)
             .env("COMMAND_API_RELAY", "false")
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))

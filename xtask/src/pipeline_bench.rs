@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use command_api::AppendSignal;
 use command_api::relay::{Relay, RelayConfig};
 use serde_json::json;
+use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::kafka::KafkaConfig;
 use sqlx::PgPool;
@@ -254,7 +255,7 @@ async fn end_to_end(
     let service = |name: &str| {
         let mut command = Command::new(workspace_root().join("target/release").join(name));
         command
-            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_URL", database.url.expose_secret())
             .env("JWT_HS256_SECRET", SECRET)
             .env("KAFKA_BROKERS", &kafka.brokers)
             // The group that already projected the seeded events: it resumes at their end.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use sqlx::PgPool;
 use tokio::process::Command;
@@ -49,7 +50,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let service = |name: &str| {
         let mut command = Command::new(workspace_root().join("target/release").join(name));
         command
-            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_URL", database.url.expose_secret())
             .env("JWT_HS256_SECRET", SECRET)
             // One tenant at full speed: the per-tenant limit would be what is measured.
             .env("RATE_LIMIT_PER_TENANT", "0")

@@ -172,7 +172,7 @@ async fn a_tenant_over_its_rate_is_told_when_to_retry_and_others_are_unaffected(
     let app = TestApp::spawn_adjusted(|config| {
         config.auth.rate_limit = Some(RateLimit {
             per_second: 0.5,
-            burst: 5.0,
+            burst: std::num::NonZeroU32::new(5).unwrap(),
         });
     })
     .await;

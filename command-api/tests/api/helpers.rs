@@ -4,7 +4,8 @@ use std::sync::Once;
 use command_api::{Application, Config};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::SecretString;
+use service_kit::auth::{AuthConfig, TokenRequest, VerificationKey, mint_hs256};
 use service_kit::db::{DatabaseConfig, ServiceRole};
 use service_kit::testing::TestDatabase;
 use sqlx::PgPool;
@@ -35,7 +36,7 @@ pub(crate) fn config(database: DatabaseConfig) -> Config {
         auth: AuthConfig {
             issuer: "ledger".into(),
             audience: "ledger".into(),
-            key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+            key: VerificationKey::Hs256(SecretString::from(SECRET)),
             rate_limit: None,
         },
         max_body_bytes: 16 * 1024,
@@ -236,7 +237,7 @@ impl TestApp {
 
 pub(crate) fn token_with(secret: &str, tenant: &str, roles: &[&str], ttl: u64) -> String {
     mint_hs256(
-        &Secret::new(secret.into()),
+        &SecretString::from(secret),
         "ledger",
         "ledger",
         &TokenRequest {

@@ -191,7 +191,7 @@ async fn a_database_outage_is_503_not_a_hang_and_recovers() {
         .get_database()
         .unwrap()
         .to_owned();
-    let admin = sqlx::PgPool::connect(&app.owner.url.replace(&name, "postgres"))
+    let admin = service_kit::db::connect(&app.owner.with_database("postgres").unwrap())
         .await
         .unwrap();
     sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))

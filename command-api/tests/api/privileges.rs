@@ -130,26 +130,15 @@ async fn an_owner_without_superuser_or_createrole_migrates_and_services_only_che
             .await
             .unwrap();
     }
-    let base = cluster
-        .config
-        .url
-        .rsplit_once('/')
-        .map(|(server, _)| server.to_owned())
-        .unwrap();
-    let (scheme, host) = base.split_once("://").unwrap();
-    let host = host.split_once('@').map_or(host, |(_, host)| host);
-    let fresh = DatabaseConfig::with_url(format!("{scheme}://{host}/{name}"));
-    let as_writer = DatabaseConfig::with_url(ServiceRole::Writer.development_url(&fresh.url));
-    let writer = pool_as(&as_writer).await;
+    let fresh = cluster.config.with_database(&name).unwrap();
+    let writer_login = ServiceRole::Writer.development_login();
+    let writer = pool_as(&fresh.with_login(writer_login, writer_login).unwrap()).await;
     assert!(
         matches!(db::migrate(&writer).await, Err(DatabaseError::Check(_))),
         "a service cannot start on a database nobody migrated"
     );
 
-    let owned = pool_as(&DatabaseConfig::with_url(format!(
-        "{scheme}://{owner}:{owner}@{host}/{name}"
-    )))
-    .await;
+    let owned = pool_as(&fresh.with_login(&owner, &owner).unwrap()).await;
     db::migrate(&owned).await.expect("the owner migrates");
     db::migrate(&owned).await.expect("and again: nothing twice");
     db::migrate(&writer)

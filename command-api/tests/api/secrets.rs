@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
+use service_kit::ExposeSecret;
 use service_kit::testing::TestDatabase;
 use tokio::io::AsyncReadExt;
 
@@ -17,7 +18,7 @@ const DB_PASSWORD: &str = "db-password-do-not-print";
 #[tokio::test]
 async fn the_logs_never_show_a_secret_a_token_or_a_password() {
     let database = TestDatabase::create().await;
-    let (url, password) = with_password(&database.config.url);
+    let (url, password) = with_password(database.config.url.expose_secret());
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

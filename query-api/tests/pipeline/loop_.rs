@@ -118,9 +118,7 @@ async fn the_relay_in_the_command_api_publishes_too() {
         auth: service_kit::auth::AuthConfig {
             issuer: "ledger".into(),
             audience: "ledger".into(),
-            key: service_kit::auth::VerificationKey::Hs256(service_kit::auth::Secret::new(
-                crate::system::SECRET.into(),
-            )),
+            key: service_kit::auth::VerificationKey::Hs256(crate::system::SECRET.into()),
             rate_limit: None,
         },
         max_body_bytes: 16 * 1024,

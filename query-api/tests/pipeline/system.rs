@@ -11,7 +11,8 @@ use command_api::relay::{Relay, RelayConfig};
 use projector::Projector;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use service_kit::auth::{AuthConfig, Secret, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::SecretString;
+use service_kit::auth::{AuthConfig, TokenRequest, VerificationKey, mint_hs256};
 use service_kit::db::ServiceRole;
 use service_kit::kafka::KafkaConfig;
 use service_kit::testing::{self, TestDatabase};
@@ -28,14 +29,14 @@ pub(crate) fn auth() -> AuthConfig {
     AuthConfig {
         issuer: "ledger".into(),
         audience: "ledger".into(),
-        key: VerificationKey::Hs256(Secret::new(SECRET.into())),
+        key: VerificationKey::Hs256(SecretString::from(SECRET)),
         rate_limit: None,
     }
 }
 
 pub(crate) fn token(tenant: &str, roles: &[&str]) -> String {
     mint_hs256(
-        &Secret::new(SECRET.into()),
+        &SecretString::from(SECRET),
         "ledger",
         "ledger",
         &TokenRequest {
