@@ -6,12 +6,21 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Optional, Setting};
 
-/// Requests per second per tenant and process when `RATE_LIMIT_PER_TENANT` is unset: far
-/// above what one tenant's clients need, low enough that one tenant cannot take a whole
-/// process (the commands benchmark reaches ~10,000/s on one).
-pub const DEFAULT_PER_TENANT: f64 = 1000.0;
+/// The default is far above what one tenant's clients need, low enough that one tenant cannot
+/// take a whole process (the commands benchmark reaches ~10,000/s on one).
+pub const RATE_LIMIT_PER_TENANT: Setting<f64> = Setting::new(
+    "RATE_LIMIT_PER_TENANT",
+    1000.0,
+    "requests per second each tenant may sustain, per process; `0`: unlimited",
+);
+/// Unset: one second's worth, at least 1.
+pub const RATE_LIMIT_BURST: Optional<f64> = Optional::new(
+    "RATE_LIMIT_BURST",
+    "one second's worth",
+    "requests a tenant may send at once after being idle",
+);
 
 /// Beyond this many tracked tenants, full (idle) buckets are forgotten: a full bucket is what
 /// a new one starts as, so forgetting it changes nothing.
@@ -26,23 +35,22 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// `RATE_LIMIT_PER_TENANT` (requests per second, default [`DEFAULT_PER_TENANT`]; 0: no
-    /// limit) and `RATE_LIMIT_BURST` (default: one second's worth, at least 1).
+    /// [`RATE_LIMIT_PER_TENANT`] (0: no limit) and [`RATE_LIMIT_BURST`].
     pub fn from_env() -> Result<Option<Self>, ConfigError> {
-        let per_second: f64 = config::parsed_or("RATE_LIMIT_PER_TENANT", DEFAULT_PER_TENANT)?;
+        let per_second = RATE_LIMIT_PER_TENANT.read()?;
         if per_second.is_nan() || per_second < 0.0 {
             return Err(ConfigError::Invalid {
-                name: "RATE_LIMIT_PER_TENANT",
+                name: RATE_LIMIT_PER_TENANT.name,
                 reason: "must be a non-negative number of requests per second".into(),
             });
         }
         if per_second == 0.0 {
             return Ok(None);
         }
-        let burst: f64 = config::parsed_or("RATE_LIMIT_BURST", per_second.max(1.0))?;
+        let burst = RATE_LIMIT_BURST.read()?.unwrap_or(per_second.max(1.0));
         if burst.is_nan() || burst < 1.0 {
             return Err(ConfigError::Invalid {
-                name: "RATE_LIMIT_BURST",
+                name: RATE_LIMIT_BURST.name,
                 reason: "must be at least 1".into(),
             });
         }
