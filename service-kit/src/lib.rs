@@ -14,7 +14,8 @@
 //! - [`hash_chain`]: the event log's per-stream hash chain, recomputed from stored rows.
 //! - [`progress`]: a progress bar on stderr for long command-line jobs.
 //! - [`rate_limit`]: per-tenant request budgets.
-//! - `testing` (feature `test-support`): a fresh, migrated database per test.
+//! - `testing` (feature `test-support`): per-test databases cloned from a migrated template,
+//!   per-test topics, test tokens, `eventually`.
 
 pub mod auth;
 pub mod config;
