@@ -451,13 +451,7 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn authenticator() -> Authenticator {
-        Authenticator::new(&AuthConfig {
-            issuer: "ledger".into(),
-            audience: "ledger".into(),
-            key: VerificationKey::Hs256(Secret::new(SECRET.into())),
-            rate_limit: None,
-        })
-        .unwrap()
+        Authenticator::new(&AuthConfig::for_tests(SECRET)).unwrap()
     }
 
     fn token(tenant: &str, ttl: u64) -> String {
@@ -486,13 +480,7 @@ mod tests {
 
     #[test]
     fn refuses_short_secrets_and_malformed_tenants() {
-        let short = AuthConfig {
-            issuer: "ledger".into(),
-            audience: "ledger".into(),
-            key: VerificationKey::Hs256(Secret::new("short".into())),
-            rate_limit: None,
-        };
-        assert!(Authenticator::new(&short).is_err());
+        assert!(Authenticator::new(&AuthConfig::for_tests("short")).is_err());
         assert!(matches!(
             authenticator().verify(&token("a b", 60)),
             Err(AuthError::InvalidToken(_))
@@ -503,12 +491,6 @@ mod tests {
     fn secrets_do_not_print() {
         let secret = Secret::new(SECRET.into());
         assert!(!format!("{secret:?}").contains(SECRET));
-        let config = AuthConfig {
-            issuer: "i".into(),
-            audience: "a".into(),
-            key: VerificationKey::Hs256(secret),
-            rate_limit: None,
-        };
-        assert!(!format!("{config:?}").contains(SECRET));
+        assert!(!format!("{:?}", AuthConfig::for_tests(SECRET)).contains(SECRET));
     }
 }
