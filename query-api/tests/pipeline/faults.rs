@@ -622,11 +622,12 @@ async fn an_unreadable_stored_event_parks_its_stream_and_no_other() {
             .json()
             .await
             .unwrap();
-        match body["parked_streams"] == 1 {
-            true => Ok(body),
-            false => Err(format!(
+        if body["parked_streams"] == 1 {
+            Ok(body)
+        } else {
+            Err(format!(
                 "readiness never reported the parked stream: {body}"
-            )),
+            ))
         }
     })
     .await;
