@@ -1,141 +1,51 @@
 //! `ledger-audit` as an auditor runs it: the real binary against a real event store written
 //! by the real command API, whose relay publishes to a real broker.
 
-use std::num::NonZeroUsize;
 use std::path::Path;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use command_api::relay::RelayConfig;
 use serde_json::{Value, json};
-use service_kit::auth::{AuthConfig, TokenRequest, VerificationKey, mint_hs256};
-use service_kit::kafka::KafkaConfig;
-use service_kit::testing::{self, TestDatabase};
-use service_kit::{ExposeSecret, SecretString};
+use service_kit::{ExposeSecret, testing};
+use test_system::TestSystem;
 use uuid::Uuid;
 
-const SECRET: &str = "audit-cli-test-secret-0123456789abcdef";
-
 struct Ledger {
-    database: TestDatabase,
-    kafka: KafkaConfig,
-    commands: String,
-    client: reqwest::Client,
+    system: TestSystem,
 }
 
 impl Ledger {
+    /// The system without its process manager: a transfer stays requested, one event.
     async fn start() -> Self {
-        let database = TestDatabase::create().await;
-        let kafka = testing::kafka().await;
-        let app = command_api::Application::build(command_api::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ops_listen: "127.0.0.1:0".parse().unwrap(),
-            database: database.config_as(service_kit::db::ServiceRole::Writer),
-            auth: AuthConfig {
-                issuer: "ledger".into(),
-                audience: "ledger".into(),
-                key: VerificationKey::Hs256(SecretString::from(SECRET)),
-                rate_limit: None,
-            },
-            max_body_bytes: 16 * 1024,
-            query_api_url: "http://127.0.0.1:8081".into(),
-            aggregate_cache: NonZeroUsize::new(100).unwrap(),
-            conflict_retries: 5,
-            append_writers: NonZeroUsize::new(2).unwrap(),
-            relay: Some(RelayConfig {
-                kafka: kafka.clone(),
-                batch_size: 500,
-                idle_poll: Duration::from_millis(200),
-                leader_retry: Duration::from_millis(200),
-            }),
-            cors_origins: Vec::new(),
-            server: service_kit::server::ServerLimits::default(),
-        })
-        .await
-        .unwrap();
-        let commands = format!("http://127.0.0.1:{}", app.port());
-        tokio::spawn(app.run_until_stopped(std::future::pending()));
-        Self {
-            database,
-            kafka,
-            commands,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-        }
+        let mut system = TestSystem::start().await;
+        system.kill_process_manager().await;
+        Self { system }
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
-        let teller = mint_hs256(
-            &SecretString::from(SECRET),
-            "ledger",
-            "ledger",
-            &TokenRequest {
-                subject: "teller-1",
-                tenant: "acme",
-                roles: &["teller"],
-                ttl_seconds: 600,
-            },
-        )
-        .unwrap();
-        let response = self
-            .client
-            .post(format!("{}{path}", self.commands))
-            .bearer_auth(teller)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
+        let (status, reply) = self.system.command(path, Some(body), &[]).await;
+        assert!(status.is_success(), "{path}: {status} {reply}");
+        reply
     }
 
     /// Opens an account and deposits each of `amounts`.
     async fn account(&self, amounts: &[i64]) -> Uuid {
-        let opened = self
-            .post("/v1/accounts", json!({"owner": "Ada", "currency": "EUR"}))
-            .await;
-        let id: Uuid = opened["account_id"].as_str().unwrap().parse().unwrap();
+        let id = self.system.open(0).await;
         for amount in amounts {
-            self.post(
-                &format!("/v1/accounts/{id}/deposits"),
-                json!({"amount": amount, "currency": "EUR"}),
-            )
-            .await;
+            self.system.move_money(id, *amount).await;
         }
         id
-    }
-
-    /// Waits until the relay has published every stored event.
-    async fn published(&self) {
-        for _ in 0..300 {
-            let caught_up: bool = sqlx::query_scalar(
-                "SELECT coalesce((SELECT max(global_position) FROM log_checkpoints), 0)
-                     >= coalesce((SELECT max(global_position) FROM events), 0)",
-            )
-            .fetch_one(&self.database.pool)
-            .await
-            .unwrap();
-            if caught_up {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the relay did not publish everything within 30 s");
     }
 
     /// Runs `ledger-audit` with `args`; returns whether it succeeded and what it printed.
     async fn audit(&self, args: &[&str]) -> (bool, String) {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledger-audit"))
             .args(args)
-            .env("DATABASE_URL", self.database.config.url.expose_secret())
-            .env("KAFKA_BROKERS", &self.kafka.brokers)
-            .env("KAFKA_TOPIC_PREFIX", &self.kafka.topic_prefix)
+            .env(
+                "DATABASE_URL",
+                self.system.database.config.url.expose_secret(),
+            )
+            .env("KAFKA_BROKERS", &self.system.kafka.brokers)
+            .env("KAFKA_TOPIC_PREFIX", &self.system.kafka.topic_prefix)
             .output()
             .await
             .unwrap();
@@ -149,7 +59,7 @@ impl Ledger {
     }
 
     async fn tamper(&self, statements: &str, account: Uuid) {
-        testing::tamper(&self.database.pool, statements, &account.to_string()).await;
+        testing::tamper(&self.system.pool, statements, &account.to_string()).await;
     }
 
     async fn recorded_at(&self, account: Uuid, version: i64) -> DateTime<Utc> {
@@ -158,7 +68,7 @@ impl Ledger {
         )
         .bind(account.to_string())
         .bind(version)
-        .fetch_one(&self.database.pool)
+        .fetch_one(&self.system.pool)
         .await
         .unwrap()
     }
@@ -280,7 +190,7 @@ async fn a_history_rewritten_after_publication_is_caught_against_kafka() {
         .unwrap()
         .parse()
         .unwrap();
-    ledger.published().await;
+    ledger.system.published().await;
     let (ok, out) = ledger.audit(&["verify", "--kafka"]).await;
     assert!(ok, "{out}");
     // Both topics: 7 account events, 1 transfer event.

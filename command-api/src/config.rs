@@ -1,197 +1,199 @@
 //! The command API's settings, read once at start-up.
 
-use std::net::SocketAddr;
-
-use axum::http::HeaderValue;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use service_kit::auth::AuthConfig;
-use service_kit::config::{self, ConfigError, Setting};
+use service_kit::config::{ConfigError, Setting, Settings};
 use service_kit::db::DatabaseConfig;
 use service_kit::kafka::KafkaConfig;
-use service_kit::server::ServerLimits;
+use service_kit::server::{ANY_LOCAL_PORT, ServerLimits};
 
 use crate::relay::RelayConfig;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `COMMAND_API_ADDR`: where to listen (default `127.0.0.1:8080`; port 0 picks one).
+    /// [`COMMAND_API_ADDR`]: where to listen (port 0 picks one).
     pub listen: SocketAddr,
-    /// `COMMAND_API_OPS_ADDR`: where the health probes and `/metrics` are served (default
-    /// `127.0.0.1:9080`; port 0 picks one), never on the public port.
+    /// [`COMMAND_API_OPS_ADDR`]: where the health probes and `/metrics` are served (port 0
+    /// picks one), never on the public port.
     pub ops_listen: SocketAddr,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
-    /// `COMMAND_API_MAX_BODY_BYTES`: larger request bodies are answered 413 (default 16 KiB).
+    /// [`COMMAND_API_MAX_BODY_BYTES`]: larger request bodies are answered 413.
     pub max_body_bytes: usize,
-    /// `COMMAND_API_AGGREGATE_CACHE`: accounts whose state is kept in memory between
-    /// commands (default 100,000).
+    /// [`COMMAND_API_AGGREGATE_CACHE`]: accounts whose state is kept in memory between
+    /// commands.
     pub aggregate_cache: NonZeroUsize,
-    /// `COMMAND_API_CONFLICT_RETRIES`: how often a command without `If-Match` is retried
-    /// after losing a race on its stream before answering 409 (default 5).
+    /// [`COMMAND_API_CONFLICT_RETRIES`]: how often a command without `If-Match` is retried
+    /// after losing a race on its stream before answering 409.
     pub conflict_retries: u32,
-    /// `COMMAND_API_APPEND_WRITERS`: batches of appends in flight at once (default 2).
+    /// [`COMMAND_API_APPEND_WRITERS`]: batches of appends in flight at once.
     pub append_writers: NonZeroUsize,
-    /// `COMMAND_API_RELAY` (`true` by default): run the Kafka relay in this process (one
-    /// replica leads at a time). `false` when the relay runs as `command-api relay` elsewhere.
+    /// [`COMMAND_API_RELAY`]: run the Kafka relay in this process (one replica leads at a
+    /// time); off when the relay runs as `command-api relay` elsewhere.
     pub relay: Option<RelayConfig>,
     /// `CORS_ALLOWED_ORIGINS`: see `service_kit::http::cors_origins_from_env` (default: none).
     pub cors_origins: Vec<HeaderValue>,
     /// The bounds of the listener: see `service_kit::server`.
     pub server: ServerLimits,
-    /// `QUERY_API_PUBLIC_URL` (default `http://127.0.0.1:8081`): the query API as clients
-    /// reach it, without a trailing slash. `Location` (201) and `status_url` (202) point there,
-    /// where the resources are.
+    /// [`QUERY_API_PUBLIC_URL`]: the query API as clients reach it, without a trailing
+    /// slash. `Location` (201) and `status_url` (202) point there, where the resources are.
     pub query_api_url: String,
 }
+
+pub const COMMAND_API_ADDR: Setting<SocketAddr> = Setting::new(
+    "COMMAND_API_ADDR",
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
+    "listen address (port 0 picks one)",
+);
+pub const QUERY_API_PUBLIC_URL: Setting<&str> = Setting::new(
+    "QUERY_API_PUBLIC_URL",
+    "http://127.0.0.1:8081",
+    "the query API as clients reach it: `Location` (201) and `status_url` (202) of the command API point there",
+);
+pub const COMMAND_API_OPS_ADDR: Setting<SocketAddr> = Setting::new(
+    "COMMAND_API_OPS_ADDR",
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9080)),
+    "the command API's ops server: `/metrics`, `/health/live`, `/health/ready` (never on the public port)",
+);
+pub const COMMAND_API_MAX_BODY_BYTES: Setting<usize> = Setting::new(
+    "COMMAND_API_MAX_BODY_BYTES",
+    16 * 1024,
+    "larger bodies get 413",
+);
+/// The process manager reads it too, as it runs commands.
+pub const COMMAND_API_AGGREGATE_CACHE: Setting<NonZeroUsize> = Setting::new(
+    "COMMAND_API_AGGREGATE_CACHE",
+    NonZeroUsize::new(100_000).unwrap(),
+    "accounts whose state stays in memory between commands",
+);
+/// For the command API and the process manager.
+pub const COMMAND_API_CONFLICT_RETRIES: Setting<u32> = Setting::new(
+    "COMMAND_API_CONFLICT_RETRIES",
+    5,
+    "retries after losing a race, without `If-Match`",
+);
+/// For the command API and the process manager.
+pub const COMMAND_API_APPEND_WRITERS: Setting<NonZeroUsize> = Setting::new(
+    "COMMAND_API_APPEND_WRITERS",
+    NonZeroUsize::new(2).unwrap(),
+    "batches of appends in flight at once (each is one INSERT of every append queued when it starts)",
+);
+pub const COMMAND_API_RELAY: Setting<bool> = Setting::new(
+    "COMMAND_API_RELAY",
+    true,
+    "run the Kafka relay inside the command API",
+);
+pub const RELAY_BATCH_SIZE: Setting<i64> =
+    Setting::new("RELAY_BATCH_SIZE", 1000, "events per relay batch");
+pub const RELAY_IDLE_POLL: Setting<Duration> = Setting::new(
+    "RELAY_IDLE_POLL_MS",
+    Duration::from_secs(1),
+    "fallback poll when nothing wakes the relay",
+);
+pub const RELAY_LEADER_RETRY: Setting<Duration> = Setting::new(
+    "RELAY_LEADER_RETRY_MS",
+    Duration::from_secs(2),
+    "how often a standby relay tries to become leader",
+);
+
+/// The variables the command API, its relay and the process manager read, beyond
+/// [`service_kit::config::SETTINGS`].
+pub const SETTINGS: Settings = &[
+    &COMMAND_API_ADDR,
+    &QUERY_API_PUBLIC_URL,
+    &COMMAND_API_OPS_ADDR,
+    &COMMAND_API_MAX_BODY_BYTES,
+    &COMMAND_API_AGGREGATE_CACHE,
+    &COMMAND_API_CONFLICT_RETRIES,
+    &COMMAND_API_APPEND_WRITERS,
+    &COMMAND_API_RELAY,
+    &RELAY_BATCH_SIZE,
+    &RELAY_IDLE_POLL,
+    &RELAY_LEADER_RETRY,
+    &crate::process::PROCESS_MANAGER_GROUP,
+    &crate::process::PROCESS_MANAGER_ADDR,
+    &crate::process::PROCESS_MANAGER_STUCK_AFTER,
+];
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
-            listen: config::parsed_or(
-                "COMMAND_API_ADDR",
-                SocketAddr::from(([127, 0, 0, 1], 8080)),
-            )?,
-            ops_listen: config::parsed_or(
-                "COMMAND_API_OPS_ADDR",
-                SocketAddr::from(([127, 0, 0, 1], 9080)),
-            )?,
+            listen: COMMAND_API_ADDR.read()?,
+            ops_listen: COMMAND_API_OPS_ADDR.read()?,
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
-            max_body_bytes: config::parsed_or("COMMAND_API_MAX_BODY_BYTES", 16 * 1024)?,
-            aggregate_cache: aggregate_cache()?,
-            conflict_retries: conflict_retries()?,
-            append_writers: append_writers()?,
-            relay: if config::parsed_or("COMMAND_API_RELAY", true)? {
+            max_body_bytes: COMMAND_API_MAX_BODY_BYTES.read()?,
+            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.read()?,
+            conflict_retries: COMMAND_API_CONFLICT_RETRIES.read()?,
+            append_writers: COMMAND_API_APPEND_WRITERS.read()?,
+            relay: if COMMAND_API_RELAY.read()? {
                 Some(RelayConfig::from_env()?)
             } else {
                 None
             },
             cors_origins: service_kit::http::cors_origins_from_env()?,
             server: ServerLimits::from_env()?,
-            query_api_url: query_api_url()?,
+            query_api_url: query_api_url(QUERY_API_PUBLIC_URL.read()?)?,
         })
+    }
+
+    /// For tests: `database` and `auth`, both listeners on free ports, no relay (tests run
+    /// it as a task of its own, or set [`RelayConfig::for_tests`]), and every other setting
+    /// at its default.
+    pub fn for_tests(database: DatabaseConfig, auth: AuthConfig) -> Self {
+        Self {
+            listen: ANY_LOCAL_PORT,
+            ops_listen: ANY_LOCAL_PORT,
+            database,
+            auth,
+            max_body_bytes: COMMAND_API_MAX_BODY_BYTES.default,
+            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.default,
+            conflict_retries: COMMAND_API_CONFLICT_RETRIES.default,
+            append_writers: COMMAND_API_APPEND_WRITERS.default,
+            relay: None,
+            cors_origins: Vec::new(),
+            server: ServerLimits::default(),
+            query_api_url: QUERY_API_PUBLIC_URL.default.into(),
+        }
     }
 }
 
-fn query_api_url() -> Result<String, ConfigError> {
-    let url =
-        config::optional("QUERY_API_PUBLIC_URL").unwrap_or_else(|| "http://127.0.0.1:8081".into());
+/// The query API's public URL, checked and without a trailing slash.
+fn query_api_url(url: String) -> Result<String, ConfigError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(ConfigError::Invalid {
-            name: "QUERY_API_PUBLIC_URL",
+            name: QUERY_API_PUBLIC_URL.name,
             reason: "must be an absolute http(s) URL".into(),
         });
     }
     Ok(url.trim_end_matches('/').to_owned())
 }
 
-/// `COMMAND_API_AGGREGATE_CACHE`; the process manager reads it too, as it runs commands.
-pub(crate) fn aggregate_cache() -> Result<NonZeroUsize, ConfigError> {
-    config::parsed_or(
-        "COMMAND_API_AGGREGATE_CACHE",
-        NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
-    )
-}
-
-/// `COMMAND_API_CONFLICT_RETRIES`, for the command API and the process manager.
-pub(crate) fn conflict_retries() -> Result<u32, ConfigError> {
-    config::parsed_or("COMMAND_API_CONFLICT_RETRIES", 5)
-}
-
-/// `COMMAND_API_APPEND_WRITERS`, for the command API and the process manager.
-pub(crate) fn append_writers() -> Result<NonZeroUsize, ConfigError> {
-    config::parsed_or(
-        "COMMAND_API_APPEND_WRITERS",
-        NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
-    )
-}
-
 impl RelayConfig {
-    /// `KAFKA_*` (see `KafkaConfig`), `RELAY_BATCH_SIZE` (default 1000), `RELAY_IDLE_POLL_MS`
-    /// (default 1000), `RELAY_LEADER_RETRY_MS` (default 2000).
+    /// `KAFKA_*` (see `KafkaConfig`), [`RELAY_BATCH_SIZE`], [`RELAY_IDLE_POLL`],
+    /// [`RELAY_LEADER_RETRY`].
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             kafka: KafkaConfig::from_env()?,
-            batch_size: config::parsed_or("RELAY_BATCH_SIZE", 1000)?,
-            idle_poll: Duration::from_millis(config::parsed_or("RELAY_IDLE_POLL_MS", 1000)?),
-            leader_retry: Duration::from_millis(config::parsed_or("RELAY_LEADER_RETRY_MS", 2000)?),
+            batch_size: RELAY_BATCH_SIZE.read()?,
+            idle_poll: RELAY_IDLE_POLL.read()?,
+            leader_retry: RELAY_LEADER_RETRY.read()?,
         })
     }
-}
 
-/// The variables the command API, its relay and the process manager read, beyond
-/// [`service_kit::config::SETTINGS`].
-pub const SETTINGS: &[Setting] = &[
-    Setting {
-        name: "COMMAND_API_ADDR",
-        default: "`127.0.0.1:8080`",
-        meaning: "listen address (port 0 picks one)",
-    },
-    Setting {
-        name: "QUERY_API_PUBLIC_URL",
-        default: "`http://127.0.0.1:8081`",
-        meaning: "the query API as clients reach it: `Location` (201) and `status_url` (202) of the command API point there",
-    },
-    Setting {
-        name: "COMMAND_API_OPS_ADDR",
-        default: "`127.0.0.1:9080`",
-        meaning: "the command API's ops server: `/metrics`, `/health/live`, `/health/ready` (never on the public port)",
-    },
-    Setting {
-        name: "COMMAND_API_MAX_BODY_BYTES",
-        default: "`16384`",
-        meaning: "larger bodies get 413",
-    },
-    Setting {
-        name: "COMMAND_API_AGGREGATE_CACHE",
-        default: "`100000`",
-        meaning: "accounts whose state stays in memory between commands",
-    },
-    Setting {
-        name: "COMMAND_API_CONFLICT_RETRIES",
-        default: "`5`",
-        meaning: "retries after losing a race, without `If-Match`",
-    },
-    Setting {
-        name: "COMMAND_API_APPEND_WRITERS",
-        default: "`2`",
-        meaning: "batches of appends in flight at once (each is one INSERT of every append queued when it starts)",
-    },
-    Setting {
-        name: "COMMAND_API_RELAY",
-        default: "`true`",
-        meaning: "run the Kafka relay inside the command API",
-    },
-    Setting {
-        name: "RELAY_BATCH_SIZE",
-        default: "`1000`",
-        meaning: "events per relay batch",
-    },
-    Setting {
-        name: "RELAY_IDLE_POLL_MS",
-        default: "`1000`",
-        meaning: "fallback poll when nothing wakes the relay",
-    },
-    Setting {
-        name: "RELAY_LEADER_RETRY_MS",
-        default: "`2000`",
-        meaning: "how often a standby relay tries to become leader",
-    },
-    Setting {
-        name: "PROCESS_MANAGER_GROUP",
-        default: "`ledger-process-manager`",
-        meaning: "the transfer process manager's consumer group",
-    },
-    Setting {
-        name: "PROCESS_MANAGER_ADDR",
-        default: "`127.0.0.1:8083`",
-        meaning: "the process manager's ops server: `/metrics`, `/health/live`, `/health/ready`",
-    },
-    Setting {
-        name: "PROCESS_MANAGER_STUCK_AFTER_MS",
-        default: "`30000`",
-        meaning: "a transfer without progress this long is resumed from the event store (also how often that is looked for)",
-    },
-];
+    /// For tests: the relay of `kafka`, polling and trying for leadership every 200 ms
+    /// instead of every second or two, so that a test sees a standby take over, or a relay
+    /// woken by no append, within a few hundred milliseconds.
+    pub fn for_tests(kafka: KafkaConfig) -> Self {
+        Self {
+            kafka,
+            batch_size: RELAY_BATCH_SIZE.default,
+            idle_poll: Duration::from_millis(200),
+            leader_retry: Duration::from_millis(200),
+        }
+    }
+}

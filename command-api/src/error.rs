@@ -189,3 +189,216 @@ fn command_problem(err: CommandError) -> Problem {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::testing::{send, teller};
+
+    /// Status, headers and JSON body of `error` as the API answers it.
+    async fn answer(error: ApiError) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, headers, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_refusal_has_its_status_and_type() {
+        use StatusCode as S;
+        let cases: Vec<(CommandError, S, &str)> = vec![
+            (AccountError::NotFound.into(), S::NOT_FOUND, "not-found"),
+            (
+                AccountError::Frozen.into(),
+                S::UNPROCESSABLE_ENTITY,
+                "account-frozen",
+            ),
+            (
+                AccountError::Closed.into(),
+                S::UNPROCESSABLE_ENTITY,
+                "account-closed",
+            ),
+            (
+                AccountError::BalanceLimitExceeded { max_balance: 10 }.into(),
+                S::UNPROCESSABLE_ENTITY,
+                "balance-limit-exceeded",
+            ),
+            (TransferError::NotFound.into(), S::NOT_FOUND, "not-found"),
+            (
+                TransferError::SameAccount.into(),
+                S::UNPROCESSABLE_ENTITY,
+                "same-account",
+            ),
+            (
+                CommandError::IdempotencyKeyReused,
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+            ),
+            (
+                CommandError::Conflict {
+                    current_version: None,
+                },
+                S::CONFLICT,
+                "conflict",
+            ),
+        ];
+        for (error, status, slug) in cases {
+            let described = error.to_string();
+            let (got, headers, body) = answer(ApiError::Command(error)).await;
+            assert_eq!(
+                (got, body["type"].as_str()),
+                (status, Some(&*format!("urn:ledger:problem:{slug}"))),
+                "{described}"
+            );
+            assert_eq!(headers["content-type"], "application/problem+json");
+            assert!(body.get("current_version").is_none(), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_what_the_client_needs_to_retry() {
+        let (status, headers, body) = answer(
+            CommandError::Conflict {
+                current_version: Some(7),
+            }
+            .into(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(headers["etag"], "\"7\"");
+        assert_eq!(body["current_version"], 7);
+
+        let (status, _, body) = answer(
+            AccountError::InsufficientFunds {
+                available: 30,
+                requested: 50,
+            }
+            .into(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body["type"], "urn:ledger:problem:insufficient-funds");
+        assert_eq!(
+            (body["available"].clone(), body["requested"].clone()),
+            (json!(30), json!(50))
+        );
+    }
+
+    /// What went wrong inside is logged, never sent: the client learns only which kind of
+    /// failure it was.
+    #[tokio::test]
+    async fn failures_inside_say_nothing_of_their_cause() {
+        let cases = [
+            (
+                CommandError::Internal(anyhow::anyhow!("secret table ledger_internal broke")),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (
+                CommandError::Unavailable(Arc::new(sqlx::Error::Protocol(
+                    "secret table ledger_internal broke".into(),
+                ))),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service-unavailable",
+            ),
+            (
+                TransferError::AlreadyRequested.into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+        ];
+        for (error, status, slug) in cases {
+            let (got, headers, body) = answer(ApiError::Command(error)).await;
+            assert_eq!(got, status);
+            assert_eq!(body["type"], format!("urn:ledger:problem:{slug}"));
+            assert!(!body.to_string().contains("secret"), "{body}");
+            assert!(!body.to_string().contains("already"), "{body}");
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(headers["retry-after"], "1");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_values_are_422_before_the_engine() {
+        let account = "0193a3f2-7c4e-7000-8000-000000000001";
+        let other = "0193a3f2-7c4e-7000-8000-000000000002";
+        let cases = [
+            (
+                format!("/v1/accounts/{account}/deposits"),
+                json!({"amount": 0, "currency": "EUR"}),
+                "amount-out-of-range",
+            ),
+            (
+                format!("/v1/accounts/{account}/withdrawals"),
+                json!({"amount": 5, "currency": "ZZZ"}),
+                "unsupported-currency",
+            ),
+            (
+                "/v1/accounts".to_owned(),
+                json!({"owner": "", "currency": "EUR"}),
+                "invalid-owner",
+            ),
+            (
+                "/v1/accounts".to_owned(),
+                json!({"owner": "Ada", "currency": "EUR", "overdraft_limit": -1}),
+                "overdraft-out-of-range",
+            ),
+            (
+                "/v1/transfers".to_owned(),
+                json!({"from_account": account, "to_account": other, "amount": 1,
+                       "currency": "EUR", "reference": "x".repeat(141)}),
+                "invalid-reference",
+            ),
+            (
+                "/v1/transfers".to_owned(),
+                json!({"from_account": account, "to_account": account, "amount": 1,
+                       "currency": "EUR"}),
+                "same-account",
+            ),
+        ];
+        for (path, body, slug) in cases {
+            let answer = send(teller(&path).body(Body::from(body.to_string())).unwrap()).await;
+            assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(answer.problem(), slug, "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn routing_errors_are_problems_too() {
+        let unknown = send(Request::get("/nope").body(Body::empty()).unwrap()).await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        assert_eq!(unknown.problem(), "not-found");
+        let wrong = send(Request::get("/v1/accounts").body(Body::empty()).unwrap()).await;
+        assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(wrong.problem(), "method-not-allowed");
+        assert_eq!(wrong.headers["allow"], "POST");
+    }
+
+    /// With the database gone, a command is answered 503 within the pool's acquire timeout
+    /// (300 ms here), never left hanging.
+    #[tokio::test]
+    async fn a_database_outage_is_503_not_a_hang() {
+        let request = teller("/v1/accounts")
+            .body(Body::from(
+                json!({"owner": "Ada", "currency": "EUR"}).to_string(),
+            ))
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), send(request))
+            .await
+            .expect("answered within 5 s");
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.problem(), "service-unavailable");
+        assert_eq!(answer.headers["retry-after"], "1");
+    }
+}

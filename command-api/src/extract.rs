@@ -192,7 +192,180 @@ fn is_traceparent(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+
     use super::*;
+    use crate::testing::{Answer, send, teller};
+
+    /// Any account: the extractors refuse before the engine would look it up.
+    const DEPOSITS: &str = "/v1/accounts/0193a3f2-7c4e-7000-8000-000000000001/deposits";
+
+    async fn deposit(body: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut request = teller(DEPOSITS);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        send(request.body(Body::from(body.to_owned())).unwrap()).await
+    }
+
+    const VALID: &str = r#"{"amount":5,"currency":"EUR"}"#;
+
+    #[tokio::test]
+    async fn each_kind_of_bad_body_has_its_own_type() {
+        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let cases: &[(&str, &str)] = &[
+            (r#"{"amount": 5, "#, "malformed-json"),
+            ("not json", "malformed-json"),
+            ("", "malformed-json"),
+            // Which of the two was meant is anyone's guess.
+            (
+                r#"{"amount":5,"amount":6,"currency":"EUR"}"#,
+                "malformed-json",
+            ),
+            (
+                r#"{"amount":5,"currency":"EUR","memo":"x"}"#,
+                "unknown-field",
+            ),
+            (r#"{"amount":5}"#, "missing-field"),
+            (r#"{"amount":"5","currency":"EUR"}"#, "wrong-type"),
+            (r#"{"amount":1.5,"currency":"EUR"}"#, "wrong-type"),
+            (&deep, "wrong-type"),
+        ];
+        for (body, expected) in cases {
+            let answer = deposit(body, &[]).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body:.40}");
+            assert_eq!(answer.problem(), *expected, "{body:.40}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_json_is_read() {
+        for content_type in [None, Some("text/plain"), Some("application/xml")] {
+            let mut request = Request::post(DEPOSITS).header(
+                "authorization",
+                format!(
+                    "Bearer {}",
+                    service_kit::testing::token(crate::testing::TENANT, &["teller"])
+                ),
+            );
+            if let Some(content_type) = content_type {
+                request = request.header("content-type", content_type);
+            }
+            let answer = send(request.body(Body::from(VALID)).unwrap()).await;
+            assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+            assert_eq!(answer.problem(), "unsupported-media-type");
+        }
+        // A `+json` type with parameters is JSON: the command goes on to the engine, whose
+        // database this app cannot reach.
+        let answer = send(
+            teller(DEPOSITS)
+                .header("content-type", "application/vnd.ledger+json; charset=utf-8")
+                .body(Body::from(VALID))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.problem(), "service-unavailable");
+    }
+
+    #[tokio::test]
+    async fn malformed_headers_are_refused_and_named() {
+        let long = "k".repeat(MAX_HEADER_CHARS + 1);
+        let cases: &[(&str, &str, &str)] = &[
+            ("if-match", "3", "If-Match"),
+            ("if-match", "\"x\"", "If-Match"),
+            ("if-match", "W/\"3\"", "If-Match"),
+            ("idempotency-key", "", "Idempotency-Key"),
+            ("idempotency-key", "   ", "Idempotency-Key"),
+            ("idempotency-key", &long, "Idempotency-Key"),
+            ("x-correlation-id", "tab\there", "X-Correlation-Id"),
+        ];
+        for (name, value, header) in cases {
+            let answer = deposit(VALID, &[(name, value)]).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{name}: {value}");
+            assert_eq!(answer.problem(), "invalid-header", "{name}: {value}");
+            assert_eq!(answer.body["header"], *header);
+        }
+        // Any version, a key at the bound and a malformed traceparent (ignored) pass on.
+        let longest = "k".repeat(MAX_HEADER_CHARS);
+        let answer = deposit(
+            VALID,
+            &[
+                ("if-match", "*"),
+                ("idempotency-key", &longest),
+                ("traceparent", "00-not-a-trace-01"),
+            ],
+        )
+        .await;
+        assert_eq!(answer.problem(), "service-unavailable");
+    }
+
+    #[tokio::test]
+    async fn a_path_that_names_no_account_is_404() {
+        let answer = send(
+            teller("/v1/accounts/not-a-uuid/deposits")
+                .body(Body::from(VALID))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND);
+        assert_eq!(answer.problem(), "not-found");
+    }
+
+    #[tokio::test]
+    async fn the_token_and_its_role_come_first() {
+        let anonymous = send(
+            Request::post(DEPOSITS)
+                .header("content-type", "application/json")
+                .body(Body::from("not even json"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(anonymous.problem(), "missing-token");
+        assert_eq!(anonymous.headers["www-authenticate"], "Bearer");
+
+        let viewer = send(
+            Request::post(DEPOSITS)
+                .header(
+                    "authorization",
+                    format!(
+                        "Bearer {}",
+                        service_kit::testing::token(crate::testing::TENANT, &["viewer"])
+                    ),
+                )
+                .header("content-type", "application/json")
+                .body(Body::from(VALID))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(viewer.status, StatusCode::FORBIDDEN);
+        assert_eq!(viewer.problem(), "forbidden");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_declared_or_not() {
+        let limit = crate::config::COMMAND_API_MAX_BODY_BYTES.default;
+        let declared = send(
+            teller(DEPOSITS)
+                .header("content-length", (limit + 1).to_string())
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(declared.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(declared.problem(), "payload-too-large");
+
+        // No declared length: cut while it is read.
+        let padded = format!(
+            r#"{{"amount":1,"currency":"EUR","pad":"{}"}}"#,
+            "x".repeat(limit)
+        );
+        let chunks = futures::stream::iter([Ok::<_, std::io::Error>(padded)]);
+        let streamed = send(teller(DEPOSITS).body(Body::from_stream(chunks)).unwrap()).await;
+        assert_eq!(streamed.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(streamed.problem(), "payload-too-large");
+    }
 
     #[test]
     fn etag_versions() {

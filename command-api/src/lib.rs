@@ -36,6 +36,8 @@ mod error;
 mod extract;
 pub mod process;
 pub mod relay;
+#[cfg(test)]
+mod testing;
 
 pub use config::Config;
 pub use engine::AppendSignal;
@@ -73,6 +75,23 @@ pub enum StartError {
     },
 }
 
+/// The public routes with every layer they are served with: what [`Application::build`]
+/// serves, and what the `oneshot` tests call without a socket.
+fn router(state: AppState, config: &Config) -> Router {
+    let max_body_bytes = config.max_body_bytes;
+    http::with_standard_layers(
+        http::with_cors(
+            api::router(state)
+                .layer(DefaultBodyLimit::max(max_body_bytes))
+                .layer(axum::middleware::from_fn(move |request, next| {
+                    extract::refuse_declared_oversize(max_body_bytes, request, next)
+                })),
+            config.cors_origins.clone(),
+        ),
+        &config.server,
+    )
+}
+
 /// A command API bound to its port, ready to serve.
 pub struct Application {
     listener: TcpListener,
@@ -97,6 +116,7 @@ impl Application {
         }
         let relay = config
             .relay
+            .clone()
             .map(|relay| Relay::new(relay, pool.clone(), signal.clone()))
             .transpose()?;
         let state = AppState {
@@ -110,18 +130,7 @@ impl Application {
             auth,
             query_api_url: config.query_api_url.clone().into(),
         };
-        let router = http::with_standard_layers(
-            http::with_cors(
-                api::router(state)
-                    .layer(DefaultBodyLimit::max(config.max_body_bytes))
-                    .layer(axum::middleware::from_fn({
-                        let max = config.max_body_bytes;
-                        move |request, next| extract::refuse_declared_oversize(max, request, next)
-                    })),
-                config.cors_origins,
-            ),
-            &config.server,
-        );
+        let router = router(state, &config);
         let ops = OpsServer::bind(config.ops_listen, readiness, "command-api", config.server)
             .await
             .map_err(|source| StartError::Bind {

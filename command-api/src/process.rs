@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +32,12 @@ use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use service_kit::config::{self, ConfigError};
+use service_kit::config::{ConfigError, Setting};
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use service_kit::retry;
-use service_kit::server::ServerLimits;
+use service_kit::server::{ANY_LOCAL_PORT, ServerLimits};
 use service_kit::telemetry;
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -46,6 +46,9 @@ use uuid::Uuid;
 use cqrs_es::Aggregate;
 
 use crate::StartError;
+use crate::config::{
+    COMMAND_API_AGGREGATE_CACHE, COMMAND_API_APPEND_WRITERS, COMMAND_API_CONFLICT_RETRIES,
+};
 use crate::engine::{AppendSignal, CommandContext, CommandError, CommandService, Target};
 
 /// Messages taken per batch; their transfers are driven concurrently.
@@ -55,23 +58,39 @@ const MAX_SWEEP: i64 = 1000;
 /// The namespace of the process manager's deterministic command ids.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d74_7261_6e73_6665_7273);
 
+pub const PROCESS_MANAGER_GROUP: Setting<&str> = Setting::new(
+    "PROCESS_MANAGER_GROUP",
+    "ledger-process-manager",
+    "the transfer process manager's consumer group",
+);
+pub const PROCESS_MANAGER_ADDR: Setting<SocketAddr> = Setting::new(
+    "PROCESS_MANAGER_ADDR",
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8083)),
+    "the process manager's ops server: `/metrics`, `/health/live`, `/health/ready`",
+);
+pub const PROCESS_MANAGER_STUCK_AFTER: Setting<Duration> = Setting::new(
+    "PROCESS_MANAGER_STUCK_AFTER_MS",
+    Duration::from_secs(30),
+    "a transfer without progress this long is resumed from the event store (also how often that is looked for)",
+);
+
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
-    /// `PROCESS_MANAGER_GROUP` (default `ledger-process-manager`): the consumer group.
+    /// [`PROCESS_MANAGER_GROUP`]: the consumer group.
     pub group: String,
-    /// `PROCESS_MANAGER_STUCK_AFTER_MS` (default 30000): a transfer with no progress for this
-    /// long is driven from the event store; also how often that is looked for.
+    /// [`PROCESS_MANAGER_STUCK_AFTER`]: a transfer with no progress for this long is driven
+    /// from the event store; also how often that is looked for.
     pub stuck_after: Duration,
-    /// As the command API's `COMMAND_API_AGGREGATE_CACHE`.
+    /// As the command API's [`COMMAND_API_AGGREGATE_CACHE`].
     pub aggregate_cache: std::num::NonZeroUsize,
-    /// As the command API's `COMMAND_API_CONFLICT_RETRIES`.
+    /// As the command API's [`COMMAND_API_CONFLICT_RETRIES`].
     pub conflict_retries: u32,
-    /// As the command API's `COMMAND_API_APPEND_WRITERS`.
+    /// As the command API's [`COMMAND_API_APPEND_WRITERS`].
     pub append_writers: std::num::NonZeroUsize,
-    /// `PROCESS_MANAGER_ADDR` (default `127.0.0.1:8083`; port 0 picks one): where the health
-    /// probes and `/metrics` are served.
+    /// [`PROCESS_MANAGER_ADDR`] (port 0 picks one): where the health probes and `/metrics`
+    /// are served.
     pub listen: SocketAddr,
     /// The bounds of that listener: see `service_kit::server`.
     pub server: ServerLimits,
@@ -82,21 +101,31 @@ impl ProcessConfig {
         Ok(Self {
             database: DatabaseConfig::from_env()?,
             kafka: KafkaConfig::from_env()?,
-            group: config::optional("PROCESS_MANAGER_GROUP")
-                .unwrap_or_else(|| "ledger-process-manager".into()),
-            stuck_after: Duration::from_millis(config::parsed_or(
-                "PROCESS_MANAGER_STUCK_AFTER_MS",
-                30_000,
-            )?),
-            aggregate_cache: crate::config::aggregate_cache()?,
-            conflict_retries: crate::config::conflict_retries()?,
-            append_writers: crate::config::append_writers()?,
-            listen: config::parsed_or(
-                "PROCESS_MANAGER_ADDR",
-                SocketAddr::from(([127, 0, 0, 1], 8083)),
-            )?,
+            group: PROCESS_MANAGER_GROUP.read()?,
+            stuck_after: PROCESS_MANAGER_STUCK_AFTER.read()?,
+            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.read()?,
+            conflict_retries: COMMAND_API_CONFLICT_RETRIES.read()?,
+            append_writers: COMMAND_API_APPEND_WRITERS.read()?,
+            listen: PROCESS_MANAGER_ADDR.read()?,
             server: ServerLimits::from_env()?,
         })
+    }
+
+    /// For tests: `database` and `kafka`, a consumer group of the test's own (named after its
+    /// topic prefix, so that tests sharing a broker do not rebalance each other), the ops
+    /// listener on a free port, and every other setting at its default.
+    pub fn for_tests(database: DatabaseConfig, kafka: KafkaConfig) -> Self {
+        Self {
+            database,
+            group: format!("{}-process-manager", kafka.topic_prefix),
+            kafka,
+            stuck_after: PROCESS_MANAGER_STUCK_AFTER.default,
+            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.default,
+            conflict_retries: COMMAND_API_CONFLICT_RETRIES.default,
+            append_writers: COMMAND_API_APPEND_WRITERS.default,
+            listen: ANY_LOCAL_PORT,
+            server: ServerLimits::default(),
+        }
     }
 }
 

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
@@ -37,12 +37,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use service_kit::config::{self, ConfigError, Setting};
+use service_kit::config::{ConfigError, Setting, Settings};
 use service_kit::db::{self, DatabaseConfig, DatabaseError};
 use service_kit::http::{Need, OpsServer, Readiness};
 use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use service_kit::retry;
-use service_kit::server::ServerLimits;
+use service_kit::server::{ANY_LOCAL_PORT, ServerLimits};
 use service_kit::telemetry;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -66,14 +66,28 @@ const DEAD_LETTER_COPY_LIMIT: usize = 512 * 1024;
 /// Messages applied in one read-model transaction, at most.
 const MAX_BATCH: usize = 1000;
 
+pub const PROJECTOR_GROUP: Setting<&str> = Setting::new(
+    "PROJECTOR_GROUP",
+    "ledger-projector",
+    "the projector's consumer group",
+);
+pub const PROJECTOR_ADDR: Setting<SocketAddr> = Setting::new(
+    "PROJECTOR_ADDR",
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8082)),
+    "the projector's ops server: `/metrics`, `/health/live`, `/health/ready`",
+);
+
+/// The variables the projector reads, beyond [`service_kit::config::SETTINGS`].
+pub const SETTINGS: Settings = &[&PROJECTOR_GROUP, &PROJECTOR_ADDR];
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
-    /// `PROJECTOR_GROUP` (default `ledger-projector`): the consumer group.
+    /// [`PROJECTOR_GROUP`]: the consumer group.
     pub group: String,
-    /// `PROJECTOR_ADDR` (default `127.0.0.1:8082`; port 0 picks one): where the health probes
-    /// and `/metrics` are served.
+    /// [`PROJECTOR_ADDR`] (port 0 picks one): where the health probes and `/metrics` are
+    /// served.
     pub listen: SocketAddr,
     /// The bounds of that listener: see `service_kit::server`.
     pub server: ServerLimits,
@@ -84,26 +98,25 @@ impl Config {
         Ok(Self {
             database: DatabaseConfig::from_env()?,
             kafka: KafkaConfig::from_env()?,
-            group: config::optional("PROJECTOR_GROUP").unwrap_or_else(|| "ledger-projector".into()),
-            listen: config::parsed_or("PROJECTOR_ADDR", SocketAddr::from(([127, 0, 0, 1], 8082)))?,
+            group: PROJECTOR_GROUP.read()?,
+            listen: PROJECTOR_ADDR.read()?,
             server: ServerLimits::from_env()?,
         })
     }
-}
 
-/// The variables the projector reads, beyond [`service_kit::config::SETTINGS`].
-pub const SETTINGS: &[Setting] = &[
-    Setting {
-        name: "PROJECTOR_GROUP",
-        default: "`ledger-projector`",
-        meaning: "the projector's consumer group",
-    },
-    Setting {
-        name: "PROJECTOR_ADDR",
-        default: "`127.0.0.1:8082`",
-        meaning: "the projector's ops server: `/metrics`, `/health/live`, `/health/ready`",
-    },
-];
+    /// For tests: `database` and `kafka`, a consumer group of the test's own (named after its
+    /// topic prefix, so that tests sharing a broker do not rebalance each other), and the ops
+    /// listener on a free port.
+    pub fn for_tests(database: DatabaseConfig, kafka: KafkaConfig) -> Self {
+        Self {
+            database,
+            group: format!("{}-projector", kafka.topic_prefix),
+            kafka,
+            listen: ANY_LOCAL_PORT,
+            server: ServerLimits::default(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {

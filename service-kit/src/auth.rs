@@ -20,7 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Optional, Setting};
 use crate::problem::Problem;
 use crate::rate_limit::{RateLimit, TenantBudgets};
 
@@ -38,6 +38,24 @@ pub enum VerificationKey {
     PublicKey { algorithm: Algorithm, pem: String },
 }
 
+pub const JWT_HS256_SECRET: Optional<&str> = Optional::new(
+    "JWT_HS256_SECRET",
+    "(none)",
+    "development: shared HS256 secret, at least 32 bytes",
+);
+pub const JWT_PUBLIC_KEY_PEM: Optional<&str> = Optional::new(
+    "JWT_PUBLIC_KEY_PEM",
+    "(none)",
+    "production: PEM public key (instead of the secret)",
+);
+pub const JWT_ALGORITHM: Optional<&str> = Optional::new(
+    "JWT_ALGORITHM",
+    "(none)",
+    "`RS256` or `ES256`, with `JWT_PUBLIC_KEY_PEM`",
+);
+pub const JWT_ISSUER: Setting<&str> = Setting::new("JWT_ISSUER", "ledger", "required `iss`");
+pub const JWT_AUDIENCE: Setting<&str> = Setting::new("JWT_AUDIENCE", "ledger", "required `aud`");
+
 /// Token verification settings.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -49,28 +67,23 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
-    /// Reads `JWT_ISSUER` (default `ledger`), `JWT_AUDIENCE` (default `ledger`), and either
-    /// `JWT_HS256_SECRET` or `JWT_PUBLIC_KEY_PEM` with `JWT_ALGORITHM` (`RS256` or `ES256`).
+    /// Reads [`JWT_ISSUER`], [`JWT_AUDIENCE`], and either [`JWT_HS256_SECRET`] or
+    /// [`JWT_PUBLIC_KEY_PEM`] with [`JWT_ALGORITHM`], and the rate limit.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let issuer = config::optional("JWT_ISSUER").unwrap_or_else(|| "ledger".to_owned());
-        let audience = config::optional("JWT_AUDIENCE").unwrap_or_else(|| "ledger".to_owned());
-        let key = match (
-            config::optional("JWT_HS256_SECRET"),
-            config::optional("JWT_PUBLIC_KEY_PEM"),
-        ) {
+        let issuer = JWT_ISSUER.read()?;
+        let audience = JWT_AUDIENCE.read()?;
+        let key = match (JWT_HS256_SECRET.read()?, JWT_PUBLIC_KEY_PEM.read()?) {
             (Some(secret), None) => VerificationKey::Hs256(secret.into()),
             (None, Some(pem)) => {
-                let algorithm = match config::required(
-                    "JWT_ALGORITHM",
-                    "RS256 or ES256, the algorithm of JWT_PUBLIC_KEY_PEM",
-                )?
-                .as_str()
+                let algorithm = match JWT_ALGORITHM
+                    .require("RS256 or ES256, the algorithm of JWT_PUBLIC_KEY_PEM")?
+                    .as_str()
                 {
                     "RS256" => Algorithm::RS256,
                     "ES256" => Algorithm::ES256,
                     other => {
                         return Err(ConfigError::Invalid {
-                            name: "JWT_ALGORITHM",
+                            name: JWT_ALGORITHM.name,
                             reason: format!("expected RS256 or ES256, got `{other}`"),
                         });
                     }
@@ -79,13 +92,13 @@ impl AuthConfig {
             }
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid {
-                    name: "JWT_HS256_SECRET",
+                    name: JWT_HS256_SECRET.name,
                     reason: "set either JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM, not both".into(),
                 });
             }
             (None, None) => {
                 return Err(ConfigError::Missing {
-                    name: "JWT_HS256_SECRET",
+                    name: JWT_HS256_SECRET.name,
                     hint: "set JWT_HS256_SECRET (development) or JWT_PUBLIC_KEY_PEM",
                 });
             }
@@ -96,6 +109,17 @@ impl AuthConfig {
             key,
             rate_limit: RateLimit::from_env()?,
         })
+    }
+
+    /// For tests: HS256 tokens signed with `secret`, the default issuer and audience, and no
+    /// rate limit.
+    pub fn for_tests(secret: &str) -> Self {
+        Self {
+            issuer: JWT_ISSUER.default.into(),
+            audience: JWT_AUDIENCE.default.into(),
+            key: VerificationKey::Hs256(SecretString::from(secret)),
+            rate_limit: None,
+        }
     }
 }
 
@@ -439,13 +463,7 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn authenticator() -> Authenticator {
-        Authenticator::new(&AuthConfig {
-            issuer: "ledger".into(),
-            audience: "ledger".into(),
-            key: VerificationKey::Hs256(SecretString::from(SECRET)),
-            rate_limit: None,
-        })
-        .unwrap()
+        Authenticator::new(&AuthConfig::for_tests(SECRET)).unwrap()
     }
 
     fn token(tenant: &str, ttl: u64) -> String {
@@ -474,13 +492,7 @@ mod tests {
 
     #[test]
     fn refuses_short_secrets_and_malformed_tenants() {
-        let short = AuthConfig {
-            issuer: "ledger".into(),
-            audience: "ledger".into(),
-            key: VerificationKey::Hs256(SecretString::from("short")),
-            rate_limit: None,
-        };
-        assert!(Authenticator::new(&short).is_err());
+        assert!(Authenticator::new(&AuthConfig::for_tests("short")).is_err());
         assert!(matches!(
             authenticator().verify(&token("a b", 60)),
             Err(AuthError::InvalidToken(_))
@@ -491,12 +503,6 @@ mod tests {
     fn secrets_do_not_print() {
         let secret = SecretString::from(SECRET);
         assert!(!format!("{secret:?}").contains(SECRET));
-        let config = AuthConfig {
-            issuer: "i".into(),
-            audience: "a".into(),
-            key: VerificationKey::Hs256(secret),
-            rate_limit: None,
-        };
-        assert!(!format!("{config:?}").contains(SECRET));
+        assert!(!format!("{:?}", AuthConfig::for_tests(SECRET)).contains(SECRET));
     }
 }

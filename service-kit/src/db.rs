@@ -8,14 +8,29 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Setting};
 
 /// Every schema change of the ledger, embedded so that each binary can migrate on start-up.
 /// sqlx takes an advisory lock while migrating, so replicas starting together are safe.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
-/// Used when `DATABASE_URL` is not set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ledger";
+pub const DATABASE_URL: Setting<&str> = Setting::new(
+    "DATABASE_URL",
+    "postgres://postgres@127.0.0.1:5432/ledger",
+    "the event store",
+);
+pub const DATABASE_MAX_CONNECTIONS: Setting<u32> =
+    Setting::new("DATABASE_MAX_CONNECTIONS", 16, "pool size per process");
+pub const DATABASE_ACQUIRE_TIMEOUT: Setting<Duration> = Setting::new(
+    "DATABASE_ACQUIRE_TIMEOUT_MS",
+    Duration::from_secs(3),
+    "wait for a pooled connection before answering 503",
+);
+pub const DATABASE_STATEMENT_TIMEOUT: Setting<Duration> = Setting::new(
+    "DATABASE_STATEMENT_TIMEOUT_MS",
+    Duration::from_secs(5),
+    "server-side cap on any statement",
+);
 
 /// `LISTEN`/`NOTIFY` channels between the processes.
 pub mod channels {
@@ -57,34 +72,26 @@ pub struct DatabaseConfig {
 }
 
 impl DatabaseConfig {
-    /// Reads `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 16),
-    /// `DATABASE_ACQUIRE_TIMEOUT_MS` (default 3000), `DATABASE_STATEMENT_TIMEOUT_MS` (default 5000).
+    /// Reads [`DATABASE_URL`], [`DATABASE_MAX_CONNECTIONS`], [`DATABASE_ACQUIRE_TIMEOUT`] and
+    /// [`DATABASE_STATEMENT_TIMEOUT`].
     pub fn from_env() -> Result<Self, ConfigError> {
         let config = Self {
-            url: config::optional("DATABASE_URL")
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
-                .into(),
-            max_connections: config::parsed_or("DATABASE_MAX_CONNECTIONS", 16)?,
-            acquire_timeout: Duration::from_millis(config::parsed_or(
-                "DATABASE_ACQUIRE_TIMEOUT_MS",
-                3000,
-            )?),
-            statement_timeout: Duration::from_millis(config::parsed_or(
-                "DATABASE_STATEMENT_TIMEOUT_MS",
-                5000,
-            )?),
+            url: DATABASE_URL.read()?.into(),
+            max_connections: DATABASE_MAX_CONNECTIONS.read()?,
+            acquire_timeout: DATABASE_ACQUIRE_TIMEOUT.read()?,
+            statement_timeout: DATABASE_STATEMENT_TIMEOUT.read()?,
         };
         config.connect_options()?;
         Ok(config)
     }
 
-    /// A config for `url` with the defaults above.
+    /// A config for `url` with the settings' defaults.
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {
             url: url.into().into(),
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(3),
-            statement_timeout: Duration::from_secs(5),
+            max_connections: DATABASE_MAX_CONNECTIONS.default,
+            acquire_timeout: DATABASE_ACQUIRE_TIMEOUT.default,
+            statement_timeout: DATABASE_STATEMENT_TIMEOUT.default,
         }
     }
 
@@ -150,12 +157,22 @@ pub enum DatabaseError {
 
 /// Opens the pool, failing fast if the database is unreachable.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DatabaseError> {
-    PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(config.acquire_timeout)
+    pool_options(config)
         .connect_with(config.connect_options()?)
         .await
         .map_err(DatabaseError::Connect)
+}
+
+/// A pool that connects on first use: for tests of what a service does before (or without)
+/// reaching the database, such as refusing a malformed request.
+pub fn connect_lazy(config: &DatabaseConfig) -> Result<PgPool, ConfigError> {
+    Ok(pool_options(config).connect_lazy_with(config.connect_options()?))
+}
+
+fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
 }
 
 /// What a service may do in the database: each service connects as a login role that is a

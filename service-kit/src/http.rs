@@ -23,7 +23,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Optional};
 use crate::kafka::BrokerProbe;
 use crate::problem::Problem;
 use crate::server::ServerLimits;
@@ -35,11 +35,16 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// timeout (2 s in `deploy/k8s`), so a slow dependency is a 503 naming it, not a timeout.
 const READINESS_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// `CORS_ALLOWED_ORIGINS`: the origins (comma-separated, e.g. `https://app.example.com`) whose
-/// pages may call the API from a browser. Unset: none, and no CORS headers at all, so browsers
-/// refuse every cross-origin call.
+pub const CORS_ALLOWED_ORIGINS: Optional<&str> = Optional::new(
+    "CORS_ALLOWED_ORIGINS",
+    "(none)",
+    "origins whose pages may call the APIs from a browser, comma-separated (`https://app.example.com`); none: no CORS headers, cross-origin calls stay closed",
+);
+
+/// [`CORS_ALLOWED_ORIGINS`]: the origins whose pages may call the API from a browser. Unset:
+/// none, and no CORS headers at all, so browsers refuse every cross-origin call.
 pub fn cors_origins_from_env() -> Result<Vec<HeaderValue>, ConfigError> {
-    let Some(origins) = config::optional("CORS_ALLOWED_ORIGINS") else {
+    let Some(origins) = CORS_ALLOWED_ORIGINS.read()? else {
         return Ok(Vec::new());
     };
     origins
@@ -54,7 +59,7 @@ pub fn cors_origins_from_env() -> Result<Vec<HeaderValue>, ConfigError> {
                 .ok()
                 .filter(|_| valid)
                 .ok_or_else(|| ConfigError::Invalid {
-                    name: "CORS_ALLOWED_ORIGINS",
+                    name: CORS_ALLOWED_ORIGINS.name,
                     reason: format!(
                         "`{origin}` is not an origin like https://app.example.com (no path, no wildcard)"
                     ),

@@ -18,31 +18,91 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Optional, Setting, Source};
 use crate::event_log::LoggedEvent;
+
+pub const KAFKA_BROKERS: Optional<&str> = Optional::new(
+    "KAFKA_BROKERS",
+    "(none)",
+    "bootstrap servers; required by the relay and the projector",
+);
+pub const KAFKA_TOPIC_PREFIX: Setting<&str> = Setting::new(
+    "KAFKA_TOPIC_PREFIX",
+    "ledger",
+    "topics are `<prefix>.account.events`, `<prefix>.transfer.events`, `<prefix>.deadletter`",
+);
+pub const KAFKA_PARTITIONS: Setting<i32> = Setting::new(
+    "KAFKA_PARTITIONS",
+    3,
+    "partitions of the topics the services create",
+);
+/// The default suits the compose cluster's single broker.
+pub const KAFKA_REPLICATION_FACTOR: Setting<i32> = Setting::new(
+    "KAFKA_REPLICATION_FACTOR",
+    1,
+    "replicas of each topic the services create (3 on a production cluster)",
+);
+pub const KAFKA_MIN_INSYNC_REPLICAS: Optional<i32> = Optional::new(
+    "KAFKA_MIN_INSYNC_REPLICAS",
+    "the broker's",
+    "`min.insync.replicas` of the topics the services create (2 with 3 replicas); with `acks=all`, a write is acknowledged once that many replicas have it",
+);
+pub const KAFKA_FETCH_WAIT: Setting<u32> = Setting::new(
+    "KAFKA_FETCH_WAIT_MS",
+    10,
+    "how long a consumer's fetch may wait at the broker for data: short for latency, longer to idle cheaply (`cargo xtask up` uses 500: with nisshi, idle CPU 1 core → 0.1, end to end p50 24 → 59 ms)",
+);
+pub const KAFKA_SECURITY_PROTOCOL: Setting<&str> = Setting::new(
+    "KAFKA_SECURITY_PROTOCOL",
+    "plaintext",
+    "`plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`, for every Kafka client",
+);
+pub const KAFKA_SASL_MECHANISM: Setting<&str> = Setting::new(
+    "KAFKA_SASL_MECHANISM",
+    "PLAIN",
+    "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`, with a `sasl_*` protocol",
+);
+pub const KAFKA_SASL_USERNAME: Optional<&str> = Optional::new(
+    "KAFKA_SASL_USERNAME",
+    "(none)",
+    "required with a `sasl_*` protocol",
+);
+pub const KAFKA_SASL_PASSWORD: Optional<&str> = Optional::new(
+    "KAFKA_SASL_PASSWORD",
+    "(none)",
+    "required with a `sasl_*` protocol; never logged",
+);
+pub const KAFKA_SSL_CA_LOCATION: Optional<&str> = Optional::new(
+    "KAFKA_SSL_CA_LOCATION",
+    "the system's CAs",
+    "CA certificate (PEM file) that the brokers' certificates must chain to",
+);
+pub const KAFKA_PROPERTIES_FILE: Optional<&str> = Optional::new(
+    "KAFKA_PROPERTIES_FILE",
+    "(none)",
+    "a file of `key=value` lines: any librdkafka property, set on every client after the settings above (client certificates, OAUTHBEARER, ...)",
+);
 
 /// Where the brokers are and how topics are named.
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
-    /// `KAFKA_BROKERS`: comma-separated `host:port` list.
+    /// [`KAFKA_BROKERS`]: comma-separated `host:port` list.
     pub brokers: String,
-    /// `KAFKA_TOPIC_PREFIX` (default `ledger`): topics are `<prefix>.<aggregate>.events` and
+    /// [`KAFKA_TOPIC_PREFIX`]: topics are `<prefix>.<aggregate>.events` and
     /// `<prefix>.deadletter`.
     pub topic_prefix: String,
-    /// `KAFKA_PARTITIONS` (default 3): partitions of topics this deployment creates.
+    /// [`KAFKA_PARTITIONS`]: partitions of topics this deployment creates.
     pub partitions: i32,
     /// How the topics this deployment creates are replicated.
     pub replication: Replication,
     /// Every other client property: security (TLS, SASL) and `KAFKA_PROPERTIES_FILE`.
     pub properties: ClientProperties,
-    /// `KAFKA_FETCH_WAIT_MS` (default 10): how long a consumer's fetch may wait at the broker
-    /// for data. Short for latency (some brokers, nisshi among them, answer late within the
+    /// [`KAFKA_FETCH_WAIT`]: how long a consumer's fetch may wait at the broker for data. Short for latency (some brokers, nisshi among them, answer late within the
     /// wait even when data came); longer to idle cheaply.
     pub fetch_wait_ms: u32,
 }
 
-/// `KAFKA_REPLICATION_FACTOR` (default 1, the compose cluster's single broker) and
-/// `KAFKA_MIN_INSYNC_REPLICAS` (default: the broker's own default): with `acks=all`, a write
+/// [`KAFKA_REPLICATION_FACTOR`] and [`KAFKA_MIN_INSYNC_REPLICAS`]: with `acks=all`, a write
 /// is acknowledged once that many replicas have it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Replication {
@@ -53,7 +113,7 @@ pub struct Replication {
 impl Default for Replication {
     fn default() -> Self {
         Self {
-            factor: 1,
+            factor: KAFKA_REPLICATION_FACTOR.default,
             min_insync_replicas: None,
         }
     }
@@ -71,61 +131,51 @@ const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 const SECURITY_PROTOCOLS: &[&str] = &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
 
 impl ClientProperties {
-    /// `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`,
-    /// `KAFKA_SASL_PASSWORD`, `KAFKA_SSL_CA_LOCATION`, then every `key=value` line of
-    /// `KAFKA_PROPERTIES_FILE` (Java client style; `#` starts a comment), which win.
+    /// [`KAFKA_SECURITY_PROTOCOL`], [`KAFKA_SASL_MECHANISM`], [`KAFKA_SASL_USERNAME`],
+    /// [`KAFKA_SASL_PASSWORD`], [`KAFKA_SSL_CA_LOCATION`], then every `key=value` line of
+    /// [`KAFKA_PROPERTIES_FILE`] (Java client style; `#` starts a comment), which win.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let file = match config::optional("KAFKA_PROPERTIES_FILE") {
+        let file = match KAFKA_PROPERTIES_FILE.read()? {
             None => None,
             Some(path) => {
                 Some(
                     std::fs::read_to_string(&path).map_err(|err| ConfigError::Invalid {
-                        name: "KAFKA_PROPERTIES_FILE",
+                        name: KAFKA_PROPERTIES_FILE.name,
                         reason: format!("cannot read {path}: {err}"),
                     })?,
                 )
             }
         };
-        Self::from_settings(config::optional, file.as_deref())
+        Self::from_settings(&crate::config::environment, file.as_deref())
     }
 
-    fn from_settings(
-        setting: impl Fn(&'static str) -> Option<String>,
-        file: Option<&str>,
-    ) -> Result<Self, ConfigError> {
+    fn from_settings(source: Source<'_>, file: Option<&str>) -> Result<Self, ConfigError> {
         let mut properties: Vec<(String, SecretString)> = Vec::new();
-        let protocol = setting("KAFKA_SECURITY_PROTOCOL").map(|value| value.to_lowercase());
-        if let Some(protocol) = &protocol {
-            if !SECURITY_PROTOCOLS.contains(&protocol.as_str()) {
-                return Err(ConfigError::Invalid {
-                    name: "KAFKA_SECURITY_PROTOCOL",
-                    reason: format!("must be one of {}", SECURITY_PROTOCOLS.join(", ")),
-                });
-            }
-            properties.push(("security.protocol".to_owned(), protocol.as_str().into()));
+        let protocol = KAFKA_SECURITY_PROTOCOL.read_from(source)?.to_lowercase();
+        if !SECURITY_PROTOCOLS.contains(&protocol.as_str()) {
+            return Err(ConfigError::Invalid {
+                name: KAFKA_SECURITY_PROTOCOL.name,
+                reason: format!("must be one of {}", SECURITY_PROTOCOLS.join(", ")),
+            });
         }
-        if protocol.as_deref().is_some_and(|p| p.starts_with("sasl_")) {
-            let mechanism = setting("KAFKA_SASL_MECHANISM").unwrap_or_else(|| "PLAIN".into());
+        let sasl = protocol.starts_with("sasl_");
+        properties.push(("security.protocol".to_owned(), protocol.into()));
+        if sasl {
+            let mechanism = KAFKA_SASL_MECHANISM.read_from(source)?;
             if !SASL_MECHANISMS.contains(&mechanism.as_str()) {
                 return Err(ConfigError::Invalid {
-                    name: "KAFKA_SASL_MECHANISM",
+                    name: KAFKA_SASL_MECHANISM.name,
                     reason: format!("must be one of {}", SASL_MECHANISMS.join(", ")),
                 });
             }
             let hint = "the SASL credentials, with KAFKA_SECURITY_PROTOCOL=sasl_*";
-            let username = setting("KAFKA_SASL_USERNAME").ok_or(ConfigError::Missing {
-                name: "KAFKA_SASL_USERNAME",
-                hint,
-            })?;
-            let password = setting("KAFKA_SASL_PASSWORD").ok_or(ConfigError::Missing {
-                name: "KAFKA_SASL_PASSWORD",
-                hint,
-            })?;
+            let username = KAFKA_SASL_USERNAME.require_from(source, hint)?;
+            let password = KAFKA_SASL_PASSWORD.require_from(source, hint)?;
             properties.push(("sasl.mechanism".to_owned(), mechanism.into()));
             properties.push(("sasl.username".to_owned(), username.into()));
             properties.push(("sasl.password".to_owned(), password.into()));
         }
-        if let Some(ca) = setting("KAFKA_SSL_CA_LOCATION") {
+        if let Some(ca) = KAFKA_SSL_CA_LOCATION.read_from(source)? {
             properties.push(("ssl.ca.location".to_owned(), ca.into()));
         }
         for (number, line) in file.unwrap_or_default().lines().enumerate() {
@@ -135,7 +185,7 @@ impl ClientProperties {
             }
             let Some((key, value)) = line.split_once('=') else {
                 return Err(ConfigError::Invalid {
-                    name: "KAFKA_PROPERTIES_FILE",
+                    name: KAFKA_PROPERTIES_FILE.name,
                     reason: format!("line {} is not key=value", number + 1),
                 });
             };
@@ -148,23 +198,29 @@ impl ClientProperties {
 impl KafkaConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
-            brokers: config::required("KAFKA_BROKERS", "the Kafka bootstrap servers, host:port")?,
-            topic_prefix: config::optional("KAFKA_TOPIC_PREFIX").unwrap_or_else(|| "ledger".into()),
-            partitions: config::parsed_or("KAFKA_PARTITIONS", 3)?,
+            brokers: KAFKA_BROKERS.require("the Kafka bootstrap servers, host:port")?,
+            topic_prefix: KAFKA_TOPIC_PREFIX.read()?,
+            partitions: KAFKA_PARTITIONS.read()?,
             replication: Replication {
-                factor: config::parsed_or("KAFKA_REPLICATION_FACTOR", 1)?,
-                min_insync_replicas: config::optional("KAFKA_MIN_INSYNC_REPLICAS")
-                    .map(|raw| {
-                        raw.parse().map_err(|_| ConfigError::Invalid {
-                            name: "KAFKA_MIN_INSYNC_REPLICAS",
-                            reason: "must be a number of replicas".into(),
-                        })
-                    })
-                    .transpose()?,
+                factor: KAFKA_REPLICATION_FACTOR.read()?,
+                min_insync_replicas: KAFKA_MIN_INSYNC_REPLICAS.read()?,
             },
             properties: ClientProperties::from_env()?,
-            fetch_wait_ms: config::parsed_or("KAFKA_FETCH_WAIT_MS", 10)?,
+            fetch_wait_ms: KAFKA_FETCH_WAIT.read()?,
         })
+    }
+
+    /// The brokers at `brokers` with every other setting at its default (no client
+    /// properties): for tests and developer tools.
+    pub fn with_brokers(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic_prefix: KAFKA_TOPIC_PREFIX.default.into(),
+            partitions: KAFKA_PARTITIONS.default,
+            replication: Replication::default(),
+            properties: ClientProperties::default(),
+            fetch_wait_ms: KAFKA_FETCH_WAIT.default,
+        }
     }
 
     /// The topic of one aggregate type's events, e.g. `ledger.account.events`.
@@ -552,7 +608,7 @@ mod tests {
         file: Option<&str>,
     ) -> Result<ClientProperties, ConfigError> {
         ClientProperties::from_settings(
-            |name| {
+            &|name| {
                 settings
                     .iter()
                     .find(|(key, _)| *key == name)
@@ -564,12 +620,8 @@ mod tests {
 
     fn config_with(properties: ClientProperties) -> KafkaConfig {
         KafkaConfig {
-            brokers: "127.0.0.1:9092".into(),
-            topic_prefix: "ledger".into(),
-            partitions: 1,
-            replication: Replication::default(),
             properties,
-            fetch_wait_ms: 10,
+            ..KafkaConfig::with_brokers("127.0.0.1:9092")
         }
     }
 

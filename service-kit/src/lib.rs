@@ -21,9 +21,8 @@
 //! - [`server`]: serving a router with timeouts and bounds on connections and requests.
 //! - [`metrics`]: the Prometheus recorder and the request metrics.
 //! - [`rate_limit`]: per-tenant request budgets.
-//!
-//! Feature `test-support`:
-//! - `testing`: a fresh, migrated database per test.
+//! - `testing` (feature `test-support`): per-test databases cloned from a migrated template,
+//!   per-test topics, test tokens, `eventually`.
 //!
 //! The workspace takes this crate without default features, so that each crate names the
 //! parts it uses: `ledger-audit` builds without axum, utoipa or OpenTelemetry.

@@ -14,12 +14,21 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Optional, Setting};
 
-/// Requests per second per tenant and process when `RATE_LIMIT_PER_TENANT` is unset: far
-/// above what one tenant's clients need, low enough that one tenant cannot take a whole
-/// process (the commands benchmark reaches ~10,000/s on one).
-pub const DEFAULT_PER_TENANT: f64 = 1000.0;
+/// The default is far above what one tenant's clients need, low enough that one tenant cannot
+/// take a whole process (the commands benchmark reaches ~10,000/s on one).
+pub const RATE_LIMIT_PER_TENANT: Setting<f64> = Setting::new(
+    "RATE_LIMIT_PER_TENANT",
+    1000.0,
+    "requests per second each tenant may sustain, per process; `0`: unlimited",
+);
+/// Unset: one second's worth, at least 1.
+pub const RATE_LIMIT_BURST: Optional<NonZeroU32> = Optional::new(
+    "RATE_LIMIT_BURST",
+    "one second's worth",
+    "requests a tenant may send at once after being idle",
+);
 
 /// How often tenants whose bucket is full again are forgotten. A full bucket is what a new one
 /// starts as, so forgetting it changes nothing; the tenants remembered are those that sent a
@@ -36,13 +45,12 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// `RATE_LIMIT_PER_TENANT` (requests per second, default [`DEFAULT_PER_TENANT`]; 0: no
-    /// limit) and `RATE_LIMIT_BURST` (default: one second's worth, at least 1).
+    /// [`RATE_LIMIT_PER_TENANT`] (0: no limit) and [`RATE_LIMIT_BURST`].
     pub fn from_env() -> Result<Option<Self>, ConfigError> {
-        let per_second: f64 = config::parsed_or("RATE_LIMIT_PER_TENANT", DEFAULT_PER_TENANT)?;
+        let per_second = RATE_LIMIT_PER_TENANT.read()?;
         if per_second.is_nan() || per_second < 0.0 {
             return Err(ConfigError::Invalid {
-                name: "RATE_LIMIT_PER_TENANT",
+                name: RATE_LIMIT_PER_TENANT.name,
                 reason: "must be a non-negative number of requests per second".into(),
             });
         }
@@ -51,12 +59,13 @@ impl RateLimit {
         }
         // `as` saturates: a rate beyond u32::MAX per second gets the largest burst.
         let one_second = NonZeroU32::new(per_second as u32).unwrap_or(NonZeroU32::MIN);
-        let burst = config::parsed_or("RATE_LIMIT_BURST", one_second).map_err(|_| {
-            ConfigError::Invalid {
-                name: "RATE_LIMIT_BURST",
+        let burst = RATE_LIMIT_BURST
+            .read()
+            .map_err(|_| ConfigError::Invalid {
+                name: RATE_LIMIT_BURST.name,
                 reason: "must be a whole number of requests, at least 1".into(),
-            }
-        })?;
+            })?
+            .unwrap_or(one_second);
         Ok(Some(Self { per_second, burst }))
     }
 

@@ -10,6 +10,7 @@
 //! needs cleartext HTTP/2, and hyper has no header or idle timeout for it.
 
 use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +25,49 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 
-use crate::config::{self, ConfigError, Setting};
+use crate::config::{ConfigError, Setting, Settings};
 use crate::problem::Problem;
 
-/// The bounds of one listener. Read from the environment by [`ServerLimits::from_env`]; the
-/// defaults are [`ServerLimits::default`], and [`SETTINGS`] documents both.
+pub const HTTP_HEADER_READ_TIMEOUT: Setting<Duration> = Setting::new(
+    "HTTP_HEADER_READ_TIMEOUT_MS",
+    Duration::from_secs(10),
+    "a connection that has not sent a request's headers this long after connecting or after its last response is closed (the idle keep-alive timeout too)",
+);
+pub const HTTP_REQUEST_TIMEOUT: Setting<Duration> = Setting::new(
+    "HTTP_REQUEST_TIMEOUT_MS",
+    Duration::from_secs(15),
+    "a request not answered this long after its headers gets 503 `timeout`",
+);
+pub const HTTP_MAX_CONNECTIONS: Setting<usize> = Setting::new(
+    "HTTP_MAX_CONNECTIONS",
+    4096,
+    "connections open at once per listener; further ones wait to be accepted",
+);
+pub const HTTP_MAX_IN_FLIGHT: Setting<usize> = Setting::new(
+    "HTTP_MAX_IN_FLIGHT",
+    1024,
+    "requests handled at once per listener; further ones get 503 `overloaded` with `Retry-After`",
+);
+pub const HTTP_SHUTDOWN_GRACE: Setting<Duration> = Setting::new(
+    "HTTP_SHUTDOWN_GRACE_MS",
+    Duration::from_secs(10),
+    "on SIGTERM, how long requests in flight may finish before their connections are closed",
+);
+
+/// The variables [`ServerLimits::from_env`] reads; every listener (APIs and ops) uses them.
+pub const SETTINGS: Settings = &[
+    &HTTP_HEADER_READ_TIMEOUT,
+    &HTTP_REQUEST_TIMEOUT,
+    &HTTP_MAX_CONNECTIONS,
+    &HTTP_MAX_IN_FLIGHT,
+    &HTTP_SHUTDOWN_GRACE,
+];
+
+/// Where a test or a tool listens: a free port on the loopback interface.
+pub const ANY_LOCAL_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+
+/// The bounds of one listener, read from the environment by [`ServerLimits::from_env`]; the
+/// settings' defaults make [`ServerLimits::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
     /// Longest wait for a request's headers, from the moment the connection is idle.
@@ -46,76 +85,43 @@ pub struct ServerLimits {
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(15),
-            max_connections: 4096,
-            max_in_flight: 1024,
-            shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: HTTP_HEADER_READ_TIMEOUT.default,
+            request_timeout: HTTP_REQUEST_TIMEOUT.default,
+            max_connections: HTTP_MAX_CONNECTIONS.default,
+            max_in_flight: HTTP_MAX_IN_FLIGHT.default,
+            shutdown_grace: HTTP_SHUTDOWN_GRACE.default,
         }
     }
 }
 
-/// The variables [`ServerLimits::from_env`] reads; every listener (APIs and ops) uses them.
-pub const SETTINGS: &[Setting] = &[
-    Setting {
-        name: "HTTP_HEADER_READ_TIMEOUT_MS",
-        default: "`10000`",
-        meaning: "a connection that has not sent a request's headers this long after connecting or after its last response is closed (the idle keep-alive timeout too)",
-    },
-    Setting {
-        name: "HTTP_REQUEST_TIMEOUT_MS",
-        default: "`15000`",
-        meaning: "a request not answered this long after its headers gets 503 `timeout`",
-    },
-    Setting {
-        name: "HTTP_MAX_CONNECTIONS",
-        default: "`4096`",
-        meaning: "connections open at once per listener; further ones wait to be accepted",
-    },
-    Setting {
-        name: "HTTP_MAX_IN_FLIGHT",
-        default: "`1024`",
-        meaning: "requests handled at once per listener; further ones get 503 `overloaded` with `Retry-After`",
-    },
-    Setting {
-        name: "HTTP_SHUTDOWN_GRACE_MS",
-        default: "`10000`",
-        meaning: "on SIGTERM, how long requests in flight may finish before their connections are closed",
-    },
-];
-
 impl ServerLimits {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let defaults = Self::default();
-        let millis = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
-            let value: u64 = config::parsed_or(name, default.as_millis() as u64)?;
-            if value == 0 {
+        let millis = |setting: Setting<Duration>| -> Result<Duration, ConfigError> {
+            let value = setting.read()?;
+            if value.is_zero() {
                 return Err(ConfigError::Invalid {
-                    name,
+                    name: setting.name,
                     reason: "must be at least 1 ms".into(),
                 });
             }
-            Ok(Duration::from_millis(value))
+            Ok(value)
         };
-        let count = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
-            let value: usize = config::parsed_or(name, default)?;
+        let count = |setting: Setting<usize>| -> Result<usize, ConfigError> {
+            let value = setting.read()?;
             if value == 0 {
                 return Err(ConfigError::Invalid {
-                    name,
+                    name: setting.name,
                     reason: "must be at least 1".into(),
                 });
             }
             Ok(value)
         };
         Ok(Self {
-            header_read_timeout: millis(
-                "HTTP_HEADER_READ_TIMEOUT_MS",
-                defaults.header_read_timeout,
-            )?,
-            request_timeout: millis("HTTP_REQUEST_TIMEOUT_MS", defaults.request_timeout)?,
-            max_connections: count("HTTP_MAX_CONNECTIONS", defaults.max_connections)?,
-            max_in_flight: count("HTTP_MAX_IN_FLIGHT", defaults.max_in_flight)?,
-            shutdown_grace: millis("HTTP_SHUTDOWN_GRACE_MS", defaults.shutdown_grace)?,
+            header_read_timeout: millis(HTTP_HEADER_READ_TIMEOUT)?,
+            request_timeout: millis(HTTP_REQUEST_TIMEOUT)?,
+            max_connections: count(HTTP_MAX_CONNECTIONS)?,
+            max_in_flight: count(HTTP_MAX_IN_FLIGHT)?,
+            shutdown_grace: millis(HTTP_SHUTDOWN_GRACE)?,
         })
     }
 }

@@ -23,10 +23,33 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{self, ConfigError};
+use crate::config::{ConfigError, Optional, Setting, Value};
 
 /// Whether spans are exported: only then is there a span context worth propagating.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+pub const LOG_FORMAT: Setting<LogFormat> = Setting::new(
+    "LOG_FORMAT",
+    LogFormat::Pretty,
+    "`json` for one JSON object per line",
+);
+/// Read by [`init`]; a filter it cannot parse counts as unset.
+pub const RUST_LOG: Setting<&str> = Setting::new("RUST_LOG", "info", "log filter");
+pub const OTEL_EXPORTER_OTLP_ENDPOINT: Optional<&str> = Optional::new(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "(none)",
+    "OpenTelemetry collector for traces, by OTLP (`http://jaeger:4318`); unset: no export",
+);
+pub const OTEL_EXPORTER_OTLP_PROTOCOL: Setting<Protocol> = Setting::new(
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    Protocol::HttpBinary,
+    "`http/json` for collectors that take OTLP as JSON",
+);
+pub const OTEL_SERVICE_NAME: Optional<&str> = Optional::new(
+    "OTEL_SERVICE_NAME",
+    "the service",
+    "the service name the traces carry; the compose file and `deploy/k8s/` set it for each process",
+);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,46 +61,75 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    /// `LOG_FORMAT`: `pretty` (default) or `json`.
+    /// [`LOG_FORMAT`].
     pub fn from_env() -> Result<Self, ConfigError> {
-        match config::optional("LOG_FORMAT").as_deref() {
-            None | Some("pretty") => Ok(Self::Pretty),
-            Some("json") => Ok(Self::Json),
-            Some(other) => Err(ConfigError::Invalid {
-                name: "LOG_FORMAT",
-                reason: format!("expected `pretty` or `json`, got `{other}`"),
-            }),
+        LOG_FORMAT.read()
+    }
+}
+
+impl Value for LogFormat {
+    type Owned = Self;
+    fn parse(raw: &str) -> Result<Self, String> {
+        match raw {
+            "pretty" => Ok(Self::Pretty),
+            "json" => Ok(Self::Json),
+            other => Err(format!("expected `pretty` or `json`, got `{other}`")),
         }
+    }
+    fn to_owned_value(&self) -> Self {
+        *self
+    }
+    fn show(&self) -> String {
+        match self {
+            Self::Pretty => "pretty",
+            Self::Json => "json",
+        }
+        .to_owned()
+    }
+}
+
+impl Value for Protocol {
+    type Owned = Self;
+    fn parse(raw: &str) -> Result<Self, String> {
+        match raw {
+            "http/protobuf" => Ok(Self::HttpBinary),
+            "http/json" => Ok(Self::HttpJson),
+            other => Err(format!(
+                "expected `http/protobuf` or `http/json`, got `{other}`"
+            )),
+        }
+    }
+    fn to_owned_value(&self) -> Self {
+        *self
+    }
+    fn show(&self) -> String {
+        match self {
+            Self::HttpBinary => "http/protobuf",
+            Self::HttpJson => "http/json",
+            // Not built in, so never parsed from a setting.
+            Self::Grpc => "grpc",
+        }
+        .to_owned()
     }
 }
 
 /// Where traces go, if anywhere.
 #[derive(Debug, Clone)]
 pub struct TracingConfig {
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, e.g. `http://jaeger:4318`; `None`: no export.
+    /// [`OTEL_EXPORTER_OTLP_ENDPOINT`], e.g. `http://jaeger:4318`; `None`: no export.
     pub endpoint: Option<String>,
-    /// `OTEL_SERVICE_NAME`, defaulting to the process's own name.
+    /// [`OTEL_SERVICE_NAME`], defaulting to the process's own name.
     pub service_name: String,
-    /// `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (default) or `http/json`.
+    /// [`OTEL_EXPORTER_OTLP_PROTOCOL`].
     pub protocol: Protocol,
 }
 
 impl TracingConfig {
     pub fn from_env(service: &str) -> Result<Self, ConfigError> {
-        let protocol = match config::optional("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
-            None | Some("http/protobuf") => Protocol::HttpBinary,
-            Some("http/json") => Protocol::HttpJson,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    name: "OTEL_EXPORTER_OTLP_PROTOCOL",
-                    reason: format!("expected `http/protobuf` or `http/json`, got `{other}`"),
-                });
-            }
-        };
         Ok(Self {
-            endpoint: config::optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            service_name: config::optional("OTEL_SERVICE_NAME").unwrap_or_else(|| service.into()),
-            protocol,
+            endpoint: OTEL_EXPORTER_OTLP_ENDPOINT.read()?,
+            service_name: OTEL_SERVICE_NAME.read()?.unwrap_or_else(|| service.into()),
+            protocol: OTEL_EXPORTER_OTLP_PROTOCOL.read()?,
         })
     }
 }
@@ -106,7 +158,7 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Installs the global subscriber: log lines (`RUST_LOG` filters, default `info`) and, when
+/// Installs the global subscriber: log lines (filtered by [`RUST_LOG`]) and, when
 /// configured, the OTLP exporter. Call once, from `main`, and keep the guard until exit.
 pub fn init(format: LogFormat, tracing: &TracingConfig) -> Result<TelemetryGuard, TelemetryError> {
     let provider = tracing
@@ -121,7 +173,8 @@ pub fn init(format: LogFormat, tracing: &TracingConfig) -> Result<TelemetryGuard
             .with_tracer(provider.tracer("ledger"))
             .with_filter(LevelFilter::INFO)
     });
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(RUST_LOG.read()?).unwrap_or_else(|_| EnvFilter::new(RUST_LOG.default));
     let logs = match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_span_events(FmtSpan::NONE)

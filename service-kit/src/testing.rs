@@ -1,9 +1,22 @@
 //! What each test needs, isolated from every other test: a fresh, migrated database and its
-//! own Kafka topics.
+//! own Kafka topics; a token the test services accept; [`eventually`] for what happens
+//! asynchronously.
 //!
 //! The Postgres server is `DATABASE_URL` when set (tests create their own database next to
-//! it), otherwise a container started once per test binary with testcontainers. The broker is
-//! `KAFKA_BROKERS` when set (`cargo xtask test` starts one), otherwise a Kafka container.
+//! it), otherwise a container started once per test binary with testcontainers. Each test
+//! binary migrates one template database once, and each test's database is a copy of it
+//! (`CREATE DATABASE ... TEMPLATE`), which takes a fraction of running the migrations. All of
+//! them are named after the run ([`db::test_database_name`]), so that `cargo xtask test` drops
+//! its own and no others. The broker is `KAFKA_BROKERS` when set (`cargo xtask test` starts
+//! one), otherwise a Kafka container.
+//!
+//! This module cannot start the services: service-kit sits below every one of them. The
+//! harness that runs the whole system on these pieces is the `test-system` crate; the command
+//! API's own tests start the command API alone (it needs no broker).
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -13,8 +26,91 @@ use testcontainers_modules::testcontainers::ContainerAsync;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use tokio::sync::OnceCell;
 
+use crate::SecretString;
+use crate::auth::{AuthConfig, TokenRequest, mint_hs256};
 use crate::db::{self, DatabaseConfig, ServiceRole};
 use crate::kafka::KafkaConfig;
+
+/// The HS256 secret of every test service: [`auth`] verifies with it, [`token`] signs with it.
+pub const SECRET: &str = "ledger-test-secret-0123456789abcdefghij";
+
+/// How services under test verify tokens: [`SECRET`], no rate limit.
+pub fn auth() -> AuthConfig {
+    AuthConfig::for_tests(SECRET)
+}
+
+/// A token of `tenant` with `roles`, for the subject `tester`, valid for ten minutes.
+pub fn token(tenant: &str, roles: &[&str]) -> String {
+    mint_hs256(
+        &SecretString::from(SECRET),
+        crate::auth::JWT_ISSUER.default,
+        crate::auth::JWT_AUDIENCE.default,
+        &TokenRequest {
+            subject: "tester",
+            tenant,
+            roles,
+            ttl_seconds: 600,
+        },
+    )
+    .expect("mint a test token")
+}
+
+/// Sends the logs of the code under test to the test output when `TEST_LOG` is set (filtered
+/// by `RUST_LOG`, else `info`), so that a passing run stays readable. Call it at the start of
+/// a harness; only the first call of a test binary counts.
+pub fn init_logs() {
+    static LOGS: std::sync::Once = std::sync::Once::new();
+    LOGS.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// How long [`eventually`] waits between attempts.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs `attempt` until it returns `Ok`, every 100 ms, and returns that value. Once `within`
+/// has passed (an attempt still running then is abandoned), panics with the last error, which
+/// should say what was awaited and what was seen instead:
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # use service_kit::testing::eventually;
+/// # async fn read_model_version(_: u64) -> i64 { 0 }
+/// # async fn example(account: u64, wanted: i64) {
+/// eventually(Duration::from_secs(30), || async {
+///     let version = read_model_version(account).await;
+///     if version >= wanted { Ok(()) } else { Err(format!("{account} at version {version}")) }
+/// })
+/// .await;
+/// # }
+/// ```
+pub async fn eventually<T, E, F, Fut>(within: Duration, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Display,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = String::from("no attempt finished");
+    loop {
+        match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(err)) => last = err.to_string(),
+            Err(_) => last = format!("the last attempt did not finish; before it: {last}"),
+        }
+        if tokio::time::Instant::now() + RETRY_EVERY > deadline {
+            panic!("not within {within:?}: {last}");
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
 
 struct Server {
     url: String,
@@ -81,12 +177,8 @@ pub async fn kafka() -> KafkaConfig {
         })
         .await;
     KafkaConfig {
-        brokers: broker.address.clone(),
         topic_prefix: format!("test{}", uuid::Uuid::new_v4().simple()),
-        partitions: 3,
-        replication: crate::kafka::Replication::default(),
-        properties: crate::kafka::ClientProperties::default(),
-        fetch_wait_ms: 10,
+        ..KafkaConfig::with_brokers(broker.address.clone())
     }
 }
 
@@ -102,45 +194,86 @@ pub fn nisshi_binary() -> Option<std::path::PathBuf> {
         .filter(|path| path.is_file())
 }
 
-/// A new, empty database (no migrations) on the test server, and how to reach it.
-async fn create_database() -> PgConnectOptions {
-    let server: PgConnectOptions = server().await.url.parse().expect("DATABASE_URL");
-    let name = db::test_database_name();
-    let mut admin = PgConnection::connect_with(&server)
-        .await
-        .expect("connect to the test database server");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .expect("create test database");
-    server.database(&name)
-}
-
 /// The URL of a new, empty database (no migrations), for a broker's storage.
 pub async fn empty_database_url() -> String {
-    let mut url = create_database().await.to_url_lossy();
-    // Another program reads it: none of sqlx's own parameters.
+    let server = server().await;
+    let name = db::test_database_name();
+    create_database(&server.url, &name, None).await;
+    url_with_database(&server.url, &name)
+}
+
+/// The migrated database every test database of this test binary is copied from: created on
+/// first use, with the services' login roles (those belong to the server, not the database).
+/// Nobody stays connected to it, as Postgres copies only a database nobody uses.
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let server = server().await;
+            let name = db::test_database_name();
+            create_database(&server.url, &name, None).await;
+            let config = DatabaseConfig::with_url(url_with_database(&server.url, &name));
+            let pool = db::connect(&config)
+                .await
+                .expect("connect to the template database");
+            db::migrate(&pool)
+                .await
+                .expect("migrate the template database");
+            ServiceRole::ensure_development_logins(&pool)
+                .await
+                .expect("create the services' login roles");
+            pool.close().await;
+            name
+        })
+        .await
+}
+
+/// `url` naming database `name` instead, through sqlx's own URL handling. Without sqlx's
+/// parameters: the broker reads such a URL too.
+fn url_with_database(url: &str, name: &str) -> String {
+    let options: PgConnectOptions = url.parse().expect("DATABASE_URL");
+    let mut url = options.database(name).to_url_lossy();
     url.set_query(None);
     url.into()
 }
 
+/// Creates database `name` on the server at `url`, empty or as a copy of `template`.
+async fn create_database(url: &str, name: &str, template: Option<&str>) {
+    let options: PgConnectOptions = url.parse().expect("DATABASE_URL");
+    let mut admin = PgConnection::connect_with(&options)
+        .await
+        .expect("connect to the test database server");
+    let statement = match template {
+        None => format!("CREATE DATABASE {name}"),
+        Some(template) => format!("CREATE DATABASE {name} TEMPLATE {template}"),
+    };
+    sqlx::query(&statement)
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|err| panic!("{statement}: {err}"));
+    let _ = admin.close().await;
+}
+
 /// A database that exists for one test.
 pub struct TestDatabase {
+    /// As the owner (the test's superuser) connects.
     pub config: DatabaseConfig,
+    /// The owner's pool, for setting up and checking what the services may not touch.
     pub pool: PgPool,
 }
 
 impl TestDatabase {
-    /// Creates and migrates a database with a unique name.
+    /// A migrated database with a unique name, copied from this binary's template.
     pub async fn create() -> Self {
-        let config = DatabaseConfig::with_url(create_database().await.to_url_lossy());
+        let template = template().await;
+        let server = server().await;
+        let name = db::test_database_name();
+        create_database(&server.url, &name, Some(template)).await;
+        let config = DatabaseConfig::with_url(url_with_database(&server.url, &name));
         let pool = db::connect(&config)
             .await
             .expect("connect to test database");
-        db::migrate(&pool).await.expect("migrate test database");
-        ServiceRole::ensure_development_logins(&pool)
-            .await
-            .expect("create the services' login roles");
         Self { config, pool }
     }
 

@@ -234,10 +234,13 @@ async fn a_service_refuses_a_cluster_whose_transaction_counter_is_behind_the_log
     .execute(&app.pool)
     .await
     .unwrap();
-    let refused = command_api::Application::build(crate::helpers::config(app.database.clone()))
-        .await
-        .err()
-        .expect("the command API refuses to start");
+    let refused = command_api::Application::build(command_api::Config::for_tests(
+        app.database.clone(),
+        service_kit::testing::auth(),
+    ))
+    .await
+    .err()
+    .expect("the command API refuses to start");
     assert!(
         refused
             .to_string()

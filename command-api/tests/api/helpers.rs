@@ -1,54 +1,18 @@
-use std::num::NonZeroUsize;
-use std::sync::Once;
+//! The command API alone, on a database of its own: what these tests run against. It needs no
+//! broker and no other service (the whole system is the `test-system` crate's).
 
 use command_api::{Application, Config};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use service_kit::SecretString;
-use service_kit::auth::{AuthConfig, TokenRequest, VerificationKey, mint_hs256};
+use service_kit::auth::{TokenRequest, mint_hs256};
 use service_kit::db::{DatabaseConfig, ServiceRole};
-use service_kit::testing::TestDatabase;
+use service_kit::testing::{self, TestDatabase};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-pub(crate) const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub(crate) use service_kit::testing::SECRET;
 pub(crate) const TENANT: &str = "acme";
-
-static TRACING: Once = Once::new();
-
-/// Logs only when `TEST_LOG` is set, so test output stays readable.
-fn init_tracing() {
-    TRACING.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            tracing_subscriber::fmt()
-                .with_env_filter("info,command_api=debug")
-                .with_test_writer()
-                .init();
-        }
-    });
-}
-
-pub(crate) fn config(database: DatabaseConfig) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ops_listen: "127.0.0.1:0".parse().unwrap(),
-        database,
-        auth: AuthConfig {
-            issuer: "ledger".into(),
-            audience: "ledger".into(),
-            key: VerificationKey::Hs256(SecretString::from(SECRET)),
-            rate_limit: None,
-        },
-        max_body_bytes: 16 * 1024,
-        query_api_url: "http://127.0.0.1:8081".into(),
-        aggregate_cache: NonZeroUsize::new(1000).unwrap(),
-        conflict_retries: 5,
-        append_writers: NonZeroUsize::new(2).unwrap(),
-        relay: None,
-        cors_origins: Vec::new(),
-        server: service_kit::server::ServerLimits::default(),
-    }
-}
 
 /// A running command API on its own database.
 pub(crate) struct TestApp {
@@ -96,10 +60,11 @@ impl TestApp {
         Self::spawn_adjusted(|_| {}).await
     }
 
-    /// An app whose configuration `adjust` changed from the tests' default.
+    /// An app whose configuration `adjust` changed from [`Config::for_tests`].
     pub(crate) async fn spawn_adjusted(adjust: impl FnOnce(&mut Config)) -> Self {
         let database = TestDatabase::create().await;
-        let mut config = config(database.config_as(ServiceRole::Writer));
+        let mut config =
+            Config::for_tests(database.config_as(ServiceRole::Writer), testing::auth());
         adjust(&mut config);
         Self::spawn_with(config, database.pool, database.config).await
     }
@@ -107,7 +72,7 @@ impl TestApp {
     /// Another replica on the same database (its own cache and locks).
     pub(crate) async fn replica(&self) -> Self {
         Self::spawn_with(
-            config(self.database.clone()),
+            Config::for_tests(self.database.clone(), testing::auth()),
             self.pool.clone(),
             self.owner.clone(),
         )
@@ -115,7 +80,7 @@ impl TestApp {
     }
 
     async fn spawn_with(config: Config, pool: PgPool, owner: DatabaseConfig) -> Self {
-        init_tracing();
+        testing::init_logs();
         let database = config.database.clone();
         let app = Application::build(config).await.expect("build app");
         let base = format!("http://127.0.0.1:{}", app.port());
@@ -132,7 +97,7 @@ impl TestApp {
     }
 
     pub(crate) fn token(&self, tenant: &str, roles: &[&str]) -> String {
-        token_with(SECRET, tenant, roles, 600)
+        testing::token(tenant, roles)
     }
 
     pub(crate) fn teller(&self) -> String {
@@ -235,6 +200,7 @@ impl TestApp {
     }
 }
 
+/// A token signed with `secret` (perhaps not the services'), valid for `ttl` seconds.
 pub(crate) fn token_with(secret: &str, tenant: &str, roles: &[&str], ttl: u64) -> String {
     mint_hs256(
         &SecretString::from(secret),

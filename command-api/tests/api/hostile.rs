@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
+use service_kit::testing::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -179,37 +180,30 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_retry_after() {
     .await;
     let held = [half_sent_command(&app).await, half_sent_command(&app).await];
     // Both are in their handlers, waiting for the rest of the body.
-    let mut shed = None;
-    for _ in 0..50 {
+    let shed = eventually(Duration::from_secs(1), || async {
         let reply = app
             .send(Method::GET, "/openapi.json", None, &[], None)
             .await;
-        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
-            shed = Some(reply);
-            break;
+        match reply.status {
+            StatusCode::SERVICE_UNAVAILABLE => Ok(reply),
+            _ => Err("a third request was admitted beyond the bound of two"),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let shed = shed.expect("a third request was admitted beyond the bound of two");
+    })
+    .await;
     assert_eq!(shed.problem(), "overloaded");
     assert_eq!(shed.headers["retry-after"], "1");
 
     drop(held);
-    let mut served = false;
-    for _ in 0..50 {
+    eventually(Duration::from_secs(1), || async {
         let reply = app
             .send(Method::GET, "/openapi.json", None, &[], None)
             .await;
-        if reply.status == StatusCode::OK {
-            served = true;
-            break;
+        match reply.status {
+            StatusCode::OK => Ok(()),
+            _ => Err("the bound was not released when the held requests ended"),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        served,
-        "the bound was not released when the held requests ended"
-    );
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@ use axum::http::HeaderValue;
 use command_api::relay::RelayConfig;
 use reqwest::{Method, StatusCode};
 use service_kit::kafka::KafkaConfig;
+use service_kit::testing::eventually;
 
 use crate::helpers::TestApp;
 
@@ -22,20 +23,10 @@ async fn health_probes_answer() {
 #[tokio::test]
 async fn readiness_reports_a_missing_broker_without_leaving_service() {
     let app = TestApp::spawn_adjusted(|config| {
-        config.relay = Some(RelayConfig {
-            kafka: KafkaConfig {
-                // Nothing listens on port 1.
-                brokers: "127.0.0.1:1".into(),
-                topic_prefix: "nowhere".into(),
-                partitions: 1,
-                replication: service_kit::kafka::Replication::default(),
-                properties: service_kit::kafka::ClientProperties::default(),
-                fetch_wait_ms: 10,
-            },
-            batch_size: 100,
-            idle_poll: Duration::from_millis(200),
-            leader_retry: Duration::from_millis(200),
-        });
+        // Nothing listens on port 1.
+        config.relay = Some(RelayConfig::for_tests(KafkaConfig::with_brokers(
+            "127.0.0.1:1",
+        )));
     })
     .await;
     let ready = app.ops_get("/health/ready").await;
@@ -233,15 +224,13 @@ async fn a_database_outage_is_503_not_a_hang_and_recovers() {
         .unwrap();
     assert_eq!(app.deposit(account, 1).await.version(), 2);
     // Readiness verdicts are reused for a second, so probes see the recovery within one.
-    let recovered = std::time::Instant::now();
-    loop {
-        let ready = app.ops_get("/health/ready").await;
-        if ready.status == StatusCode::OK {
-            break;
+    eventually(Duration::from_secs(3), || async {
+        match app.ops_get("/health/ready").await {
+            ready if ready.status == StatusCode::OK => Ok(()),
+            ready => Err(format!("still {} {}", ready.status, ready.body)),
         }
-        assert!(recovered.elapsed() < std::time::Duration::from_secs(3));
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 /// Browsers may call from the configured origins only; with none configured (the default)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 use service_kit::ExposeSecret;
-use service_kit::testing::TestDatabase;
+use service_kit::testing::{TestDatabase, eventually};
 use tokio::io::AsyncReadExt;
 
 use crate::helpers::{TENANT, token_with};
@@ -42,20 +42,15 @@ async fn the_logs_never_show_a_secret_a_token_or_a_password() {
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..100 {
-        if let Ok(response) = client
-            .get(format!("http://127.0.0.1:{ops_port}/health/ready"))
-            .send()
-            .await
-            && response.status().is_success()
-        {
-            ready = true;
-            break;
+    let ready = format!("http://127.0.0.1:{ops_port}/health/ready");
+    eventually(Duration::from_secs(10), || async {
+        match client.get(&ready).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("command-api not ready: {}", response.status())),
+            Err(err) => Err(format!("command-api did not start: {err}")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "command-api did not start");
+    })
+    .await;
 
     let token = token_with(JWT_SECRET, TENANT, &["teller"], 600);
     let forged = token_with(

@@ -254,16 +254,13 @@ async fn a_leader_whose_lock_connection_is_cut_mid_stream_hands_over_and_loses_n
         .await
         .unwrap();
     assert!(terminated);
-    let cut = tokio::time::Instant::now();
-    let second = loop {
+    let second = test_system::eventually(Duration::from_secs(5), || async {
         match leader_pid(&system).await {
-            Some(pid) if pid != first => break pid,
-            _ => {
-                assert!(cut.elapsed() < Duration::from_secs(5), "no relay took over");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Some(pid) if pid != first => Ok(pid),
+            leader => Err(format!("no relay took over: the leader is {leader:?}")),
         }
-    };
+    })
+    .await;
     load.await.unwrap();
     system.converged(Duration::from_secs(60)).await;
     // Every event reached the topic, some perhaps twice (the old leader's unconfirmed batch).
@@ -347,13 +344,13 @@ impl OwnBroker {
                 .spawn()
                 .expect("start nisshi"),
         );
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("nisshi did not start on {}", self.address);
+        let address = &self.address;
+        test_system::eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(address)
+                .await
+                .map_err(|err| format!("nisshi did not start on {address}: {err}"))
+        })
+        .await;
     }
 
     async fn kill(&mut self) {
@@ -369,12 +366,9 @@ async fn a_broker_outage_delays_events_but_loses_none() {
     let mut system = System::start_with(
         Duration::from_secs(30),
         KafkaConfig {
-            brokers: broker.address.clone(),
             topic_prefix: "outage".into(),
             partitions: 2,
-            replication: service_kit::kafka::Replication::default(),
-            properties: service_kit::kafka::ClientProperties::default(),
-            fetch_wait_ms: 10,
+            ..KafkaConfig::with_brokers(&broker.address)
         },
     )
     .await;
@@ -457,18 +451,13 @@ async fn readiness(system: &System, url: &str) -> StatusCode {
 
 /// Waits (at most 20 s) until the probe at `url` answers `expected`.
 async fn eventually(system: &System, url: &str, expected: StatusCode) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = readiness(system, url).await;
-        if status == expected {
-            return;
+    test_system::eventually(Duration::from_secs(20), || async {
+        match readiness(system, url).await {
+            status if status == expected => Ok(()),
+            status => Err(format!("{url} answered {status}, not {expected}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url} answered {status}, not {expected}, for 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await;
 }
 
 /// Anyone who can produce to the topic can copy a genuine message's headers. The projector
@@ -602,23 +591,17 @@ async fn an_unreadable_stored_event_parks_its_stream_and_no_other() {
         system.account_at(*account, version).await;
     }
 
-    let parked: (i64, String) = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let row = sqlx::query_as(
-                "SELECT sequence, reason FROM projector_parked_streams WHERE account_id = $1",
-            )
-            .bind(stuck)
-            .fetch_optional(&system.pool)
-            .await
-            .unwrap();
-            if let Some(row) = row {
-                return row;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let parked: (i64, String) = test_system::eventually(Duration::from_secs(20), || async {
+        sqlx::query_as(
+            "SELECT sequence, reason FROM projector_parked_streams WHERE account_id = $1",
+        )
+        .bind(stuck)
+        .fetch_optional(&system.pool)
+        .await
+        .unwrap()
+        .ok_or("the stream was never parked")
     })
-    .await
-    .expect("the stream was never parked");
+    .await;
     assert_eq!(parked.0, 2);
     assert!(parked.1.contains("99"), "{}", parked.1);
     let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
@@ -629,25 +612,25 @@ async fn an_unreadable_stored_event_parks_its_stream_and_no_other() {
     assert_eq!(version, 1);
 
     let ready = format!("{}/health/ready", system.projector_ops);
-    let body: serde_json::Value = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let body: serde_json::Value = system
-                .client
-                .get(&ready)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if body["parked_streams"] == 1 {
-                return body;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = test_system::eventually(Duration::from_secs(5), || async {
+        let body: serde_json::Value = system
+            .client
+            .get(&ready)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["parked_streams"] == 1 {
+            Ok(body)
+        } else {
+            Err(format!(
+                "readiness never reported the parked stream: {body}"
+            ))
         }
     })
-    .await
-    .expect("readiness never reported the parked stream");
+    .await;
     assert_eq!(body["status"], "degraded");
 }
 

@@ -110,30 +110,16 @@ async fn the_relay_in_the_command_api_publishes_too() {
     let mut system = System::start().await;
     system.kill_relay().await;
     let app = command_api::Application::build(command_api::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ops_listen: "127.0.0.1:0".parse().unwrap(),
-        database: system
-            .database
-            .config_as(service_kit::db::ServiceRole::Writer),
-        auth: service_kit::auth::AuthConfig {
-            issuer: "ledger".into(),
-            audience: "ledger".into(),
-            key: service_kit::auth::VerificationKey::Hs256(crate::system::SECRET.into()),
-            rate_limit: None,
-        },
-        max_body_bytes: 16 * 1024,
-        query_api_url: "http://127.0.0.1:8081".into(),
-        aggregate_cache: std::num::NonZeroUsize::new(10).unwrap(),
-        conflict_retries: 5,
-        append_writers: std::num::NonZeroUsize::new(2).unwrap(),
         relay: Some(command_api::relay::RelayConfig {
-            kafka: system.kafka.clone(),
-            batch_size: 100,
             idle_poll: Duration::from_secs(30),
-            leader_retry: Duration::from_millis(200),
+            ..command_api::relay::RelayConfig::for_tests(system.kafka.clone())
         }),
-        cors_origins: Vec::new(),
-        server: service_kit::server::ServerLimits::default(),
+        ..command_api::Config::for_tests(
+            system
+                .database
+                .config_as(service_kit::db::ServiceRole::Writer),
+            service_kit::testing::auth(),
+        )
     })
     .await
     .unwrap();

@@ -274,13 +274,11 @@ async fn the_location_of_a_new_account_is_followed_to_the_query_api() {
 async fn a_wait_longer_than_the_request_timeout_is_refused_at_start_up() {
     let database = service_kit::testing::TestDatabase::create().await;
     let built = query_api::Application::build(query_api::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ops_listen: "127.0.0.1:0".parse().unwrap(),
-        database: database.config_as(service_kit::db::ServiceRole::TenantReader),
-        auth: crate::system::auth(),
-        max_wait: Duration::from_secs(15),
-        cors_origins: Vec::new(),
-        server: service_kit::server::ServerLimits::default(),
+        max_wait: service_kit::server::HTTP_REQUEST_TIMEOUT.default,
+        ..query_api::Config::for_tests(
+            database.config_as(service_kit::db::ServiceRole::TenantReader),
+            service_kit::testing::auth(),
+        )
     })
     .await;
     let err = built

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::system::{System, TENANT, problem, token};
+use test_system::eventually;
 
 /// Opens an account in `currency` holding `balance`.
 pub(crate) async fn funded(system: &System, currency: &str, balance: i64) -> Uuid {
@@ -64,9 +65,9 @@ pub(crate) async fn transfer(
     body["transfer_id"].as_str().unwrap().parse().unwrap()
 }
 
-/// The transfer as the query API shows it once final.
+/// The transfer as the query API shows it once final (within 30 s).
 pub(crate) async fn settled(system: &System, id: Uuid) -> Value {
-    for _ in 0..300 {
+    eventually(Duration::from_secs(30), || async move {
         let (status, headers, body) = system
             .query(&format!("/v1/transfers/{id}"), &system.viewer())
             .await;
@@ -78,11 +79,11 @@ pub(crate) async fn settled(system: &System, id: Uuid) -> Value {
         {
             // A transfer carries its version as `ETag`, as an account does.
             assert_eq!(headers["etag"], format!("\"{}\"", body["version"]));
-            return body;
+            return Ok(body);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("transfer {id} did not settle");
+        Err(format!("transfer {id} did not settle: {status} {body}"))
+    })
+    .await
 }
 
 async fn balance(system: &System, account: Uuid) -> i64 {
@@ -410,24 +411,24 @@ async fn money_is_conserved_while_every_process_is_killed_and_restarted() {
     assert_eq!(load.await.unwrap(), TRANSFERS);
 
     // Every transfer ends completed, rejected, or failed and refunded.
-    let mut unsettled = i64::MAX;
-    for _ in 0..1200 {
-        unsettled = sqlx::query_scalar(
+    let pool = &system.pool;
+    eventually(Duration::from_secs(120), || async move {
+        let unsettled: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (
                  SELECT aggregate_id FROM events WHERE aggregate_type = 'transfer'
                   GROUP BY aggregate_id
                  HAVING bool_and(event_type NOT IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))
              ) AS open",
         )
-        .fetch_one(&system.pool)
+        .fetch_one(pool)
         .await
         .unwrap();
-        if unsettled == 0 {
-            break;
+        match unsettled {
+            0 => Ok(()),
+            _ => Err(format!("{unsettled} transfers still in flight")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(unsettled, 0, "transfers still in flight");
+    })
+    .await;
     let outcomes: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
         "SELECT event_type, count(*) FROM events
           WHERE aggregate_type = 'transfer'
@@ -505,21 +506,20 @@ async fn a_transfer_no_message_announced_is_resumed_from_the_event_store() {
     // look into the event store for stuck transfers can find it.
     system.kill_relay().await;
     let id = transfer(&system, from, to, 40, "EUR").await;
-    let mut completed = false;
-    for _ in 0..200 {
-        completed = sqlx::query_scalar(
+    let pool = &system.pool;
+    eventually(Duration::from_secs(20), || async move {
+        let completed: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_id = $1 AND event_type = 'TransferCompleted')",
         )
         .bind(id.to_string())
-        .fetch_one(&system.pool)
+        .fetch_one(pool)
         .await
         .unwrap();
-        if completed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(completed, "the stuck transfer was not resumed");
+        completed
+            .then_some(())
+            .ok_or("the stuck transfer was not resumed")
+    })
+    .await;
     system.start_relay().await;
     assert_eq!(settled(&system, id).await["status"], "completed");
     system.converged(Duration::from_secs(30)).await;

@@ -1,0 +1,399 @@
+//! The whole Ledger in one test: its own database (cloned from the migrated template) and its
+//! own topics; the command API and the query API on free ports; the relay, the projector and
+//! the transfer process manager as tasks that a test can kill and restart, as a crash would.
+//!
+//! # Why a crate of its own
+//! What every test needs lives in `service_kit::testing`: the database from the template, the
+//! broker, the test token, [`eventually`]. But service-kit sits below the services and cannot
+//! start them; starting them all takes command-api, projector and query-api together, which
+//! only a crate above them can depend on. Hence this crate, a dev-dependency of each test
+//! binary that runs the system (query-api's pipeline tests, audit's CLI tests), so there is
+//! one way to start it. (Cargo allows the dev-dependency cycle: those test binaries link the
+//! same service crates as this one.) The command API's own tests need no broker and no other
+//! service: they start `command_api::Application` alone, with `Config::for_tests`.
+//!
+//! Every service is configured by its `Config::for_tests`; what differs here is said where it
+//! is set.
+
+use std::time::Duration;
+
+use command_api::AppendSignal;
+use command_api::process::{ProcessConfig, ProcessManager};
+use command_api::relay::{Relay, RelayConfig};
+use projector::Projector;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use service_kit::db::ServiceRole;
+use service_kit::kafka::KafkaConfig;
+use service_kit::server::ServerLimits;
+use service_kit::testing::{self, TestDatabase};
+pub use service_kit::testing::{eventually, token};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// The tenant the helpers act for.
+pub const TENANT: &str = "acme";
+
+/// How long [`TestSystem::start`]'s query API lets `min_version` wait: long enough for a slow
+/// machine running many tests, so that [`TestSystem::account_at`] is a wait, not a race.
+const MAX_WAIT: Duration = Duration::from_secs(15);
+
+pub struct TestSystem {
+    /// The owner's pool (the test's superuser), for setting up and checking.
+    pub pool: PgPool,
+    /// As the relay connects: the writer's login.
+    writer: PgPool,
+    pub database: TestDatabase,
+    pub kafka: KafkaConfig,
+    /// The command API's base URL.
+    pub commands: String,
+    /// The query API's base URL.
+    pub queries: String,
+    pub client: reqwest::Client,
+    relay: Option<JoinHandle<()>>,
+    projector: Option<JoinHandle<()>>,
+    /// The running projector's health probes and `/metrics`.
+    pub projector_ops: String,
+    process_manager: Option<JoinHandle<()>>,
+}
+
+impl TestSystem {
+    /// Every service, on this test's own topics of the test broker.
+    pub async fn start() -> Self {
+        Self::start_with_wait(MAX_WAIT).await
+    }
+
+    /// As [`TestSystem::start`], with the query API's `min_version` wait at `max_wait`.
+    pub async fn start_with_wait(max_wait: Duration) -> Self {
+        Self::start_with(max_wait, testing::kafka().await).await
+    }
+
+    /// As [`TestSystem::start_with_wait`], on the broker and topics of `kafka`.
+    pub async fn start_with(max_wait: Duration, kafka: KafkaConfig) -> Self {
+        testing::init_logs();
+        let database = TestDatabase::create().await;
+        let query_api = query_api::Application::build(query_api::Config {
+            max_wait,
+            // The wait must end before the request does (the query API refuses to start
+            // otherwise).
+            server: ServerLimits {
+                request_timeout: max_wait + Duration::from_secs(5),
+                ..ServerLimits::default()
+            },
+            ..query_api::Config::for_tests(
+                database.config_as(ServiceRole::TenantReader),
+                testing::auth(),
+            )
+        })
+        .await
+        .expect("start the query API");
+        let queries = format!("http://127.0.0.1:{}", query_api.port());
+        tokio::spawn(query_api.run_until_stopped(std::future::pending()));
+        let command_api = command_api::Application::build(command_api::Config {
+            // Where `Location` and `status_url` point: this system's query API.
+            query_api_url: queries.clone(),
+            ..command_api::Config::for_tests(
+                database.config_as(ServiceRole::Writer),
+                testing::auth(),
+            )
+        })
+        .await
+        .expect("start the command API");
+        let commands = format!("http://127.0.0.1:{}", command_api.port());
+        tokio::spawn(command_api.run_until_stopped(std::future::pending()));
+        let writer = service_kit::db::connect(&database.config_as(ServiceRole::Writer))
+            .await
+            .expect("connect as the writer");
+        let mut system = Self {
+            pool: database.pool.clone(),
+            writer,
+            database,
+            kafka,
+            commands,
+            queries,
+            // A hang anywhere in the system fails the test instead of stalling it.
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("an HTTP client"),
+            relay: None,
+            projector: None,
+            projector_ops: String::new(),
+            process_manager: None,
+        };
+        system.start_relay().await;
+        system.start_projector().await;
+        system.start_process_manager().await;
+        system
+    }
+
+    /// The transfer process manager, resuming transfers stuck for more than two seconds
+    /// (rather than thirty), so that tests of a lost message do not wait long.
+    pub async fn start_process_manager(&mut self) {
+        let manager = ProcessManager::build(ProcessConfig {
+            stuck_after: Duration::from_secs(2),
+            ..ProcessConfig::for_tests(
+                self.database.config_as(ServiceRole::Writer),
+                self.kafka.clone(),
+            )
+        })
+        .await
+        .expect("start the process manager");
+        self.process_manager = Some(tokio::spawn(manager.run(std::future::pending())));
+    }
+
+    /// Kills the process manager mid-stream, as a crash would.
+    pub async fn kill_process_manager(&mut self) {
+        if let Some(manager) = self.process_manager.take() {
+            manager.abort();
+            let _ = manager.await;
+        }
+    }
+
+    pub async fn start_relay(&mut self) {
+        self.relay = Some(self.spawn_relay());
+    }
+
+    /// A relay task of its own, as another replica would run.
+    pub fn spawn_relay(&self) -> JoinHandle<()> {
+        let relay = Relay::new(
+            RelayConfig::for_tests(self.kafka.clone()),
+            self.writer.clone(),
+            AppendSignal::default(),
+        )
+        .expect("create the relay");
+        tokio::spawn(relay.run(std::future::pending()))
+    }
+
+    /// Kills the relay mid-stream, as a crash would.
+    pub async fn kill_relay(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
+            let _ = relay.await;
+        }
+    }
+
+    pub async fn start_projector(&mut self) {
+        let projector = Projector::build(projector::Config::for_tests(
+            self.database.config_as(ServiceRole::Projector),
+            self.kafka.clone(),
+        ))
+        .await
+        .expect("start the projector");
+        self.projector_ops = format!("http://127.0.0.1:{}", projector.ops_port());
+        self.projector = Some(tokio::spawn(
+            projector.run_until_stopped(std::future::pending()),
+        ));
+    }
+
+    /// The running projector's `/metrics`.
+    pub async fn projector_metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.projector_ops))
+            .send()
+            .await
+            .expect("GET the projector's /metrics")
+            .text()
+            .await
+            .expect("the projector's /metrics")
+    }
+
+    /// Kills the projector mid-stream, as a crash would.
+    pub async fn kill_projector(&mut self) {
+        if let Some(projector) = self.projector.take() {
+            projector.abort();
+            let _ = projector.await;
+        }
+    }
+
+    /// POSTs `body` to the command API as a teller of [`TENANT`]: the status and the JSON
+    /// answer (`null` if none).
+    pub async fn command(
+        &self,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.commands))
+            .bearer_auth(token(TENANT, &["teller"]));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("POST to the command API");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Opens an account of Ada's in EUR.
+    pub async fn open(&self, overdraft: i64) -> Uuid {
+        let (status, body) = self
+            .command(
+                "/v1/accounts",
+                Some(json!({"owner": "Ada", "currency": "EUR", "overdraft_limit": overdraft})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        account_id(&body)
+    }
+
+    /// Opens an account for `owner` in `tenant`, which may be another tenant than the tests'.
+    pub async fn open_in(&self, tenant: &str, owner: &str) -> Uuid {
+        let reply: Value = self
+            .client
+            .post(format!("{}/v1/accounts", self.commands))
+            .bearer_auth(token(tenant, &["teller"]))
+            .json(&json!({"owner": owner, "currency": "EUR"}))
+            .send()
+            .await
+            .expect("POST /v1/accounts")
+            .json()
+            .await
+            .expect("a JSON answer");
+        account_id(&reply)
+    }
+
+    /// Deposits (positive) or withdraws (negative) and returns the new version.
+    pub async fn move_money(&self, account: Uuid, amount: i64) -> i64 {
+        let action = if amount >= 0 {
+            "deposits"
+        } else {
+            "withdrawals"
+        };
+        let (status, body) = self
+            .command(
+                &format!("/v1/accounts/{account}/{action}"),
+                Some(json!({"amount": amount.abs(), "currency": "EUR"})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["version"].as_i64().expect("a version")
+    }
+
+    /// GETs `path` from the query API with `token`: the status, the headers and the JSON
+    /// answer (`null` if none).
+    pub async fn query(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.queries))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET from the query API");
+        let status = response.status();
+        let headers = response.headers().clone();
+        (
+            status,
+            headers,
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    /// A viewer's token for [`TENANT`].
+    pub fn viewer(&self) -> String {
+        token(TENANT, &["viewer"])
+    }
+
+    /// The account as the query API shows it once it reached `version`.
+    pub async fn account_at(&self, account: Uuid, version: i64) -> Value {
+        let (status, _, body) = self
+            .query(
+                &format!("/v1/accounts/{account}?min_version={version}"),
+                &self.viewer(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Waits (up to 30 s) until the read model holds `version` of `account`, looking at the
+    /// table itself rather than through the query API.
+    pub async fn projected(&self, account: Uuid, version: i64) {
+        eventually(Duration::from_secs(30), || async move {
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
+                    .bind(account)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|err| err.to_string())?;
+            match current {
+                Some(current) if current >= version => Ok(()),
+                _ => Err(format!(
+                    "account {account} is at version {current:?}, not {version}"
+                )),
+            }
+        })
+        .await;
+    }
+
+    /// Waits (up to 30 s) until the relay has published every stored event.
+    pub async fn published(&self) {
+        eventually(Duration::from_secs(30), || async move {
+            let (published, stored): (i64, i64) = sqlx::query_as(
+                "SELECT coalesce((SELECT max(global_position) FROM log_checkpoints), 0),
+                        coalesce((SELECT max(global_position) FROM events), 0)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| err.to_string())?;
+            if published >= stored {
+                Ok(())
+            } else {
+                Err(format!("published up to {published} of {stored}"))
+            }
+        })
+        .await;
+    }
+
+    /// `projector check`: the differences between the read models and a fold of the event
+    /// store (empty when consistent).
+    pub async fn differences(&self) -> Vec<String> {
+        let report = projector::check::check(&self.pool)
+            .await
+            .expect("projector check");
+        report
+            .differences
+            .into_iter()
+            .map(|difference| format!("{}: {}", difference.id, difference.what))
+            .collect()
+    }
+
+    /// Waits until the read models equal a fold of the event store.
+    pub async fn converged(&self, within: Duration) {
+        eventually(within, || async move {
+            let differences = self.differences().await;
+            if differences.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("read models did not converge: {differences:#?}"))
+            }
+        })
+        .await;
+    }
+}
+
+fn account_id(body: &Value) -> Uuid {
+    body["account_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no account_id in {body}"))
+}
+
+/// The slug of a problem+json `type` (`urn:ledger:problem:<slug>`), or "" for anything else.
+pub fn problem(body: &Value) -> &str {
+    body["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
+        .unwrap_or_default()
+}
