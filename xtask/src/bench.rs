@@ -13,7 +13,6 @@ use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::args::Flags;
 use crate::dev::{stop, workspace_root};
 
 pub(crate) const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
@@ -44,22 +43,42 @@ impl Run {
     }
 }
 
-/// `cargo xtask bench <name> [flags]`, always in a release build: a debug-built load
-/// generator would eat the CPU the measured services need.
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
+/// `cargo xtask bench <name>`
+#[derive(clap::Subcommand)]
+pub(crate) enum Bench {
+    /// Command throughput and latency against pgbench.
+    Commands(CommandsOptions),
+    /// Relay, projector, rebuild throughput and end-to-end latency.
+    Pipeline(crate::pipeline_bench::Options),
+    /// Verify, replay, export, check throughput; audit query latency.
+    Audit(crate::audit_bench::Options),
+    /// Transfers end to end through the process manager, beside deposits.
+    Transfers(crate::transfer_bench::Options),
+}
+
+/// `cargo xtask bench commands`
+#[derive(clap::Args)]
+pub(crate) struct CommandsOptions {
+    /// Length of each timed run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The server to benchmark on (its database is dropped and created); default
+    /// `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/ledger_bench`.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// One concurrency only, for profiling; nothing is written to BENCHMARKS.md.
+    #[arg(long)]
+    clients: Option<usize>,
+}
+
+/// Runs `bench` in a release build of xtask: a debug-built load generator would eat the CPU the
+/// measured services need.
+pub(crate) async fn run(bench: &Bench) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         let status = Command::new(env!("CARGO"))
             .current_dir(workspace_root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "xtask",
-                "--",
-                "bench",
-            ])
-            .args(args)
+            .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
+            .args(std::env::args_os().skip(1))
             .status()
             .await?;
         if !status.success() {
@@ -67,27 +86,25 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    match args.first().map(String::as_str) {
-        Some("commands") => commands(&args[1..]).await,
-        Some("pipeline") => crate::pipeline_bench::run(&args[1..]).await,
-        Some("audit") => crate::audit_bench::run(&args[1..]).await,
-        Some("transfers") => crate::transfer_bench::run(&args[1..]).await,
-        _ => bail!("usage: cargo xtask bench commands|pipeline|audit|transfers [flags]"),
+    match bench {
+        Bench::Commands(options) => commands(options).await,
+        Bench::Pipeline(options) => crate::pipeline_bench::run(options).await,
+        Bench::Audit(options) => crate::audit_bench::run(options).await,
+        Bench::Transfers(options) => crate::transfer_bench::run(options).await,
     }
 }
 
-async fn commands(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["seconds", "database-url", "clients"])?;
+async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     // `--clients 16` runs one concurrency only (for profiling); the report needs all three.
-    let concurrencies: Vec<usize> = match flags.one("clients") {
-        Some(clients) => vec![clients.parse()?],
+    let concurrencies: Vec<usize> = match options.clients {
+        Some(clients) => vec![clients],
         None => CONCURRENCY.to_vec(),
     };
-    let seconds: u64 = flags.one("seconds").unwrap_or("10").parse()?;
+    let seconds = options.seconds;
     let duration = Duration::from_secs(seconds);
-    let server_url = flags
-        .one("database-url")
-        .map(str::to_owned)
+    let server_url = options
+        .database_url
+        .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger_bench".to_owned());
 
@@ -194,7 +211,7 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
 
     let report = report(&runs, seconds, hot_events).await?;
     println!("{report}");
-    if flags.one("clients").is_none() {
+    if options.clients.is_none() {
         write_section("commands", &report)?;
         println!("written to BENCHMARKS.md");
     }

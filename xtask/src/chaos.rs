@@ -34,7 +34,6 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::args::Flags;
 use crate::bench::{SECRET, free_port, machine, open_accounts, service_token};
 use crate::broker;
 use crate::dev::workspace_root;
@@ -48,15 +47,29 @@ const ATTEMPTS: u32 = 20;
 /// How long the system may take to settle after the load stops.
 const SETTLE: Duration = Duration::from_secs(180);
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["seconds", "clients", "restart-postgres"])?;
-    let seconds: u64 = flags.one("seconds").unwrap_or("60").parse()?;
-    let clients: usize = flags.one("clients").unwrap_or("8").parse()?;
-    let restart_postgres = match flags.one("restart-postgres").unwrap_or("yes") {
-        "yes" => true,
-        "no" => false,
-        other => bail!("--restart-postgres takes yes or no, not `{other}`"),
-    };
+/// `cargo xtask chaos`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// How long the load runs; the faults are spread over it.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Concurrent clients sending deposits and transfers.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Whether to restart the machine's Postgres (it cuts every connection on the machine).
+    #[arg(long, value_enum, value_name = "yes|no", default_value_t = YesNo::Yes)]
+    restart_postgres: YesNo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum YesNo {
+    Yes,
+    No,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let (seconds, clients) = (options.seconds, options.clients);
+    let restart_postgres = options.restart_postgres == YesNo::Yes;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_chaos".into());
     let database = DatabaseConfig::with_url(&url);

@@ -8,7 +8,6 @@ use service_kit::auth::{Secret, TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig, ServiceRole};
 use tokio::process::{Child, Command};
 
-use crate::args::Flags;
 use crate::broker;
 
 /// The HS256 secret `up` gives the services when `JWT_HS256_SECRET` is not set. Development
@@ -42,22 +41,29 @@ fn dev_token(
     )?)
 }
 
-/// `cargo xtask token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]`
-pub(crate) fn token(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["tenant", "role", "sub", "ttl"])?;
-    let tenant = flags.one("tenant").context("--tenant is required")?;
-    let roles = flags.all("role");
-    if roles.is_empty() {
-        bail!("at least one --role is required (teller, viewer, auditor, admin)");
-    }
-    let ttl = flags
-        .one("ttl")
-        .map(str::parse)
-        .transpose()
-        .context("--ttl must be a number of seconds")?
-        .unwrap_or(3600);
-    let subject = flags.one("sub").unwrap_or("dev-user");
-    println!("{}", dev_token(tenant, &roles, subject, ttl)?);
+/// `cargo xtask token`: mint a development JWT, signed as `up`'s services expect.
+#[derive(clap::Args)]
+pub(crate) struct TokenOptions {
+    /// The tenant the token is for.
+    #[arg(long)]
+    tenant: String,
+    /// A role to grant (teller, viewer, auditor, admin); repeat for more.
+    #[arg(long = "role", value_name = "ROLE", required = true)]
+    roles: Vec<String>,
+    /// The subject (user) the token names.
+    #[arg(long = "sub", value_name = "SUB", default_value = "dev-user")]
+    subject: String,
+    /// Lifetime in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    ttl: u64,
+}
+
+pub(crate) fn token(options: &TokenOptions) -> anyhow::Result<()> {
+    let roles: Vec<&str> = options.roles.iter().map(String::as_str).collect();
+    println!(
+        "{}",
+        dev_token(&options.tenant, &roles, &options.subject, options.ttl)?
+    );
     Ok(())
 }
 

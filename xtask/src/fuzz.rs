@@ -11,7 +11,6 @@ use anyhow::{Context, bail};
 use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 
-use crate::args::Flags;
 use crate::bench::{free_port, service_token, wait_ready};
 use crate::dev::{stop, workspace_root};
 
@@ -19,9 +18,15 @@ use crate::dev::{stop, workspace_root};
 const SCHEMATHESIS: &str = "schemathesis";
 const SECRET: &str = "fuzz-secret-0123456789abcdef0123456789abcdef";
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["examples"])?;
-    let examples: u32 = flags.one("examples").unwrap_or("50").parse()?;
+/// `cargo xtask fuzz`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Examples schemathesis generates per operation.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    examples: u32,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     ensure_schemathesis().await?;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_fuzz".into());
@@ -85,7 +90,12 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
                 "--exclude-checks",
                 "positive_data_acceptance",
             ])
-            .args(["--max-examples", &examples.to_string(), "--workers", "2"])
+            .args([
+                "--max-examples",
+                &options.examples.to_string(),
+                "--workers",
+                "2",
+            ])
             .arg("--report-dir")
             .arg(workspace_root().join("target/fuzz"))
             .status()

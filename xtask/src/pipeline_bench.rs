@@ -14,7 +14,6 @@ use service_kit::kafka::KafkaConfig;
 use sqlx::PgPool;
 use tokio::process::Command;
 
-use crate::args::Flags;
 use crate::bench::{free_port, machine, percentile_ms, reset_database, wait_ready, write_section};
 use crate::broker;
 use crate::dev::{stop, workspace_root};
@@ -22,11 +21,26 @@ use crate::dev::{stop, workspace_root};
 const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 pub(crate) const SEED_ACCOUNTS: i64 = 1000;
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["events", "rate", "seconds"])?;
-    let events: i64 = flags.one("events").unwrap_or("1000000").parse()?;
-    let rate: u64 = flags.one("rate").unwrap_or("500").parse()?;
-    let seconds: u64 = flags.one("seconds").unwrap_or("20").parse()?;
+/// `cargo xtask bench pipeline`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Events in the store the relay, the projector and the rebuild run over.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: i64,
+    /// Commands per second for the end-to-end latency.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// How long the end-to-end latency is measured.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let Options {
+        events,
+        rate,
+        seconds,
+    } = *options;
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_bench_pipeline".into());
     let database = DatabaseConfig::with_url(&server);

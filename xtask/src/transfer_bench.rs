@@ -17,7 +17,6 @@ use sqlx::PgPool;
 use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::args::Flags;
 use crate::bench::{free_port, machine, percentile_ms, reset_database, wait_ready, write_section};
 use crate::broker;
 use crate::dev::{stop, workspace_root};
@@ -26,11 +25,26 @@ const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 100;
 const INITIAL_BALANCE: i64 = 1_000_000_000;
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["seconds", "clients", "rate"])?;
-    let seconds: u64 = flags.one("seconds").unwrap_or("10").parse()?;
-    let clients: usize = flags.one("clients").unwrap_or("16").parse()?;
-    let rate: u64 = flags.one("rate").unwrap_or("100").parse()?;
+/// `cargo xtask bench transfers`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Length of each run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Closed-loop clients of the deposit and saturating transfer runs.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Transfers per second of the steady run.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let Options {
+        seconds,
+        clients,
+        rate,
+    } = *options;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_bench_transfers".into());
     let database = DatabaseConfig::with_url(&url);
