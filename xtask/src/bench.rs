@@ -3,7 +3,6 @@
 //! machine, written to `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -13,7 +12,8 @@ use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::dev::{stop, workspace_root};
+use crate::dev::workspace_root;
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
 pub(crate) const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 1000;
@@ -108,38 +108,28 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger_bench".to_owned());
 
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--package", "command-api"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    launch::build(Profile::Release, &["command-api"]).await?;
     let database = DatabaseConfig::with_url(&server_url);
     reset_database(&database).await?;
 
-    let (port, ops_port) = (free_port()?, free_port()?);
+    let (address, ops) = (free_address()?, free_address()?);
     let api = CommandApi {
-        base: format!("http://127.0.0.1:{port}"),
-        ops: format!("http://127.0.0.1:{ops_port}"),
+        base: format!("http://{address}"),
+        ops: format!("http://{ops}"),
     };
-    let mut server = Command::new(workspace_root().join("target/release/command-api"))
-        .env("DATABASE_URL", &database.url)
-        .env("JWT_HS256_SECRET", SECRET)
-        .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
-        .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        // The command path alone: the relay's cost is measured by its own benchmark.
-        .env("COMMAND_API_RELAY", "false")
-        // One tenant at full speed: the per-tenant limit would be what is measured.
-        .env("RATE_LIMIT_PER_TENANT", "0")
-        .stdout(Stdio::null())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting command-api")?;
-    wait_ready(&api.ops).await?;
+    let mut server = launch::start(vec![
+        Launch::service(Service::CommandApi, Profile::Release, &ops)
+            .env("DATABASE_URL", &database.url)
+            .env("JWT_HS256_SECRET", SECRET)
+            .env("COMMAND_API_ADDR", &address)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            // The command path alone: the relay's cost is measured by its own benchmark.
+            .env("COMMAND_API_RELAY", "false")
+            // One tenant at full speed: the per-tenant limit would be what is measured.
+            .env("RATE_LIMIT_PER_TENANT", "0"),
+    ])
+    .await?;
 
     let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
@@ -207,7 +197,7 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         count
     };
     runs.push(long_stream);
-    stop(&mut server).await;
+    launch::stop(&mut server).await;
 
     let report = report(&runs, seconds, hot_events).await?;
     println!("{report}");
@@ -321,26 +311,6 @@ pub(crate) async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<
     .await?;
     pool.close().await;
     Ok(())
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Waits for the readiness probe on `ops`, the command API's ops listener.
-pub(crate) async fn wait_ready(ops: &str) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if let Ok(response) = client.get(format!("{ops}/health/ready")).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("command-api did not become ready")
 }
 
 /// Opens `count` accounts in EUR, one request each.

@@ -5,14 +5,13 @@
 //! schema-valid requests on purpose (an account that does not exist, a transfer to the same
 //! account). Exits non-zero if schemathesis finds anything.
 
-use std::process::Stdio;
-
 use anyhow::{Context, bail};
 use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 
-use crate::bench::{free_port, service_token, wait_ready};
-use crate::dev::{stop, workspace_root};
+use crate::bench::service_token;
+use crate::dev::workspace_root;
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
 /// The version pinned in `xtask/python-constraints.txt`.
 const SCHEMATHESIS: &str = "schemathesis";
@@ -36,44 +35,26 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     pool.close().await;
 
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "command-api", "-p", "query-api"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
-    let (command_port, query_port) = (free_port()?, free_port()?);
-    let (command_ops, query_ops) = (free_port()?, free_port()?);
-    let service = |name: &str| {
-        let mut command = Command::new(workspace_root().join("target/debug").join(name));
-        command
+    launch::build(Profile::Debug, &["command-api", "query-api"]).await?;
+    let (command_addr, query_addr) = (free_address()?, free_address()?);
+    let service = |which: Service| -> anyhow::Result<Launch> {
+        Ok(Launch::service(which, Profile::Debug, &free_address()?)
             .env("DATABASE_URL", &database.url)
             .env("JWT_HS256_SECRET", SECRET)
             .env("COMMAND_API_RELAY", "false")
-            .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
-            .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
-            .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{command_ops}"))
-            .env("QUERY_API_OPS_ADDR", format!("127.0.0.1:{query_ops}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+            .env("COMMAND_API_ADDR", &command_addr)
+            .env("QUERY_API_ADDR", &query_addr)
+            .env("RUST_LOG", "warn"))
     };
-    let mut children = vec![
-        service("command-api")
-            .spawn()
-            .context("starting command-api")?,
-        service("query-api").spawn().context("starting query-api")?,
-    ];
+    let mut services = launch::start(vec![
+        service(Service::CommandApi)?,
+        service(Service::QueryApi)?,
+    ])
+    .await?;
     let apis = [
-        ("command API", format!("http://127.0.0.1:{command_port}")),
-        ("query API", format!("http://127.0.0.1:{query_port}")),
+        ("command API", format!("http://{command_addr}")),
+        ("query API", format!("http://{query_addr}")),
     ];
-    for ops in [command_ops, query_ops] {
-        wait_ready(&format!("http://127.0.0.1:{ops}")).await?;
-    }
     let token = service_token(SECRET, "fuzz", "fuzzer", &["teller", "viewer", "auditor"])?;
     let config = workspace_root().join("xtask/fuzz/schemathesis.toml");
     let mut failed = Vec::new();
@@ -105,9 +86,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             failed.push(*name);
         }
     }
-    for child in &mut children {
-        stop(child).await;
-    }
+    launch::stop(&mut services).await;
     if !failed.is_empty() {
         bail!(
             "schemathesis found failures in the {}",

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - `dev`: `up`, `migrate`, `token`, `audit`: run the system locally.
+//! - `launch`: building the services and running any process in the background: start, wait
+//!   until ready, kill, restart, stop. Every command that runs a process does it through here.
 //! - `broker`: installing and starting the development Kafka-protocol broker.
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `fuzz`: schema-driven HTTP fuzzing of both APIs (schemathesis).
@@ -21,6 +23,7 @@ mod chaos;
 mod config_reference;
 mod dev;
 mod fuzz;
+mod launch;
 mod pipeline_bench;
 mod test;
 mod transfer_bench;

@@ -3,7 +3,6 @@
 //! command rate. Writes its section of `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -12,11 +11,10 @@ use serde_json::json;
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::kafka::KafkaConfig;
 use sqlx::PgPool;
-use tokio::process::Command;
 
-use crate::bench::{free_port, machine, percentile_ms, reset_database, wait_ready, write_section};
+use crate::bench::{machine, percentile_ms, reset_database, write_section};
 use crate::broker;
-use crate::dev::{stop, workspace_root};
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
 const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 pub(crate) const SEED_ACCOUNTS: i64 = 1000;
@@ -246,55 +244,29 @@ async fn end_to_end(
     rate: u64,
     seconds: u64,
 ) -> anyhow::Result<Latency> {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "command-api",
-            "-p",
-            "projector",
-            "-p",
-            "query-api",
-        ])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
-    let command_port = free_port()?;
-    let query_port = free_port()?;
-    let service = |name: &str| {
-        let mut command = Command::new(workspace_root().join("target/release").join(name));
-        command
+    launch::build(Profile::Release, &["command-api", "projector", "query-api"]).await?;
+    let (command_addr, query_addr) = (free_address()?, free_address()?);
+    let service = |which: Service| -> anyhow::Result<Launch> {
+        Ok(Launch::service(which, Profile::Release, &free_address()?)
             .env("DATABASE_URL", &database.url)
             .env("JWT_HS256_SECRET", SECRET)
             .env("KAFKA_BROKERS", &kafka.brokers)
             // The group that already projected the seeded events: it resumes at their end.
             .env("PROJECTOR_GROUP", "bench-projector")
-            .env("PROJECTOR_ADDR", "127.0.0.1:0")
-            .env("PROCESS_MANAGER_ADDR", "127.0.0.1:0")
-            .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
-            .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
+            .env("COMMAND_API_ADDR", &command_addr)
+            .env("QUERY_API_ADDR", &query_addr)
             .env("QUERY_API_MAX_WAIT_MS", "5000")
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+            .env("RUST_LOG", "info"))
     };
-    let mut children = vec![
-        service("command-api")
-            .spawn()
-            .context("starting command-api")?,
-        service("projector").spawn().context("starting projector")?,
-        service("query-api").spawn().context("starting query-api")?,
-    ];
-    let commands = format!("http://127.0.0.1:{command_port}");
-    let queries = format!("http://127.0.0.1:{query_port}");
-    wait_ready(&commands).await?;
-    wait_ready(&queries).await?;
+    let mut services = launch::start(vec![
+        service(Service::CommandApi)?,
+        service(Service::Projector)?,
+        service(Service::QueryApi)?,
+    ])
+    .await?;
+    let commands = format!("http://{command_addr}");
+    let queries = format!("http://{query_addr}");
     let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller", "viewer"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -361,8 +333,6 @@ async fn end_to_end(
         }
     }
     latency.samples.sort_unstable();
-    for child in &mut children {
-        stop(child).await;
-    }
+    launch::stop(&mut services).await;
     Ok(latency)
 }
