@@ -118,12 +118,8 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         ops: format!("http://{ops}"),
     };
     let mut server = launch::start(vec![
-        Launch::service(Service::CommandApi, Profile::Release, &ops)
-            .env("DATABASE_URL", &database.url)
-            .env("JWT_HS256_SECRET", SECRET)
+        service(Service::CommandApi, &ops, &database)
             .env("COMMAND_API_ADDR", &address)
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
             // The command path alone: the relay's cost is measured by its own benchmark.
             .env("COMMAND_API_RELAY", "false")
             // One tenant at full speed: the per-tenant limit would be what is measured.
@@ -131,7 +127,7 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     ])
     .await?;
 
-    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
+    let token = service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(128)
         .build()?;
@@ -206,6 +202,17 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         println!("written to BENCHMARKS.md");
     }
     Ok(())
+}
+
+/// A service as the benchmarks run it: the release build on `database`, its ops listener on
+/// `ops`, taking tokens signed with [`SECRET`], logging JSON at `info` to nowhere (writing the
+/// logs is part of the cost measured, reading them is not).
+pub(crate) fn service(which: Service, ops: &str, database: &DatabaseConfig) -> Launch {
+    Launch::service(which, Profile::Release, ops)
+        .env("DATABASE_URL", &database.url)
+        .env("JWT_HS256_SECRET", SECRET)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
 }
 
 /// An hour-long token for services started with `secret` (and the default issuer and

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use service_kit::kafka::{ClientProperties, KafkaConfig, Replication};
 use tokio::process::Command;
 
 use crate::launch::{self, Launch, Running};
@@ -108,6 +109,19 @@ pub(crate) async fn start_at(storage: Storage, address: String) -> anyhow::Resul
 }
 
 impl Broker {
+    /// How the processes and checks of a benchmark or chaos run reach this broker: the
+    /// default topics, three partitions, fetches answered at once.
+    pub(crate) fn kafka(&self) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.address.clone(),
+            topic_prefix: "ledger".into(),
+            partitions: 3,
+            replication: Replication::default(),
+            properties: ClientProperties::default(),
+            fetch_wait_ms: 10,
+        }
+    }
+
     /// SIGSTOP, then SIGCONT after `pause`: the broker neither answers nor closes its
     /// connections meanwhile, as in a network partition or a long stall, and keeps its data.
     pub(crate) async fn freeze(&self, pause: Duration) -> anyhow::Result<()> {

@@ -78,14 +78,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
 
     launch::build(Profile::Release, &["command-api", "projector"]).await?;
     let broker = broker::start(broker::Storage::Memory).await?;
-    let kafka = KafkaConfig {
-        brokers: broker.address.clone(),
-        topic_prefix: "ledger".into(),
-        partitions: 3,
-        replication: service_kit::kafka::Replication::default(),
-        properties: service_kit::kafka::ClientProperties::default(),
-        fetch_wait_ms: 10,
-    };
+    let kafka = broker.kafka();
     let address = free_address()?;
     let mut launches = Vec::new();
     let mut probed = Vec::new();

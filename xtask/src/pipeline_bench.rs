@@ -12,11 +12,10 @@ use service_kit::db::{self, DatabaseConfig};
 use service_kit::kafka::KafkaConfig;
 use sqlx::PgPool;
 
-use crate::bench::{machine, percentile_ms, reset_database, write_section};
+use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
 use crate::launch::{self, Launch, Profile, Service, free_address};
 
-const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 pub(crate) const SEED_ACCOUNTS: i64 = 1000;
 
 /// `cargo xtask bench pipeline`
@@ -45,14 +44,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     reset_database(&database).await?;
     let pool = db::connect(&database).await?;
     let broker = broker::start(broker::Storage::Memory).await?;
-    let kafka = KafkaConfig {
-        brokers: broker.address.clone(),
-        topic_prefix: "ledger".into(),
-        partitions: 3,
-        replication: service_kit::kafka::Replication::default(),
-        properties: service_kit::kafka::ClientProperties::default(),
-        fetch_wait_ms: 10,
-    };
+    let kafka = broker.kafka();
 
     println!("seeding {events} events...");
     let seeded = Instant::now();
@@ -247,17 +239,13 @@ async fn end_to_end(
     launch::build(Profile::Release, &["command-api", "projector", "query-api"]).await?;
     let (command_addr, query_addr) = (free_address()?, free_address()?);
     let service = |which: Service| -> anyhow::Result<Launch> {
-        Ok(Launch::service(which, Profile::Release, &free_address()?)
-            .env("DATABASE_URL", &database.url)
-            .env("JWT_HS256_SECRET", SECRET)
+        Ok(crate::bench::service(which, &free_address()?, database)
             .env("KAFKA_BROKERS", &kafka.brokers)
             // The group that already projected the seeded events: it resumes at their end.
             .env("PROJECTOR_GROUP", "bench-projector")
             .env("COMMAND_API_ADDR", &command_addr)
             .env("QUERY_API_ADDR", &query_addr)
-            .env("QUERY_API_MAX_WAIT_MS", "5000")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info"))
+            .env("QUERY_API_MAX_WAIT_MS", "5000"))
     };
     let mut services = launch::start(vec![
         service(Service::CommandApi)?,
@@ -267,7 +255,7 @@ async fn end_to_end(
     .await?;
     let commands = format!("http://{command_addr}");
     let queries = format!("http://{query_addr}");
-    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller", "viewer"])?;
+    let token = service_token(SECRET, "bench", "bench", &["teller", "viewer"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;

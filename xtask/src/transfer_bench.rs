@@ -15,11 +15,10 @@ use service_kit::db::{self, DatabaseConfig};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::bench::{machine, percentile_ms, reset_database, write_section};
+use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
 use crate::launch::{self, Launch, Profile, Service, free_address};
 
-const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 100;
 const INITIAL_BALANCE: i64 = 1_000_000_000;
 
@@ -53,15 +52,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     launch::build(Profile::Release, &["command-api", "projector"]).await?;
     let address = free_address()?;
     let service = |which: Service| -> anyhow::Result<Launch> {
-        Ok(Launch::service(which, Profile::Release, &free_address()?)
-            .env("DATABASE_URL", &database.url)
-            .env("JWT_HS256_SECRET", SECRET)
+        Ok(crate::bench::service(which, &free_address()?, &database)
             // One tenant at full speed: the per-tenant limit would be what is measured.
             .env("RATE_LIMIT_PER_TENANT", "0")
             .env("KAFKA_BROKERS", &broker.address)
-            .env("COMMAND_API_ADDR", &address)
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info"))
+            .env("COMMAND_API_ADDR", &address))
     };
     let mut services = launch::start(vec![
         service(Service::CommandApi)?,
@@ -70,7 +65,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     ])
     .await?;
     let base = format!("http://{address}");
-    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
+    let token = service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
