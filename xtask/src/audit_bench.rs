@@ -14,16 +14,22 @@ use service_kit::db::{self, DatabaseConfig};
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::PgPool;
 
-use crate::args::Flags;
 use crate::bench::{machine, reset_database, write_section};
 use crate::pipeline_bench::{SEED_ACCOUNTS, seed};
 
 /// Per-account queries timed for the latency rows.
 const SAMPLES: usize = 300;
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["events"])?;
-    let events: i64 = flags.one("events").unwrap_or("1000000").parse()?;
+/// `cargo xtask bench audit`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Events in the store each pass runs over.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: i64,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let events = options.events;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_bench_audit".into());
     let mut database = DatabaseConfig::with_url(&url);

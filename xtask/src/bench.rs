@@ -3,7 +3,6 @@
 //! machine, written to `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -14,8 +13,8 @@ use service_kit::{ExposeSecret, SecretString};
 use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::args::Flags;
-use crate::dev::{stop, workspace_root};
+use crate::dev::workspace_root;
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
 pub(crate) const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 1000;
@@ -45,22 +44,42 @@ impl Run {
     }
 }
 
-/// `cargo xtask bench <name> [flags]`, always in a release build: a debug-built load
-/// generator would eat the CPU the measured services need.
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
+/// `cargo xtask bench <name>`
+#[derive(clap::Subcommand)]
+pub(crate) enum Bench {
+    /// Command throughput and latency against pgbench.
+    Commands(CommandsOptions),
+    /// Relay, projector, rebuild throughput and end-to-end latency.
+    Pipeline(crate::pipeline_bench::Options),
+    /// Verify, replay, export, check throughput; audit query latency.
+    Audit(crate::audit_bench::Options),
+    /// Transfers end to end through the process manager, beside deposits.
+    Transfers(crate::transfer_bench::Options),
+}
+
+/// `cargo xtask bench commands`
+#[derive(clap::Args)]
+pub(crate) struct CommandsOptions {
+    /// Length of each timed run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The server to benchmark on (its database is dropped and created); default
+    /// `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/ledger_bench`.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// One concurrency only, for profiling; nothing is written to BENCHMARKS.md.
+    #[arg(long)]
+    clients: Option<usize>,
+}
+
+/// Runs `bench` in a release build of xtask: a debug-built load generator would eat the CPU the
+/// measured services need.
+pub(crate) async fn run(bench: &Bench) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         let status = Command::new(env!("CARGO"))
             .current_dir(workspace_root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "xtask",
-                "--",
-                "bench",
-            ])
-            .args(args)
+            .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
+            .args(std::env::args_os().skip(1))
             .status()
             .await?;
         if !status.success() {
@@ -68,64 +87,48 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    match args.first().map(String::as_str) {
-        Some("commands") => commands(&args[1..]).await,
-        Some("pipeline") => crate::pipeline_bench::run(&args[1..]).await,
-        Some("audit") => crate::audit_bench::run(&args[1..]).await,
-        Some("transfers") => crate::transfer_bench::run(&args[1..]).await,
-        _ => bail!("usage: cargo xtask bench commands|pipeline|audit|transfers [flags]"),
+    match bench {
+        Bench::Commands(options) => commands(options).await,
+        Bench::Pipeline(options) => crate::pipeline_bench::run(options).await,
+        Bench::Audit(options) => crate::audit_bench::run(options).await,
+        Bench::Transfers(options) => crate::transfer_bench::run(options).await,
     }
 }
 
-async fn commands(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["seconds", "database-url", "clients"])?;
+async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     // `--clients 16` runs one concurrency only (for profiling); the report needs all three.
-    let concurrencies: Vec<usize> = match flags.one("clients") {
-        Some(clients) => vec![clients.parse()?],
+    let concurrencies: Vec<usize> = match options.clients {
+        Some(clients) => vec![clients],
         None => CONCURRENCY.to_vec(),
     };
-    let seconds: u64 = flags.one("seconds").unwrap_or("10").parse()?;
+    let seconds = options.seconds;
     let duration = Duration::from_secs(seconds);
-    let server_url = flags
-        .one("database-url")
-        .map(str::to_owned)
+    let server_url = options
+        .database_url
+        .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger_bench".to_owned());
 
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--package", "command-api"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    launch::build(Profile::Release, &["command-api"]).await?;
     let database = DatabaseConfig::with_url(&server_url);
     reset_database(&database).await?;
 
-    let (port, ops_port) = (free_port()?, free_port()?);
+    let (address, ops) = (free_address()?, free_address()?);
     let api = CommandApi {
-        base: format!("http://127.0.0.1:{port}"),
-        ops: format!("http://127.0.0.1:{ops_port}"),
+        base: format!("http://{address}"),
+        ops: format!("http://{ops}"),
     };
-    let mut server = Command::new(workspace_root().join("target/release/command-api"))
-        .env("DATABASE_URL", database.url.expose_secret())
-        .env("JWT_HS256_SECRET", SECRET)
-        .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
-        .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        // The command path alone: the relay's cost is measured by its own benchmark.
-        .env("COMMAND_API_RELAY", "false")
-        // One tenant at full speed: the per-tenant limit would be what is measured.
-        .env("RATE_LIMIT_PER_TENANT", "0")
-        .stdout(Stdio::null())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting command-api")?;
-    wait_ready(&api.ops).await?;
+    let mut server = launch::start(vec![
+        service(Service::CommandApi, &ops, &database)
+            .env("COMMAND_API_ADDR", &address)
+            // The command path alone: the relay's cost is measured by its own benchmark.
+            .env("COMMAND_API_RELAY", "false")
+            // One tenant at full speed: the per-tenant limit would be what is measured.
+            .env("RATE_LIMIT_PER_TENANT", "0"),
+    ])
+    .await?;
 
-    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
+    let token = service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(128)
         .build()?;
@@ -191,15 +194,26 @@ async fn commands(args: &[String]) -> anyhow::Result<()> {
         count
     };
     runs.push(long_stream);
-    stop(&mut server).await;
+    launch::stop(&mut server).await;
 
     let report = report(&runs, seconds, hot_events).await?;
     println!("{report}");
-    if flags.one("clients").is_none() {
+    if options.clients.is_none() {
         write_section("commands", &report)?;
         println!("written to BENCHMARKS.md");
     }
     Ok(())
+}
+
+/// A service as the benchmarks run it: the release build on `database`, its ops listener on
+/// `ops`, taking tokens signed with [`SECRET`], logging JSON at `info` to nowhere (writing the
+/// logs is part of the cost measured, reading them is not).
+pub(crate) fn service(which: Service, ops: &str, database: &DatabaseConfig) -> Launch {
+    Launch::service(which, Profile::Release, ops)
+        .env("DATABASE_URL", database.url.expose_secret())
+        .env("JWT_HS256_SECRET", SECRET)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
 }
 
 /// An hour-long token for services started with `secret` (and the default issuer and
@@ -309,26 +323,6 @@ pub(crate) async fn reset_database(database: &DatabaseConfig) -> anyhow::Result<
     .await?;
     pool.close().await;
     Ok(())
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Waits for the readiness probe on `ops`, the command API's ops listener.
-pub(crate) async fn wait_ready(ops: &str) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if let Ok(response) = client.get(format!("{ops}/health/ready")).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("command-api did not become ready")
 }
 
 /// Opens `count` accounts in EUR, one request each.

@@ -1,13 +1,16 @@
 //! The Kafka-protocol broker for development and tests: nisshi (the renamed Tansu), a Rust
-//! crate, installed with cargo and started on a free loopback port. Used only when
-//! `KAFKA_BROKERS` does not name a broker already.
+//! crate, installed with cargo and started on a loopback port. Every command that needs a broker
+//! (`up`, `test`, `chaos`, the benchmarks) starts it here, and only when `KAFKA_BROKERS` does
+//! not name one already.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::process::{Child, Command};
+use service_kit::kafka::{ClientProperties, KafkaConfig, Replication};
+use tokio::process::Command;
+
+use crate::launch::{self, Launch, Running};
 
 const VERSION: &str = "0.8.1";
 
@@ -22,10 +25,7 @@ pub(crate) enum Storage {
 /// A running broker; stopped when dropped.
 pub(crate) struct Broker {
     pub(crate) address: String,
-    binary: PathBuf,
-    /// `--storage-engine`: a URL.
-    storage: String,
-    child: Option<Child>,
+    process: Running,
 }
 
 /// The nisshi binary, installed first if missing (about 13 minutes on a fresh machine: its
@@ -72,10 +72,7 @@ fn find() -> Option<PathBuf> {
 
 /// Starts a broker on a free loopback port and waits until it accepts connections.
 pub(crate) async fn start(storage: Storage) -> anyhow::Result<Broker> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    start_at(storage, format!("127.0.0.1:{port}")).await
+    start_at(storage, launch::free_address()?).await
 }
 
 /// Starts a broker on `address` (which must be free) and waits until it accepts connections.
@@ -86,60 +83,51 @@ pub(crate) async fn start_at(storage: Storage, address: String) -> anyhow::Resul
             "{address} is taken: set LEDGER_DEV_BROKER_ADDR to another address, or KAFKA_BROKERS to use the broker there"
         )
     })?;
-    let mut broker = Broker {
-        binary: ensure_installed().await?,
-        address,
-        storage: match storage {
-            Storage::Memory => "memory://nisshi/".to_owned(),
-            Storage::Postgres(url) => url,
-        },
-        child: None,
+    let storage = match storage {
+        Storage::Memory => "memory://nisshi/".to_owned(),
+        Storage::Postgres(url) => url,
     };
-    broker.launch().await?;
-    Ok(broker)
+    let url = format!("tcp://{address}");
+    let mut process = Launch::listener(
+        "nisshi",
+        ensure_installed().await?,
+        &[
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            &storage,
+        ],
+        &address,
+    )
+    .env("RUST_LOG", "warn")
+    .spawn()?;
+    process.wait_ready().await?;
+    Ok(Broker { address, process })
 }
 
 impl Broker {
-    /// Starts the broker process on its port and waits until it accepts connections.
-    async fn launch(&mut self) -> anyhow::Result<()> {
-        let url = format!("tcp://{}", self.address);
-        self.child = Some(
-            Command::new(&self.binary)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                    "--storage-engine",
-                    &self.storage,
-                ])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("starting nisshi")?,
-        );
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(&self.address).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// How the processes and checks of a benchmark or chaos run reach this broker: the
+    /// default topics, three partitions, fetches answered at once.
+    pub(crate) fn kafka(&self) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.address.clone(),
+            topic_prefix: "ledger".into(),
+            partitions: 3,
+            replication: Replication::default(),
+            properties: ClientProperties::default(),
+            fetch_wait_ms: 10,
         }
-        bail!(
-            "nisshi did not accept connections on {} within 10 s",
-            self.address
-        )
     }
 
     /// SIGSTOP, then SIGCONT after `pause`: the broker neither answers nor closes its
     /// connections meanwhile, as in a network partition or a long stall, and keeps its data.
     pub(crate) async fn freeze(&self, pause: Duration) -> anyhow::Result<()> {
         let pid = self
-            .child
-            .as_ref()
-            .and_then(Child::id)
+            .process
+            .pid()
             .context("the broker is not running")?
             .to_string();
         Command::new("kill").args(["-STOP", &pid]).status().await?;

@@ -18,7 +18,6 @@
 //! `RELIABILITY.md`; the exit status says whether every check passed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,13 +31,12 @@ use service_kit::db::{self, DatabaseConfig};
 use service_kit::event_log;
 use service_kit::kafka::{KafkaConfig, header, headers};
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::args::Flags;
-use crate::bench::{SECRET, free_port, machine, open_accounts, service_token};
+use crate::bench::{SECRET, machine, open_accounts, service_token};
 use crate::broker;
-use crate::dev::workspace_root;
+use crate::launch::{self, Launch, Logs, Profile, Running, Service, free_address};
 
 /// Accounts the clients move money between.
 const ACCOUNTS: usize = 20;
@@ -49,15 +47,29 @@ const ATTEMPTS: u32 = 20;
 /// How long the system may take to settle after the load stops.
 const SETTLE: Duration = Duration::from_secs(180);
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["seconds", "clients", "restart-postgres"])?;
-    let seconds: u64 = flags.one("seconds").unwrap_or("60").parse()?;
-    let clients: usize = flags.one("clients").unwrap_or("8").parse()?;
-    let restart_postgres = match flags.one("restart-postgres").unwrap_or("yes") {
-        "yes" => true,
-        "no" => false,
-        other => bail!("--restart-postgres takes yes or no, not `{other}`"),
-    };
+/// `cargo xtask chaos`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// How long the load runs; the faults are spread over it.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Concurrent clients sending deposits and transfers.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Whether to restart the machine's Postgres (it cuts every connection on the machine).
+    #[arg(long, value_enum, value_name = "yes|no", default_value_t = YesNo::Yes)]
+    restart_postgres: YesNo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum YesNo {
+    Yes,
+    No,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let (seconds, clients) = (options.seconds, options.clients);
+    let restart_postgres = options.restart_postgres == YesNo::Yes;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_chaos".into());
     let database = DatabaseConfig::with_url(&url);
@@ -65,44 +77,36 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let pool = db::connect(&database).await?;
     db::migrate(&pool).await?;
 
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "command-api", "-p", "projector"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    launch::build(Profile::Release, &["command-api", "projector"]).await?;
     let broker = broker::start(broker::Storage::Memory).await?;
-    let kafka = KafkaConfig {
-        brokers: broker.address.clone(),
-        topic_prefix: "ledger".into(),
-        partitions: 3,
-        replication: service_kit::kafka::Replication::default(),
-        properties: service_kit::kafka::ClientProperties::default(),
-        fetch_wait_ms: 10,
-    };
-    let mut services = [
-        Service::new(
-            "command-api",
-            &[],
-            "COMMAND_API_OPS_ADDR",
-            Some("COMMAND_API_ADDR"),
-        )?,
-        Service::new("projector", &[], "PROJECTOR_ADDR", None)?,
-        Service::new(
-            "command-api",
-            &["process-transfers"],
-            "PROCESS_MANAGER_ADDR",
-            None,
-        )?,
-    ];
-    for service in &mut services {
-        service.start(&database, &kafka)?;
+    let kafka = broker.kafka();
+    let address = free_address()?;
+    let mut launches = Vec::new();
+    let mut probed = Vec::new();
+    for service in [
+        Service::CommandApi,
+        Service::Projector,
+        Service::ProcessManager,
+    ] {
+        let ops = free_address()?;
+        probed.push((service.label(), format!("http://{ops}")));
+        launches.push(
+            Launch::service(service, Profile::Release, &ops)
+                .env("COMMAND_API_ADDR", &address)
+                .env("DATABASE_URL", database.url.expose_secret())
+                .env("JWT_HS256_SECRET", SECRET)
+                // One tenant at full speed: the per-tenant limit would be what is measured.
+                .env("RATE_LIMIT_PER_TENANT", "0")
+                .env("KAFKA_BROKERS", &kafka.brokers)
+                // Stuck transfers are looked for this often: the sweep is part of what is tested.
+                .env("PROCESS_MANAGER_STUCK_AFTER_MS", "5000")
+                .env("LOG_FORMAT", "json")
+                .env("RUST_LOG", "warn")
+                .logs(Logs::Discarded),
+        );
     }
-    for service in &services {
-        service.wait_ready().await?;
-    }
-    let base = services[0].base();
+    let mut services = launch::start(launches).await?;
+    let base = format!("http://{address}");
 
     let token = service_token(SECRET, "chaos", "chaos", &["teller"])?;
     let client = reqwest::Client::builder()
@@ -132,7 +136,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             }
         });
     }
-    let probe = Probe::start(services.iter().map(|s| (s.label, s.ops())).collect());
+    let probe = Probe::start(probed);
 
     // Five faults at even intervals, each over well before the load ends.
     let step = Duration::from_secs(seconds) / 6;
@@ -141,15 +145,15 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         tokio::time::sleep_until(load_started + at).await;
         let started = Instant::now();
         let what = match fault {
-            0 => services[0].crash_and_restart(&database, &kafka).await?,
-            1 => services[1].crash_and_restart(&database, &kafka).await?,
+            0 => crash_and_restart(&mut services[0]).await?,
+            1 => crash_and_restart(&mut services[1]).await?,
             2 => {
                 broker.freeze(Duration::from_secs(8)).await?;
                 "freeze the broker for 8 s (SIGSTOP, SIGCONT)".to_owned()
             }
             3 if restart_postgres => restart_postgres_server(&pool).await?,
             3 => "Postgres restart skipped (--restart-postgres no)".to_owned(),
-            _ => services[2].crash_and_restart(&database, &kafka).await?,
+            _ => crash_and_restart(&mut services[2]).await?,
         };
         println!("  {:>5.1} s  {what}", started.elapsed().as_secs_f64());
         faults.push(what);
@@ -163,7 +167,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let settle_started = Instant::now();
     let settled = settle(&pool).await;
     let mut recovered = true;
-    for service in &services {
+    for service in &mut services {
         if let Err(err) = service.wait_ready().await {
             println!("{err}");
             recovered = false;
@@ -173,9 +177,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let mut report =
         Report::gather(&pool, &kafka, &tally, settled, settle_started.elapsed()).await?;
     report.recovered = recovered;
-    for service in &mut services {
-        service.stop().await;
-    }
+    launch::stop(&mut services).await;
     drop(broker);
 
     let table = report.table(clients, seconds, &faults, &not_ready, &machine().await);
@@ -187,116 +189,12 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One of the system's processes, run from its release binary on a port of its own.
-struct Service {
-    label: &'static str,
-    binary: &'static str,
-    args: &'static [&'static str],
-    /// The variable that sets the address of its probes and metrics, and that port.
-    ops_variable: &'static str,
-    ops_port: u16,
-    /// The variable that sets its public API's address, if it has one, and that port.
-    api: Option<(&'static str, u16)>,
-    child: Option<Child>,
-}
-
-impl Service {
-    fn new(
-        binary: &'static str,
-        args: &'static [&'static str],
-        ops_variable: &'static str,
-        api_variable: Option<&'static str>,
-    ) -> anyhow::Result<Self> {
-        let label = match args {
-            [] => binary,
-            _ => "process-manager",
-        };
-        Ok(Self {
-            label,
-            binary,
-            args,
-            ops_variable,
-            ops_port: free_port()?,
-            api: match api_variable {
-                Some(variable) => Some((variable, free_port()?)),
-                None => None,
-            },
-            child: None,
-        })
-    }
-
-    /// The public API; the ops listener for a process without one.
-    fn base(&self) -> String {
-        let port = self.api.map_or(self.ops_port, |(_, port)| port);
-        format!("http://127.0.0.1:{port}")
-    }
-
-    fn ops(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ops_port)
-    }
-
-    fn start(&mut self, database: &DatabaseConfig, kafka: &KafkaConfig) -> anyhow::Result<()> {
-        let mut command = Command::new(workspace_root().join("target/release").join(self.binary));
-        if let Some((variable, port)) = self.api {
-            command.env(variable, format!("127.0.0.1:{port}"));
-        }
-        let child = command
-            .args(self.args)
-            .env("DATABASE_URL", database.url.expose_secret())
-            .env("JWT_HS256_SECRET", SECRET)
-            // One tenant at full speed: the per-tenant limit would be what is measured.
-            .env("RATE_LIMIT_PER_TENANT", "0")
-            .env("KAFKA_BROKERS", &kafka.brokers)
-            .env(self.ops_variable, format!("127.0.0.1:{}", self.ops_port))
-            // Stuck transfers are looked for this often: the sweep is part of what is tested.
-            .env("PROCESS_MANAGER_STUCK_AFTER_MS", "5000")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.label))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        for _ in 0..150 {
-            if let Ok(response) = client
-                .get(format!("{}/health/ready", self.ops()))
-                .send()
-                .await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        bail!("{} did not become ready within 30 s", self.label)
-    }
-
-    /// SIGKILL mid-work, then a restart two seconds later, as a supervisor would.
-    async fn crash_and_restart(
-        &mut self,
-        database: &DatabaseConfig,
-        kafka: &KafkaConfig,
-    ) -> anyhow::Result<String> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        self.start(database, kafka)?;
-        Ok(format!("kill -9 {}, restart after 2 s", self.label))
-    }
-
-    async fn stop(&mut self) {
-        if let Some(child) = &mut self.child {
-            crate::dev::stop(child).await;
-        }
-    }
+/// SIGKILL mid-work, then a restart two seconds later, as a supervisor would.
+async fn crash_and_restart(service: &mut Running) -> anyhow::Result<String> {
+    service.kill().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    service.restart()?;
+    Ok(format!("kill -9 {}, restart after 2 s", service.label()))
 }
 
 /// Restarts the machine's Postgres cluster (fast mode: every connection is cut), and checks

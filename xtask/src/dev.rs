@@ -1,16 +1,15 @@
 //! Running the system on a developer's machine.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use service_kit::auth::{TokenRequest, mint_hs256};
 use service_kit::db::{self, DatabaseConfig, ServiceRole};
 use service_kit::{ExposeSecret, SecretString};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::args::Flags;
 use crate::broker;
+use crate::launch::{self, Launch, Logs, Profile, Running, Service};
 
 /// The HS256 secret `up` gives the services when `JWT_HS256_SECRET` is not set. Development
 /// only: production deployments configure their own secret or a public key.
@@ -45,22 +44,29 @@ fn dev_token(
     )?)
 }
 
-/// `cargo xtask token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]`
-pub(crate) fn token(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["tenant", "role", "sub", "ttl"])?;
-    let tenant = flags.one("tenant").context("--tenant is required")?;
-    let roles = flags.all("role");
-    if roles.is_empty() {
-        bail!("at least one --role is required (teller, viewer, auditor, admin)");
-    }
-    let ttl = flags
-        .one("ttl")
-        .map(str::parse)
-        .transpose()
-        .context("--ttl must be a number of seconds")?
-        .unwrap_or(3600);
-    let subject = flags.one("sub").unwrap_or("dev-user");
-    println!("{}", dev_token(tenant, &roles, subject, ttl)?);
+/// `cargo xtask token`: mint a development JWT, signed as `up`'s services expect.
+#[derive(clap::Args)]
+pub(crate) struct TokenOptions {
+    /// The tenant the token is for.
+    #[arg(long)]
+    tenant: String,
+    /// A role to grant (teller, viewer, auditor, admin); repeat for more.
+    #[arg(long = "role", value_name = "ROLE", required = true)]
+    roles: Vec<String>,
+    /// The subject (user) the token names.
+    #[arg(long = "sub", value_name = "SUB", default_value = "dev-user")]
+    subject: String,
+    /// Lifetime in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    ttl: u64,
+}
+
+pub(crate) fn token(options: &TokenOptions) -> anyhow::Result<()> {
+    let roles: Vec<&str> = options.roles.iter().map(String::as_str).collect();
+    println!(
+        "{}",
+        dev_token(&options.tenant, &roles, &options.subject, options.ttl)?
+    );
     Ok(())
 }
 
@@ -96,15 +102,9 @@ pub(crate) async fn migrate() -> anyhow::Result<()> {
 /// `cargo xtask audit ARGS`: `ledger-audit ARGS` against what `up` runs (its database, its
 /// broker), unless `DATABASE_URL` or `KAFKA_BROKERS` say otherwise. It only reads.
 pub(crate) async fn audit(args: &[String]) -> anyhow::Result<()> {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "-p", "audit"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build -p audit failed");
-    }
+    launch::build(Profile::Release, &["audit"]).await?;
     let database = DatabaseConfig::from_env()?;
-    let status = Command::new(workspace_root().join("target/release/ledger-audit"))
+    let status = Command::new(launch::binary(Profile::Release, "ledger-audit"))
         .args(args)
         .env("DATABASE_URL", database.url.expose_secret())
         .env(
@@ -152,22 +152,7 @@ pub(crate) async fn up() -> anyhow::Result<()> {
         }
     };
     println!("building the services (release)...");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "command-api",
-            "-p",
-            "projector",
-            "-p",
-            "query-api",
-        ])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    launch::build(Profile::Release, &["command-api", "projector", "query-api"]).await?;
     let command_addr = env_or("COMMAND_API_ADDR", "127.0.0.1:8080");
     let query_addr = env_or("QUERY_API_ADDR", "127.0.0.1:8081");
     let command_ops_addr = env_or("COMMAND_API_OPS_ADDR", "127.0.0.1:9080");
@@ -175,9 +160,8 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     let projector_addr = env_or("PROJECTOR_ADDR", "127.0.0.1:8082");
     let process_manager_addr = env_or("PROCESS_MANAGER_ADDR", "127.0.0.1:8083");
     // Each service as in production: its own login, with its role's privileges only.
-    let service = |name: &str, role: ServiceRole| {
-        let mut command = Command::new(workspace_root().join("target/release").join(name));
-        command
+    let service = |which: Service, ops: &str, role: ServiceRole| {
+        Launch::service(which, Profile::Release, ops)
             .env(
                 "DATABASE_URL",
                 role.development_url(database.url.expose_secret()),
@@ -194,35 +178,29 @@ pub(crate) async fn up() -> anyhow::Result<()> {
             .env("QUERY_API_OPS_ADDR", &query_ops_addr)
             .env("PROJECTOR_ADDR", &projector_addr)
             .env("PROCESS_MANAGER_ADDR", &process_manager_addr)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+            .logs(Logs::Shown)
     };
-    let mut children = vec![
-        service("command-api", ServiceRole::Writer)
-            .spawn()
-            .context("starting command-api")?,
-        service("projector", ServiceRole::Projector)
-            .spawn()
-            .context("starting projector")?,
-        service("query-api", ServiceRole::TenantReader)
-            .spawn()
-            .context("starting query-api")?,
-        service("command-api", ServiceRole::Writer)
-            .arg("process-transfers")
-            .spawn()
-            .context("starting the transfer process manager")?,
-    ];
+    let mut services = launch::start(vec![
+        service(Service::CommandApi, &command_ops_addr, ServiceRole::Writer),
+        service(
+            Service::QueryApi,
+            &query_ops_addr,
+            ServiceRole::TenantReader,
+        ),
+        service(Service::Projector, &projector_addr, ServiceRole::Projector),
+        service(
+            Service::ProcessManager,
+            &process_manager_addr,
+            ServiceRole::Writer,
+        ),
+    ])
+    .await?;
     let commands = format!("http://{command_addr}");
     let queries = format!("http://{query_addr}");
     let command_ops = format!("http://{command_ops_addr}");
     let query_ops = format!("http://{query_ops_addr}");
-    wait_ready(&command_ops, &mut children[0]).await?;
-    wait_ready(&query_ops, &mut children[2]).await?;
     let projector = format!("http://{projector_addr}");
     let process_manager = format!("http://{process_manager_addr}");
-    wait_ready(&projector, &mut children[1]).await?;
-    wait_ready(&process_manager, &mut children[3]).await?;
     let token = dev_token(
         "dev",
         &["teller", "viewer", "auditor", "admin"],
@@ -244,21 +222,20 @@ pub(crate) async fn up() -> anyhow::Result<()> {
          Audit: cargo xtask audit verify --kafka\nPress ctrl-c to stop.\n",
         redact(database.url.expose_secret())
     );
-    if let Some(status) = first_exit(&mut children).await {
-        eprintln!("a service exited ({status}); stopping the others");
+    if let Some((service, status)) = first_exit(&mut services).await {
+        eprintln!("{service} exited ({status}); stopping the others");
     }
-    for child in &mut children {
-        stop(child).await;
-    }
+    launch::stop(&mut services).await;
     Ok(())
 }
 
-/// Waits for ctrl-c (`None`) or for a child to exit (its status), whichever comes first.
-async fn first_exit(children: &mut [Child]) -> Option<std::process::ExitStatus> {
+/// Waits for ctrl-c (`None`) or for a service to exit (its name and status), whichever comes
+/// first.
+async fn first_exit(services: &mut [Running]) -> Option<(String, std::process::ExitStatus)> {
     loop {
-        for child in children.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
+        for service in services.iter_mut() {
+            if let Ok(Some(status)) = service.exited() {
+                return Some((service.label().to_owned(), status));
             }
         }
         tokio::select! {
@@ -291,38 +268,6 @@ fn redact(url: &str) -> String {
             format!("{}:***{}", &url[..user_end], &url[at..])
         }
         _ => url.to_owned(),
-    }
-}
-
-async fn wait_ready(base: &str, child: &mut Child) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if let Some(status) = child.try_wait()? {
-            bail!("service exited during start-up: {status}");
-        }
-        if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("{base} did not become ready within 20 s")
-}
-
-/// SIGTERM (graceful shutdown), then a kill if it does not exit in time.
-pub(crate) async fn stop(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-    }
-    if tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
     }
 }
 

@@ -5,24 +5,28 @@
 //! schema-valid requests on purpose (an account that does not exist, a transfer to the same
 //! account). Exits non-zero if schemathesis finds anything.
 
-use std::process::Stdio;
-
 use anyhow::{Context, bail};
 use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use tokio::process::Command;
 
-use crate::args::Flags;
-use crate::bench::{free_port, service_token, wait_ready};
-use crate::dev::{stop, workspace_root};
+use crate::bench::service_token;
+use crate::dev::workspace_root;
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
 /// The version pinned in `xtask/python-constraints.txt`.
 const SCHEMATHESIS: &str = "schemathesis";
 const SECRET: &str = "fuzz-secret-0123456789abcdef0123456789abcdef";
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["examples"])?;
-    let examples: u32 = flags.one("examples").unwrap_or("50").parse()?;
+/// `cargo xtask fuzz`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Examples schemathesis generates per operation.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    examples: u32,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     ensure_schemathesis().await?;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_fuzz".into());
@@ -32,44 +36,26 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     pool.close().await;
 
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "command-api", "-p", "query-api"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
-    let (command_port, query_port) = (free_port()?, free_port()?);
-    let (command_ops, query_ops) = (free_port()?, free_port()?);
-    let service = |name: &str| {
-        let mut command = Command::new(workspace_root().join("target/debug").join(name));
-        command
+    launch::build(Profile::Debug, &["command-api", "query-api"]).await?;
+    let (command_addr, query_addr) = (free_address()?, free_address()?);
+    let service = |which: Service| -> anyhow::Result<Launch> {
+        Ok(Launch::service(which, Profile::Debug, &free_address()?)
             .env("DATABASE_URL", database.url.expose_secret())
             .env("JWT_HS256_SECRET", SECRET)
             .env("COMMAND_API_RELAY", "false")
-            .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
-            .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
-            .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{command_ops}"))
-            .env("QUERY_API_OPS_ADDR", format!("127.0.0.1:{query_ops}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+            .env("COMMAND_API_ADDR", &command_addr)
+            .env("QUERY_API_ADDR", &query_addr)
+            .env("RUST_LOG", "warn"))
     };
-    let mut children = vec![
-        service("command-api")
-            .spawn()
-            .context("starting command-api")?,
-        service("query-api").spawn().context("starting query-api")?,
-    ];
+    let mut services = launch::start(vec![
+        service(Service::CommandApi)?,
+        service(Service::QueryApi)?,
+    ])
+    .await?;
     let apis = [
-        ("command API", format!("http://127.0.0.1:{command_port}")),
-        ("query API", format!("http://127.0.0.1:{query_port}")),
+        ("command API", format!("http://{command_addr}")),
+        ("query API", format!("http://{query_addr}")),
     ];
-    for ops in [command_ops, query_ops] {
-        wait_ready(&format!("http://127.0.0.1:{ops}")).await?;
-    }
     let token = service_token(SECRET, "fuzz", "fuzzer", &["teller", "viewer", "auditor"])?;
     let config = workspace_root().join("xtask/fuzz/schemathesis.toml");
     let mut failed = Vec::new();
@@ -86,7 +72,12 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
                 "--exclude-checks",
                 "positive_data_acceptance",
             ])
-            .args(["--max-examples", &examples.to_string(), "--workers", "2"])
+            .args([
+                "--max-examples",
+                &options.examples.to_string(),
+                "--workers",
+                "2",
+            ])
             .arg("--report-dir")
             .arg(workspace_root().join("target/fuzz"))
             .status()
@@ -96,9 +87,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
             failed.push(*name);
         }
     }
-    for child in &mut children {
-        stop(child).await;
-    }
+    launch::stop(&mut services).await;
     if !failed.is_empty() {
         bail!(
             "schemathesis found failures in the {}",

@@ -1,18 +1,21 @@
 //! Developer commands: `cargo xtask <command>`.
 //!
 //! # Layout
-//! - `dev`: `up`, `migrate`, `token`: run the system locally.
+//! - `dev`: `up`, `migrate`, `token`, `audit`: run the system locally.
+//! - `launch`: building the services and running any process in the background: start, wait
+//!   until ready, kill, restart, stop. Every command that runs a process does it through here.
+//! - `broker`: installing and starting the development Kafka-protocol broker.
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `fuzz`: schema-driven HTTP fuzzing of both APIs (schemathesis).
-//! - `broker`: installing and starting the development Kafka-protocol broker.
+//! - `chaos`: faults under load, and the checks that nothing was lost; writes `RELIABILITY.md`.
 //! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`: benchmarks that write
 //!   `BENCHMARKS.md`.
+//! - `config_reference`: README.md's configuration table.
 
 #![allow(clippy::print_stdout)]
 
-use anyhow::Context;
+use clap::{Parser, Subcommand};
 
-mod args;
 mod audit_bench;
 mod bench;
 mod broker;
@@ -20,56 +23,103 @@ mod chaos;
 mod config_reference;
 mod dev;
 mod fuzz;
+mod launch;
 mod pipeline_bench;
 mod test;
 mod transfer_bench;
 
-const USAGE: &str = "\
-usage: cargo xtask <command>
+#[derive(Parser)]
+#[command(
+    bin_name = "cargo xtask",
+    about = "Developer commands of the ledger",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  up                     migrate, start every service, print URLs and a dev token
-  migrate                create the database if missing and apply migrations
-  config-reference       write README.md's configuration table from the services' SETTINGS
-  token --tenant T --role R [--role R2] [--sub S] [--ttl SECONDS]
-                         mint a development JWT
-  audit ARGS             ledger-audit (built in release) against the `up` database and broker,
-                         e.g. `cargo xtask audit verify --kafka`
-  test [ARGS]            run the whole workspace's tests (ARGS go to cargo test)
-  fuzz [--examples N]    schemathesis against both APIs' OpenAPI documents
-  chaos [--seconds S] [--clients C] [--restart-postgres yes|no]
-                         kill -9 and restart each process, the broker and Postgres under load;
-                         checks nothing acknowledged is lost or doubled; writes RELIABILITY.md
-  bench commands         command throughput/latency vs pgbench; writes BENCHMARKS.md
-  bench pipeline [--events N] [--rate R] [--seconds S]
-                         relay, projector, rebuild throughput and end-to-end latency
-  bench audit [--events N]
-                         verify, replay, export, check throughput; audit query latency
-  bench transfers [--seconds S] [--clients C] [--rate R]
-                         transfers end to end through the process manager, beside deposits
-";
+#[derive(Subcommand)]
+enum Command {
+    /// Migrate, start every service, print the URLs and a dev token.
+    Up,
+    /// Create the database if missing and apply migrations.
+    Migrate,
+    /// Write README.md's configuration table from the services' SETTINGS.
+    ConfigReference,
+    /// Mint a development JWT.
+    Token(dev::TokenOptions),
+    /// Run ledger-audit (built in release) against the `up` database and broker, e.g.
+    /// `cargo xtask audit verify --kafka`.
+    Audit {
+        /// Passed to ledger-audit.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole workspace's tests.
+    Test(test::Options),
+    /// Fuzz both APIs from their OpenAPI documents with schemathesis.
+    Fuzz(fuzz::Options),
+    /// Kill -9 and restart each process, freeze the broker and restart Postgres under load;
+    /// checks nothing acknowledged is lost or doubled; writes RELIABILITY.md.
+    Chaos(chaos::Options),
+    /// Benchmarks; each writes its section of BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let command = args.next();
-    let rest: Vec<String> = args.collect();
-    match command.as_deref() {
-        Some("up") => dev::up().await,
-        Some("migrate") => dev::migrate().await,
-        Some("config-reference") => config_reference::write(),
-        Some("token") => dev::token(&rest),
-        Some("audit") => dev::audit(&rest).await,
-        Some("test") => test::run(&rest).await,
-        Some("bench") => bench::run(&rest).await,
-        Some("fuzz") => fuzz::run(&rest).await,
-        Some("chaos") => chaos::run(&rest).await,
-        Some("help" | "--help" | "-h") | None => {
-            print!("{USAGE}");
-            Ok(())
+    match Cli::parse().command {
+        Command::Up => dev::up().await,
+        Command::Migrate => dev::migrate().await,
+        Command::ConfigReference => config_reference::write(),
+        Command::Token(options) => dev::token(&options),
+        Command::Audit { args } => dev::audit(&args).await,
+        Command::Test(options) => test::run(&options).await,
+        Command::Fuzz(options) => fuzz::run(&options).await,
+        Command::Chaos(options) => chaos::run(&options).await,
+        Command::Bench(bench) => bench::run(&bench).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn passed_through(line: &[&str]) -> Vec<String> {
+        match Cli::try_parse_from(line).map(|cli| cli.command) {
+            Ok(Command::Test(options)) => options.cargo_test_args(),
+            Ok(Command::Audit { args }) => args,
+            _ => panic!("{line:?} did not parse"),
         }
-        Some(other) => {
-            Err(anyhow::anyhow!("unknown command `{other}`\n\n{USAGE}")).context("cargo xtask")
-        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_and_audit_pass_their_arguments_on_untouched() {
+        assert_eq!(
+            passed_through(&["xtask", "test", "-p", "domain", "--", "--nocapture"]),
+            ["-p", "domain", "--", "--nocapture"]
+        );
+        assert_eq!(
+            passed_through(&["xtask", "test", "--", "--nocapture"]),
+            ["--", "--nocapture"]
+        );
+        assert_eq!(
+            passed_through(&["xtask", "test", "-p", "domain"]),
+            ["-p", "domain"]
+        );
+        assert!(passed_through(&["xtask", "test"]).is_empty());
+        assert_eq!(
+            passed_through(&["xtask", "audit", "verify", "--kafka"]),
+            ["verify", "--kafka"]
+        );
     }
 }

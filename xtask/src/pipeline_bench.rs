@@ -3,46 +3,49 @@
 //! command rate. Writes its section of `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use command_api::AppendSignal;
 use command_api::relay::{Relay, RelayConfig};
 use serde_json::json;
-use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use service_kit::kafka::KafkaConfig;
 use sqlx::PgPool;
-use tokio::process::Command;
 
-use crate::args::Flags;
-use crate::bench::{free_port, machine, percentile_ms, reset_database, wait_ready, write_section};
+use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
-use crate::dev::{stop, workspace_root};
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
-const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 pub(crate) const SEED_ACCOUNTS: i64 = 1000;
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["events", "rate", "seconds"])?;
-    let events: i64 = flags.one("events").unwrap_or("1000000").parse()?;
-    let rate: u64 = flags.one("rate").unwrap_or("500").parse()?;
-    let seconds: u64 = flags.one("seconds").unwrap_or("20").parse()?;
+/// `cargo xtask bench pipeline`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Events in the store the relay, the projector and the rebuild run over.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: i64,
+    /// Commands per second for the end-to-end latency.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// How long the end-to-end latency is measured.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let Options {
+        events,
+        rate,
+        seconds,
+    } = *options;
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_bench_pipeline".into());
     let database = DatabaseConfig::with_url(&server);
     reset_database(&database).await?;
     let pool = db::connect(&database).await?;
     let broker = broker::start(broker::Storage::Memory).await?;
-    let kafka = KafkaConfig {
-        brokers: broker.address.clone(),
-        topic_prefix: "ledger".into(),
-        partitions: 3,
-        replication: service_kit::kafka::Replication::default(),
-        properties: service_kit::kafka::ClientProperties::default(),
-        fetch_wait_ms: 10,
-    };
+    let kafka = broker.kafka();
 
     println!("seeding {events} events...");
     let seeded = Instant::now();
@@ -234,56 +237,26 @@ async fn end_to_end(
     rate: u64,
     seconds: u64,
 ) -> anyhow::Result<Latency> {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "command-api",
-            "-p",
-            "projector",
-            "-p",
-            "query-api",
-        ])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
-    let command_port = free_port()?;
-    let query_port = free_port()?;
-    let service = |name: &str| {
-        let mut command = Command::new(workspace_root().join("target/release").join(name));
-        command
-            .env("DATABASE_URL", database.url.expose_secret())
-            .env("JWT_HS256_SECRET", SECRET)
+    launch::build(Profile::Release, &["command-api", "projector", "query-api"]).await?;
+    let (command_addr, query_addr) = (free_address()?, free_address()?);
+    let service = |which: Service| -> anyhow::Result<Launch> {
+        Ok(crate::bench::service(which, &free_address()?, database)
             .env("KAFKA_BROKERS", &kafka.brokers)
             // The group that already projected the seeded events: it resumes at their end.
             .env("PROJECTOR_GROUP", "bench-projector")
-            .env("PROJECTOR_ADDR", "127.0.0.1:0")
-            .env("PROCESS_MANAGER_ADDR", "127.0.0.1:0")
-            .env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"))
-            .env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"))
-            .env("QUERY_API_MAX_WAIT_MS", "5000")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+            .env("COMMAND_API_ADDR", &command_addr)
+            .env("QUERY_API_ADDR", &query_addr)
+            .env("QUERY_API_MAX_WAIT_MS", "5000"))
     };
-    let mut children = vec![
-        service("command-api")
-            .spawn()
-            .context("starting command-api")?,
-        service("projector").spawn().context("starting projector")?,
-        service("query-api").spawn().context("starting query-api")?,
-    ];
-    let commands = format!("http://127.0.0.1:{command_port}");
-    let queries = format!("http://127.0.0.1:{query_port}");
-    wait_ready(&commands).await?;
-    wait_ready(&queries).await?;
-    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller", "viewer"])?;
+    let mut services = launch::start(vec![
+        service(Service::CommandApi)?,
+        service(Service::Projector)?,
+        service(Service::QueryApi)?,
+    ])
+    .await?;
+    let commands = format!("http://{command_addr}");
+    let queries = format!("http://{query_addr}");
+    let token = service_token(SECRET, "bench", "bench", &["teller", "viewer"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
@@ -349,8 +322,6 @@ async fn end_to_end(
         }
     }
     latency.samples.sort_unstable();
-    for child in &mut children {
-        stop(child).await;
-    }
+    launch::stop(&mut services).await;
     Ok(latency)
 }

@@ -10,7 +10,32 @@ use crate::broker;
 /// Where tests look for Postgres when `DATABASE_URL` is not set.
 const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
+/// `cargo xtask test [ARGS]... [-- TEST_ARGS]...`, as `cargo test --workspace` takes them.
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Passed to cargo test, e.g. `-p domain`.
+    #[arg(allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// Passed to the test binaries, e.g. `--nocapture`.
+    #[arg(last = true)]
+    test_args: Vec<String>,
+}
+
+impl Options {
+    /// The arguments for `cargo test --workspace`, as they were given: clap keeps a `--` that
+    /// follows other arguments in `args`, but takes a leading one as its own separator and
+    /// drops it, so it is put back here.
+    pub(crate) fn cargo_test_args(&self) -> Vec<String> {
+        let mut all = self.args.clone();
+        if !self.test_args.is_empty() {
+            all.push("--".to_owned());
+            all.extend(self.test_args.iter().cloned());
+        }
+        all
+    }
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     let database_url = match std::env::var("DATABASE_URL") {
         Ok(url) => Some(url),
         Err(_) => match PgConnection::connect(LOCAL_POSTGRES).await {
@@ -37,7 +62,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     cargo
         .current_dir(crate::dev::workspace_root())
         .args(["test", "--workspace"])
-        .args(args);
+        .args(options.cargo_test_args());
     if let Some(url) = &database_url {
         cargo.env("DATABASE_URL", url);
     }

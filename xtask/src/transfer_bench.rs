@@ -6,32 +6,42 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use service_kit::ExposeSecret;
 use service_kit::db::{self, DatabaseConfig};
 use sqlx::PgPool;
-use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::args::Flags;
-use crate::bench::{free_port, machine, percentile_ms, reset_database, wait_ready, write_section};
+use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
-use crate::dev::{stop, workspace_root};
+use crate::launch::{self, Launch, Profile, Service, free_address};
 
-const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 100;
 const INITIAL_BALANCE: i64 = 1_000_000_000;
 
-pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
-    let flags = Flags::parse(args, &["seconds", "clients", "rate"])?;
-    let seconds: u64 = flags.one("seconds").unwrap_or("10").parse()?;
-    let clients: usize = flags.one("clients").unwrap_or("16").parse()?;
-    let rate: u64 = flags.one("rate").unwrap_or("100").parse()?;
+/// `cargo xtask bench transfers`
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Length of each run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Closed-loop clients of the deposit and saturating transfer runs.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Transfers per second of the steady run.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
+    let Options {
+        seconds,
+        clients,
+        rate,
+    } = *options;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ledger_bench_transfers".into());
     let database = DatabaseConfig::with_url(&url);
@@ -39,46 +49,23 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let pool = db::connect(&database).await?;
     let broker = broker::start(broker::Storage::Memory).await?;
 
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "command-api", "-p", "projector"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
-    let (port, ops_port) = (free_port()?, free_port()?);
-    let service = |name: &str| {
-        let mut command = Command::new(workspace_root().join("target/release").join(name));
-        command
-            .env("DATABASE_URL", database.url.expose_secret())
-            .env("JWT_HS256_SECRET", SECRET)
+    launch::build(Profile::Release, &["command-api", "projector"]).await?;
+    let address = free_address()?;
+    let service = |which: Service| -> anyhow::Result<Launch> {
+        Ok(crate::bench::service(which, &free_address()?, &database)
             // One tenant at full speed: the per-tenant limit would be what is measured.
             .env("RATE_LIMIT_PER_TENANT", "0")
             .env("KAFKA_BROKERS", &broker.address)
-            .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
-            .env("COMMAND_API_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
-            .env("PROJECTOR_ADDR", "127.0.0.1:0")
-            .env("PROCESS_MANAGER_ADDR", "127.0.0.1:0")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
+            .env("COMMAND_API_ADDR", &address))
     };
-    let mut children = vec![
-        service("command-api")
-            .spawn()
-            .context("starting command-api")?,
-        service("command-api")
-            .arg("process-transfers")
-            .spawn()
-            .context("starting the process manager")?,
-        service("projector").spawn().context("starting projector")?,
-    ];
-    let base = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("http://127.0.0.1:{ops_port}")).await?;
-    let token = crate::bench::service_token(SECRET, "bench", "bench", &["teller"])?;
+    let mut services = launch::start(vec![
+        service(Service::CommandApi)?,
+        service(Service::ProcessManager)?,
+        service(Service::Projector)?,
+    ])
+    .await?;
+    let base = format!("http://{address}");
+    let token = service_token(SECRET, "bench", "bench", &["teller"])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
@@ -99,9 +86,7 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     let saturated = load.closed_loop(&accounts, clients, seconds, true).await;
     let saturated_ends = settled(&pool, &saturated.sent).await?;
     let outcomes = outcomes(&pool).await?;
-    for child in &mut children {
-        stop(child).await;
-    }
+    launch::stop(&mut services).await;
     drop(broker);
 
     let mut out = String::new();
