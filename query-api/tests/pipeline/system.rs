@@ -607,6 +607,49 @@ impl System {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+
+    /// Kills the process manager while transfers it was told of (their request is on the
+    /// topic) are unsettled, and proves the kill hit then: some of those are unsettled still
+    /// after it. Returns how many.
+    pub(crate) async fn kill_process_manager_mid_stream(&mut self) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let in_flight: Vec<String> = sqlx::query_scalar(
+                "SELECT e.aggregate_id FROM events e, log_checkpoints c
+                  WHERE c.reader = $1 AND e.event_type = 'TransferRequested'
+                    AND (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)
+                    AND NOT EXISTS (SELECT 1 FROM events f
+                                     WHERE f.aggregate_id = e.aggregate_id
+                                       AND f.event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))",
+            )
+            .bind(RELAY_READER)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            if !in_flight.is_empty() {
+                self.kill_process_manager().await;
+                let unsettled: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM unnest($1::text[]) AS t(id)
+                      WHERE NOT EXISTS (SELECT 1 FROM events f
+                                         WHERE f.aggregate_id = t.id
+                                           AND f.event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))",
+                )
+                .bind(&in_flight)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+                if unsettled > 0 {
+                    return unsettled as usize;
+                }
+                self.start_process_manager().await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the process manager never had a transfer in flight when it was to be killed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// The slug of a problem+json `type` (`urn:ledger:problem:<slug>`), or "" for anything else.
