@@ -1,3 +1,6 @@
+//! `command-api`: the command API, or the relay, the process manager or the migrations alone.
+//! `clap` parses the subcommand: usage, `--help` and errors from a maintained parser.
+
 use clap::{Parser, Subcommand};
 use command_api::process::{ProcessConfig, ProcessManager};
 use command_api::relay::{Relay, RelayConfig};

@@ -1,3 +1,6 @@
+//! `projector`: runs, rebuilds or checks the read models. `clap` parses the subcommand: usage,
+//! `--help` and errors from a maintained parser.
+
 use std::io::Write;
 use std::process::ExitCode;
 

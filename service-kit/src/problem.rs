@@ -135,7 +135,8 @@ impl utoipa::Modify for BearerAuth {
 /// that each `#[utoipa::path]` lists only its own: 401, 403 (the roles of the operation's
 /// tag), 429 with `Retry-After` (the per-tenant rate limit) and 503 (database unavailable);
 /// on every POST also 400 (malformed body or header), 413 and 415. An operation that documents
-/// one of these itself keeps its own description.
+/// one of these itself keeps its own description. GET and POST are the only methods the APIs
+/// serve, and the only ones looked at.
 pub struct StandardProblems {
     /// The roles each tag's operations need (any one of them): their
     /// [`crate::auth::RequiredRoles::ROLES`].

@@ -397,3 +397,271 @@ pub fn problem(body: &Value) -> &str {
         .and_then(|t| t.strip_prefix("urn:ledger:problem:"))
         .unwrap_or_default()
 }
+
+/// The relay's row in `log_checkpoints`.
+const RELAY_READER: &str = "kafka-relay";
+
+/// How the relay asks for the leadership lock, as `pg_stat_activity` shows it.
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
+
+/// A log position, `(tx_id, global_position)`, with the `tx_id` as text.
+pub type LogPosition = (String, i64);
+
+/// Evidence that a process was stopped while it had work: what it had not done yet of what
+/// existed when it was stopped.
+impl TestSystem {
+    /// The newest committed event's position in the log.
+    pub async fn log_head(&self) -> Option<LogPosition> {
+        sqlx::query_as(
+            "SELECT tx_id::text, global_position FROM events
+              ORDER BY tx_id DESC, global_position DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The relay's checkpoint: everything up to it is on the topics.
+    pub async fn relay_checkpoint(&self) -> Option<LogPosition> {
+        sqlx::query_as("SELECT tx_id::text, global_position FROM log_checkpoints WHERE reader = $1")
+            .bind(RELAY_READER)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Events at or before `head` that are not under the relay's checkpoint.
+    pub async fn unpublished_up_to(&self, head: &LogPosition) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM events e
+              WHERE (e.tx_id, e.global_position) <= ($1::text::xid8, $2)
+                AND NOT EXISTS (SELECT 1 FROM log_checkpoints c
+                                 WHERE c.reader = $3
+                                   AND (e.tx_id, e.global_position) <= (c.tx_id, c.global_position))",
+        )
+        .bind(&head.0)
+        .bind(head.1)
+        .bind(RELAY_READER)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Waits (up to 30 s) until the relay has published something and events it has not
+    /// published exist; returns the newest of those.
+    pub async fn relay_backlog(&self) -> LogPosition {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.relay_checkpoint().await.is_some()
+                && let Some(head) = self.log_head().await
+                && self.unpublished_up_to(&head).await > 0
+            {
+                return head;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay never had events to publish (or never published: is its checkpoint \
+                 still named {RELAY_READER:?}?)"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The session holding the relay's leadership lock in this database, if any.
+    pub async fn leader_pid(&self) -> Option<i32> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Sessions holding the relay's leadership lock in this database.
+    pub async fn leaders(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The database's clock, to compare with `pg_stat_activity`'s.
+    pub async fn database_now(&self) -> chrono::DateTime<chrono::Utc> {
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (up to 10 s) until a relay that does not lead has asked for the leadership after
+    /// `since` and been refused (its request answered, the lock still another's); returns its
+    /// session.
+    pub async fn refused_standby(&self, since: chrono::DateTime<chrono::Utc>) -> i32 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let refused: Option<i32> = sqlx::query_scalar(
+                "SELECT a.pid FROM pg_stat_activity a
+                  WHERE a.datname = current_database() AND a.state = 'idle'
+                    AND a.query = $1 AND a.query_start > $2
+                    AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                                     WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)
+                  LIMIT 1",
+            )
+            .bind(TRY_LOCK)
+            .bind(since)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap();
+            if let Some(pid) = refused {
+                return pid;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no relay was refused the leadership lock (asking with {TRY_LOCK:?}) since {since}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the relay while events it has not published exist, and proves the kill hit
+    /// then: once its lock connection is gone (so its checkpoint can no longer move), events
+    /// committed before the kill are still not under its checkpoint. Returns how many.
+    pub async fn kill_relay_mid_stream(&mut self) -> i64 {
+        for _ in 0..20 {
+            let head = self.relay_backlog().await;
+            self.kill_relay().await;
+            self.no_relay_leads().await;
+            let left = self.unpublished_up_to(&head).await;
+            if left > 0 {
+                return left;
+            }
+            // It published them between the look and the kill: again.
+            self.start_relay().await;
+        }
+        panic!("the relay always caught up before it was killed");
+    }
+
+    /// Waits (up to 10 s) until no session holds the leadership lock.
+    async fn no_relay_leads(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.leaders().await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a killed relay still holds its lock"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Account events published (under the relay's checkpoint), and those the read model
+    /// applied (its versions add up to them).
+    async fn account_events_published_and_applied(&self) -> (i64, i64) {
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events e, log_checkpoints c
+                      WHERE c.reader = $1 AND e.aggregate_type = 'account'
+                        AND (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)),
+                    (SELECT coalesce(sum(version), 0)::int8 FROM accounts)",
+        )
+        .bind(RELAY_READER)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Kills the projector while messages it has not applied are on the topic, and proves the
+    /// kill hit then: once none of its sessions is in a statement or a transaction (so the
+    /// read model can no longer move), account events published before the kill are still
+    /// not applied. Returns how many.
+    pub async fn kill_projector_mid_stream(&mut self) -> i64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (published, applied) = self.account_events_published_and_applied().await;
+            if published > applied {
+                self.kill_projector().await;
+                self.projector_settled().await;
+                let (_, applied) = self.account_events_published_and_applied().await;
+                if applied < published {
+                    return published - applied;
+                }
+                // It applied them between the look and the kill: again.
+                self.start_projector().await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the projector never had messages to apply when it was to be killed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits (up to 10 s) until no session of the projector's login in this database is in a
+    /// statement or a transaction.
+    async fn projector_settled(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND usename = $1 AND state <> 'idle'",
+            )
+            .bind(ServiceRole::Projector.development_login())
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            if busy == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a killed projector's sessions are still busy"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Kills the process manager while transfers it was told of (their request is on the
+    /// topic) are unsettled, and proves the kill hit then: some of those are unsettled still
+    /// after it. Returns how many.
+    pub async fn kill_process_manager_mid_stream(&mut self) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let in_flight: Vec<String> = sqlx::query_scalar(
+                "SELECT e.aggregate_id FROM events e, log_checkpoints c
+                  WHERE c.reader = $1 AND e.event_type = 'TransferRequested'
+                    AND (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)
+                    AND NOT EXISTS (SELECT 1 FROM events f
+                                     WHERE f.aggregate_id = e.aggregate_id
+                                       AND f.event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))",
+            )
+            .bind(RELAY_READER)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            if !in_flight.is_empty() {
+                self.kill_process_manager().await;
+                let unsettled: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM unnest($1::text[]) AS t(id)
+                      WHERE NOT EXISTS (SELECT 1 FROM events f
+                                         WHERE f.aggregate_id = t.id
+                                           AND f.event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed'))",
+                )
+                .bind(&in_flight)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+                if unsettled > 0 {
+                    return unsettled as usize;
+                }
+                self.start_process_manager().await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the process manager never had a transfer in flight when it was to be killed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

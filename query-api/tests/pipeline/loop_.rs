@@ -73,9 +73,26 @@ async fn a_late_committing_transaction_is_not_skipped() {
     for _ in 0..5 {
         last = system.move_money(fast, 10).await;
     }
-    // The relay waits for the open transaction rather than skipping past it. (Held briefly:
-    // it holds back the relays of every other test on this server too.)
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay looks at the log again after they committed (twice, so that a whole pass of
+    // its loop began after them: it reads, publishes, moves its checkpoint, and only then
+    // asks whether something waits) and still publishes nothing past the open transaction.
+    // (Held briefly: it holds back the relays of every other test on this server too.)
+    let since = system.database_now().await;
+    let looked = relay_looked_for_pending_events_after(&system, since).await;
+    relay_looked_for_pending_events_after(&system, looked).await;
+    let published_fast: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events e, log_checkpoints c
+          WHERE c.reader = 'kafka-relay' AND e.aggregate_id = $1
+            AND (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)",
+    )
+    .bind(fast.to_string())
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        published_fast, 1,
+        "the checkpoint moved past an open transaction"
+    );
     let projected: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
         .bind(fast)
         .fetch_one(&system.pool)
@@ -103,6 +120,35 @@ async fn a_late_committing_transaction_is_not_skipped() {
     assert_eq!(version, 3);
     assert_eq!(system.account_at(slow, 3).await["balance"], 75);
     system.converged(Duration::from_secs(10)).await;
+}
+
+/// Waits (up to 10 s) until the relay, with nothing it may publish, asked whether events are
+/// waiting (behind an open transaction) in a query that started after `since`; returns when
+/// that query started. Seen in `pg_stat_activity`, where each session shows its last query.
+async fn relay_looked_for_pending_events_after(
+    system: &System,
+    since: chrono::DateTime<chrono::Utc>,
+) -> chrono::DateTime<chrono::Utc> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let started: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT max(query_start) FROM pg_stat_activity
+              WHERE datname = current_database() AND state = 'idle' AND query_start > $1
+                AND query LIKE 'SELECT EXISTS (SELECT 1 FROM events WHERE (tx_id, global_position) >%'",
+        )
+        .bind(since)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+        if let Some(started) = started {
+            return started;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay did not look for waiting events (event_log::has_pending) since {since}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test]
