@@ -1,53 +1,38 @@
 //! A one-line progress bar on stderr for long command-line jobs (rebuild, verify, export).
-//! Draws only when stderr is a terminal, so logs and CI output stay clean.
+//! `indicatif` draws it (rate and estimate included), and only when stderr is a terminal, so
+//! logs and CI output stay clean.
 
-use std::io::{IsTerminal, Write};
-use std::time::Instant;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-const WIDTH: u64 = 40;
-
-pub struct Progress {
-    label: &'static str,
-    total: u64,
-    started: Instant,
-    enabled: bool,
-}
+pub struct Progress(ProgressBar);
 
 impl Progress {
     /// A bar for `total` units of `label` (e.g. "events"), shown if `wanted` and stderr is a
     /// terminal.
     pub fn new(label: &'static str, total: u64, wanted: bool) -> Self {
-        Self {
-            label,
-            total: total.max(1),
-            started: Instant::now(),
-            enabled: wanted && std::io::stderr().is_terminal(),
+        let bar = ProgressBar::with_draw_target(
+            Some(total),
+            if wanted {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        if let Ok(style) = ProgressStyle::with_template(&format!(
+            "[{{bar:40}}] {{pos}}/{{len}} {label}, {{per_sec}}, {{eta}} left"
+        )) {
+            bar.set_style(style.progress_chars("#>-"));
         }
+        Self(bar)
     }
 
-    #[allow(clippy::print_stderr)]
     pub fn update(&self, done: u64) {
-        if !self.enabled {
-            return;
-        }
-        let filled = done.min(self.total) * WIDTH / self.total;
-        let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-        eprint!(
-            "\r[{}{}] {done}/{} {}, {rate:.0}/s",
-            "#".repeat(filled as usize),
-            " ".repeat((WIDTH - filled) as usize),
-            self.total,
-            self.label,
-        );
-        let _ = std::io::stderr().flush();
+        self.0.set_position(done);
     }
 
     /// Draws the final state and ends the line.
-    #[allow(clippy::print_stderr)]
     pub fn finish(&self, done: u64) {
-        if self.enabled {
-            self.update(done);
-            eprintln!();
-        }
+        self.0.set_position(done);
+        self.0.finish();
     }
 }
