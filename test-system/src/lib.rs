@@ -52,10 +52,10 @@ pub struct TestSystem {
     pub queries: String,
     pub client: reqwest::Client,
     relay: Option<JoinHandle<()>>,
-    projector: Option<JoinHandle<()>>,
+    projector: Option<Detached>,
     /// The running projector's health probes and `/metrics`.
     pub projector_ops: String,
-    process_manager: Option<JoinHandle<()>>,
+    process_manager: Option<Detached>,
 }
 
 impl TestSystem {
@@ -131,23 +131,28 @@ impl TestSystem {
     /// The transfer process manager, resuming transfers stuck for more than two seconds
     /// (rather than thirty), so that tests of a lost message do not wait long.
     pub async fn start_process_manager(&mut self) {
-        let manager = ProcessManager::build(ProcessConfig {
+        let config = ProcessConfig {
             stuck_after: Duration::from_secs(2),
             ..ProcessConfig::for_tests(
                 self.database.config_as(ServiceRole::Writer),
                 self.kafka.clone(),
             )
+        };
+        let (started, manager) = Detached::start(async move {
+            let manager = ProcessManager::build(config)
+                .await
+                .expect("start the process manager");
+            ((), manager.run(std::future::pending()))
         })
-        .await
-        .expect("start the process manager");
-        self.process_manager = Some(tokio::spawn(manager.run(std::future::pending())));
+        .await;
+        self.process_manager = Some(manager);
+        started
     }
 
     /// Kills the process manager mid-stream, as a crash would.
     pub async fn kill_process_manager(&mut self) {
         if let Some(manager) = self.process_manager.take() {
-            manager.abort();
-            let _ = manager.await;
+            manager.kill().await;
         }
     }
 
@@ -175,16 +180,20 @@ impl TestSystem {
     }
 
     pub async fn start_projector(&mut self) {
-        let projector = Projector::build(projector::Config::for_tests(
+        let config = projector::Config::for_tests(
             self.database.config_as(ServiceRole::Projector),
             self.kafka.clone(),
-        ))
-        .await
-        .expect("start the projector");
-        self.projector_ops = format!("http://127.0.0.1:{}", projector.ops_port());
-        self.projector = Some(tokio::spawn(
-            projector.run_until_stopped(std::future::pending()),
-        ));
+        );
+        let (ops_port, projector) = Detached::start(async move {
+            let projector = Projector::build(config).await.expect("start the projector");
+            (
+                projector.ops_port(),
+                projector.run_until_stopped(std::future::pending()),
+            )
+        })
+        .await;
+        self.projector_ops = format!("http://127.0.0.1:{ops_port}");
+        self.projector = Some(projector);
     }
 
     /// The running projector's `/metrics`.
@@ -202,8 +211,7 @@ impl TestSystem {
     /// Kills the projector mid-stream, as a crash would.
     pub async fn kill_projector(&mut self) {
         if let Some(projector) = self.projector.take() {
-            projector.abort();
-            let _ = projector.await;
+            projector.kill().await;
         }
     }
 
@@ -662,6 +670,66 @@ impl TestSystem {
                 "the process manager never had a transfer in flight when it was to be killed"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A service with a Kafka consumer, run on a runtime and a thread of its own. librdkafka can
+/// hang forever closing a consumer, in `rd_kafka_assign` from the revoke (librdkafka issue
+/// 4884), and a consumer is closed when it is dropped: a service killed here is dropped on its
+/// own thread, which nobody waits for, so that hang cannot stall a test (the test binary's
+/// exit ends the thread). Once `kill` returns, the service does nothing more.
+struct Detached {
+    stop: Option<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Detached {
+    /// Runs `start` on the new thread: it builds the service and returns what the caller
+    /// needs to know of it, and the future that runs it.
+    async fn start<T, F, R>(start: F) -> (T, Self)
+    where
+        T: Send + 'static,
+        F: Future<Output = (T, R)> + Send + 'static,
+        R: Future<Output = ()> + Send + 'static,
+    {
+        let (started, built) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<tokio::sync::oneshot::Sender<()>>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the service");
+            runtime.block_on(async move {
+                let (known, run) = start.await;
+                let _ = started.send(known);
+                let service = tokio::spawn(run);
+                if let Ok(killed) = stopped.await {
+                    // On this single-threaded runtime the service runs only when this task
+                    // awaits: aborted now, it never runs again.
+                    service.abort();
+                    let _ = killed.send(());
+                }
+            });
+        });
+        let known = built.await.expect("the service started");
+        (known, Self { stop: Some(stop) })
+    }
+
+    async fn kill(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let (killed, done) = tokio::sync::oneshot::channel();
+            if stop.send(killed).is_ok() {
+                let _ = done.await;
+            }
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let (killed, _) = tokio::sync::oneshot::channel();
+            let _ = stop.send(killed);
         }
     }
 }
