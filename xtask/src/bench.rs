@@ -598,7 +598,7 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
          store's columns and primary key (no hash-chain trigger), committing each row on its own. \
          The command API group-commits: commands waiting for one stream are decided in turn and \
          appended together, and the appends of concurrent streams go out as one INSERT and one \
-         commit (`command-api/src/commands.rs`, `command-api/src/append.rs`); the last column is \
+         commit (`command-api/src/engine/stream.rs`, `command-api/src/engine/append.rs`); the last column is \
          the mean number of events per commit, from its `/metrics`.\n",
         machine().await
     )?;
@@ -635,7 +635,7 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
         out,
         "\nThe last row runs after the hot account's stream has grown to {hot_events} events: a command \
          costs the same on a long stream, because the account's state is cached between commands and \
-         an append only inserts (see `command-api/src/store.rs`).\n"
+         an append only inserts (see `command-api/src/engine/stream.rs`).\n"
     )?;
     Ok(out)
 }
