@@ -109,6 +109,16 @@ impl AccountCommand {
         }
     }
 
+    /// The transfer whose step this command is, if it is one.
+    pub fn transfer_id(&self) -> Option<Uuid> {
+        match self {
+            Self::DebitForTransfer { transfer_id, .. }
+            | Self::CreditForTransfer { transfer_id, .. }
+            | Self::RefundTransfer { transfer_id, .. } => Some(*transfer_id),
+            _ => None,
+        }
+    }
+
     /// A stable name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -378,9 +388,41 @@ pub struct OpenAccount {
     /// Minor units; negative down to `-overdraft_limit`.
     pub balance: i64,
     pub status: AccountStatus,
-    /// The transfer steps taken on this account and their outcomes, so that none happens
-    /// twice however often it is asked for.
-    pub transfer_steps: HashMap<Uuid, HashMap<TransferStep, StepOutcome>>,
+}
+
+/// The steps already taken on an account by the transfers a decision concerns, with their
+/// outcomes, so that no step happens twice however often it is asked for.
+///
+/// They live in the event store, not in the account's state: kept in the state, they would
+/// grow with every transfer the account ever took part in, and every load, snapshot and
+/// decision would carry them. The command engine looks up, by index, the steps of the
+/// transfers named by the commands it is about to decide, and passes them in as the
+/// aggregate's services (the store's unique index on a step is the backstop).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedSteps(HashMap<(Uuid, TransferStep), StepOutcome>);
+
+impl RecordedSteps {
+    /// What became of `step` of `transfer_id` on this account, if it happened.
+    pub fn outcome(&self, transfer_id: Uuid, step: TransferStep) -> Option<StepOutcome> {
+        self.0.get(&(transfer_id, step)).copied()
+    }
+
+    /// Remembers the step `event` took, if it is a transfer step.
+    pub fn record(&mut self, event: &AccountEvent) {
+        if let Some((transfer_id, step, outcome)) = event.transfer_step() {
+            self.0.insert((transfer_id, step), outcome);
+        }
+    }
+}
+
+impl<'a> FromIterator<&'a AccountEvent> for RecordedSteps {
+    fn from_iter<I: IntoIterator<Item = &'a AccountEvent>>(events: I) -> Self {
+        let mut recorded = Self::default();
+        for event in events {
+            recorded.record(event);
+        }
+        recorded
+    }
 }
 
 /// The aggregate: nothing until `AccountOpened`, then an [`OpenAccount`].
@@ -401,8 +443,13 @@ impl Account {
             .is_some_and(|account| account.tenant == tenant)
     }
 
-    /// Decides which event a command produces, without changing anything.
-    pub fn decide(&self, command: AccountCommand) -> Result<AccountEvent, AccountError> {
+    /// Decides which event a command produces, without changing anything. `recorded` holds
+    /// the steps already taken by the transfers the command concerns, if it is a transfer step.
+    pub fn decide(
+        &self,
+        command: AccountCommand,
+        recorded: &RecordedSteps,
+    ) -> Result<AccountEvent, AccountError> {
         let account = match &self.opened {
             None => {
                 return match command {
@@ -429,7 +476,7 @@ impl Account {
         if let AccountCommand::Open { .. } = command {
             return Err(AccountError::AlreadyOpen);
         }
-        if let Some(decided) = account.decide_transfer_step(&command) {
+        if let Some(decided) = account.decide_transfer_step(&command, recorded) {
             return decided;
         }
         match account.status {
@@ -500,20 +547,13 @@ impl Account {
 }
 
 impl OpenAccount {
-    /// What became of `step` of `transfer_id` on this account, if it happened.
-    pub fn step_outcome(&self, transfer_id: Uuid, step: TransferStep) -> Option<StepOutcome> {
-        self.transfer_steps
-            .get(&transfer_id)
-            .and_then(|steps| steps.get(&step))
-            .copied()
-    }
-
     /// Decides a transfer step; `None` for any other command. A debit or credit the account
     /// cannot take is not an error but a recorded decline: the transfer's outcome must not
     /// depend on which retry of the step happened to run.
     fn decide_transfer_step(
         &self,
         command: &AccountCommand,
+        recorded: &RecordedSteps,
     ) -> Option<Result<AccountEvent, AccountError>> {
         let (transfer_id, step, amount, currency) = match command {
             AccountCommand::DebitForTransfer {
@@ -536,7 +576,7 @@ impl OpenAccount {
             } => (*transfer_id, TransferStep::Refund, *amount, *currency),
             _ => return None,
         };
-        if let Some(outcome) = self.step_outcome(transfer_id, step) {
+        if let Some(outcome) = recorded.outcome(transfer_id, step) {
             return Some(Err(AccountError::TransferStepRecorded {
                 transfer_id,
                 step,
@@ -592,7 +632,7 @@ impl OpenAccount {
             }
             // Money this account sent comes back whatever its state since: frozen or even
             // closed (it was emptied while the transfer was in flight), it is never lost.
-            TransferStep::Refund => match self.step_outcome(transfer_id, TransferStep::Debit) {
+            TransferStep::Refund => match recorded.outcome(transfer_id, TransferStep::Debit) {
                 Some(StepOutcome::Applied) => Ok(AccountEvent::TransferRefunded {
                     transfer_id,
                     amount,
@@ -621,15 +661,15 @@ impl Aggregate for Account {
     type Command = AccountCommand;
     type Event = AccountEvent;
     type Error = AccountError;
-    type Services = ();
+    type Services = RecordedSteps;
 
     async fn handle(
         &mut self,
         command: Self::Command,
-        _services: &Self::Services,
+        recorded: &RecordedSteps,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        let event = self.decide(command)?;
+        let event = self.decide(command, recorded)?;
         sink.write(event, self).await;
         Ok(())
     }
@@ -651,20 +691,12 @@ impl Aggregate for Account {
                     max_balance,
                     balance: 0,
                     status: AccountStatus::Active,
-                    transfer_steps: HashMap::new(),
                 });
             }
             event => {
                 let Some(account) = self.opened.as_mut() else {
                     return;
                 };
-                if let Some((transfer_id, step, outcome)) = event.transfer_step() {
-                    account
-                        .transfer_steps
-                        .entry(transfer_id)
-                        .or_default()
-                        .insert(step, outcome);
-                }
                 match event {
                     AccountEvent::AccountOpened { .. } => {}
                     AccountEvent::MoneyDeposited { balance_after, .. }

@@ -7,6 +7,8 @@
 //!   the steps transfers take on it.
 //! - [`transfer`]: the `Transfer` aggregate: the outcomes of a transfer's steps, in order.
 //! - [`versions`]: reading events stored at older versions (upcasting).
+//! - [`history`]: what an aggregate's state keeps and what it leaves in its stream (the
+//!   snapshot form's version, the facts looked up for a decision).
 //! - [`contract`]: the JSON Schema of every event type and version, for analysts.
 //!
 //! Every rule lives here and is tested with cqrs-es's given/when/then `TestFramework`, and the
@@ -16,6 +18,7 @@
 
 pub mod account;
 pub mod contract;
+pub mod history;
 pub mod money;
 pub mod transfer;
 pub mod versions;
@@ -25,8 +28,9 @@ mod properties;
 
 pub use account::{
     Account, AccountCommand, AccountError, AccountEvent, AccountOpenedV1, AccountStatus,
-    StepOutcome, TransferDecline, TransferStep,
+    RecordedSteps, StepOutcome, TransferDecline, TransferStep,
 };
+pub use history::History;
 pub use money::{Amount, Currency, OverdraftLimit, Owner, Reference, ValueError};
 pub use transfer::{
     NextStep, Transfer, TransferCommand, TransferError, TransferEvent, TransferStatus,

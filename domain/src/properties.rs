@@ -40,6 +40,7 @@ use crate::account::{
     Account, AccountCommand, AccountError, AccountEvent, AccountStatus, StepOutcome,
     TransferDecline, TransferStep,
 };
+use crate::history::History;
 use crate::money::{Amount, Currency, MAX_AMOUNT, MAX_BALANCE, OverdraftLimit, Owner, Reference};
 use crate::transfer::{
     NextStep, Transfer, TransferCommand, TransferError, TransferStatus, TransferTerms,
@@ -153,23 +154,26 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// One aggregate's stream: its events, in order (the event at index `i` is version `i + 1`),
 /// and the state the command API would cache.
-struct Stream<A: Aggregate> {
+struct Stream<A: History> {
     state: A,
     events: Vec<A::Event>,
+    /// What the store would answer to the engine's look-up for any command: every recorded fact.
+    recorded: A::Services,
 }
 
-impl<A: Aggregate> Default for Stream<A> {
+impl<A: History> Default for Stream<A> {
     fn default() -> Self {
         Self {
             state: A::default(),
             events: Vec::new(),
+            recorded: A::Services::default(),
         }
     }
 }
 
 impl<A> Stream<A>
 where
-    A: Aggregate<Services = ()> + Clone + PartialEq,
+    A: History + Clone + PartialEq,
     A::Event: StoredEvent,
 {
     /// Runs `command` as the command API does: `handle` on a copy of the state, whose events
@@ -180,7 +184,7 @@ where
     ) -> Result<Result<Vec<A::Event>, A::Error>, TestCaseError> {
         let mut next = self.state.clone();
         let sink = EventSink::default();
-        let result = futures::executor::block_on(next.handle(command, &(), &sink));
+        let result = futures::executor::block_on(next.handle(command, &self.recorded, &sink));
         let events = futures::executor::block_on(sink.collect());
         match result {
             Err(error) => {
@@ -195,6 +199,9 @@ where
                 Ok(Err(error))
             }
             Ok(()) => {
+                for event in &events {
+                    A::remember(&mut self.recorded, event);
+                }
                 self.events.extend(events.iter().cloned());
                 self.state = next;
                 self.reads_back()?;

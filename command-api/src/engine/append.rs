@@ -204,6 +204,9 @@ fn classify(err: sqlx::Error) -> AppendError {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => match db.constraint() {
             Some("events_idempotency_key") => AppendError::IdempotencyKeyTaken,
+            // The primary key (another writer took the version), or `events_transfer_step`
+            // (another writer of the stream recorded the step first): a lost race either way,
+            // and the retry, on the caught-up stream, finds what the other writer did.
             _ => AppendError::StreamConflict,
         },
         _ => AppendError::Database(Arc::new(err)),

@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use domain::{
-    Account, AccountCommand, AccountError, StoredEvent, Transfer, TransferCommand, TransferError,
+    Account, AccountCommand, AccountError, History, RecordedSteps, StoredEvent, Transfer,
+    TransferCommand, TransferError,
 };
 use lru::LruCache;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, oneshot};
@@ -33,19 +34,26 @@ use uuid::Uuid;
 use super::append::{AppendError, EventRow};
 use super::error::CommandError;
 use super::signal::AppendSignal;
-use super::store::{Store, Versioned, event_row};
+use super::store::{LoadError, Store, Versioned, event_row};
 
 /// What running commands needs to know of an aggregate beyond cqrs-es's trait.
 pub(crate) trait Stream:
-    Aggregate<
-        Services = (),
-        Command: Clone + Send + Sync,
-        Event: StoredEvent,
-        Error: Into<CommandError>,
-    > + Default
+    History<Command: Clone + Send + Sync, Event: StoredEvent, Error: Into<CommandError>>
+    + Default
     + Clone
     + 'static
 {
+    /// The record in the stream's history that deciding `command` needs and the state does
+    /// not keep (see `domain::history`): for a transfer step, the transfer's steps so far.
+    fn needs(command: &Self::Command) -> Option<Uuid>;
+
+    /// The records `keys` name, read from the store once per group, under the stream's lock.
+    fn look_up(
+        store: &Store<Self>,
+        aggregate_id: &str,
+        keys: Vec<Uuid>,
+    ) -> impl Future<Output = Result<Self::Services, LoadError>> + Send;
+
     /// True if the stream exists and belongs to `tenant`.
     fn belongs_to(&self, tenant: &str) -> bool;
     /// True for the command that starts a stream.
@@ -57,6 +65,18 @@ pub(crate) trait Stream:
 }
 
 impl Stream for Account {
+    fn needs(command: &AccountCommand) -> Option<Uuid> {
+        command.transfer_id()
+    }
+
+    async fn look_up(
+        store: &Store<Self>,
+        aggregate_id: &str,
+        transfers: Vec<Uuid>,
+    ) -> Result<RecordedSteps, LoadError> {
+        store.recorded_steps(aggregate_id, &transfers).await
+    }
+
     fn belongs_to(&self, tenant: &str) -> bool {
         Account::belongs_to(self, tenant)
     }
@@ -79,6 +99,14 @@ impl Stream for Account {
 }
 
 impl Stream for Transfer {
+    fn needs(_: &TransferCommand) -> Option<Uuid> {
+        None
+    }
+
+    async fn look_up(_: &Store<Self>, _: &str, _: Vec<Uuid>) -> Result<(), LoadError> {
+        Ok(())
+    }
+
     fn belongs_to(&self, tenant: &str) -> bool {
         Transfer::belongs_to(self, tenant)
     }
@@ -308,6 +336,7 @@ impl<A: Stream> Streams<A> {
 /// The aggregate's decision on `state`: the next state and the events that lead to it.
 async fn decide<A: Stream>(
     state: &Versioned<A>,
+    services: &A::Services,
     command: &A::Command,
     expected_version: Option<u64>,
 ) -> Result<(Versioned<A>, Vec<A::Event>), CommandError> {
@@ -325,7 +354,7 @@ async fn decide<A: Stream>(
     let mut next = state.clone();
     let sink = EventSink::default();
     next.state
-        .handle(command.clone(), &(), &sink)
+        .handle(command.clone(), services, &sink)
         .await
         .map_err(Into::into)?;
     let events = sink.collect().await;
@@ -387,14 +416,32 @@ async fn run_group<A: Stream>(group: Group<A>) {
         });
     retry(repeats, None);
 
-    let mut decided = decide_group(&state, &waiters).await;
+    let keys: Vec<Uuid> = waiters
+        .iter()
+        .filter_map(|w| A::needs(&w.command))
+        .collect();
+    let look_up = || async {
+        match keys.is_empty() {
+            true => Ok(A::Services::default()),
+            false => A::look_up(&streams.store, &aggregate_id, keys.clone()).await,
+        }
+    };
+    let mut services = match look_up().await {
+        Ok(services) => services,
+        Err(err) => return fail(waiters, err.into()),
+    };
+    let mut decided = decide_group(&state, &services, &waiters).await;
     if !fresh && decided.outcomes.iter().any(Result::is_err) {
         // A refusal may come from state another replica has since changed: only a refusal on
         // the latest state is final.
         if let Err(err) = streams.store.catch_up(&aggregate_id, &mut state).await {
             return fail(waiters, err.into());
         }
-        decided = decide_group(&state, &waiters).await;
+        services = match look_up().await {
+            Ok(services) => services,
+            Err(err) => return fail(waiters, err.into()),
+        };
+        decided = decide_group(&state, &services, &waiters).await;
     }
     let Decided {
         next,
@@ -449,28 +496,36 @@ fn answer_foreign<A: Stream>(state: &Versioned<A>, waiters: Vec<Waiter<A>>) -> V
     own
 }
 
-/// Decides each waiter's command on the state its predecessors in the group left.
-async fn decide_group<A: Stream>(state: &Versioned<A>, waiters: &[Waiter<A>]) -> Decided<A> {
+/// Decides each waiter's command on the state (and the recorded facts) its predecessors in the
+/// group left.
+async fn decide_group<A: Stream>(
+    state: &Versioned<A>,
+    services: &A::Services,
+    waiters: &[Waiter<A>],
+) -> Decided<A> {
     let mut next = state.clone();
+    let mut services = services.clone();
     let mut rows = Vec::new();
     let mut outcomes = Vec::with_capacity(waiters.len());
     for waiter in waiters {
-        let outcome = match decide(&next, &waiter.command, waiter.expected_version).await {
-            Ok((after, events)) => events
+        let outcome = async {
+            let (after, events) =
+                decide(&next, &services, &waiter.command, waiter.expected_version).await?;
+            let mut serialised = events
                 .iter()
                 .map(|event| event_row(event, &waiter.metadata))
-                .collect::<Result<Vec<_>, _>>()
-                .map(|mut serialised| {
-                    rows.append(&mut serialised);
-                    next = after;
-                    Appended {
-                        version: next.version,
-                        events,
-                    }
-                })
-                .map_err(CommandError::from),
-            Err(err) => Err(err),
-        };
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.append(&mut serialised);
+            for event in &events {
+                A::remember(&mut services, event);
+            }
+            next = after;
+            Ok(Appended {
+                version: next.version,
+                events,
+            })
+        }
+        .await;
         outcomes.push(outcome);
     }
     Decided {
@@ -495,7 +550,10 @@ fn fail<A: Aggregate>(waiters: Vec<Waiter<A>>, err: CommandError) {
 
 #[cfg(test)]
 mod tests {
-    use domain::{AccountEvent, Amount, Currency, OverdraftLimit, Owner};
+    use domain::{
+        AccountEvent, Amount, Currency, OverdraftLimit, Owner, StepOutcome, TransferDecline,
+        TransferStep,
+    };
     use service_kit::testing::TestDatabase;
 
     use super::super::append::Appender;
@@ -679,6 +737,141 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, 3);
+    }
+
+    fn step(step: TransferStep, transfer_id: Uuid) -> AccountCommand {
+        AccountCommand::for_transfer_step(
+            step,
+            "acme".into(),
+            transfer_id,
+            Amount::parse(5).unwrap(),
+            Currency::parse("EUR").unwrap(),
+        )
+    }
+
+    /// The outcome `answered` carries: the step applied, or the one recorded earlier.
+    async fn step_outcome(answered: oneshot::Receiver<Answer<AccountEvent>>) -> StepOutcome {
+        match answer(answered).await {
+            Answer::Done(Ok(Appended { events, .. })) => {
+                let [event] = events.as_slice() else {
+                    panic!("a step appends one event: {events:?}")
+                };
+                event.transfer_step().expect("a step event").2
+            }
+            Answer::Done(Err(CommandError::Account(AccountError::TransferStepRecorded {
+                outcome,
+                ..
+            }))) => outcome,
+            _ => panic!("a step is decided or found recorded"),
+        }
+    }
+
+    /// The account's state keeps no steps: a step asked again, after many others and on a
+    /// stream loaded afresh from the store, is answered with its recorded outcome; a refund
+    /// still needs the debit it gives back; and a repeat in the same group as the step itself
+    /// sees the step its predecessor decided.
+    #[tokio::test]
+    async fn a_transfer_step_happens_once_though_the_state_keeps_no_steps() {
+        let db = TestDatabase::create().await;
+        let warm = streams(&db);
+        let id = Uuid::new_v4();
+        open(&warm, id).await;
+        let (funds, funded) = waiter(deposit(), None);
+        run(&warm, id, vec![funds]).await;
+        assert!(matches!(answer(funded).await, Answer::Done(Ok(_))));
+
+        let (declined, applied) = (Uuid::new_v4(), Uuid::new_v4());
+        let (first, first_answer) = waiter(step(TransferStep::Debit, declined), None);
+        let (again, again_answer) = waiter(step(TransferStep::Debit, declined), None);
+        let (credit, credit_answer) = waiter(step(TransferStep::Credit, applied), None);
+        // 5 in the account: the first debit of 5 applies, the repeat finds it recorded.
+        run(&warm, id, vec![first, again, credit]).await;
+        assert_eq!(step_outcome(first_answer).await, StepOutcome::Applied);
+        assert_eq!(step_outcome(again_answer).await, StepOutcome::Applied);
+        assert_eq!(step_outcome(credit_answer).await, StepOutcome::Applied);
+        for _ in 0..20 {
+            let (other, other_answer) = waiter(step(TransferStep::Credit, Uuid::new_v4()), None);
+            run(&warm, id, vec![other]).await;
+            assert_eq!(step_outcome(other_answer).await, StepOutcome::Applied);
+        }
+
+        let cold = streams(&db);
+        let (repeat, repeat_answer) = waiter(step(TransferStep::Debit, declined), None);
+        let (refund, refund_answer) = waiter(step(TransferStep::Refund, applied), None);
+        run_cold(&cold, id, vec![repeat, refund]).await;
+        assert_eq!(step_outcome(repeat_answer).await, StepOutcome::Applied);
+        match answer(refund_answer).await {
+            Answer::Done(Err(CommandError::Account(AccountError::NothingToRefund { .. }))) => {}
+            _ => panic!("a refund of a transfer this account never paid was not refused"),
+        }
+        let (refund, refund_answer) = waiter(step(TransferStep::Refund, declined), None);
+        run_cold(&cold, id, vec![refund]).await;
+        assert_eq!(step_outcome(refund_answer).await, StepOutcome::Applied);
+        let steps: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type LIKE 'Transfer%'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(steps, 1 + 1 + 20 + 1);
+    }
+
+    /// Whatever a writer does, the store keeps one record of a step: a second record, even at
+    /// the stream's next version, is refused by `events_transfer_step`.
+    #[tokio::test]
+    async fn the_store_refuses_a_second_record_of_a_step() {
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+        let transfer = Uuid::new_v4();
+        let declined = |reason| AccountEvent::TransferDebitDeclined {
+            transfer_id: transfer,
+            reason,
+        };
+        let row = |event: &AccountEvent| event_row(event, r#"{"tenant":"acme"}"#).unwrap();
+        let store = streams.store();
+        store
+            .append(
+                &id.to_string(),
+                1,
+                vec![row(&declined(TransferDecline::Frozen))],
+            )
+            .await
+            .unwrap();
+        let second = store
+            .append(
+                &id.to_string(),
+                2,
+                vec![row(&declined(TransferDecline::InsufficientFunds))],
+            )
+            .await;
+        assert!(
+            matches!(second, Err(AppendError::StreamConflict)),
+            "{second:?}"
+        );
+        let recorded = store
+            .recorded_steps(&id.to_string(), &[transfer])
+            .await
+            .unwrap();
+        assert_eq!(
+            recorded.outcome(transfer, TransferStep::Debit),
+            Some(StepOutcome::Declined(TransferDecline::Frozen))
+        );
+    }
+
+    /// Runs `waiters` as one group on `id` with nothing cached: the state is loaded first.
+    async fn run_cold(streams: &Arc<Streams<Account>>, id: Uuid, waiters: Vec<Waiter<Account>>) {
+        let slot = streams.lock(&id.to_string()).await;
+        let state = streams.store.load(&id.to_string()).await.unwrap();
+        run_group(Group {
+            streams: streams.clone(),
+            slot,
+            aggregate_id: id.to_string(),
+            state,
+            fresh: true,
+            waiters,
+        })
+        .await;
     }
 
     /// Ids that answer "not found" take no cache slot, so probing random ids cannot evict

@@ -1,9 +1,16 @@
-use cqrs_es::test::TestFramework;
+use cqrs_es::test::{AggregateTestExecutor, TestFramework};
 
 use super::*;
 use crate::money::{MAX_AMOUNT, MAX_BALANCE};
 
 type AccountTest = TestFramework<Account>;
+
+/// A test on an account whose stream holds `events`, with the transfer steps among them
+/// recorded, as the command engine looks them up in the store.
+fn given_stream(events: Vec<AccountEvent>) -> AggregateTestExecutor<Account> {
+    let recorded = events.iter().collect();
+    AccountTest::with(recorded).given(events)
+}
 
 const TENANT: &str = "acme";
 
@@ -93,7 +100,7 @@ fn every_command() -> Vec<AccountCommand> {
 
 #[test]
 fn open_a_new_account() {
-    AccountTest::with(())
+    AccountTest::with(RecordedSteps::default())
         .given_no_previous_events()
         .when(open(TENANT))
         .then_expect_events(vec![opened(0)]);
@@ -102,7 +109,7 @@ fn open_a_new_account() {
 #[test]
 fn every_command_but_open_on_a_missing_account_is_not_found() {
     for command in every_command().into_iter().skip(1) {
-        AccountTest::with(())
+        AccountTest::with(RecordedSteps::default())
             .given_no_previous_events()
             .when(command)
             .then_expect_error(AccountError::NotFound);
@@ -111,8 +118,7 @@ fn every_command_but_open_on_a_missing_account_is_not_found() {
 
 #[test]
 fn opening_twice_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(0)])
+    given_stream(vec![opened(0)])
         .when(open(TENANT))
         .then_expect_error(AccountError::AlreadyOpen);
 }
@@ -142,8 +148,7 @@ fn another_tenant_sees_no_account_whatever_the_command() {
         },
     ];
     for command in commands {
-        AccountTest::with(())
-            .given(vec![opened(0), deposited(50, 50)])
+        given_stream(vec![opened(0), deposited(50, 50)])
             .when(command)
             .then_expect_error(AccountError::NotFound);
     }
@@ -151,16 +156,14 @@ fn another_tenant_sees_no_account_whatever_the_command() {
 
 #[test]
 fn deposit_adds_to_the_balance() {
-    AccountTest::with(())
-        .given(vec![opened(0), deposited(100, 100)])
+    given_stream(vec![opened(0), deposited(100, 100)])
         .when(deposit(250))
         .then_expect_events(vec![deposited(250, 350)]);
 }
 
 #[test]
 fn deposit_in_another_currency_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(0)])
+    given_stream(vec![opened(0)])
         .when(AccountCommand::Deposit {
             tenant: TENANT.into(),
             amount: amount(1),
@@ -174,8 +177,7 @@ fn deposit_in_another_currency_is_refused() {
 
 #[test]
 fn deposit_beyond_the_maximum_balance_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(0), deposited(MAX_AMOUNT, MAX_BALANCE)])
+    given_stream(vec![opened(0), deposited(MAX_AMOUNT, MAX_BALANCE)])
         .when(deposit(1))
         .then_expect_error(AccountError::BalanceLimitExceeded {
             max_balance: MAX_BALANCE,
@@ -188,16 +190,14 @@ fn an_account_keeps_the_balance_ceiling_it_was_opened_with() {
     if let AccountEvent::AccountOpened { max_balance, .. } = &mut opened {
         *max_balance = 1000;
     }
-    AccountTest::with(())
-        .given(vec![opened, deposited(600, 600)])
+    given_stream(vec![opened, deposited(600, 600)])
         .when(deposit(401))
         .then_expect_error(AccountError::BalanceLimitExceeded { max_balance: 1000 });
 }
 
 #[test]
 fn withdraw_down_to_zero() {
-    AccountTest::with(())
-        .given(vec![opened(0), deposited(100, 100)])
+    given_stream(vec![opened(0), deposited(100, 100)])
         .when(withdraw(100))
         .then_expect_events(vec![AccountEvent::MoneyWithdrawn {
             amount: amount(100),
@@ -208,8 +208,7 @@ fn withdraw_down_to_zero() {
 
 #[test]
 fn withdraw_into_the_overdraft_up_to_its_limit() {
-    AccountTest::with(())
-        .given(vec![opened(50), deposited(100, 100)])
+    given_stream(vec![opened(50), deposited(100, 100)])
         .when(withdraw(150))
         .then_expect_events(vec![AccountEvent::MoneyWithdrawn {
             amount: amount(150),
@@ -220,8 +219,7 @@ fn withdraw_into_the_overdraft_up_to_its_limit() {
 
 #[test]
 fn withdraw_beyond_the_overdraft_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(50), deposited(100, 100)])
+    given_stream(vec![opened(50), deposited(100, 100)])
         .when(withdraw(151))
         .then_expect_error(AccountError::InsufficientFunds {
             available: 150,
@@ -231,8 +229,7 @@ fn withdraw_beyond_the_overdraft_is_refused() {
 
 #[test]
 fn withdraw_in_another_currency_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(0), deposited(100, 100)])
+    given_stream(vec![opened(0), deposited(100, 100)])
         .when(AccountCommand::Withdraw {
             tenant: TENANT.into(),
             amount: amount(1),
@@ -246,20 +243,17 @@ fn withdraw_in_another_currency_is_refused() {
 
 #[test]
 fn freeze_and_unfreeze() {
-    AccountTest::with(())
-        .given(vec![opened(0)])
+    given_stream(vec![opened(0)])
         .when(freeze())
         .then_expect_events(vec![AccountEvent::AccountFrozen]);
-    AccountTest::with(())
-        .given(vec![opened(0), AccountEvent::AccountFrozen])
+    given_stream(vec![opened(0), AccountEvent::AccountFrozen])
         .when(unfreeze())
         .then_expect_events(vec![AccountEvent::AccountUnfrozen]);
 }
 
 #[test]
 fn unfreezing_an_active_account_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(0)])
+    given_stream(vec![opened(0)])
         .when(unfreeze())
         .then_expect_error(AccountError::NotFrozen);
 }
@@ -271,8 +265,7 @@ fn nothing_but_unfreeze_works_on_a_frozen_account() {
             AccountCommand::Open { .. } => AccountError::AlreadyOpen,
             _ => AccountError::Frozen,
         };
-        AccountTest::with(())
-            .given(vec![opened(0), AccountEvent::AccountFrozen])
+        given_stream(vec![opened(0), AccountEvent::AccountFrozen])
             .when(command)
             .then_expect_error(expected);
     }
@@ -280,41 +273,37 @@ fn nothing_but_unfreeze_works_on_a_frozen_account() {
 
 #[test]
 fn frozen_then_unfrozen_account_moves_money_again() {
-    AccountTest::with(())
-        .given(vec![
-            opened(0),
-            AccountEvent::AccountFrozen,
-            AccountEvent::AccountUnfrozen,
-        ])
-        .when(deposit(5))
-        .then_expect_events(vec![deposited(5, 5)]);
+    given_stream(vec![
+        opened(0),
+        AccountEvent::AccountFrozen,
+        AccountEvent::AccountUnfrozen,
+    ])
+    .when(deposit(5))
+    .then_expect_events(vec![deposited(5, 5)]);
 }
 
 #[test]
 fn close_at_zero_balance() {
-    AccountTest::with(())
-        .given(vec![opened(0)])
+    given_stream(vec![opened(0)])
         .when(close())
         .then_expect_events(vec![AccountEvent::AccountClosed]);
 }
 
 #[test]
 fn close_with_money_or_debt_is_refused() {
-    AccountTest::with(())
-        .given(vec![opened(0), deposited(10, 10)])
+    given_stream(vec![opened(0), deposited(10, 10)])
         .when(close())
         .then_expect_error(AccountError::NonZeroBalance { balance: 10 });
-    AccountTest::with(())
-        .given(vec![
-            opened(20),
-            AccountEvent::MoneyWithdrawn {
-                amount: amount(20),
-                currency: eur(),
-                balance_after: -20,
-            },
-        ])
-        .when(close())
-        .then_expect_error(AccountError::NonZeroBalance { balance: -20 });
+    given_stream(vec![
+        opened(20),
+        AccountEvent::MoneyWithdrawn {
+            amount: amount(20),
+            currency: eur(),
+            balance_after: -20,
+        },
+    ])
+    .when(close())
+    .then_expect_error(AccountError::NonZeroBalance { balance: -20 });
 }
 
 #[test]
@@ -324,8 +313,7 @@ fn nothing_works_on_a_closed_account() {
             AccountCommand::Open { .. } => AccountError::AlreadyOpen,
             _ => AccountError::Closed,
         };
-        AccountTest::with(())
-            .given(vec![opened(0), AccountEvent::AccountClosed])
+        given_stream(vec![opened(0), AccountEvent::AccountClosed])
             .when(command)
             .then_expect_error(expected);
     }
@@ -432,8 +420,7 @@ mod transfer_steps {
 
     #[test]
     fn a_debit_takes_the_money_down_to_the_overdraft() {
-        AccountTest::with(())
-            .given(vec![opened(50), deposited(100, 100)])
+        given_stream(vec![opened(50), deposited(100, 100)])
             .when(debit(150))
             .then_expect_events(vec![debited(150, -50)]);
     }
@@ -463,8 +450,7 @@ mod transfer_steps {
             ),
         ];
         for (given, command, reason) in cases {
-            AccountTest::with(())
-                .given(given)
+            given_stream(given)
                 .when(command)
                 .then_expect_events(vec![debit_declined(reason)]);
         }
@@ -472,24 +458,21 @@ mod transfer_steps {
 
     #[test]
     fn a_step_happens_once_and_a_repeat_gets_the_first_answer() {
-        AccountTest::with(())
-            .given(vec![opened(0), deposited(100, 100), debited(30, 70)])
+        given_stream(vec![opened(0), deposited(100, 100), debited(30, 70)])
             .when(debit(30))
             .then_expect_error(recorded(TransferStep::Debit, StepOutcome::Applied));
         // Even once the account could pay, a declined debit stays declined.
-        AccountTest::with(())
-            .given(vec![
-                opened(0),
-                debit_declined(TransferDecline::InsufficientFunds),
-                deposited(100, 100),
-            ])
-            .when(debit(30))
-            .then_expect_error(recorded(
-                TransferStep::Debit,
-                StepOutcome::Declined(TransferDecline::InsufficientFunds),
-            ));
-        AccountTest::with(())
-            .given(vec![opened(0), credit_declined(TransferDecline::Frozen)])
+        given_stream(vec![
+            opened(0),
+            debit_declined(TransferDecline::InsufficientFunds),
+            deposited(100, 100),
+        ])
+        .when(debit(30))
+        .then_expect_error(recorded(
+            TransferStep::Debit,
+            StepOutcome::Declined(TransferDecline::InsufficientFunds),
+        ));
+        given_stream(vec![opened(0), credit_declined(TransferDecline::Frozen)])
             .when(credit(5))
             .then_expect_error(recorded(
                 TransferStep::Credit,
@@ -499,8 +482,7 @@ mod transfer_steps {
 
     #[test]
     fn a_credit_pays_in_unless_the_account_cannot_take_it() {
-        AccountTest::with(())
-            .given(vec![opened(0), deposited(100, 100)])
+        given_stream(vec![opened(0), deposited(100, 100)])
             .when(credit(40))
             .then_expect_events(vec![AccountEvent::TransferCredited {
                 transfer_id: TRANSFER,
@@ -531,8 +513,7 @@ mod transfer_steps {
             ),
         ];
         for (given, command, reason) in cases {
-            AccountTest::with(())
-                .given(given)
+            given_stream(given)
                 .when(command)
                 .then_expect_events(vec![credit_declined(reason)]);
         }
@@ -547,8 +528,7 @@ mod transfer_steps {
         ] {
             let mut given = vec![opened(0), deposited(30, 30), debited(30, 0)];
             given.extend(later);
-            AccountTest::with(())
-                .given(given)
+            given_stream(given)
                 .when(refund(30))
                 .then_expect_events(vec![AccountEvent::TransferRefunded {
                     transfer_id: TRANSFER,
@@ -574,8 +554,7 @@ mod transfer_steps {
             debited(500, 100),
             deposited(900, 1000),
         ];
-        AccountTest::with(())
-            .given(given.clone())
+        given_stream(given.clone())
             .when(refund(500))
             .then_expect_events(vec![AccountEvent::TransferRefunded {
                 transfer_id: TRANSFER,
@@ -590,8 +569,7 @@ mod transfer_steps {
             currency: eur(),
             balance_after: 1500,
         });
-        AccountTest::with(())
-            .given(refunded)
+        given_stream(refunded)
             .when(deposit(1))
             .then_expect_error(AccountError::BalanceLimitExceeded { max_balance: 1000 });
     }
@@ -612,8 +590,7 @@ mod transfer_steps {
                 balance_after: 30,
             },
         ];
-        AccountTest::with(())
-            .given(refunded.clone())
+        given_stream(refunded.clone())
             .when(withdraw(30))
             .then_expect_events(vec![AccountEvent::MoneyWithdrawn {
                 amount: amount(30),
@@ -621,8 +598,7 @@ mod transfer_steps {
                 balance_after: 0,
             }]);
         for command in [withdraw(31), deposit(1)] {
-            AccountTest::with(())
-                .given(refunded.clone())
+            given_stream(refunded.clone())
                 .when(command)
                 .then_expect_error(AccountError::Closed);
         }
@@ -632,8 +608,7 @@ mod transfer_steps {
             currency: eur(),
             balance_after: 0,
         });
-        AccountTest::with(())
-            .given(given)
+        given_stream(given)
             .when(withdraw(1))
             .then_expect_error(AccountError::Closed);
     }
@@ -647,27 +622,25 @@ mod transfer_steps {
                 debit_declined(TransferDecline::InsufficientFunds),
             ],
         ] {
-            AccountTest::with(())
-                .given(given)
+            given_stream(given)
                 .when(refund(30))
                 .then_expect_error(AccountError::NothingToRefund {
                     transfer_id: TRANSFER,
                 });
         }
-        AccountTest::with(())
-            .given(vec![
-                opened(0),
-                deposited(30, 30),
-                debited(30, 0),
-                AccountEvent::TransferRefunded {
-                    transfer_id: TRANSFER,
-                    amount: amount(30),
-                    currency: eur(),
-                    balance_after: 30,
-                },
-            ])
-            .when(refund(30))
-            .then_expect_error(recorded(TransferStep::Refund, StepOutcome::Applied));
+        given_stream(vec![
+            opened(0),
+            deposited(30, 30),
+            debited(30, 0),
+            AccountEvent::TransferRefunded {
+                transfer_id: TRANSFER,
+                amount: amount(30),
+                currency: eur(),
+                balance_after: 30,
+            },
+        ])
+        .when(refund(30))
+        .then_expect_error(recorded(TransferStep::Refund, StepOutcome::Applied));
     }
 
     #[test]
@@ -677,11 +650,10 @@ mod transfer_steps {
             TransferStep::Credit,
             TransferStep::Refund,
         ] {
-            AccountTest::with(())
-                .given(vec![opened(0), deposited(50, 50)])
+            given_stream(vec![opened(0), deposited(50, 50)])
                 .when(step(kind, "globex", 1, eur()))
                 .then_expect_error(AccountError::NotFound);
-            AccountTest::with(())
+            AccountTest::with(RecordedSteps::default())
                 .given_no_previous_events()
                 .when(step(kind, TENANT, 1, eur()))
                 .then_expect_error(AccountError::NotFound);
@@ -689,17 +661,18 @@ mod transfer_steps {
     }
 
     #[test]
-    fn folding_records_balances_and_outcomes() {
+    fn folding_records_balances_and_the_steps_are_recorded_from_the_events() {
+        let events = [opened(0), deposited(100, 100), debited(60, 40)];
         let mut account = Account::default();
-        for event in [opened(0), deposited(100, 100), debited(60, 40)] {
+        for event in events.clone() {
             account.apply(event);
         }
-        let state = account.state().unwrap();
-        assert_eq!(state.balance, 40);
+        assert_eq!(account.state().unwrap().balance, 40);
+        let recorded: RecordedSteps = events.iter().collect();
         assert_eq!(
-            state.step_outcome(TRANSFER, TransferStep::Debit),
+            recorded.outcome(TRANSFER, TransferStep::Debit),
             Some(StepOutcome::Applied)
         );
-        assert_eq!(state.step_outcome(TRANSFER, TransferStep::Credit), None);
+        assert_eq!(recorded.outcome(TRANSFER, TransferStep::Credit), None);
     }
 }
