@@ -1,7 +1,7 @@
 //! The command API's settings, read once at start-up.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use axum::http::HeaderValue;
@@ -11,6 +11,7 @@ use service_kit::db::DatabaseConfig;
 use service_kit::kafka::KafkaConfig;
 use service_kit::server::{ANY_LOCAL_PORT, ServerLimits};
 
+pub use crate::engine::EngineConfig;
 use crate::relay::RelayConfig;
 
 #[derive(Debug, Clone)]
@@ -24,14 +25,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// [`COMMAND_API_MAX_BODY_BYTES`]: larger request bodies are answered 413.
     pub max_body_bytes: usize,
-    /// [`COMMAND_API_AGGREGATE_CACHE`]: accounts whose state is kept in memory between
-    /// commands.
-    pub aggregate_cache: NonZeroUsize,
-    /// [`COMMAND_API_CONFLICT_RETRIES`]: how often a command without `If-Match` is retried
-    /// after losing a race on its stream before answering 409.
-    pub conflict_retries: u32,
-    /// [`COMMAND_API_APPEND_WRITERS`]: batches of appends in flight at once.
-    pub append_writers: NonZeroUsize,
+    /// How commands run: see [`EngineConfig`].
+    pub engine: EngineConfig,
     /// [`COMMAND_API_RELAY`]: run the Kafka relay in this process (one replica leads at a
     /// time); off when the relay runs as `command-api relay` elsewhere.
     pub relay: Option<RelayConfig>,
@@ -77,6 +72,12 @@ pub const COMMAND_API_CONFLICT_RETRIES: Setting<u32> = Setting::new(
     "retries after losing a race, without `If-Match`",
 );
 /// For the command API and the process manager.
+pub const COMMAND_API_SNAPSHOT_EVERY: Setting<NonZeroU64> = Setting::new(
+    "COMMAND_API_SNAPSHOT_EVERY",
+    NonZeroU64::new(500).unwrap(),
+    "a stream's state is snapshotted every this many events, so a load reads at most about as many",
+);
+/// For the command API and the process manager.
 pub const COMMAND_API_APPEND_WRITERS: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_APPEND_WRITERS",
     NonZeroUsize::new(2).unwrap(),
@@ -110,6 +111,7 @@ pub const SETTINGS: Settings = &[
     &COMMAND_API_AGGREGATE_CACHE,
     &COMMAND_API_CONFLICT_RETRIES,
     &COMMAND_API_APPEND_WRITERS,
+    &COMMAND_API_SNAPSHOT_EVERY,
     &COMMAND_API_RELAY,
     &RELAY_BATCH_SIZE,
     &RELAY_IDLE_POLL,
@@ -127,9 +129,7 @@ impl Config {
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
             max_body_bytes: COMMAND_API_MAX_BODY_BYTES.read()?,
-            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.read()?,
-            conflict_retries: COMMAND_API_CONFLICT_RETRIES.read()?,
-            append_writers: COMMAND_API_APPEND_WRITERS.read()?,
+            engine: EngineConfig::from_env()?,
             relay: if COMMAND_API_RELAY.read()? {
                 Some(RelayConfig::from_env()?)
             } else {
@@ -151,13 +151,34 @@ impl Config {
             database,
             auth,
             max_body_bytes: COMMAND_API_MAX_BODY_BYTES.default,
-            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.default,
-            conflict_retries: COMMAND_API_CONFLICT_RETRIES.default,
-            append_writers: COMMAND_API_APPEND_WRITERS.default,
+            engine: EngineConfig::default(),
             relay: None,
             cors_origins: Vec::new(),
             server: ServerLimits::default(),
             query_api_url: QUERY_API_PUBLIC_URL.default.into(),
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.read()?,
+            conflict_retries: COMMAND_API_CONFLICT_RETRIES.read()?,
+            append_writers: COMMAND_API_APPEND_WRITERS.read()?,
+            snapshot_every: COMMAND_API_SNAPSHOT_EVERY.read()?,
+        })
+    }
+}
+
+/// Every setting at its default.
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.default,
+            conflict_retries: COMMAND_API_CONFLICT_RETRIES.default,
+            append_writers: COMMAND_API_APPEND_WRITERS.default,
+            snapshot_every: COMMAND_API_SNAPSHOT_EVERY.default,
         }
     }
 }

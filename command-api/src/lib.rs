@@ -122,9 +122,7 @@ impl Application {
         let state = AppState {
             commands: Arc::new(engine::CommandService::new(
                 pool.clone(),
-                config.aggregate_cache,
-                config.conflict_retries,
-                config.append_writers,
+                &config.engine,
                 signal.clone(),
             )),
             auth,

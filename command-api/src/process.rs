@@ -46,10 +46,9 @@ use uuid::Uuid;
 use cqrs_es::Aggregate;
 
 use crate::StartError;
-use crate::config::{
-    COMMAND_API_AGGREGATE_CACHE, COMMAND_API_APPEND_WRITERS, COMMAND_API_CONFLICT_RETRIES,
+use crate::engine::{
+    AppendSignal, CommandContext, CommandError, CommandService, EngineConfig, Target,
 };
-use crate::engine::{AppendSignal, CommandContext, CommandError, CommandService, Target};
 
 /// Messages taken per batch; their transfers are driven concurrently.
 const MAX_BATCH: usize = 200;
@@ -83,12 +82,8 @@ pub struct ProcessConfig {
     /// [`PROCESS_MANAGER_STUCK_AFTER`]: a transfer with no progress for this long is driven
     /// from the event store; also how often that is looked for.
     pub stuck_after: Duration,
-    /// As the command API's [`COMMAND_API_AGGREGATE_CACHE`].
-    pub aggregate_cache: std::num::NonZeroUsize,
-    /// As the command API's [`COMMAND_API_CONFLICT_RETRIES`].
-    pub conflict_retries: u32,
-    /// As the command API's [`COMMAND_API_APPEND_WRITERS`].
-    pub append_writers: std::num::NonZeroUsize,
+    /// As the command API's.
+    pub engine: EngineConfig,
     /// [`PROCESS_MANAGER_ADDR`] (port 0 picks one): where the health probes and `/metrics`
     /// are served.
     pub listen: SocketAddr,
@@ -103,9 +98,7 @@ impl ProcessConfig {
             kafka: KafkaConfig::from_env()?,
             group: PROCESS_MANAGER_GROUP.read()?,
             stuck_after: PROCESS_MANAGER_STUCK_AFTER.read()?,
-            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.read()?,
-            conflict_retries: COMMAND_API_CONFLICT_RETRIES.read()?,
-            append_writers: COMMAND_API_APPEND_WRITERS.read()?,
+            engine: EngineConfig::from_env()?,
             listen: PROCESS_MANAGER_ADDR.read()?,
             server: ServerLimits::from_env()?,
         })
@@ -120,9 +113,7 @@ impl ProcessConfig {
             group: format!("{}-process-manager", kafka.topic_prefix),
             kafka,
             stuck_after: PROCESS_MANAGER_STUCK_AFTER.default,
-            aggregate_cache: COMMAND_API_AGGREGATE_CACHE.default,
-            conflict_retries: COMMAND_API_CONFLICT_RETRIES.default,
-            append_writers: COMMAND_API_APPEND_WRITERS.default,
+            engine: EngineConfig::default(),
             listen: ANY_LOCAL_PORT,
             server: ServerLimits::default(),
         }
@@ -168,13 +159,7 @@ impl ProcessManager {
                 source,
             })?;
         Ok(Self {
-            commands: CommandService::new(
-                pool.clone(),
-                config.aggregate_cache,
-                config.conflict_retries,
-                config.append_writers,
-                signal.clone(),
-            ),
+            commands: CommandService::new(pool.clone(), &config.engine, signal.clone()),
             pool,
             consumer,
             signal,

@@ -34,9 +34,7 @@ pub(crate) fn app() -> Router {
     let state = AppState {
         commands: Arc::new(engine::CommandService::new(
             pool,
-            config.aggregate_cache,
-            config.conflict_retries,
-            config.append_writers,
+            &config.engine,
             AppendSignal::default(),
         )),
         auth: Arc::new(Authenticator::new(&config.auth).expect("the test secret")),

@@ -21,7 +21,7 @@
 
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -88,6 +88,7 @@ from_str_values!(
     usize,
     f64,
     NonZeroU32,
+    NonZeroU64,
     NonZeroUsize,
     SocketAddr
 );

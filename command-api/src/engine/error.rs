@@ -74,16 +74,8 @@ impl From<AppendError> for CommandError {
 
 impl From<LoadError> for CommandError {
     fn from(err: LoadError) -> Self {
-        use cqrs_es::persist::PersistenceError;
         match err {
             LoadError::Database(err) => err.into(),
-            // postgres-es boxes the sqlx error; unbox it to tell an outage from a bug.
-            LoadError::Repository(
-                PersistenceError::ConnectionError(boxed) | PersistenceError::UnknownError(boxed),
-            ) => match boxed.downcast::<sqlx::Error>() {
-                Ok(err) => (*err).into(),
-                Err(other) => Self::Internal(anyhow::anyhow!(other)),
-            },
             other => Self::Internal(other.into()),
         }
     }

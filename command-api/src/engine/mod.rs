@@ -11,7 +11,7 @@
 //! - `append`: group commit, many streams' appends in one INSERT and one transaction.
 //! - `signal`: how an append wakes the relay. `error`: [`CommandError`].
 
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::sync::{Arc, Mutex};
 
 use domain::{Account, AccountCommand, AccountEvent, Currency, Transfer, TransferCommand};
@@ -121,6 +121,22 @@ struct AccountFacts {
     currency: Currency,
 }
 
+/// How the engine runs commands, in the command API and the process manager alike (read from
+/// the environment by `crate::config`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// `COMMAND_API_AGGREGATE_CACHE`: streams whose state is kept in memory between
+    /// commands, per aggregate type.
+    pub aggregate_cache: NonZeroUsize,
+    /// `COMMAND_API_CONFLICT_RETRIES`: how often a command without `If-Match` is retried
+    /// after losing a race on its stream before answering 409.
+    pub conflict_retries: u32,
+    /// `COMMAND_API_APPEND_WRITERS`: batches of appends in flight at once.
+    pub append_writers: NonZeroUsize,
+    /// `COMMAND_API_SNAPSHOT_EVERY`: events between two snapshots of a stream.
+    pub snapshot_every: NonZeroU64,
+}
+
 /// Executes commands against the event store.
 pub(crate) struct CommandService {
     pool: PgPool,
@@ -132,28 +148,22 @@ pub(crate) struct CommandService {
 }
 
 impl CommandService {
-    pub(crate) fn new(
-        pool: PgPool,
-        cache_capacity: NonZeroUsize,
-        conflict_retries: u32,
-        append_writers: NonZeroUsize,
-        appended: AppendSignal,
-    ) -> Self {
-        let appender = Appender::start(pool.clone(), append_writers.get());
+    pub(crate) fn new(pool: PgPool, config: &EngineConfig, appended: AppendSignal) -> Self {
+        let appender = Appender::start(pool.clone(), config.append_writers.get());
         Self {
             accounts: Arc::new(Streams::new(
-                Store::new(pool.clone(), appender.clone()),
-                cache_capacity,
+                Store::new(pool.clone(), appender.clone(), config.snapshot_every),
+                config.aggregate_cache,
                 appended.clone(),
             )),
             transfers: Arc::new(Streams::new(
-                Store::new(pool.clone(), appender),
-                cache_capacity,
+                Store::new(pool.clone(), appender, config.snapshot_every),
+                config.aggregate_cache,
                 appended,
             )),
-            facts: Mutex::new(LruCache::new(cache_capacity)),
+            facts: Mutex::new(LruCache::new(config.aggregate_cache)),
             pool,
-            conflict_retries,
+            conflict_retries: config.conflict_retries,
         }
     }
 

@@ -306,22 +306,20 @@ impl<A: Stream> Streams<A> {
                     },
                 };
                 let waiters = std::mem::take(&mut *stream.waiting());
-                let alone = matches!(waiters.as_slice(), [only] if only.ticket == ticket);
-                let group = run_group(Group {
-                    streams: self.clone(),
-                    slot,
-                    aggregate_id,
-                    state,
-                    fresh,
-                    waiters,
-                });
-                if alone {
-                    group.await;
-                } else {
-                    // Spawned, so that a client hanging up cannot cancel the others'
-                    // commands half way through.
-                    tokio::spawn(group.in_current_span());
-                }
+                // Spawned, even for a lone command: a client hanging up drops this future,
+                // and a group cancelled half way would leave its commands unanswered and
+                // the stream's state, taken out of the cache, to be loaded again.
+                tokio::spawn(
+                    run_group(Group {
+                        streams: self.clone(),
+                        slot,
+                        aggregate_id,
+                        state,
+                        fresh,
+                        waiters,
+                    })
+                    .in_current_span(),
+                );
                 answered.await
             }
         };
@@ -454,7 +452,12 @@ async fn run_group<A: Stream>(group: Group<A>) {
             .append(&aggregate_id, state.version, rows)
             .await
         {
-            Ok(()) => streams.appended.appended(),
+            Ok(()) => {
+                streams.appended.appended();
+                streams
+                    .store
+                    .snapshot_if_due(&aggregate_id, state.version, &next);
+            }
             Err(AppendError::StreamConflict) => {
                 if let Err(err) = streams.store.catch_up(&aggregate_id, &mut state).await {
                     return fail(waiters, err.into());
@@ -636,7 +639,12 @@ mod tests {
     fn streams(db: &TestDatabase) -> Arc<Streams<Account>> {
         let appender = Appender::start(db.pool.clone(), 1);
         Arc::new(Streams::new(
-            Store::new(db.pool.clone(), appender),
+            // Snapshots every few events, so that these tests load through them too.
+            Store::new(
+                db.pool.clone(),
+                appender,
+                std::num::NonZeroU64::new(3).unwrap(),
+            ),
             NonZeroUsize::new(10).unwrap(),
             AppendSignal::default(),
         ))
@@ -872,6 +880,62 @@ mod tests {
             waiters,
         })
         .await;
+    }
+
+    /// A client that hangs up while its command is being appended cancels nothing: the
+    /// command commits and the stream's state stays cached at the new version, so the next
+    /// command reads nothing from the store.
+    #[tokio::test]
+    async fn a_command_whose_caller_hangs_up_mid_append_still_commits_and_stays_cached() {
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+        // Holds the next INSERT until this transaction ends.
+        let mut blocker = db.pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        let command = deposit();
+        let turn = streams.take_turn(
+            id,
+            Request {
+                command: &command,
+                expected_version: None,
+                metadata: r#"{"tenant":"acme"}"#,
+                key: None,
+                new: false,
+            },
+        );
+        let waiting_insert = || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO events%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .map_err(|err| err.to_string())?;
+            match waiting {
+                1 => Ok(()),
+                _ => Err(format!("{waiting} inserts waiting")),
+            }
+        };
+        // The caller gives up once its command's INSERT is waiting on the lock.
+        tokio::select! {
+            _ = turn => panic!("the append finished while the table was locked"),
+            () = service_kit::testing::eventually(std::time::Duration::from_secs(5), waiting_insert) => {}
+        }
+        blocker.commit().await.unwrap();
+
+        let slot = streams.lock(&id.to_string()).await;
+        let cached = slot.as_ref().expect("the state is still cached");
+        assert_eq!(cached.version, 2);
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, 2);
     }
 
     /// Ids that answer "not found" take no cache slot, so probing random ids cannot evict
