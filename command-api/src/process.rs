@@ -53,7 +53,7 @@ use crate::engine::{
 /// Messages taken per batch; their transfers are driven concurrently.
 const MAX_BATCH: usize = 200;
 /// Stuck transfers driven per sweep, at most: the rest wait for the next one.
-const MAX_SWEEP: i64 = 1000;
+pub const MAX_SWEEP: i64 = 1000;
 /// The namespace of the process manager's deterministic command ids.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d74_7261_6e73_6665_7273);
 
@@ -356,30 +356,9 @@ impl ProcessManager {
     }
 
     /// Drives the transfers that made no progress for `stuck_after` (the longest-stuck first,
-    /// at most [`MAX_SWEEP`] a run), and reports how many are stuck. Reads the table of
-    /// transfers in flight, so its cost follows the transfers not yet final, not history.
+    /// at most [`MAX_SWEEP`] a run), and reports how many are stuck.
     async fn sweep(&self) {
-        let stuck: Result<(i64, Vec<String>), sqlx::Error> = async {
-            let older_than = self.stuck_after.as_secs_f64();
-            let count = sqlx::query_scalar(
-                "SELECT count(*) FROM transfers_in_flight
-                  WHERE last_event_at < now() - make_interval(secs => $1)",
-            )
-            .bind(older_than)
-            .fetch_one(&self.pool)
-            .await?;
-            let ids = sqlx::query_scalar(
-                "SELECT transfer_id FROM transfers_in_flight
-                  WHERE last_event_at < now() - make_interval(secs => $1)
-                  ORDER BY last_event_at LIMIT $2",
-            )
-            .bind(older_than)
-            .bind(MAX_SWEEP)
-            .fetch_all(&self.pool)
-            .await?;
-            Ok((count, ids))
-        }
-        .await;
+        let stuck = stuck_transfers(&self.pool, self.stuck_after, MAX_SWEEP).await;
         match stuck {
             Ok((count, ids)) => {
                 metrics::gauge!("ledger_transfers_stuck").set(count as f64);
@@ -391,12 +370,39 @@ impl ProcessManager {
                     stuck = count,
                     "resuming stuck transfers"
                 );
-                let ids = ids.iter().filter_map(|id| id.parse().ok()).collect();
                 self.drive_all(ids, &HashMap::new()).await;
             }
             Err(err) => tracing::warn!(error = %err, "looking for stuck transfers failed"),
         }
     }
+}
+
+/// How many transfers made no progress for `stuck_after`, and the ids of the `limit` stuck
+/// longest. Reads the table of transfers in flight, so its cost follows the transfers not yet
+/// final, not history.
+pub async fn stuck_transfers(
+    pool: &PgPool,
+    stuck_after: Duration,
+    limit: i64,
+) -> Result<(i64, Vec<Uuid>), sqlx::Error> {
+    let older_than = stuck_after.as_secs_f64();
+    let count = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers_in_flight
+          WHERE last_event_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than)
+    .fetch_one(pool)
+    .await?;
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT transfer_id FROM transfers_in_flight
+          WHERE last_event_at < now() - make_interval(secs => $1)
+          ORDER BY last_event_at LIMIT $2",
+    )
+    .bind(older_than)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok((count, ids.iter().filter_map(|id| id.parse().ok()).collect()))
 }
 
 /// Who the manager's commands come from. The request id is the command's deterministic id:

@@ -21,7 +21,7 @@ const ACCOUNTS: usize = 1000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
 /// The outcome of one timed run.
-struct Run {
+pub(crate) struct Run {
     label: String,
     concurrency: usize,
     ok: usize,
@@ -35,11 +35,11 @@ struct Run {
 }
 
 impl Run {
-    fn throughput(&self) -> f64 {
+    pub(crate) fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn percentile_ms(&self, p: f64) -> f64 {
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
         percentile_ms(&self.latencies, p)
     }
 }
@@ -55,6 +55,8 @@ pub(crate) enum Bench {
     Audit(crate::audit_bench::Options),
     /// Transfers end to end through the process manager, beside deposits.
     Transfers(crate::transfer_bench::Options),
+    /// The hot path on a store of 10 M events: cold loads, memory, sweep, lag probe.
+    Scale(crate::scale_bench::Options),
 }
 
 /// `cargo xtask bench commands`
@@ -92,6 +94,7 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<()> {
         Bench::Pipeline(options) => crate::pipeline_bench::run(options).await,
         Bench::Audit(options) => crate::audit_bench::run(options).await,
         Bench::Transfers(options) => crate::transfer_bench::run(options).await,
+        Bench::Scale(options) => crate::scale_bench::run(options).await,
     }
 }
 
@@ -354,13 +357,13 @@ pub(crate) async fn open_accounts(
 }
 
 /// Where the benchmarked command API listens: its public port and its ops listener.
-struct CommandApi {
-    base: String,
-    ops: String,
+pub(crate) struct CommandApi {
+    pub(crate) base: String,
+    pub(crate) ops: String,
 }
 
 /// `concurrency` clients, each sending deposits back to back for `duration`.
-async fn load(
+pub(crate) async fn load(
     client: &reqwest::Client,
     api: &CommandApi,
     token: &str,

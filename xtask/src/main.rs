@@ -8,7 +8,7 @@
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `fuzz`: schema-driven HTTP fuzzing of both APIs (schemathesis).
 //! - `chaos`: faults under load, and the checks that nothing was lost; writes `RELIABILITY.md`.
-//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`: benchmarks that write
+//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`, `scale_bench`: benchmarks that write
 //!   `BENCHMARKS.md`.
 //! - `config_reference`: README.md's configuration table.
 
@@ -25,6 +25,7 @@ mod dev;
 mod fuzz;
 mod launch;
 mod pipeline_bench;
+mod scale_bench;
 mod test;
 mod transfer_bench;
 

@@ -293,33 +293,46 @@ impl<A: Stream> Streams<A> {
             biased;
             answer = &mut answered => answer,
             mut slot = stream.slot.clone().lock_owned() => {
-                let (state, fresh) = match slot.take() {
-                    Some(cached) => (cached, false),
-                    None if request.new => (Versioned::default(), true),
-                    None => match self.store.load(&aggregate_id).await {
-                        Ok(loaded) => (loaded, true),
-                        Err(err) => {
-                            // Only this command fails; the next waiter loads for itself.
-                            stream.waiting().retain(|waiter| waiter.ticket != ticket);
-                            return Err(err.into());
-                        }
-                    },
-                };
-                let waiters = std::mem::take(&mut *stream.waiting());
                 // Spawned, even for a lone command: a client hanging up drops this future,
-                // and a group cancelled half way would leave its commands unanswered and
-                // the stream's state, taken out of the cache, to be loaded again.
-                tokio::spawn(
+                // and a load or a group cancelled half way would leave commands unanswered
+                // and the stream's state out of the cache, to be loaded again (a long stream's
+                // first load, never finished, again and again).
+                let streams = self.clone();
+                let stream = stream.clone();
+                let new = request.new;
+                let turn = async move {
+                    let (state, fresh) = match slot.take() {
+                        Some(cached) => (cached, false),
+                        None if new => (Versioned::default(), true),
+                        None => match streams.store.load(&aggregate_id).await {
+                            Ok(loaded) => (loaded, true),
+                            Err(err) => {
+                                // Only this command fails; the next waiter loads for itself.
+                                let mine = {
+                                    let mut waiting = stream.waiting();
+                                    let index =
+                                        waiting.iter().position(|waiter| waiter.ticket == ticket);
+                                    index.map(|index| waiting.remove(index))
+                                };
+                                if let Some(waiter) = mine {
+                                    let _ = waiter.answer.send(Answer::Done(Err(err.into())));
+                                }
+                                return;
+                            }
+                        },
+                    };
+                    let waiters = std::mem::take(&mut *stream.waiting());
                     run_group(Group {
-                        streams: self.clone(),
+                        streams,
                         slot,
                         aggregate_id,
                         state,
                         fresh,
                         waiters,
                     })
-                    .in_current_span(),
-                );
+                    .await;
+                };
+                tokio::spawn(turn.in_current_span());
                 answered.await
             }
         };
