@@ -1,5 +1,5 @@
 use serde_json::json;
-use service_kit::event_log::{self, EVENT_COLUMNS, LoggedEvent};
+use service_kit::event_log::{self, EVENT_COLUMNS, LogPosition, LoggedEvent};
 use service_kit::hash_chain::{BreakReason, ChainBreak, verify_stream};
 use service_kit::testing;
 use uuid::Uuid;
@@ -247,6 +247,54 @@ async fn a_service_refuses_a_cluster_whose_transaction_counter_is_behind_the_log
             .contains("transaction counter is behind"),
         "{refused}"
     );
+}
+
+/// The README's restore procedure, run: a logical dump restored into a new database of this
+/// cluster (whose transaction counter is ahead of every id in the dump) serves commands that
+/// continue each stream and its hash chain, and the relay, from its restored checkpoint, finds
+/// exactly the events appended since.
+#[tokio::test]
+async fn a_logical_restore_continues_the_log_where_the_dump_left_it() {
+    let app = TestApp::spawn().await;
+    let account = app.open_account(&app.teller(), 0).await;
+    app.deposit(account, 10).await.version();
+    // The relay had published everything before the dump.
+    let published = event_log::read_committed(&app.pool, LogPosition::START, 100)
+        .await
+        .unwrap();
+    let head = published.last().expect("events").position;
+    assert!(
+        event_log::advance_checkpoint(&app.pool, "kafka-relay", LogPosition::START, head)
+            .await
+            .unwrap()
+    );
+
+    let restored = app.restored().await;
+    assert_eq!(restored.deposit(account, 5).await.version(), 3);
+    let checkpoint = event_log::load_checkpoint(&restored.pool, "kafka-relay")
+        .await
+        .unwrap();
+    assert_eq!(checkpoint, head);
+    let unpublished = event_log::read_committed(&restored.pool, checkpoint, 100)
+        .await
+        .unwrap();
+    assert_eq!(unpublished.len(), 1);
+    assert_eq!(unpublished[0].sequence, 3);
+    assert_eq!(unpublished[0].aggregate_id, account.to_string());
+    let stream: Vec<LoggedEvent> = sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY sequence"
+    ))
+    .bind(account.to_string())
+    .fetch_all(&restored.pool)
+    .await
+    .unwrap();
+    assert_eq!(verify_stream(stream.iter().map(LoggedEvent::chained)), None);
+    // The original database is untouched by the restored one's appends.
+    let original: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(original, 2);
 }
 
 /// The stuck-transfer sweep reads `transfers_in_flight`, which the appending statement keeps:

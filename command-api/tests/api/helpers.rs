@@ -4,10 +4,10 @@
 use command_api::{Application, Config};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use service_kit::SecretString;
 use service_kit::auth::{TokenRequest, mint_hs256};
 use service_kit::db::{DatabaseConfig, ServiceRole};
 use service_kit::testing::{self, TestDatabase};
+use service_kit::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -77,6 +77,53 @@ impl TestApp {
             self.owner.clone(),
         )
         .await
+    }
+
+    /// The README's restore procedure: this app's database dumped (`pg_dump -Fc`), restored
+    /// into a new database of the same server (`pg_restore`), and a command API on it.
+    pub(crate) async fn restored(&self) -> Self {
+        let dump = std::env::temp_dir().join(format!("ledger-{}.dump", Uuid::new_v4()));
+        // libpq takes the URL without sqlx's own parameters.
+        let libpq = |config: &DatabaseConfig| {
+            let url = config.url.expose_secret();
+            url.split('?').next().unwrap_or(url).to_owned()
+        };
+        let owner_url = &libpq(&self.owner);
+        let ran = |program: &str, args: &[&str]| {
+            let status = std::process::Command::new(program)
+                .args(args)
+                .status()
+                .unwrap_or_else(|err| panic!("{program} could not start: {err}"));
+            assert!(status.success(), "{program} failed: {status}");
+        };
+        ran(
+            "pg_dump",
+            &[
+                "--format=custom",
+                "--file",
+                dump.to_str().unwrap(),
+                owner_url,
+            ],
+        );
+        let name = service_kit::db::test_database_name();
+        let owner = self.owner.with_database(&name).unwrap();
+        service_kit::db::ensure_database_exists(&owner)
+            .await
+            .unwrap();
+        ran(
+            "pg_restore",
+            &[
+                "--exit-on-error",
+                "--dbname",
+                &libpq(&owner),
+                dump.to_str().unwrap(),
+            ],
+        );
+        let _ = std::fs::remove_file(&dump);
+        let login = ServiceRole::Writer.development_login();
+        let writer = owner.with_login(login, login).unwrap();
+        let pool = service_kit::db::connect(&owner).await.unwrap();
+        Self::spawn_with(Config::for_tests(writer, testing::auth()), pool, owner).await
     }
 
     async fn spawn_with(config: Config, pool: PgPool, owner: DatabaseConfig) -> Self {
