@@ -326,12 +326,14 @@ pub(crate) async fn find_idempotency_key(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
     use domain::{Amount, Currency};
     use postgres_es::PostgresEventRepository;
     use service_kit::db::{self, ServiceRole};
     use service_kit::event_log::{self, LogPosition};
-    use service_kit::testing::TestDatabase;
+    use service_kit::testing::{TestDatabase, eventually};
 
     use super::*;
 
@@ -385,10 +387,17 @@ mod tests {
         let loaded = store.load(&id).await.unwrap();
         assert_eq!(loaded.version, 2);
         assert_eq!(loaded.state.state().map(|open| open.balance), Some(7));
-        let logged = event_log::read_committed(&database.pool, LogPosition::START, 10)
-            .await
-            .unwrap();
-        assert_eq!(logged.len(), 2);
+        // Readable once no older transaction of the cluster (another test's) is open.
+        let logged = eventually(Duration::from_secs(10), || async {
+            let logged = event_log::read_committed(&database.pool, LogPosition::START, 10)
+                .await
+                .map_err(|err| err.to_string())?;
+            match logged.len() {
+                2 => Ok(logged),
+                n => Err(format!("{n} events readable")),
+            }
+        })
+        .await;
         assert!(logged.iter().all(|event| event.tenant == "acme"));
         assert_eq!(
             logged[1].prev_hash.as_deref(),
@@ -398,14 +407,12 @@ mod tests {
     }
 
     mod snapshots {
-        use std::time::Duration;
 
         use domain::{
             AccountCommand, History, OverdraftLimit, Owner, Reference, StepOutcome, Transfer,
             TransferCommand, TransferStep, TransferTerms,
         };
         use proptest::prelude::*;
-        use service_kit::testing::eventually;
         use uuid::Uuid;
 
         use super::*;

@@ -275,10 +275,17 @@ async fn a_logical_restore_continues_the_log_where_the_dump_left_it() {
         .await
         .unwrap();
     assert_eq!(checkpoint, head);
-    let unpublished = event_log::read_committed(&restored.pool, checkpoint, 100)
-        .await
-        .unwrap();
-    assert_eq!(unpublished.len(), 1);
+    // Readable once no older transaction of the cluster (another test's) is open.
+    let unpublished = testing::eventually(std::time::Duration::from_secs(10), || async {
+        let read = event_log::read_committed(&restored.pool, checkpoint, 100)
+            .await
+            .map_err(|err| err.to_string())?;
+        match read.len() {
+            1 => Ok(read),
+            n => Err(format!("{n} events readable after the checkpoint")),
+        }
+    })
+    .await;
     assert_eq!(unpublished[0].sequence, 3);
     assert_eq!(unpublished[0].aggregate_id, account.to_string());
     let stream: Vec<LoggedEvent> = sqlx::query_as(&format!(
