@@ -101,6 +101,8 @@ pub struct Application {
     pool: PgPool,
     signal: AppendSignal,
     relay: Option<Relay>,
+    /// Kept fresh in the background while serving.
+    auth: Arc<Authenticator>,
 }
 
 impl Application {
@@ -110,7 +112,7 @@ impl Application {
         db::migrate(&pool).await?;
         let auth = Arc::new(Authenticator::new(&config.auth)?);
         let signal = AppendSignal::default();
-        let mut readiness = Readiness::new(pool.clone());
+        let mut readiness = Readiness::new(pool.clone()).with_token_keys(auth.clone());
         if let Some(relay) = &config.relay {
             readiness = readiness.with_broker(BrokerProbe::new(&relay.kafka)?, Need::Reported);
         }
@@ -127,7 +129,7 @@ impl Application {
                 config.append_writers,
                 signal.clone(),
             )),
-            auth,
+            auth: auth.clone(),
             query_api_url: config.query_api_url.clone().into(),
         };
         let router = router(state, &config);
@@ -152,6 +154,7 @@ impl Application {
             pool,
             signal,
             relay,
+            auth,
         })
     }
 
@@ -175,6 +178,7 @@ impl Application {
         let mut background = tokio::task::JoinSet::new();
         background.spawn(self.signal.forward(self.pool.clone(), stopping.wait()));
         background.spawn(self.ops.serve(stopping.wait()));
+        background.spawn(self.auth.keep_keys_fresh(stopping.wait()));
         if let Some(relay) = self.relay {
             background.spawn(relay.run(stopping.wait()));
         }
