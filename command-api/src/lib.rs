@@ -81,7 +81,7 @@ fn router(state: AppState, config: &Config) -> Router {
     let max_body_bytes = config.max_body_bytes;
     http::with_standard_layers(
         http::with_cors(
-            api::router(state)
+            api::router(state, &config.auth)
                 .layer(DefaultBodyLimit::max(max_body_bytes))
                 .layer(axum::middleware::from_fn(move |request, next| {
                     extract::refuse_declared_oversize(max_body_bytes, request, next)

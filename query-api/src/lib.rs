@@ -142,7 +142,7 @@ impl Application {
             projected,
         };
         let router = http::with_standard_layers(
-            http::with_cors(api::router(state), config.cors_origins),
+            http::with_cors(api::router(state, &config.auth), config.cors_origins),
             &config.server,
         );
         let listener =

@@ -263,6 +263,7 @@ pub const SETTINGS: Settings = &[
     &crate::auth::oidc::OIDC_ISSUER,
     &crate::auth::oidc::OIDC_JWKS_REFRESH_MS,
     &crate::auth::oidc::OIDC_JWKS_MIN_REFRESH_MS,
+    &crate::auth::oidc::OIDC_SWAGGER_CLIENT_ID,
     &crate::http::CORS_ALLOWED_ORIGINS,
     &crate::rate_limit::RATE_LIMIT_PER_TENANT,
     &crate::rate_limit::RATE_LIMIT_BURST,

@@ -4,7 +4,7 @@
 
 use reqwest::StatusCode;
 use serde_json::json;
-use service_kit::auth::AuthConfig;
+use service_kit::auth::{AuthConfig, VerificationKey};
 use service_kit::dev_provider::DevProvider;
 use service_kit::testing::eventually;
 use std::time::Duration;
@@ -83,4 +83,44 @@ async fn a_provider_token_opens_an_account_once_the_provider_is_up_and_a_forged_
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     assert_eq!(refused.problem(), "invalid-token");
     assert_eq!(app.event_count().await, 1);
+}
+
+#[tokio::test]
+async fn swagger_ui_signs_in_with_the_provider_using_pkce() {
+    let issuer = "https://id.example/realms/ledger";
+    let app = TestApp::spawn_adjusted(|config| {
+        config.auth = AuthConfig::for_provider(issuer);
+        if let VerificationKey::Oidc(oidc) = &mut config.auth.key {
+            oidc.swagger_client_id = Some("ledger-swagger".into());
+        }
+    })
+    .await;
+    let document = app
+        .send(reqwest::Method::GET, "/openapi.json", None, &[], None)
+        .await;
+    assert_eq!(
+        document.body["components"]["securitySchemes"]["oidc"],
+        json!({"type": "openIdConnect",
+               "openIdConnectUrl": format!("{issuer}/.well-known/openid-configuration")})
+    );
+    let open_account = &document.body["paths"]["/v1/accounts"]["post"]["security"];
+    assert_eq!(open_account, &json!([{"bearer": []}, {"oidc": ["openid"]}]));
+    let initializer = reqwest::get(format!("{}/docs/swagger-initializer.js", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        initializer.contains(r#""clientId": "ledger-swagger""#),
+        "{initializer}"
+    );
+    assert!(
+        initializer.contains(r#""usePkceWithAuthorizationCodeGrant": true"#),
+        "{initializer}"
+    );
+    let redirect = reqwest::get(format!("{}/docs/oauth2-redirect.html", app.base))
+        .await
+        .unwrap();
+    assert_eq!(redirect.status(), StatusCode::OK);
 }

@@ -41,6 +41,12 @@ pub const OIDC_JWKS_MIN_REFRESH_MS: Setting<Duration> = Setting::new(
     "with `OIDC_ISSUER`: a token signed with an unknown key fetches the keys again at most once per this interval, whatever the number of such tokens",
 );
 
+pub const OIDC_SWAGGER_CLIENT_ID: Optional<&str> = Optional::new(
+    "OIDC_SWAGGER_CLIENT_ID",
+    "(none)",
+    "with `OIDC_ISSUER`: the provider's public client (authorization code with PKCE, redirect URI `<API>/docs/oauth2-redirect.html`) people sign in with on the APIs' Swagger UI; unset: they paste a token",
+);
+
 /// How long one request to the provider may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,6 +59,8 @@ pub struct OidcConfig {
     pub refresh: Duration,
     /// [`OIDC_JWKS_MIN_REFRESH_MS`].
     pub min_refresh: Duration,
+    /// [`OIDC_SWAGGER_CLIENT_ID`].
+    pub swagger_client_id: Option<String>,
 }
 
 impl OidcConfig {
@@ -62,6 +70,7 @@ impl OidcConfig {
             issuer: issuer.to_owned(),
             refresh: OIDC_JWKS_REFRESH_MS.default,
             min_refresh: OIDC_JWKS_MIN_REFRESH_MS.default,
+            swagger_client_id: None,
         }
     }
 
@@ -80,6 +89,7 @@ impl OidcConfig {
             issuer,
             refresh: OIDC_JWKS_REFRESH_MS.read()?,
             min_refresh: OIDC_JWKS_MIN_REFRESH_MS.read()?,
+            swagger_client_id: OIDC_SWAGGER_CLIENT_ID.read()?,
         }))
     }
 
