@@ -30,7 +30,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 # binaries have no health-check subcommand of their own. (Kubernetes probes are plain HTTP
 # and need neither.)
 FROM debian:bookworm-slim
-# ca-certificates: TLS to Postgres and Kafka. curl: the health check.
+# ca-certificates: TLS to Postgres, Kafka and the identity provider. curl: the health check.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \

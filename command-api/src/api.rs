@@ -12,12 +12,12 @@ use domain::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
-use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
+use service_kit::auth::AuthConfig;
 use service_kit::auth::{Authorized, RequiredRoles};
 use service_kit::http::PathId;
-use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems};
+use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems, swagger_ui};
 
 use crate::AppState;
 use crate::engine::{CommandContext, Committed, Idempotency, Target};
@@ -26,7 +26,7 @@ use crate::extract::{AccountId, AppJson, CommandHeaders, Teller};
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-pub(crate) fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState, auth: &AuthConfig) -> Router {
     Router::new()
         .route("/v1/accounts", post(open_account))
         .route("/v1/accounts/{id}/deposits", post(deposit))
@@ -35,7 +35,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/unfreeze", post(unfreeze))
         .route("/v1/accounts/{id}/close", post(close))
         .route("/v1/transfers", post(request_transfer))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(swagger_ui(ApiDoc::openapi(), auth))
         .with_state(state)
 }
 

@@ -81,7 +81,7 @@ fn router(state: AppState, config: &Config) -> Router {
     let max_body_bytes = config.max_body_bytes;
     http::with_standard_layers(
         http::with_cors(
-            api::router(state)
+            api::router(state, &config.auth)
                 .layer(DefaultBodyLimit::max(max_body_bytes))
                 .layer(axum::middleware::from_fn(move |request, next| {
                     extract::refuse_declared_oversize(max_body_bytes, request, next)
@@ -101,6 +101,8 @@ pub struct Application {
     pool: PgPool,
     signal: AppendSignal,
     relay: Option<Relay>,
+    /// Kept fresh in the background while serving.
+    auth: Arc<Authenticator>,
 }
 
 impl Application {
@@ -110,7 +112,7 @@ impl Application {
         db::migrate(&pool).await?;
         let auth = Arc::new(Authenticator::new(&config.auth)?);
         let signal = AppendSignal::default();
-        let mut readiness = Readiness::new(pool.clone());
+        let mut readiness = Readiness::new(pool.clone()).with_token_keys(auth.clone());
         if let Some(relay) = &config.relay {
             readiness = readiness.with_broker(BrokerProbe::new(&relay.kafka)?, Need::Reported);
         }
@@ -125,7 +127,7 @@ impl Application {
                 &config.engine,
                 signal.clone(),
             )),
-            auth,
+            auth: auth.clone(),
             query_api_url: config.query_api_url.clone().into(),
         };
         let router = router(state, &config);
@@ -150,6 +152,7 @@ impl Application {
             pool,
             signal,
             relay,
+            auth,
         })
     }
 
@@ -173,6 +176,7 @@ impl Application {
         let mut background = tokio::task::JoinSet::new();
         background.spawn(self.signal.forward(self.pool.clone(), stopping.wait()));
         background.spawn(self.ops.serve(stopping.wait()));
+        background.spawn(self.auth.keep_keys_fresh(stopping.wait()));
         if let Some(relay) = self.relay {
             background.spawn(relay.run(stopping.wait()));
         }

@@ -10,13 +10,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{Authorized, RequiredRoles, Role};
+use service_kit::auth::{AuthConfig, Authorized, RequiredRoles, Role};
 use service_kit::http::{PathId, PathResource};
 use utoipa::{IntoParams, OpenApi, ToSchema};
-use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems};
+use service_kit::problem::{BearerAuth, ProblemDocument, StandardProblems, swagger_ui};
 
 use crate::AppState;
 use crate::error::QueryError;
@@ -28,14 +27,14 @@ const MAX_LIMIT: i64 = 500;
 /// projection woke it first.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
-pub(crate) fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState, auth: &AuthConfig) -> Router {
     Router::new()
         .route("/v1/accounts", get(list_accounts))
         .route("/v1/accounts/{id}", get(get_account))
         .route("/v1/accounts/{id}/entries", get(list_entries))
         .merge(crate::audit::router())
         .merge(crate::transfers::router())
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(swagger_ui(ApiDoc::openapi(), auth))
         .route(
             "/asyncapi.json",
             get(asyncapi(crate::contract::asyncapi_text())),

@@ -104,6 +104,8 @@ pub struct Application {
     router: Router,
     limits: ServerLimits,
     ops: OpsServer,
+    /// Kept fresh in the background while serving.
+    auth: Arc<Authenticator>,
 }
 
 impl Application {
@@ -121,9 +123,10 @@ impl Application {
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);
         tokio::spawn(watch_projections(pool.clone(), projected_tx));
+        let auth = Arc::new(Authenticator::new(&config.auth)?);
         let ops = OpsServer::bind(
             config.ops_listen,
-            Readiness::new(pool.clone()),
+            Readiness::new(pool.clone()).with_token_keys(auth.clone()),
             "query-api",
             config.server,
         )
@@ -134,12 +137,12 @@ impl Application {
         })?;
         let state = AppState {
             pool,
-            auth: Arc::new(Authenticator::new(&config.auth)?),
+            auth: auth.clone(),
             max_wait: config.max_wait,
             projected,
         };
         let router = http::with_standard_layers(
-            http::with_cors(api::router(state), config.cors_origins),
+            http::with_cors(api::router(state, &config.auth), config.cors_origins),
             &config.server,
         );
         let listener =
@@ -154,6 +157,7 @@ impl Application {
             router,
             limits: config.server,
             ops,
+            auth,
         })
     }
 
@@ -175,7 +179,8 @@ impl Application {
         tracing::info!(addr = ?self.listener.local_addr().ok(), "query-api listening");
         let stopping = Stopping::on(shutdown);
         let ops = tokio::spawn(self.ops.serve(stopping.wait()));
+        let keys = tokio::spawn(self.auth.keep_keys_fresh(stopping.wait()));
         server::serve(self.listener, self.router, self.limits, stopping.wait()).await;
-        let _ = ops.await;
+        let _ = tokio::join!(ops, keys);
     }
 }

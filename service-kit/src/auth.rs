@@ -1,12 +1,17 @@
 //! JWT bearer authentication.
 //!
-//! Exactly one algorithm is accepted per deployment (HS256 with a shared secret in development,
-//! RS256 or ES256 with a public key in production), so a token cannot choose how it is checked:
-//! `alg: none` and HS256-signed-with-the-public-key tokens are refused. `exp`, `iss` and `aud`
-//! are required and checked; `nbf` is checked when present.
+//! A token never chooses how it is checked: the key and its one algorithm come from the
+//! deployment, never from the token's header. Either one key for the whole deployment (HS256
+//! with a shared secret in development, RS256 or ES256 with a public key), or, with
+//! [`OIDC_ISSUER`], the keys an OpenID Connect provider publishes, chosen by the token's `kid`
+//! (see [`oidc`]). `alg: none`, HS256-signed-with-the-public-key tokens, and `jku`, `x5u` and
+//! embedded `jwk` headers get nowhere. `exp`, `iss`, `aud` and `sub` are required and checked;
+//! `nbf` is checked when present. The tenant and the roles are read from configurable claims
+//! ([`ClaimMapping`]), since every provider puts them somewhere else.
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,13 +34,19 @@ const MIN_SECRET_BYTES: usize = 32;
 /// Clock skew tolerated between the token issuer and us.
 const LEEWAY_SECONDS: u64 = 5;
 
+pub mod oidc;
+
+pub use oidc::OidcConfig;
+
 /// How tokens are verified.
 #[derive(Debug, Clone)]
 pub enum VerificationKey {
     /// Development: a shared secret, HS256.
     Hs256(SecretString),
-    /// Production: a PEM public key and the one algorithm it is used with.
+    /// One PEM public key for the deployment and the one algorithm it is used with.
     PublicKey { algorithm: Algorithm, pem: String },
+    /// The keys an OpenID Connect provider publishes, fetched and kept fresh.
+    Oidc(OidcConfig),
 }
 
 pub const JWT_HS256_SECRET: Optional<&str> = Optional::new(
@@ -46,15 +57,71 @@ pub const JWT_HS256_SECRET: Optional<&str> = Optional::new(
 pub const JWT_PUBLIC_KEY_PEM: Optional<&str> = Optional::new(
     "JWT_PUBLIC_KEY_PEM",
     "(none)",
-    "production: PEM public key (instead of the secret)",
+    "production without `OIDC_ISSUER`: PEM public key (instead of the secret)",
 );
 pub const JWT_ALGORITHM: Optional<&str> = Optional::new(
     "JWT_ALGORITHM",
     "(none)",
     "`RS256` or `ES256`, with `JWT_PUBLIC_KEY_PEM`",
 );
-pub const JWT_ISSUER: Setting<&str> = Setting::new("JWT_ISSUER", "ledger", "required `iss`");
-pub const JWT_AUDIENCE: Setting<&str> = Setting::new("JWT_AUDIENCE", "ledger", "required `aud`");
+pub const JWT_ISSUER: Setting<&str> = Setting::new(
+    "JWT_ISSUER",
+    "ledger",
+    "required `iss` (with `OIDC_ISSUER`: that issuer instead)",
+);
+pub const JWT_AUDIENCE: Setting<&str> = Setting::new(
+    "JWT_AUDIENCE",
+    "ledger",
+    "required `aud` (one of its values when it is an array)",
+);
+pub const JWT_TENANT_CLAIM: Setting<&str> = Setting::new(
+    "JWT_TENANT_CLAIM",
+    "tenant",
+    "claim holding the caller's tenant: a dotted path into nested objects (`ledger.tenant`); a key that itself contains dots (`https://ledger.example/tenant`) is matched whole first",
+);
+pub const JWT_ROLES_CLAIM: Setting<&str> = Setting::new(
+    "JWT_ROLES_CLAIM",
+    "roles",
+    "claim holding the caller's roles (an array of names, or one name), a path like `JWT_TENANT_CLAIM`: Keycloak `realm_access.roles`, Entra `roles`, Auth0 a namespaced claim",
+);
+pub const JWT_ROLES_FROM_SCOPE: Setting<bool> = Setting::new(
+    "JWT_ROLES_FROM_SCOPE",
+    false,
+    "also take roles from the space-separated `scope` claim (a scope named `teller` grants the role)",
+);
+
+/// Where the tenant and the roles are in a token's claims: each provider puts them elsewhere
+/// (Keycloak under `realm_access.roles`, Auth0 under a namespaced claim, Entra under `roles`).
+#[derive(Debug, Clone)]
+pub struct ClaimMapping {
+    /// Path of the tenant claim, see [`JWT_TENANT_CLAIM`].
+    pub tenant: String,
+    /// Path of the roles claim, see [`JWT_ROLES_CLAIM`].
+    pub roles: String,
+    /// Whether the `scope` claim grants roles too.
+    pub roles_from_scope: bool,
+}
+
+impl ClaimMapping {
+    /// Reads [`JWT_TENANT_CLAIM`], [`JWT_ROLES_CLAIM`] and [`JWT_ROLES_FROM_SCOPE`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            tenant: JWT_TENANT_CLAIM.read()?,
+            roles: JWT_ROLES_CLAIM.read()?,
+            roles_from_scope: JWT_ROLES_FROM_SCOPE.read()?,
+        })
+    }
+}
+
+impl Default for ClaimMapping {
+    fn default() -> Self {
+        Self {
+            tenant: JWT_TENANT_CLAIM.default.into(),
+            roles: JWT_ROLES_CLAIM.default.into(),
+            roles_from_scope: JWT_ROLES_FROM_SCOPE.default,
+        }
+    }
+}
 
 /// Token verification settings.
 #[derive(Debug, Clone)]
@@ -62,19 +129,30 @@ pub struct AuthConfig {
     pub issuer: String,
     pub audience: String,
     pub key: VerificationKey,
+    pub claims: ClaimMapping,
     /// Each tenant's request budget; `None`: unlimited.
     pub rate_limit: Option<RateLimit>,
 }
 
 impl AuthConfig {
-    /// Reads [`JWT_ISSUER`], [`JWT_AUDIENCE`], and either [`JWT_HS256_SECRET`] or
-    /// [`JWT_PUBLIC_KEY_PEM`] with [`JWT_ALGORITHM`], and the rate limit.
+    /// Reads [`JWT_AUDIENCE`], the claim mapping, the rate limit, and one way of getting keys:
+    /// [`oidc::OIDC_ISSUER`] (whose issuer tokens must name), or [`JWT_ISSUER`] with either
+    /// [`JWT_HS256_SECRET`] or [`JWT_PUBLIC_KEY_PEM`] and [`JWT_ALGORITHM`].
     pub fn from_env() -> Result<Self, ConfigError> {
-        let issuer = JWT_ISSUER.read()?;
-        let audience = JWT_AUDIENCE.read()?;
-        let key = match (JWT_HS256_SECRET.read()?, JWT_PUBLIC_KEY_PEM.read()?) {
-            (Some(secret), None) => VerificationKey::Hs256(secret.into()),
-            (None, Some(pem)) => {
+        let secret = JWT_HS256_SECRET.read()?;
+        let pem = JWT_PUBLIC_KEY_PEM.read()?;
+        let (issuer, key) = match (OidcConfig::from_env()?, secret, pem) {
+            (Some(oidc), None, None) => (oidc.issuer.clone(), VerificationKey::Oidc(oidc)),
+            (Some(_), _, _) => {
+                return Err(ConfigError::Invalid {
+                    name: oidc::OIDC_ISSUER.name,
+                    reason: "set either OIDC_ISSUER or a fixed key (JWT_HS256_SECRET, JWT_PUBLIC_KEY_PEM), not both".into(),
+                });
+            }
+            (None, Some(secret), None) => {
+                (JWT_ISSUER.read()?, VerificationKey::Hs256(secret.into()))
+            }
+            (None, None, Some(pem)) => {
                 let algorithm = match JWT_ALGORITHM
                     .require("RS256 or ES256, the algorithm of JWT_PUBLIC_KEY_PEM")?
                     .as_str()
@@ -88,36 +166,54 @@ impl AuthConfig {
                         });
                     }
                 };
-                VerificationKey::PublicKey { algorithm, pem }
+                (
+                    JWT_ISSUER.read()?,
+                    VerificationKey::PublicKey { algorithm, pem },
+                )
             }
-            (Some(_), Some(_)) => {
+            (None, Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid {
                     name: JWT_HS256_SECRET.name,
                     reason: "set either JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM, not both".into(),
                 });
             }
-            (None, None) => {
+            (None, None, None) => {
                 return Err(ConfigError::Missing {
                     name: JWT_HS256_SECRET.name,
-                    hint: "set JWT_HS256_SECRET (development) or JWT_PUBLIC_KEY_PEM",
+                    hint: "set OIDC_ISSUER, JWT_HS256_SECRET (development) or JWT_PUBLIC_KEY_PEM",
                 });
             }
         };
         Ok(Self {
             issuer,
-            audience,
+            audience: JWT_AUDIENCE.read()?,
             key,
+            claims: ClaimMapping::from_env()?,
             rate_limit: RateLimit::from_env()?,
         })
     }
 
-    /// For tests: HS256 tokens signed with `secret`, the default issuer and audience, and no
-    /// rate limit.
+    /// For tests: HS256 tokens signed with `secret`, the default issuer, audience and claims,
+    /// and no rate limit.
     pub fn for_tests(secret: &str) -> Self {
         Self {
             issuer: JWT_ISSUER.default.into(),
             audience: JWT_AUDIENCE.default.into(),
             key: VerificationKey::Hs256(SecretString::from(secret)),
+            claims: ClaimMapping::default(),
+            rate_limit: None,
+        }
+    }
+
+    /// For tests: the keys of the OpenID Connect provider at `issuer`, with the default
+    /// audience, claims and refresh intervals, and no rate limit.
+    pub fn for_provider(issuer: &str) -> Self {
+        let oidc = OidcConfig::new(issuer);
+        Self {
+            issuer: oidc.issuer.clone(),
+            audience: JWT_AUDIENCE.default.into(),
+            key: VerificationKey::Oidc(oidc),
+            claims: ClaimMapping::default(),
             rate_limit: None,
         }
     }
@@ -235,6 +331,12 @@ pub enum AuthError {
     Forbidden { needed: Vec<&'static str> },
     #[error("the tenant's request budget is spent; retry in {retry_after:?}")]
     RateLimited { retry_after: Duration },
+    /// The identity provider's keys are not loaded yet (it was unreachable since start-up):
+    /// the token can be neither accepted nor called invalid, so the request is answered 503
+    /// and may be retried, rather than 401, which would tell a client with a good token to
+    /// sign in again.
+    #[error("the identity provider's signing keys are not loaded yet")]
+    KeysUnavailable,
 }
 
 impl IntoResponse for AuthError {
@@ -279,30 +381,48 @@ impl IntoResponse for AuthError {
                 }
                 problem
             }
+            Self::KeysUnavailable => Problem::unavailable("Token verification")
+                .detail("The identity provider's signing keys are not loaded yet; retry later."),
         };
         problem.into_response()
     }
 }
 
 /// Verifies bearer tokens, and charges each verified request to its tenant's budget when
-/// there is one. Built once at start-up; shared by every request.
+/// there is one. Built once at start-up; shared by every request. With an OpenID Connect
+/// provider, [`Authenticator::keep_keys_fresh`] must run beside it (the services run it with
+/// their other background tasks).
 pub struct Authenticator {
-    key: DecodingKey,
+    keys: Keys,
+    /// Everything but the algorithm, which comes with each key.
     validation: Validation,
+    claims: ClaimMapping,
     budgets: Option<TenantBudgets>,
+}
+
+/// Where the key that checks a token comes from.
+enum Keys {
+    /// One key and its algorithm for every token.
+    Fixed(Arc<oidc::VerifyingKey>),
+    /// The provider's published keys, by `kid`.
+    Provider(oidc::ProviderKeys),
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = match &self.keys {
+            Keys::Fixed(key) => format!("fixed {:?}", key.algorithm),
+            Keys::Provider(provider) => format!("provider {}", provider.issuer()),
+        };
         f.debug_struct("Authenticator")
-            .field("algorithms", &self.validation.algorithms)
+            .field("keys", &keys)
             .finish_non_exhaustive()
     }
 }
 
 impl Authenticator {
     pub fn new(config: &AuthConfig) -> Result<Self, ConfigError> {
-        let (key, algorithm) = match &config.key {
+        let keys = match &config.key {
             VerificationKey::Hs256(secret) => {
                 if secret.expose_secret().len() < MIN_SECRET_BYTES {
                     return Err(ConfigError::Invalid {
@@ -310,10 +430,10 @@ impl Authenticator {
                         reason: format!("must be at least {MIN_SECRET_BYTES} bytes"),
                     });
                 }
-                (
-                    DecodingKey::from_secret(secret.expose_secret().as_bytes()),
-                    Algorithm::HS256,
-                )
+                Keys::Fixed(Arc::new(oidc::VerifyingKey {
+                    key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+                    algorithm: Algorithm::HS256,
+                }))
             }
             VerificationKey::PublicKey { algorithm, pem } => {
                 let key = match algorithm {
@@ -324,21 +444,45 @@ impl Authenticator {
                     name: "JWT_PUBLIC_KEY_PEM",
                     reason: err.to_string(),
                 })?;
-                (key, *algorithm)
+                Keys::Fixed(Arc::new(oidc::VerifyingKey {
+                    key,
+                    algorithm: *algorithm,
+                }))
             }
+            VerificationKey::Oidc(oidc) => Keys::Provider(oidc::ProviderKeys::new(oidc.clone())?),
         };
-        let mut validation = Validation::new(algorithm);
-        validation.algorithms = vec![algorithm];
+        let mut validation = Validation::default();
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
         Ok(Self {
-            key,
+            keys,
             validation,
+            claims: config.claims.clone(),
             budgets: config.rate_limit.map(TenantBudgets::new),
         })
+    }
+
+    /// Whether tokens can be checked: always with a fixed key; with a provider, once its
+    /// keys were loaded (they stay loaded through later outages). The readiness probe's.
+    pub fn keys_loaded(&self) -> bool {
+        match &self.keys {
+            Keys::Fixed(_) => true,
+            Keys::Provider(provider) => provider.loaded(),
+        }
+    }
+
+    /// Loads the provider's keys (retrying until it answers), then refreshes them every
+    /// `OIDC_JWKS_REFRESH_MS`, until `stop` resolves. Returns at once with a fixed key.
+    pub async fn keep_keys_fresh(self: Arc<Self>, stop: impl Future<Output = ()> + Send) {
+        if let Keys::Provider(provider) = &self.keys {
+            tokio::select! {
+                () = provider.keep_fresh() => {}
+                () = stop => {}
+            }
+        }
     }
 
     /// Charges one request to `principal`'s tenant.
@@ -352,8 +496,14 @@ impl Authenticator {
     }
 
     /// Verifies `token` and returns who it speaks for.
-    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+    pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let key = match &self.keys {
+            Keys::Fixed(key) => key.clone(),
+            Keys::Provider(provider) => provider.key_for(token).await?,
+        };
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![key.algorithm];
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::ExpiredToken,
                 ErrorKind::ImmatureSignature => AuthError::InvalidToken("not valid yet"),
@@ -367,18 +517,54 @@ impl Authenticator {
                 _ => AuthError::InvalidToken("malformed"),
             })?
             .claims;
-        if !valid_tenant(&claims.tenant) {
-            return Err(AuthError::InvalidToken("malformed tenant"));
-        }
-        if claims.sub.is_empty() || claims.sub.len() > 256 {
-            return Err(AuthError::InvalidToken("malformed subject"));
+        self.principal(&claims)
+    }
+
+    /// Who verified `claims` speak for, read where [`ClaimMapping`] says.
+    fn principal(&self, claims: &serde_json::Value) -> Result<Principal, AuthError> {
+        let subject = claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .filter(|sub| !sub.is_empty() && sub.len() <= 256)
+            .ok_or(AuthError::InvalidToken("malformed subject"))?;
+        let tenant = claim(claims, &self.claims.tenant)
+            .and_then(serde_json::Value::as_str)
+            .filter(|tenant| valid_tenant(tenant))
+            .ok_or(AuthError::InvalidToken("missing or malformed tenant"))?;
+        let mut roles: BTreeSet<Role> = match claim(claims, &self.claims.roles) {
+            Some(serde_json::Value::Array(names)) => names
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .filter_map(Role::parse)
+                .collect(),
+            Some(serde_json::Value::String(name)) => Role::parse(name).into_iter().collect(),
+            _ => BTreeSet::new(),
+        };
+        if self.claims.roles_from_scope
+            && let Some(scope) = claims.get("scope").and_then(serde_json::Value::as_str)
+        {
+            roles.extend(scope.split(' ').filter_map(Role::parse));
         }
         Ok(Principal {
-            subject: claims.sub,
-            tenant: claims.tenant,
-            roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
+            subject: subject.to_owned(),
+            tenant: tenant.to_owned(),
+            roles,
         })
     }
+}
+
+/// The claim at `path` in `claims`: a key containing dots (a namespaced claim such as
+/// `https://ledger.example/roles`) is matched whole before the path is split at a dot into
+/// nested objects (`realm_access.roles`).
+fn claim<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    if let Some(value) = claims.get(path) {
+        return Some(value);
+    }
+    path.match_indices('.').find_map(|(at, _)| {
+        claims
+            .get(&path[..at])
+            .and_then(|inner| claim(inner, &path[at + 1..]))
+    })
 }
 
 /// Tenants are short identifiers: 1 to 64 of `A-Z a-z 0-9 . _ -`.
@@ -413,7 +599,7 @@ where
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::InvalidToken("expected `Bearer <token>`"))?;
         let authenticator = Arc::<Authenticator>::from_ref(state);
-        let principal = authenticator.verify(token)?;
+        let principal = authenticator.verify(token).await?;
         tracing::Span::current().record("tenant", principal.tenant.as_str());
         authenticator.admit(&principal)?;
         Ok(principal)
@@ -481,21 +667,110 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn accepts_a_valid_token_and_ignores_unknown_roles() {
-        let principal = authenticator().verify(&token("acme", 60)).unwrap();
+    #[tokio::test]
+    async fn accepts_a_valid_token_and_ignores_unknown_roles() {
+        let principal = authenticator().verify(&token("acme", 60)).await.unwrap();
         assert_eq!(principal.subject, "alice");
         assert_eq!(principal.tenant, "acme");
         assert_eq!(principal.roles, BTreeSet::from([Role::Teller]));
         assert!(principal.require_any(&[Role::Viewer]).is_err());
     }
 
-    #[test]
-    fn refuses_short_secrets_and_malformed_tenants() {
+    #[tokio::test]
+    async fn refuses_short_secrets_and_malformed_tenants() {
         assert!(Authenticator::new(&AuthConfig::for_tests("short")).is_err());
         assert!(matches!(
-            authenticator().verify(&token("a b", 60)),
+            authenticator().verify(&token("a b", 60)).await,
             Err(AuthError::InvalidToken(_))
+        ));
+    }
+
+    /// An authenticator reading the tenant and roles where `claims` says, and a token of the
+    /// audience `["account", "ledger"]` with `extra` claims.
+    fn mapped(claims: ClaimMapping, extra: serde_json::Value) -> (Authenticator, String) {
+        let authenticator = Authenticator::new(&AuthConfig {
+            claims,
+            ..AuthConfig::for_tests(SECRET)
+        })
+        .unwrap();
+        let mut payload = serde_json::json!({
+            "sub": "alice", "iss": "ledger", "aud": ["account", "ledger"],
+            "exp": jsonwebtoken::get_current_timestamp() + 60,
+        });
+        payload
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &payload,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        (authenticator, token)
+    }
+
+    #[tokio::test]
+    async fn reads_keycloak_nested_roles_and_an_audience_array() {
+        let (authenticator, token) = mapped(
+            ClaimMapping {
+                tenant: "tenant".into(),
+                roles: "realm_access.roles".into(),
+                roles_from_scope: false,
+            },
+            serde_json::json!({"tenant": "acme",
+                               "realm_access": {"roles": ["offline_access", "viewer"]}}),
+        );
+        let principal = authenticator.verify(&token).await.unwrap();
+        assert_eq!(principal.roles, BTreeSet::from([Role::Viewer]));
+    }
+
+    #[tokio::test]
+    async fn reads_auth0_namespaced_claims_whole() {
+        let (authenticator, token) = mapped(
+            ClaimMapping {
+                tenant: "https://ledger.example/tenant".into(),
+                roles: "https://ledger.example/roles".into(),
+                roles_from_scope: false,
+            },
+            serde_json::json!({"https://ledger.example/tenant": "acme",
+                               "https://ledger.example/roles": ["auditor"]}),
+        );
+        let principal = authenticator.verify(&token).await.unwrap();
+        assert_eq!(principal.tenant, "acme");
+        assert_eq!(principal.roles, BTreeSet::from([Role::Auditor]));
+    }
+
+    #[tokio::test]
+    async fn scope_grants_roles_only_when_configured() {
+        let claims = serde_json::json!({"tenant": "acme", "scope": "openid teller"});
+        let (without, token) = mapped(ClaimMapping::default(), claims.clone());
+        assert!(without.verify(&token).await.unwrap().roles.is_empty());
+        let (with, token) = mapped(
+            ClaimMapping {
+                roles_from_scope: true,
+                ..ClaimMapping::default()
+            },
+            claims,
+        );
+        assert_eq!(
+            with.verify(&token).await.unwrap().roles,
+            BTreeSet::from([Role::Teller])
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_a_token_without_the_tenant_claim() {
+        let (authenticator, token) = mapped(
+            ClaimMapping {
+                tenant: "org.tenant".into(),
+                ..ClaimMapping::default()
+            },
+            serde_json::json!({"tenant": "acme", "org": {"name": "acme"}}),
+        );
+        assert!(matches!(
+            authenticator.verify(&token).await,
+            Err(AuthError::InvalidToken("missing or malformed tenant"))
         ));
     }
 

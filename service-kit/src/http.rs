@@ -23,6 +23,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use crate::auth::Authenticator;
 use crate::config::{ConfigError, Optional};
 use crate::kafka::BrokerProbe;
 use crate::problem::Problem;
@@ -238,7 +239,8 @@ pub enum Need {
     Reported,
 }
 
-/// What `/health/ready` checks: the database always, the broker when the process uses one.
+/// What `/health/ready` checks: the database always, the broker when the process uses one,
+/// and the token keys when the process checks tokens.
 ///
 /// Probes are unauthenticated, so checks are coalesced: one database query and one broker
 /// request per [`READINESS_INTERVAL`] at most, whatever the number of callers. Callers that
@@ -247,6 +249,8 @@ pub enum Need {
 pub struct Readiness {
     pool: PgPool,
     broker: Option<(BrokerProbe, Need)>,
+    /// The APIs': whether tokens can be checked (an identity provider's keys are loaded).
+    token_keys: Option<Arc<Authenticator>>,
     /// The projector's: report the account streams it parked.
     parked_streams: bool,
     last: Arc<tokio::sync::Mutex<Option<(Instant, Verdict)>>>,
@@ -263,6 +267,8 @@ struct Verdict {
     parked_streams: Option<i64>,
     /// Reachable, and whether it must be; `None` without a broker.
     broker: Option<(bool, Need)>,
+    /// Whether tokens can be checked; `None` for a process that checks none.
+    token_keys: Option<bool>,
 }
 
 impl Readiness {
@@ -270,6 +276,7 @@ impl Readiness {
         Self {
             pool,
             broker: None,
+            token_keys: None,
             parked_streams: false,
             last: Arc::default(),
         }
@@ -285,6 +292,13 @@ impl Readiness {
 
     pub fn with_broker(mut self, probe: BrokerProbe, need: Need) -> Self {
         self.broker = Some((probe, need));
+        self
+    }
+
+    /// Not ready while `authenticator` cannot check tokens: an API whose identity provider
+    /// has been unreachable since it started would refuse every request.
+    pub fn with_token_keys(mut self, authenticator: Arc<Authenticator>) -> Self {
+        self.token_keys = Some(authenticator);
         self
     }
 
@@ -308,9 +322,15 @@ impl Readiness {
         if let Some((false, Need::Required)) = verdict.broker {
             return Problem::unavailable("The Kafka broker").into_response();
         }
+        if verdict.token_keys == Some(false) {
+            return Problem::unavailable("The identity provider's signing keys").into_response();
+        }
         let mut body = serde_json::json!({ "status": "ready", "database": "ok" });
         if let Some((reachable, _)) = verdict.broker {
             body["broker"] = (if reachable { "ok" } else { "unreachable" }).into();
+        }
+        if verdict.token_keys.is_some() {
+            body["token_keys"] = "ok".into();
         }
         if let Some(parked) = verdict.parked_streams {
             body["parked_streams"] = parked.into();
@@ -366,6 +386,7 @@ impl Readiness {
             database,
             parked_streams,
             broker,
+            token_keys: self.token_keys.as_ref().map(|auth| auth.keys_loaded()),
         }
     }
 }

@@ -21,6 +21,8 @@
 //! - [`server`]: serving a router with timeouts and bounds on connections and requests.
 //! - [`metrics`]: the Prometheus recorder and the request metrics.
 //! - [`rate_limit`]: per-tenant request budgets.
+//! - `dev_provider` (feature `dev-provider`): the development OpenID Connect provider of
+//!   `deploy/oidc-dev`, for `cargo xtask up --oidc` and the tests.
 //! - `testing` (feature `test-support`): per-test databases cloned from a migrated template,
 //!   per-test topics, test tokens, `eventually`.
 //!
@@ -36,6 +38,8 @@ pub use secrecy::{ExposeSecret, SecretString};
 pub mod auth;
 pub mod config;
 pub mod db;
+#[cfg(feature = "dev-provider")]
+pub mod dev_provider;
 pub mod event_log;
 pub mod hash_chain;
 #[cfg(feature = "http")]

@@ -131,6 +131,45 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Swagger UI at `/docs` over `openapi`, which it serves at `/openapi.json`. With an OpenID
+/// Connect provider and [`crate::auth::oidc::OIDC_SWAGGER_CLIENT_ID`], people sign in there
+/// with the provider (authorization code with PKCE, the endpoints from its discovery
+/// document): every operation that takes a bearer token also takes the provider's.
+pub fn swagger_ui(
+    mut openapi: utoipa::openapi::OpenApi,
+    auth: &crate::auth::AuthConfig,
+) -> utoipa_swagger_ui::SwaggerUi {
+    use utoipa::openapi::security::{OpenIdConnect, SecurityRequirement, SecurityScheme};
+
+    let ui = utoipa_swagger_ui::SwaggerUi::new("/docs");
+    let crate::auth::VerificationKey::Oidc(oidc) = &auth.key else {
+        return ui.url("/openapi.json", openapi);
+    };
+    let Some(client_id) = &oidc.swagger_client_id else {
+        return ui.url("/openapi.json", openapi);
+    };
+    openapi
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "oidc",
+            SecurityScheme::OpenIdConnect(OpenIdConnect::new(oidc.discovery_url())),
+        );
+    for item in openapi.paths.paths.values_mut() {
+        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+            if let Some(security) = operation.security.as_mut().filter(|s| !s.is_empty()) {
+                security.push(SecurityRequirement::new("oidc", ["openid"]));
+            }
+        }
+    }
+    ui.url("/openapi.json", openapi).oauth(
+        utoipa_swagger_ui::oauth::Config::new()
+            .client_id(client_id)
+            .scopes(vec!["openid".into()])
+            .use_pkce_with_authorization_code_grant(true),
+    )
+}
+
 /// The problems every operation that takes a token shares, added to the OpenAPI document so
 /// that each `#[utoipa::path]` lists only its own: 401, 403 (the roles of the operation's
 /// tag), 429 with `Retry-After` (the per-tenant rate limit) and 503 (database unavailable);

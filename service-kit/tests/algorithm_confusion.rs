@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
-use service_kit::auth::{AuthConfig, AuthError, Authenticator, VerificationKey};
+use service_kit::auth::{AuthConfig, AuthError, Authenticator, ClaimMapping, VerificationKey};
 
 /// Test-only key pair, generated for these tests; never used anywhere else.
 const PRIVATE_PEM: &str = include_str!("fixtures/test-rsa-private.pem");
@@ -22,6 +22,7 @@ fn rs256_authenticator() -> Authenticator {
             algorithm: Algorithm::RS256,
             pem: PUBLIC_PEM.into(),
         },
+        claims: ClaimMapping::default(),
         rate_limit: None,
     })
     .unwrap()
@@ -36,27 +37,27 @@ fn claims() -> serde_json::Value {
            "aud": "ledger", "exp": now + 600})
 }
 
-#[test]
-fn a_genuine_rs256_token_is_accepted() {
+#[tokio::test]
+async fn a_genuine_rs256_token_is_accepted() {
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::RS256),
         &claims(),
         &EncodingKey::from_rsa_pem(PRIVATE_PEM.as_bytes()).unwrap(),
     )
     .unwrap();
-    let principal = rs256_authenticator().verify(&token).unwrap();
+    let principal = rs256_authenticator().verify(&token).await.unwrap();
     assert_eq!(principal.tenant, "acme");
 }
 
-#[test]
-fn an_hs256_token_keyed_with_the_public_key_is_refused() {
+#[tokio::test]
+async fn an_hs256_token_keyed_with_the_public_key_is_refused() {
     let forged = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims(),
         &EncodingKey::from_secret(PUBLIC_PEM.as_bytes()),
     )
     .unwrap();
-    let refused = rs256_authenticator().verify(&forged).unwrap_err();
+    let refused = rs256_authenticator().verify(&forged).await.unwrap_err();
     assert!(matches!(refused, AuthError::InvalidToken(_)), "{refused:?}");
     let response = refused.into_response();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
@@ -66,8 +67,8 @@ fn an_hs256_token_keyed_with_the_public_key_is_refused() {
     );
 }
 
-#[test]
-fn a_token_in_any_other_algorithm_is_refused() {
+#[tokio::test]
+async fn a_token_in_any_other_algorithm_is_refused() {
     let other = jsonwebtoken::encode(
         &Header::new(Algorithm::HS384),
         &claims(),
@@ -75,7 +76,7 @@ fn a_token_in_any_other_algorithm_is_refused() {
     )
     .unwrap();
     assert!(matches!(
-        rs256_authenticator().verify(&other),
+        rs256_authenticator().verify(&other).await,
         Err(AuthError::InvalidToken(_))
     ));
 }

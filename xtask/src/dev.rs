@@ -127,8 +127,83 @@ pub(crate) async fn audit(args: &[String]) -> anyhow::Result<()> {
 /// so that a consumer set up once keeps working across restarts.
 const DEV_BROKER_ADDR: &str = "127.0.0.1:9092";
 
+/// Where `up --oidc` starts the development identity provider unless `LEDGER_DEV_OIDC_PORT`
+/// names another port: fixed, so that its issuer (in every token) stays the same across runs.
+const DEV_OIDC_PORT: &str = "9400";
+/// The development provider's client for machine tokens (`deploy/oidc-dev/server.mjs`).
+const DEV_OIDC_CLIENT: (&str, &str) = ("ledger-dev", "ledger-dev-secret");
+/// Its public client for Swagger UI's sign-in.
+const DEV_OIDC_SWAGGER_CLIENT: &str = "ledger-swagger";
+
+/// `cargo xtask up` options.
+#[derive(clap::Args)]
+pub(crate) struct UpOptions {
+    /// Sign in with a development OpenID Connect provider (deploy/oidc-dev, on 127.0.0.1:9400)
+    /// instead of HS256 tokens.
+    #[arg(long)]
+    oidc: bool,
+}
+
+/// How `up`'s services check tokens, and a token they accept.
+struct Tokens {
+    /// The variables that configure it.
+    env: Vec<(&'static str, String)>,
+    /// For tenant `dev` with every role.
+    token: String,
+    /// How to get more, and how to sign in.
+    how: String,
+    /// The provider, while it runs (killed when dropped).
+    _provider: Option<service_kit::dev_provider::DevProvider>,
+}
+
+async fn tokens(options: &UpOptions) -> anyhow::Result<Tokens> {
+    if !options.oidc {
+        return Ok(Tokens {
+            env: vec![(
+                "JWT_HS256_SECRET",
+                dev_secret().expose_secret().to_owned(),
+            )],
+            token: dev_token(
+                "dev",
+                &["teller", "viewer", "auditor", "admin"],
+                "dev-user",
+                86_400,
+            )?,
+            how: "Dev token (tenant `dev`, all roles, valid 24 h); more: cargo xtask token --tenant T --role teller".into(),
+            _provider: None,
+        });
+    }
+    println!("starting the development OpenID Connect provider (npm ci on first use)...");
+    let port: u16 = env_or("LEDGER_DEV_OIDC_PORT", DEV_OIDC_PORT)
+        .parse()
+        .context("LEDGER_DEV_OIDC_PORT")?;
+    let provider = service_kit::dev_provider::DevProvider::start(port, &serde_json::json!({}))
+        .await
+        .context("starting deploy/oidc-dev (needs node and npm)")?;
+    let (client, secret) = DEV_OIDC_CLIENT;
+    let token = provider
+        .token(client, secret, "teller viewer auditor admin")
+        .await?;
+    let issuer = provider.issuer.clone();
+    Ok(Tokens {
+        env: vec![
+            ("OIDC_ISSUER", issuer.clone()),
+            ("OIDC_SWAGGER_CLIENT_ID", DEV_OIDC_SWAGGER_CLIENT.to_owned()),
+        ],
+        token,
+        how: format!(
+            "Identity provider {issuer} (oidc-provider). Token from it (tenant `dev`, all roles, valid 10 min); more:\n  \
+             curl -s -u {client}:{secret} -d grant_type=client_credentials -d 'scope=teller viewer auditor admin' {issuer}/token\n\
+             Swagger UI: open /docs on either API, Authorize, under `oidc` tick `openid` and sign in with any\n\
+             login and password (development interactions), then consent"
+        ),
+        _provider: Some(provider),
+    })
+}
+
 /// `cargo xtask up`: everything, in the foreground, until ctrl-c.
-pub(crate) async fn up() -> anyhow::Result<()> {
+pub(crate) async fn up(options: &UpOptions) -> anyhow::Result<()> {
+    let tokens = tokens(options).await?;
     let database = prepare_database().await?;
     create_development_logins(&database).await?;
     let (brokers, _broker) = match std::env::var("KAFKA_BROKERS") {
@@ -161,12 +236,14 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     let process_manager_addr = env_or("PROCESS_MANAGER_ADDR", "127.0.0.1:8083");
     // Each service as in production: its own login, with its role's privileges only.
     let service = |which: Service, ops: &str, role: ServiceRole| {
-        Launch::service(which, Profile::Release, ops)
-            .env(
-                "DATABASE_URL",
-                role.development_url(database.url.expose_secret()),
-            )
-            .env("JWT_HS256_SECRET", dev_secret().expose_secret())
+        let mut launch = Launch::service(which, Profile::Release, ops).env(
+            "DATABASE_URL",
+            role.development_url(database.url.expose_secret()),
+        );
+        for (name, value) in &tokens.env {
+            launch = launch.env(name, value);
+        }
+        launch
             .env("KAFKA_BROKERS", &brokers)
             .env("COMMAND_API_ADDR", &command_addr)
             .env("QUERY_API_ADDR", &query_addr)
@@ -201,24 +278,19 @@ pub(crate) async fn up() -> anyhow::Result<()> {
     let query_ops = format!("http://{query_ops_addr}");
     let projector = format!("http://{projector_addr}");
     let process_manager = format!("http://{process_manager_addr}");
-    let token = dev_token(
-        "dev",
-        &["teller", "viewer", "auditor", "admin"],
-        "dev-user",
-        86_400,
-    )?;
+    let token = &tokens.token;
+    let how = &tokens.how;
     println!(
         "\nLedger is running.\n\n  command API   {commands}   (OpenAPI {commands}/openapi.json, Swagger UI {commands}/docs)\n  \
          query API     {queries}   (OpenAPI {queries}/openapi.json, Swagger UI {queries}/docs)\n  \
          ops           command API {command_ops}, query API {query_ops}, projector {projector}, process manager {process_manager}\n                \
          (each: /metrics, /health/live, /health/ready; never on the APIs' public ports)\n  \
          Kafka         {brokers}   (topics ledger.account.events, ledger.transfer.events, ledger.deadletter)\n  Postgres      {}\n\n\
-         Dev token (tenant `dev`, all roles, valid 24 h):\n\n  export TOKEN={token}\n\n\
+         {how}:\n\n  export TOKEN={token}\n\n\
          Try:\n  curl -s -X POST {commands}/v1/accounts -H \"Authorization: Bearer $TOKEN\" \\\n    -H 'Content-Type: application/json' -d '{{\"owner\":\"Ada\",\"currency\":\"EUR\"}}'\n  \
          curl -s {queries}/v1/accounts -H \"Authorization: Bearer $TOKEN\"\n  \
          curl -s -X POST {commands}/v1/transfers -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n    \
          -d '{{\"from_account\":\"<id>\",\"to_account\":\"<id>\",\"amount\":500,\"currency\":\"EUR\"}}'\n\n\
-         More tokens: cargo xtask token --tenant T --role teller\n\
          Audit: cargo xtask audit verify --kafka\nPress ctrl-c to stop.\n",
         redact(database.url.expose_secret())
     );

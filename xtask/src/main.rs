@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Migrate, start every service, print the URLs and a dev token.
-    Up,
+    Up(dev::UpOptions),
     /// Create the database if missing and apply migrations.
     Migrate,
     /// Write README.md's configuration table from the services' SETTINGS.
@@ -72,7 +72,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Up => dev::up().await,
+        Command::Up(options) => dev::up(&options).await,
         Command::Migrate => dev::migrate().await,
         Command::ConfigReference => config_reference::write(),
         Command::Token(options) => dev::token(&options),

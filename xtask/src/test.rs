@@ -52,6 +52,8 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         },
     };
     ensure_python_kafka_client().await?;
+    // The OpenID Connect tests' provider: `npm ci` here, once, rather than inside a test.
+    service_kit::dev_provider::ensure_installed().await?;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     // A broker for the tests, unless one is named; it stops when this command ends.
     let broker = match std::env::var("KAFKA_BROKERS") {

@@ -9,6 +9,7 @@ mod event_store;
 mod helpers;
 mod hostile;
 mod idempotency;
+mod oidc;
 mod operations;
 mod privileges;
 mod secrets;

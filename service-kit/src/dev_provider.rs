@@ -1,0 +1,216 @@
+//! The development OpenID Connect provider of `deploy/oidc-dev`: the certified `oidc-provider`
+//! (Node.js) on loopback. `cargo xtask up --oidc` runs it beside the services, and the tests
+//! get their tokens from it, so that what they check is what a real provider sends. Installs
+//! its npm packages (`npm ci`, the versions `package-lock.json` pins) the first time.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long the provider may take to start and print its issuer.
+const START_WITHIN: Duration = Duration::from_secs(30);
+
+/// Why the provider could not be started or asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DevProviderError {
+    #[error("cannot run {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("`npm ci` in deploy/oidc-dev failed")]
+    Install,
+    #[error("the provider did not print its issuer: {0}")]
+    NoIssuer(String),
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+}
+
+/// A signing key of the provider, with its private half (for tests that forge tokens with
+/// the provider's own key).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProviderKey {
+    pub kid: String,
+    pub alg: String,
+    pub private_pem: String,
+    pub public_pem: String,
+}
+
+/// A running provider; killed when dropped.
+pub struct DevProvider {
+    /// The issuer URL, e.g. `http://127.0.0.1:40123`.
+    pub issuer: String,
+    child: Child,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct Started {
+    issuer: String,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+}
+
+#[derive(Deserialize)]
+struct Stats {
+    jwks_requests: u64,
+}
+
+/// `deploy/oidc-dev`, where the launcher and its `package-lock.json` are.
+pub fn launcher_directory() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/oidc-dev"))
+}
+
+/// Runs `npm ci` in [`launcher_directory`] unless its packages are installed; once per
+/// process.
+pub async fn ensure_installed() -> Result<(), DevProviderError> {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    INSTALLED
+        .get_or_try_init(|| async {
+            let directory = launcher_directory();
+            if directory.join("node_modules/oidc-provider").exists() {
+                return Ok(());
+            }
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&directory)
+                .status()
+                .await
+                .map_err(|source| DevProviderError::Spawn {
+                    what: "npm",
+                    source,
+                })?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(DevProviderError::Install)
+            }
+        })
+        .await
+        .map(|_| ())
+}
+
+impl DevProvider {
+    /// Starts the provider on `port` of 127.0.0.1 (0: any free port) with `config`, the
+    /// launcher's `LEDGER_OIDC_CONFIG` (see `deploy/oidc-dev/server.mjs`), and waits until it
+    /// listens.
+    pub async fn start(port: u16, config: &serde_json::Value) -> Result<Self, DevProviderError> {
+        ensure_installed().await?;
+        let mut child = Command::new("node")
+            .arg("server.mjs")
+            .current_dir(launcher_directory())
+            .env("PORT", port.to_string())
+            .env("LEDGER_OIDC_CONFIG", config.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| DevProviderError::Spawn {
+                what: "node",
+                source,
+            })?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| DevProviderError::NoIssuer("no stdout".into()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        // The provider's warnings come first; the issuer is the first JSON line.
+        let issuer = tokio::time::timeout(START_WITHIN, async {
+            while let Some(line) = lines.next_line().await.ok().flatten() {
+                if let Ok(started) = serde_json::from_str::<Started>(&line) {
+                    return Ok(started.issuer);
+                }
+            }
+            Err(DevProviderError::NoIssuer("it exited".into()))
+        })
+        .await
+        .map_err(|_| DevProviderError::NoIssuer(format!("not within {START_WITHIN:?}")))??;
+        // Keep reading, so that the provider never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            issuer,
+            child,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// An access token for `client_id` from the token endpoint (client credentials grant).
+    pub async fn token(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+        scope: &str,
+    ) -> Result<String, DevProviderError> {
+        let response: TokenResponse = self
+            .http
+            .post(format!("{}/token", self.issuer))
+            .basic_auth(client_id, Some(client_secret))
+            .form(&[("grant_type", "client_credentials"), ("scope", scope)])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(response.access_token)
+    }
+
+    /// The signing keys, the one the provider signs with first.
+    pub async fn keys(&self) -> Result<Vec<ProviderKey>, DevProviderError> {
+        Ok(self
+            .http
+            .get(format!("{}/admin/keys", self.issuer))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Adds a new key for each of `add` (signing with them from now on) and removes the keys
+    /// `remove`; returns the keys after.
+    pub async fn rotate(
+        &self,
+        add: &[&str],
+        remove: &[&str],
+    ) -> Result<Vec<ProviderKey>, DevProviderError> {
+        Ok(self
+            .http
+            .post(format!("{}/admin/keys", self.issuer))
+            .json(&serde_json::json!({ "add": add, "remove": remove }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// How often the JWKS was fetched since the provider started.
+    pub async fn jwks_requests(&self) -> Result<u64, DevProviderError> {
+        let stats: Stats = self
+            .http
+            .get(format!("{}/admin/stats", self.issuer))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(stats.jwks_requests)
+    }
+
+    /// Kills the provider and waits until it is gone, so that its port is closed.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Waits until the provider exits, for `cargo xtask up`.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+}
