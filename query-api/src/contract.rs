@@ -262,6 +262,7 @@ mod tests {
     fn files() -> BTreeMap<String, String> {
         let mut files = BTreeMap::new();
         files.insert("asyncapi.json".to_owned(), asyncapi_text());
+        files.insert("schema.graphql".to_owned(), crate::graphql::sdl());
         for contract in contract::event_contracts() {
             files.insert(
                 format!(
@@ -283,7 +284,10 @@ mod tests {
             let path = entry.path();
             if path.is_dir() {
                 checked_in(&path, under, found);
-            } else if path.extension().is_some_and(|ext| ext == "json") {
+            } else if path
+                .extension()
+                .is_some_and(|ext| ext == "json" || ext == "graphql")
+            {
                 let name = path
                     .strip_prefix(under)
                     .unwrap()

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -223,7 +223,7 @@ where
 }
 
 /// Why a request was not authenticated or not authorised.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token")]
     MissingToken,
@@ -239,8 +239,15 @@ pub enum AuthError {
 
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
+        self.problem().into_response()
+    }
+}
+
+impl AuthError {
+    /// The problem details of this error: the one mapping, whatever protocol carries it.
+    pub fn problem(self) -> Problem {
         let challenge = HeaderValue::from_static("Bearer");
-        let problem = match self {
+        match self {
             Self::MissingToken => Problem::new(
                 StatusCode::UNAUTHORIZED,
                 "missing-token",
@@ -279,8 +286,7 @@ impl IntoResponse for AuthError {
                 }
                 problem
             }
-        };
-        problem.into_response()
+        }
     }
 }
 
@@ -353,6 +359,12 @@ impl Authenticator {
 
     /// Verifies `token` and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_until(token).map(|(principal, _)| principal)
+    }
+
+    /// As [`Authenticator::verify`], with the instant the token expires: for connections that
+    /// outlive a request and must end with their token.
+    pub fn verify_until(&self, token: &str) -> Result<(Principal, SystemTime), AuthError> {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::ExpiredToken,
@@ -373,12 +385,23 @@ impl Authenticator {
         if claims.sub.is_empty() || claims.sub.len() > 256 {
             return Err(AuthError::InvalidToken("malformed subject"));
         }
-        Ok(Principal {
+        let expires = UNIX_EPOCH + Duration::from_secs(claims.exp);
+        let principal = Principal {
             subject: claims.sub,
             tenant: claims.tenant,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
-        })
+        };
+        Ok((principal, expires))
     }
+}
+
+/// The token of an `Authorization` value `Bearer <token>`.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
 }
 
 /// Tenants are short identifiers: 1 to 64 of `A-Z a-z 0-9 . _ -`.
@@ -404,13 +427,7 @@ where
         let token = header
             .to_str()
             .ok()
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
+            .and_then(bearer_token)
             .ok_or(AuthError::InvalidToken("expected `Bearer <token>`"))?;
         let authenticator = Arc::<Authenticator>::from_ref(state);
         let principal = authenticator.verify(token)?;

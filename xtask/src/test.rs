@@ -52,6 +52,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         },
     };
     ensure_python_kafka_client().await?;
+    ensure_python_graphql_client().await?;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     // A broker for the tests, unless one is named; it stops when this command ends.
     let broker = match std::env::var("KAFKA_BROKERS") {
@@ -129,6 +130,21 @@ async fn ensure_python_kafka_client() -> anyhow::Result<()> {
     }
     println!("installing the confluent-kafka Python package for the analyst tests...");
     pip_install("confluent-kafka").await
+}
+
+/// The GraphQL subscription tests subscribe with a client that is not ours: the PyPI `gql`
+/// package over its websockets transport (`graphql-transport-ws`).
+async fn ensure_python_graphql_client() -> anyhow::Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import gql.transport.websockets"])
+        .status()
+        .await
+        .is_ok_and(|status| status.success());
+    if present {
+        return Ok(());
+    }
+    println!("installing the gql Python package for the GraphQL subscription tests...");
+    pip_install("gql[websockets]").await
 }
 
 /// `pip install package` with every version pinned by `xtask/python-constraints.txt`, the one
