@@ -431,13 +431,13 @@ impl<T: async_graphql::OutputType> Page<T> {
         after: Option<&str>,
         key: impl Fn(&T) -> String,
     ) -> async_graphql::connection::Connection<String, T> {
-        let mut connection = async_graphql::connection::Connection::new(
-            after.is_some(),
-            self.next_cursor.is_some(),
+        let mut connection =
+            async_graphql::connection::Connection::new(after.is_some(), self.next_cursor.is_some());
+        connection.edges.extend(
+            self.items
+                .into_iter()
+                .map(|item| async_graphql::connection::Edge::new(encode_cursor(&key(&item)), item)),
         );
-        connection.edges.extend(self.items.into_iter().map(|item| {
-            async_graphql::connection::Edge::new(encode_cursor(&key(&item)), item)
-        }));
         connection
     }
 }

@@ -366,13 +366,9 @@ pub(crate) async fn log_page(
             QueryError::InvalidQuery("after is not a position this API issued".into())
         })?,
     };
-    let events = event_log::read_committed_of_tenant(
-        &mut *state.scope(tenant).await?,
-        tenant,
-        after,
-        limit,
-    )
-    .await?;
+    let events =
+        event_log::read_committed_of_tenant(&mut *state.scope(tenant).await?, tenant, after, limit)
+            .await?;
     let next_after = events.last().map_or(after, |last| last.position);
     Ok(LogPage {
         items: events.into_iter().map(AuditEventView::from).collect(),

@@ -6,7 +6,8 @@ use service_kit::auth::AuthError;
 use service_kit::problem::{Problem, problem_type};
 
 /// What every problem type starts with: `problem_type("")`.
-static PROBLEM_TYPE_PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| problem_type(""));
+static PROBLEM_TYPE_PREFIX: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| problem_type(""));
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueryError {

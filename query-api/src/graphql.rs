@@ -165,7 +165,9 @@ fn caller<'a, R: RequiredRoles>(ctx: &Context<'a>) -> Result<&'a Principal, Quer
     let Caller(caller) = ctx
         .data::<Caller>()
         .map_err(|_| QueryError::Auth(AuthError::MissingToken))?;
-    let principal = caller.as_ref().map_err(|err| QueryError::Auth(err.clone()))?;
+    let principal = caller
+        .as_ref()
+        .map_err(|err| QueryError::Auth(err.clone()))?;
     principal.require_any(R::ROLES)?;
     Ok(principal)
 }
@@ -262,11 +264,7 @@ impl QueryRoot {
     }
 
     /// Account `id`'s hash chain recomputed from the stored rows. Role `auditor`.
-    async fn audit_verify(
-        &self,
-        ctx: &Context<'_>,
-        account_id: Uuid,
-    ) -> Answer<VerificationView> {
+    async fn audit_verify(&self, ctx: &Context<'_>, account_id: Uuid) -> Answer<VerificationView> {
         let principal = caller::<Auditor>(ctx)?;
         Ok(crate::audit::verification(app(ctx), &principal.tenant, account_id).await?)
     }
@@ -322,8 +320,7 @@ impl AccountView {
             cursor: after,
         };
         let page =
-            crate::transfers::transfers_page(app(ctx), &principal.tenant, self.id, &params)
-                .await?;
+            crate::transfers::transfers_page(app(ctx), &principal.tenant, self.id, &params).await?;
         Ok(page.connection(params.cursor.as_deref(), TransferView::key))
     }
 }
@@ -499,7 +496,9 @@ impl Feed {
         let principal = caller::<Reader>(ctx)?;
         let connection = ctx
             .data::<Arc<Socket>>()
-            .map_err(|_| QueryError::InvalidQuery("subscriptions are served at /graphql/ws".into()))?
+            .map_err(|_| {
+                QueryError::InvalidQuery("subscriptions are served at /graphql/ws".into())
+            })?
             .clone();
         let slot = connection
             .subscriptions
@@ -573,7 +572,10 @@ struct TenantSlot {
 
 impl TenantConnections {
     fn take(self: &Arc<Self>, tenant: &str, limit: usize) -> Option<TenantSlot> {
-        let mut held = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = held.entry(tenant.to_owned()).or_default();
         if *count >= limit {
             return None;
@@ -655,13 +657,19 @@ fn admit(
         Err(_) => return refuse(close::UNAUTHORIZED, "invalid token"),
     };
     if app.auth.admit(&principal).is_err() {
-        return refuse(close::TOO_MANY_CONNECTIONS, "the tenant's request budget is spent");
+        return refuse(
+            close::TOO_MANY_CONNECTIONS,
+            "the tenant's request budget is spent",
+        );
     }
     let Some(slot) = app
         .tenant_connections
         .take(&principal.tenant, app.graphql.connections_per_tenant)
     else {
-        return refuse(close::TOO_MANY_CONNECTIONS, "too many connections for this tenant");
+        return refuse(
+            close::TOO_MANY_CONNECTIONS,
+            "too many connections for this tenant",
+        );
     };
     connection.expires.send_replace(Some(expires));
     let mut data = Data::default();
@@ -676,7 +684,9 @@ fn admit(
 async fn serve_socket(socket: WebSocket, state: GraphqlState) {
     let (closing, mut close_requests) = mpsc::channel(1);
     let connection = Arc::new(Socket {
-        subscriptions: Arc::new(Semaphore::new(state.app.graphql.subscriptions_per_connection)),
+        subscriptions: Arc::new(Semaphore::new(
+            state.app.graphql.subscriptions_per_connection,
+        )),
         subscription_limit: state.app.graphql.subscriptions_per_connection,
         closing,
         expires: watch::Sender::new(None),
@@ -694,10 +704,14 @@ async fn serve_socket(socket: WebSocket, state: GraphqlState) {
         });
     let init_connection = connection.clone();
     let app = state.app.clone();
-    let messages = async_graphql::http::WebSocket::new(state.schema.clone(), input, WebSocketProtocols::GraphQLWS)
-        .on_connection_init(move |payload| {
-            futures::future::ready(admit(&app, &init_connection, &payload))
-        });
+    let messages = async_graphql::http::WebSocket::new(
+        state.schema.clone(),
+        input,
+        WebSocketProtocols::GraphQLWS,
+    )
+    .on_connection_init(move |payload| {
+        futures::future::ready(admit(&app, &init_connection, &payload))
+    });
     futures::pin_mut!(messages);
     loop {
         let expiry = *expires.borrow_and_update();

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::FromRef;
+use config::GraphqlConfig;
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::channels::ReadModelChange;
@@ -27,7 +28,6 @@ use service_kit::server::{self, ServerLimits, Stopping};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use config::GraphqlConfig;
 
 mod api;
 mod audit;
