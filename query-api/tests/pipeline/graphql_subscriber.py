@@ -16,6 +16,15 @@ from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
 
 
+class Transport(WebsocketsTransport):
+    async def _after_connect(self):
+        # gql 4.0 looks the negotiated subprotocol up as "Sec-WebSocket-Protocol", case
+        # sensitively, and falls back to the Apollo protocol; header names are case-insensitive
+        # and hyper sends them in lower case.
+        headers = {name.lower(): value for name, value in self.response_headers.items()}
+        self.subprotocol = headers.get("sec-websocket-protocol", self.APOLLO_SUBPROTOCOL)
+
+
 def emit(event):
     print(json.dumps(event), flush=True)
 
@@ -36,10 +45,10 @@ def close_of(error):
 
 
 async def main(url, init_payload, document, variables, hang_up_after):
-    transport = WebsocketsTransport(
+    transport = Transport(
         url=url,
         init_payload=init_payload,
-        subprotocols=[WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL],
+        subprotocols=[Transport.GRAPHQLWS_SUBPROTOCOL],
         ping_interval=None,
     )
     try:
