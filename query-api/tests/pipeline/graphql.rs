@@ -677,3 +677,175 @@ fn signed(claims: Value) -> String {
     )
     .unwrap()
 }
+
+/// Commits a change of account `id` the way the projector does: the row, its entry, and the
+/// notification, in one transaction (the projector's own `notify_changed`).
+async fn project(pool: &sqlx::PgPool, tenant: &str, id: Uuid, version: i64, balance: i64) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO accounts VALUES ($1, $2, 'Ada', 'EUR', 0, $4, 'active', $3, now(), now())
+         ON CONFLICT (id) DO UPDATE SET version = $3, balance = $4",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(version)
+    .bind(balance)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    if version > 1 {
+        sqlx::query(
+            "INSERT INTO account_entries (account_id, version, tenant, kind, amount, currency,
+                                          balance_after, event_id, recorded_at)
+             VALUES ($1, $2, $3, 'deposit', 10, 'EUR', $4, gen_random_uuid(), now())",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(tenant)
+        .bind(balance)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    service_kit::db::channels::notify_changed(
+        &mut tx,
+        service_kit::db::channels::ReadModel::Account,
+        &[id],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// The query API alone, fed by read-model commits as the projector makes them: what a
+/// subscriber gets does not depend on the broker.
+#[tokio::test]
+async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_only() {
+    testing::init_logs();
+    let database = testing::TestDatabase::create().await;
+    let app = query_api::Application::build(query_api::Config::for_tests(
+        database.config_as(ServiceRole::TenantReader),
+        testing::auth(),
+    ))
+    .await
+    .unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let (ours, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+    project(&database.pool, TENANT, ours, 1, 0).await;
+    project(&database.pool, OTHER, theirs, 1, 0).await;
+    let viewer = token(TENANT, &["viewer"]);
+
+    let mut subscriber = Subscriber::bearer(
+        &base,
+        &viewer,
+        ACCOUNT_CHANGED,
+        json!({"id": ours, "after": 0}),
+        4,
+    );
+    assert_eq!(changes_until(&mut subscriber, 1).await, (vec![], vec![1]));
+    // Another tenant's tenant-wide subscriber, and its first change as the sign it listens.
+    let mut watcher = Subscriber::start(
+        &base,
+        json!({"token": token(OTHER, &["viewer"])}),
+        "subscription { accountsChanged { id version } }",
+        json!({}),
+        0,
+    );
+    let mut version = 1;
+    let first = loop {
+        version += 1;
+        project(&database.pool, OTHER, theirs, version, version * 10).await;
+        if let Ok(event) = tokio::time::timeout(Duration::from_secs(2), watcher.next()).await {
+            break event;
+        }
+        assert!(version < 20, "the tenant-wide subscriber got nothing");
+    };
+    assert_eq!(
+        first["data"]["accountsChanged"]["id"],
+        json!(theirs),
+        "{first}"
+    );
+    for (version, balance) in [(2, 10), (3, 20), (4, 30)] {
+        project(&database.pool, TENANT, ours, version, balance).await;
+    }
+    let (entries, changes) = changes_until(&mut subscriber, 4).await;
+    assert_eq!(entries, [2, 3, 4]);
+    assert!(
+        changes.is_sorted() && changes.last() == Some(&4),
+        "{changes:?}"
+    );
+    subscriber.finished().await;
+    // Ours came first; the watcher sees only theirs.
+    project(&database.pool, OTHER, theirs, version + 1, 0).await;
+    loop {
+        let event = watcher.next().await;
+        let change = &event["data"]["accountsChanged"];
+        assert_eq!(
+            change["id"],
+            json!(theirs),
+            "another tenant's change leaked: {event}"
+        );
+        if change["version"].as_i64() == Some(version + 1) {
+            break;
+        }
+    }
+
+    let mut foreign = Subscriber::bearer(
+        &base,
+        &token(OTHER, &["viewer"]),
+        ACCOUNT_CHANGED,
+        json!({"id": ours, "after": 0}),
+        0,
+    );
+    let refused = foreign.next().await;
+    assert_eq!(
+        refused["errors"][0]["extensions"]["code"], "not-found",
+        "{refused}"
+    );
+    for (init, why) in [
+        (json!({}), "missing token"),
+        (json!({"token": "not-a-jwt"}), "invalid token"),
+        (
+            json!({"token": signed(json!({
+                "sub": "x", "tenant": TENANT, "roles": ["viewer"], "iss": "ledger",
+                "aud": "ledger", "exp": now() - 3600,
+            }))}),
+            "token expired",
+        ),
+    ] {
+        let mut subscriber = Subscriber::start(
+            &base,
+            init,
+            ACCOUNT_CHANGED,
+            json!({"id": ours, "after": 0}),
+            0,
+        );
+        assert_eq!(
+            subscriber.next().await,
+            json!({"closed": 4401, "reason": why})
+        );
+        subscriber.finished().await;
+    }
+    let short = signed(json!({
+        "sub": "x", "tenant": TENANT, "roles": ["viewer"], "iss": "ledger", "aud": "ledger",
+        "exp": now() + 3,
+    }));
+    let mut subscriber = Subscriber::bearer(
+        &base,
+        &short,
+        ACCOUNT_CHANGED,
+        json!({"id": ours, "after": 3}),
+        0,
+    );
+    let event = subscriber.next().await;
+    assert_eq!(
+        event["data"]["accountChanged"]["entries"],
+        json!([{"version": 4, "amount": 10}])
+    );
+    assert_eq!(
+        subscriber.next().await,
+        json!({"closed": 4401, "reason": "token expired"})
+    );
+    subscriber.finished().await;
+}
