@@ -2,7 +2,8 @@
 //! (draft 2020-12) of every event type and version, generated from the event types and the
 //! envelope's header names. `GET /asyncapi.json` serves the document; the same files are
 //! checked in under `contracts/`, and a test fails when they differ from what this generates
-//! (`UPDATE_CONTRACTS=1 cargo test -p query-api --lib contract` rewrites them).
+//! (`UPDATE_CONTRACTS=1 cargo test -p query-api --lib contract` rewrites them). The same test
+//! holds `contracts/schema.graphql`, the SDL of the GraphQL schema (`crate::graphql`).
 
 use domain::contract::{self, EventContract};
 use serde_json::{Map, Value, json};
