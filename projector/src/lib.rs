@@ -431,10 +431,9 @@ impl Projector {
         parked.retain(|parked| already_parked.get(&parked.account_id) != Some(&parked.sequence));
         store::park(&mut tx, &parked, &resumed).await?;
         if !changed_rows.is_empty() {
-            // Delivered at commit: wakes queries waiting for a `min_version`.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(db::channels::READ_MODELS_CHANGED)
-                .execute(&mut *tx)
+            // Delivered at commit: wakes queries waiting for a `min_version`, and feeds
+            // subscriptions.
+            db::channels::notify_changed(&mut tx, db::channels::ReadModel::Account, &changed)
                 .await?;
         }
         tx.commit().await?;
@@ -455,9 +454,7 @@ impl Projector {
             || async move {
                 let mut tx = self.pool.begin().await?;
                 let unreadable = transfers::project(&mut tx, ids).await?;
-                sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(db::channels::READ_MODELS_CHANGED)
-                    .execute(&mut *tx)
+                db::channels::notify_changed(&mut tx, db::channels::ReadModel::Transfer, ids)
                     .await?;
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(unreadable)

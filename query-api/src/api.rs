@@ -39,7 +39,8 @@ pub(crate) fn router(state: AppState, auth: &AuthConfig) -> Router {
             "/asyncapi.json",
             get(asyncapi(crate::contract::asyncapi_text())),
         )
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::graphql::router(state))
 }
 
 /// Roles `viewer` or `teller`: reading the read models (`Authorized<Reader>`).
@@ -78,9 +79,10 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 }
 
 /// An account as the read model holds it.
-#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject)]
+#[graphql(name = "Account", complex)]
 pub(crate) struct AccountView {
-    id: Uuid,
+    pub(crate) id: Uuid,
     owner: String,
     /// ISO 4217 code.
     currency: String,
@@ -90,16 +92,17 @@ pub(crate) struct AccountView {
     /// `active`, `frozen` or `closed`.
     status: String,
     /// The last stream version applied to this view.
-    version: i64,
+    pub(crate) version: i64,
     opened_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
 /// A money movement.
-#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject)]
+#[graphql(name = "Entry")]
 pub(crate) struct EntryView {
     /// The stream version of the event that moved the money.
-    version: i64,
+    pub(crate) version: i64,
     /// `deposit`, `withdrawal`, `transfer_debit`, `transfer_credit` or `transfer_refund`.
     kind: String,
     amount: i64,
@@ -114,8 +117,8 @@ pub(crate) struct EntryView {
 /// A page of results; pass `next_cursor` as `cursor` for the next one.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct Page<T> {
-    items: Vec<T>,
-    next_cursor: Option<String>,
+    pub(crate) items: Vec<T>,
+    pub(crate) next_cursor: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -125,20 +128,20 @@ pub(crate) struct ReadParams {
     /// Wait (bounded) until the view reflects at least this stream version, e.g. the version
     /// a command returned; 503 with `Retry-After` if it does not in time.
     #[param(minimum = 1)]
-    min_version: Option<i64>,
+    pub(crate) min_version: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListAccountsParams {
-    owner: Option<String>,
+    pub(crate) owner: Option<String>,
     /// `active`, `frozen` or `closed`.
-    status: Option<String>,
+    pub(crate) status: Option<String>,
     /// 1 to 500, default 50.
     #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
-    cursor: Option<String>,
+    pub(crate) limit: Option<i64>,
+    pub(crate) cursor: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -147,11 +150,11 @@ pub(crate) struct ListAccountsParams {
 pub(crate) struct ListEntriesParams {
     /// 1 to 500, default 50.
     #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
-    cursor: Option<String>,
+    pub(crate) limit: Option<i64>,
+    pub(crate) cursor: Option<String>,
     /// As for the account: wait until the account's view reached this version.
     #[param(minimum = 1)]
-    min_version: Option<i64>,
+    pub(crate) min_version: Option<i64>,
 }
 
 const ACCOUNT_COLUMNS: &str =
@@ -173,7 +176,7 @@ pub(crate) async fn find_account(
 }
 
 /// The account, once its view reached `min_version` (waiting at most the configured time).
-async fn account_at(
+pub(crate) async fn account_at(
     state: &AppState,
     tenant: &str,
     id: Uuid,
@@ -322,6 +325,17 @@ async fn list_accounts(
     Authorized { principal, .. }: Authorized<Reader>,
     Params(params): Params<ListAccountsParams>,
 ) -> Result<Json<Page<AccountView>>, QueryError> {
+    Ok(Json(
+        accounts_page(&state, &principal.tenant, &params).await?,
+    ))
+}
+
+/// A page of `tenant`'s accounts, by id, filtered as `params` say.
+pub(crate) async fn accounts_page(
+    state: &AppState,
+    tenant: &str,
+    params: &ListAccountsParams,
+) -> Result<Page<AccountView>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     if let Some(status) = &params.status
         && !matches!(status.as_str(), "active" | "frozen" | "closed")
@@ -340,14 +354,14 @@ async fn list_accounts(
           ORDER BY id
           LIMIT $5"
     ))
-    .bind(&principal.tenant)
+    .bind(tenant)
     .bind(&params.owner)
     .bind(&params.status)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&mut *state.scope(&principal.tenant).await?)
+    .fetch_all(&mut *state.scope(tenant).await?)
     .await?;
-    Ok(Json(page(accounts, limit, |a| a.id.to_string())))
+    Ok(page(accounts, limit, AccountView::key))
 }
 
 #[utoipa::path(
@@ -367,9 +381,21 @@ async fn list_entries(
     PathId { id, .. }: AccountId,
     Params(params): Params<ListEntriesParams>,
 ) -> Result<Json<Page<EntryView>>, QueryError> {
+    Ok(Json(
+        entries_page(&state, &principal.tenant, id, &params).await?,
+    ))
+}
+
+/// A page of account `id`'s money movements, oldest first.
+pub(crate) async fn entries_page(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+    params: &ListEntriesParams,
+) -> Result<Page<EntryView>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
-    account_at(&state, &principal.tenant, id, params.min_version).await?;
+    account_at(state, tenant, id, params.min_version).await?;
     let entries: Vec<EntryView> = sqlx::query_as(
         "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id
            FROM account_entries
@@ -378,12 +404,12 @@ async fn list_entries(
           LIMIT $4",
     )
     .bind(id)
-    .bind(&principal.tenant)
+    .bind(tenant)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&mut *state.scope(&principal.tenant).await?)
+    .fetch_all(&mut *state.scope(tenant).await?)
     .await?;
-    Ok(Json(page(entries, limit, |e| e.version.to_string())))
+    Ok(page(entries, limit, EntryView::key))
 }
 
 /// The first `limit` of `items` (fetched with one extra, to know whether more follow).
@@ -394,6 +420,44 @@ pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String)
         .then(|| items.last().map(|last| encode_cursor(&key(last))))
         .flatten();
     Page { items, next_cursor }
+}
+
+impl<T: async_graphql::OutputType> Page<T> {
+    /// The page as a GraphQL (Relay) connection: each item's cursor is the one that continues
+    /// after it, `key` being the same key the page was cut by.
+    pub(crate) fn connection(
+        self,
+        after: Option<&str>,
+        key: impl Fn(&T) -> String,
+    ) -> async_graphql::connection::Connection<String, T> {
+        let mut connection =
+            async_graphql::connection::Connection::new(after.is_some(), self.next_cursor.is_some());
+        connection.edges.extend(
+            self.items
+                .into_iter()
+                .map(|item| async_graphql::connection::Edge::new(encode_cursor(&key(&item)), item)),
+        );
+        connection
+    }
+}
+
+impl AccountView {
+    /// What pages of accounts are cut by.
+    pub(crate) fn key(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+impl EntryView {
+    /// What pages of entries are cut by.
+    pub(crate) fn key(&self) -> String {
+        self.version.to_string()
+    }
+}
+
+/// The cursor of the entries after stream version `version`.
+pub(crate) fn entries_after(version: i64) -> String {
+    encode_cursor(&version.to_string())
 }
 
 /// Serves the Kafka contract, unauthenticated like `/openapi.json`: it describes message

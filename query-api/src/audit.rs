@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{Authorized, Principal, RequiredRoles, Role};
+use service_kit::auth::{Authorized, RequiredRoles, Role};
 use service_kit::event_log::{self, LogPosition, LoggedEvent};
 use service_kit::http::PathId;
 use service_kit::problem::ProblemDocument;
@@ -41,7 +41,8 @@ impl RequiredRoles for Auditor {
 }
 
 /// One stored event with who caused it, where it sits in the log and its hash-chain links.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, async_graphql::SimpleObject)]
+#[graphql(name = "AuditEvent")]
 pub(crate) struct AuditEventView {
     aggregate_type: String,
     aggregate_id: String,
@@ -94,7 +95,8 @@ impl From<LoggedEvent> for AuditEventView {
 }
 
 /// A page of a stream's events; pass `next_from_version` as `from_version` for the next.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, async_graphql::SimpleObject)]
+#[graphql(name = "AuditEventPage")]
 pub(crate) struct EventPage {
     items: Vec<AuditEventView>,
     next_from_version: Option<i64>,
@@ -103,14 +105,16 @@ pub(crate) struct EventPage {
 /// A page of the tenant's log. `next_after` is always set: passing it as `after` continues
 /// exactly after the last event returned (or where this page started, if it was empty), so
 /// polling with it never skips or repeats an event.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, async_graphql::SimpleObject)]
+#[graphql(name = "AuditLogPage")]
 pub(crate) struct LogPage {
     items: Vec<AuditEventView>,
     next_after: String,
 }
 
 /// The account as folded from its events up to a version or instant.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, async_graphql::SimpleObject)]
+#[graphql(name = "AccountState")]
 pub(crate) struct AccountStateView {
     account_id: Uuid,
     /// The last version folded.
@@ -126,7 +130,8 @@ pub(crate) struct AccountStateView {
 }
 
 /// The result of recomputing a stream's hash chain.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, async_graphql::SimpleObject)]
+#[graphql(name = "Verification")]
 pub(crate) struct VerificationView {
     account_id: Uuid,
     intact: bool,
@@ -139,7 +144,8 @@ pub(crate) struct VerificationView {
 }
 
 /// Where the chain first fails and why.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, async_graphql::SimpleObject)]
+#[graphql(name = "ChainBreak")]
 pub(crate) struct BreakView {
     version: i64,
     /// `sequence-gap`, `previous-hash-mismatch` or `hash-mismatch`.
@@ -153,10 +159,10 @@ pub(crate) struct BreakView {
 pub(crate) struct StreamEventsParams {
     /// First version to return (default 1).
     #[param(minimum = 1)]
-    from_version: Option<i64>,
+    pub(crate) from_version: Option<i64>,
     /// 1 to 500, default 100.
     #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
+    pub(crate) limit: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -164,11 +170,11 @@ pub(crate) struct StreamEventsParams {
 #[serde(deny_unknown_fields)]
 pub(crate) struct StateParams {
     /// An RFC 3339 instant: the state from the events recorded by then.
-    at: Option<DateTime<Utc>>,
+    pub(crate) at: Option<DateTime<Utc>>,
     /// A version: the state right after it. At most one of `at` and `version`; neither means
     /// the latest state.
     #[param(minimum = 1)]
-    version: Option<i64>,
+    pub(crate) version: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -176,20 +182,20 @@ pub(crate) struct StateParams {
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogParams {
     /// A `next_after` from an earlier page; absent for the start of the log.
-    after: Option<String>,
+    pub(crate) after: Option<String>,
     /// 1 to 500, default 100.
     #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
+    pub(crate) limit: Option<i64>,
 }
 
 /// 404 unless the account's stream exists and belongs to the caller's tenant.
 async fn own_stream(
     connection: &mut PgConnection,
-    principal: &Principal,
+    tenant: &str,
     id: Uuid,
 ) -> Result<(), QueryError> {
-    let tenant = history::stream_tenant(connection, ACCOUNT, &id.to_string()).await?;
-    if tenant.as_deref() == Some(principal.tenant.as_str()) {
+    let owner = history::stream_tenant(connection, ACCOUNT, &id.to_string()).await?;
+    if owner.as_deref() == Some(tenant) {
         Ok(())
     } else {
         Err(QueryError::NotFound)
@@ -221,6 +227,18 @@ pub(crate) async fn stream_events(
     PathId { id, .. }: AccountId,
     Params(params): Params<StreamEventsParams>,
 ) -> Result<Json<EventPage>, QueryError> {
+    Ok(Json(
+        events_page(&state, &principal.tenant, id, &params).await?,
+    ))
+}
+
+/// A page of account `id`'s stored events, in version order.
+pub(crate) async fn events_page(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+    params: &StreamEventsParams,
+) -> Result<EventPage, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let from_version = params.from_version.unwrap_or(1);
     if from_version < 1 {
@@ -228,8 +246,8 @@ pub(crate) async fn stream_events(
             "from_version must be at least 1".into(),
         ));
     }
-    let mut scope = state.scope(&principal.tenant).await?;
-    own_stream(&mut scope, &principal, id).await?;
+    let mut scope = state.scope(tenant).await?;
+    own_stream(&mut scope, tenant, id).await?;
     let mut events = history::stream_events(
         &mut scope,
         ACCOUNT,
@@ -241,10 +259,10 @@ pub(crate) async fn stream_events(
     let next_from_version = (events.len() as i64 > limit)
         .then(|| events.pop().map(|next| next.sequence))
         .flatten();
-    Ok(Json(EventPage {
+    Ok(EventPage {
         items: events.into_iter().map(AuditEventView::from).collect(),
         next_from_version,
-    }))
+    })
 }
 
 #[utoipa::path(
@@ -263,6 +281,18 @@ pub(crate) async fn account_state(
     PathId { id, .. }: AccountId,
     Params(params): Params<StateParams>,
 ) -> Result<Json<AccountStateView>, QueryError> {
+    Ok(Json(
+        state_as_of(&state, &principal.tenant, id, &params).await?,
+    ))
+}
+
+/// Account `id` folded from its events up to the point `params` name.
+pub(crate) async fn state_as_of(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+    params: &StateParams,
+) -> Result<AccountStateView, QueryError> {
     let as_of = match (params.at, params.version) {
         (Some(_), Some(_)) => {
             return Err(QueryError::InvalidQuery(
@@ -278,15 +308,15 @@ pub(crate) async fn account_state(
         (None, Some(version)) => AsOf::Version(version),
         (None, None) => AsOf::Latest,
     };
-    let mut scope = state.scope(&principal.tenant).await?;
-    own_stream(&mut scope, &principal, id).await?;
+    let mut scope = state.scope(tenant).await?;
+    own_stream(&mut scope, tenant, id).await?;
     // A version past the stream's head folds to the head: that is not the version asked for.
     let folded = state::account_as_of(&mut scope, &id.to_string(), as_of)
         .await?
         .filter(|folded| !matches!(as_of, AsOf::Version(wanted) if wanted != folded.version))
         .ok_or_else(|| missing(as_of))?;
     let open = folded.account.state().ok_or_else(|| missing(as_of))?;
-    Ok(Json(AccountStateView {
+    Ok(AccountStateView {
         account_id: id,
         version: folded.version,
         recorded_at: folded.recorded_at,
@@ -295,7 +325,7 @@ pub(crate) async fn account_state(
         overdraft_limit: open.overdraft_limit.minor_units(),
         balance: open.balance,
         status: open.status.as_str().to_owned(),
-    }))
+    })
 }
 
 fn missing(as_of: AsOf) -> QueryError {
@@ -320,6 +350,15 @@ pub(crate) async fn tenant_log(
     Authorized { principal, .. }: Authorized<Auditor>,
     Params(params): Params<LogParams>,
 ) -> Result<Json<LogPage>, QueryError> {
+    Ok(Json(log_page(&state, &principal.tenant, &params).await?))
+}
+
+/// A page of `tenant`'s events in commit order.
+pub(crate) async fn log_page(
+    state: &AppState,
+    tenant: &str,
+    params: &LogParams,
+) -> Result<LogPage, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after = match params.after.as_deref() {
         None => LogPosition::START,
@@ -327,18 +366,14 @@ pub(crate) async fn tenant_log(
             QueryError::InvalidQuery("after is not a position this API issued".into())
         })?,
     };
-    let events = event_log::read_committed_of_tenant(
-        &mut *state.scope(&principal.tenant).await?,
-        &principal.tenant,
-        after,
-        limit,
-    )
-    .await?;
+    let events =
+        event_log::read_committed_of_tenant(&mut *state.scope(tenant).await?, tenant, after, limit)
+            .await?;
     let next_after = events.last().map_or(after, |last| last.position);
-    Ok(Json(LogPage {
+    Ok(LogPage {
         items: events.into_iter().map(AuditEventView::from).collect(),
         next_after: next_after.to_string(),
-    }))
+    })
 }
 
 #[utoipa::path(
@@ -355,10 +390,19 @@ pub(crate) async fn verify_account(
     Authorized { principal, .. }: Authorized<Auditor>,
     PathId { id, .. }: AccountId,
 ) -> Result<Json<VerificationView>, QueryError> {
-    let mut scope = state.scope(&principal.tenant).await?;
-    own_stream(&mut scope, &principal, id).await?;
+    Ok(Json(verification(&state, &principal.tenant, id).await?))
+}
+
+/// Account `id`'s hash chain, recomputed from the raw rows.
+pub(crate) async fn verification(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+) -> Result<VerificationView, QueryError> {
+    let mut scope = state.scope(tenant).await?;
+    own_stream(&mut scope, tenant, id).await?;
     let verification = audit::verify::verify_stream(&mut scope, ACCOUNT, &id.to_string()).await?;
-    Ok(Json(VerificationView {
+    Ok(VerificationView {
         account_id: id,
         intact: verification.first_break.is_none(),
         events_checked: verification.events,
@@ -369,5 +413,5 @@ pub(crate) async fn verify_account(
             reason: found.reason.as_str().to_owned(),
             explanation: found.explain(),
         }),
-    }))
+    })
 }

@@ -26,8 +26,103 @@ pub const QUERY_API_MAX_WAIT: Setting<Duration> = Setting::new(
     "longest wait for `min_version`",
 );
 
+pub const GRAPHQL_MAX_DEPTH: Setting<usize> = Setting::new(
+    "GRAPHQL_MAX_DEPTH",
+    16,
+    "deepest GraphQL selection accepted (GraphiQL's introspection query needs 13); deeper documents are refused before they run",
+);
+pub const GRAPHQL_MAX_COMPLEXITY: Setting<usize> = Setting::new(
+    "GRAPHQL_MAX_COMPLEXITY",
+    1000,
+    "largest GraphQL document cost accepted (each field 1, a list or connection field times its `first`)",
+);
+pub const GRAPHQL_INTROSPECTION: Setting<bool> = Setting::new(
+    "GRAPHQL_INTROSPECTION",
+    true,
+    "whether `/graphql` answers introspection (`__schema`, `__type`) queries",
+);
+pub const GRAPHIQL: Setting<bool> = Setting::new(
+    "GRAPHIQL",
+    true,
+    "whether `GET /graphql` serves the GraphiQL page",
+);
+pub const GRAPHQL_SUBSCRIPTIONS_PER_CONNECTION: Setting<usize> = Setting::new(
+    "GRAPHQL_SUBSCRIPTIONS_PER_CONNECTION",
+    16,
+    "most subscriptions one WebSocket connection may hold at once",
+);
+pub const GRAPHQL_CONNECTIONS_PER_TENANT: Setting<usize> = Setting::new(
+    "GRAPHQL_CONNECTIONS_PER_TENANT",
+    2000,
+    "most WebSocket connections one tenant may hold at once on one query API",
+);
+pub const GRAPHQL_SUBSCRIBER_BUFFER: Setting<usize> = Setting::new(
+    "GRAPHQL_SUBSCRIBER_BUFFER",
+    1024,
+    "read-model changes a subscriber may fall behind before it is disconnected (close code 4008)",
+);
+
 /// The variables the query API reads, beyond [`service_kit::config::SETTINGS`].
-pub const SETTINGS: Settings = &[&QUERY_API_ADDR, &QUERY_API_OPS_ADDR, &QUERY_API_MAX_WAIT];
+pub const SETTINGS: Settings = &[
+    &QUERY_API_ADDR,
+    &QUERY_API_OPS_ADDR,
+    &QUERY_API_MAX_WAIT,
+    &GRAPHQL_MAX_DEPTH,
+    &GRAPHQL_MAX_COMPLEXITY,
+    &GRAPHQL_INTROSPECTION,
+    &GRAPHIQL,
+    &GRAPHQL_SUBSCRIPTIONS_PER_CONNECTION,
+    &GRAPHQL_CONNECTIONS_PER_TENANT,
+    &GRAPHQL_SUBSCRIBER_BUFFER,
+];
+
+/// The `/graphql` endpoint's limits and switches.
+#[derive(Debug, Clone)]
+pub struct GraphqlConfig {
+    /// [`GRAPHQL_MAX_DEPTH`].
+    pub max_depth: usize,
+    /// [`GRAPHQL_MAX_COMPLEXITY`].
+    pub max_complexity: usize,
+    /// [`GRAPHQL_INTROSPECTION`].
+    pub introspection: bool,
+    /// [`GRAPHIQL`].
+    pub graphiql: bool,
+    /// [`GRAPHQL_SUBSCRIPTIONS_PER_CONNECTION`].
+    pub subscriptions_per_connection: usize,
+    /// [`GRAPHQL_CONNECTIONS_PER_TENANT`].
+    pub connections_per_tenant: usize,
+    /// [`GRAPHQL_SUBSCRIBER_BUFFER`]: the capacity of the in-process fan-out of changes, which
+    /// is how far each subscriber may lag.
+    pub subscriber_buffer: usize,
+}
+
+impl GraphqlConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_depth: GRAPHQL_MAX_DEPTH.read()?,
+            max_complexity: GRAPHQL_MAX_COMPLEXITY.read()?,
+            introspection: GRAPHQL_INTROSPECTION.read()?,
+            graphiql: GRAPHIQL.read()?,
+            subscriptions_per_connection: GRAPHQL_SUBSCRIPTIONS_PER_CONNECTION.read()?,
+            connections_per_tenant: GRAPHQL_CONNECTIONS_PER_TENANT.read()?,
+            subscriber_buffer: GRAPHQL_SUBSCRIBER_BUFFER.read()?,
+        })
+    }
+}
+
+impl Default for GraphqlConfig {
+    fn default() -> Self {
+        Self {
+            max_depth: GRAPHQL_MAX_DEPTH.default,
+            max_complexity: GRAPHQL_MAX_COMPLEXITY.default,
+            introspection: GRAPHQL_INTROSPECTION.default,
+            graphiql: GRAPHIQL.default,
+            subscriptions_per_connection: GRAPHQL_SUBSCRIPTIONS_PER_CONNECTION.default,
+            connections_per_tenant: GRAPHQL_CONNECTIONS_PER_TENANT.default,
+            subscriber_buffer: GRAPHQL_SUBSCRIBER_BUFFER.default,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -45,6 +140,8 @@ pub struct Config {
     pub cors_origins: Vec<HeaderValue>,
     /// The bounds of the listener: see `service_kit::server`.
     pub server: ServerLimits,
+    /// `/graphql`: see [`GraphqlConfig`].
+    pub graphql: GraphqlConfig,
 }
 
 impl Config {
@@ -57,6 +154,7 @@ impl Config {
             max_wait: QUERY_API_MAX_WAIT.read()?,
             cors_origins: service_kit::http::cors_origins_from_env()?,
             server: ServerLimits::from_env()?,
+            graphql: GraphqlConfig::from_env()?,
         })
     }
 
@@ -71,6 +169,7 @@ impl Config {
             max_wait: QUERY_API_MAX_WAIT.default,
             cors_origins: Vec::new(),
             server: ServerLimits::default(),
+            graphql: GraphqlConfig::default(),
         }
     }
 }

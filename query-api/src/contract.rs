@@ -2,7 +2,8 @@
 //! (draft 2020-12) of every event type and version, generated from the event types and the
 //! envelope's header names. `GET /asyncapi.json` serves the document; the same files are
 //! checked in under `contracts/`, and a test fails when they differ from what this generates
-//! (`UPDATE_CONTRACTS=1 cargo test -p query-api --lib contract` rewrites them).
+//! (`UPDATE_CONTRACTS=1 cargo test -p query-api --lib contract` rewrites them). The same test
+//! holds `contracts/schema.graphql`, the SDL of the GraphQL schema (`crate::graphql`).
 
 use domain::contract::{self, EventContract};
 use serde_json::{Map, Value, json};
@@ -262,6 +263,7 @@ mod tests {
     fn files() -> BTreeMap<String, String> {
         let mut files = BTreeMap::new();
         files.insert("asyncapi.json".to_owned(), asyncapi_text());
+        files.insert("schema.graphql".to_owned(), crate::graphql::sdl());
         for contract in contract::event_contracts() {
             files.insert(
                 format!(
@@ -283,7 +285,10 @@ mod tests {
             let path = entry.path();
             if path.is_dir() {
                 checked_in(&path, under, found);
-            } else if path.extension().is_some_and(|ext| ext == "json") {
+            } else if path
+                .extension()
+                .is_some_and(|ext| ext == "json" || ext == "graphql")
+            {
                 let name = path
                     .strip_prefix(under)
                     .unwrap()

@@ -3,7 +3,11 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use service_kit::auth::AuthError;
-use service_kit::problem::Problem;
+use service_kit::problem::{Problem, problem_type};
+
+/// What every problem type starts with: `problem_type("")`.
+static PROBLEM_TYPE_PREFIX: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| problem_type(""));
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueryError {
@@ -19,6 +23,8 @@ pub(crate) enum QueryError {
     NoStateAt(String),
     #[error("read model has not reached version {wanted} yet")]
     NotYetVisible { wanted: i64 },
+    #[error("more than {limit} subscriptions on one connection")]
+    TooManySubscriptions { limit: usize },
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
     #[error(transparent)]
@@ -37,8 +43,40 @@ impl From<sqlx::Error> for QueryError {
 
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
-        let problem = match self {
-            Self::Auth(err) => return err.into_response(),
+        self.problem().into_response()
+    }
+}
+
+impl QueryError {
+    /// GraphQL carries the same problem: `extensions.code` is the problem type's slug (as in
+    /// `urn:ledger:problem:<code>`), with `type`, `status` and the problem's extension members.
+    pub(crate) fn into_graphql(self) -> async_graphql::Error {
+        use async_graphql::ErrorExtensions;
+        let problem = self.problem();
+        let code = problem
+            .problem_type
+            .strip_prefix(PROBLEM_TYPE_PREFIX.as_str())
+            .unwrap_or(&problem.problem_type)
+            .to_owned();
+        async_graphql::Error::new(problem.detail.as_deref().unwrap_or(problem.title)).extend_with(
+            |_, extensions| {
+                extensions.set("code", code);
+                extensions.set("type", problem.problem_type.as_str());
+                extensions.set("status", problem.status.as_u16());
+                for (key, value) in &problem.extensions {
+                    if let Ok(value) = async_graphql::Value::from_json(value.clone()) {
+                        extensions.set(key.as_str(), value);
+                    }
+                }
+            },
+        )
+    }
+
+    /// The problem details of this error, whichever protocol carries them; logs what the
+    /// caller must not see.
+    fn problem(self) -> Problem {
+        match self {
+            Self::Auth(err) => err.problem(),
             Self::InvalidQuery(detail) => {
                 Problem::new(StatusCode::BAD_REQUEST, "invalid-query", "Invalid query")
                     .detail(detail)
@@ -65,6 +103,15 @@ impl IntoResponse for QueryError {
             ))
             .extension("min_version", wanted)
             .header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+            Self::TooManySubscriptions { limit } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-subscriptions",
+                "Too many subscriptions",
+            )
+            .detail(format!(
+                "A connection may hold at most {limit} subscriptions; end one or open another connection."
+            ))
+            .extension("limit", limit),
             Self::Unavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
                 Problem::unavailable("The database")
@@ -73,7 +120,6 @@ impl IntoResponse for QueryError {
                 tracing::error!(error = ?err, "internal error");
                 Problem::internal()
             }
-        };
-        problem.into_response()
+        }
     }
 }

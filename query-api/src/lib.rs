@@ -6,7 +6,8 @@
 //! - `contract`: the AsyncAPI document and JSON Schemas of the Kafka topics, for analysts.
 //! - `transfers`: transfers and an account's transfers.
 //! - `audit`: the auditors' routes, which read the event store itself, never a read model.
-//! - `error`: the one error type and its mapping to problem+json.
+//! - `graphql`: `/graphql`, the same reads as GraphQL queries, and live subscriptions.
+//! - `error`: the one error type and its mapping to problem+json (and GraphQL errors).
 //!
 //! Every query is scoped to the caller's tenant. [`Application::build`] starts exactly what
 //! production starts; tests call it with port 0.
@@ -17,19 +18,23 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::FromRef;
+use config::GraphqlConfig;
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
+use service_kit::db::channels::ReadModelChange;
 use service_kit::db::{self, DatabaseError};
 use service_kit::http::{self, OpsServer, Readiness};
 use service_kit::server::{self, ServerLimits, Stopping};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 
 mod api;
 mod audit;
 pub mod config;
 mod contract;
 mod error;
+mod graphql;
 mod transfers;
 
 pub use config::Config;
@@ -44,6 +49,13 @@ pub(crate) struct AppState {
     max_wait: Duration,
     /// Bumped whenever the projector commits a change: `min_version` waiters recheck then.
     projected: tokio::sync::watch::Receiver<u64>,
+    /// Every committed read-model change, for the subscriptions. Bounded: a subscriber that
+    /// falls `graphql.subscriber_buffer` changes behind is dropped, nobody waits for it.
+    changes: broadcast::Sender<Arc<ReadModelChange>>,
+    /// `/graphql`'s limits and switches.
+    graphql: GraphqlConfig,
+    /// The WebSocket connections each tenant holds, against `graphql.connections_per_tenant`.
+    tenant_connections: Arc<graphql::TenantConnections>,
 }
 
 impl AppState {
@@ -75,15 +87,26 @@ pub enum StartError {
     },
 }
 
-/// Turns the projector's notifications into bumps of `projected`, until no one listens.
-/// Reconnects after a failure; waiters also poll slowly, so a gap only costs latency.
-async fn watch_projections(pool: PgPool, projected: tokio::sync::watch::Sender<u64>) {
+/// Turns the projector's notifications into bumps of `projected` and changes for the
+/// subscriptions, until no one listens. One connection for the whole process, however many
+/// subscribers. Reconnects after a failure; waiters also poll slowly, so a gap only costs
+/// latency (a subscriber gets the change with the next one of its account).
+async fn watch_projections(
+    pool: PgPool,
+    projected: tokio::sync::watch::Sender<u64>,
+    changes: broadcast::Sender<Arc<ReadModelChange>>,
+) {
     while !projected.is_closed() {
         let listening = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(db::channels::READ_MODELS_CHANGED).await?;
             loop {
-                listener.recv().await?;
+                let notification = listener.recv().await?;
+                match serde_json::from_str::<ReadModelChange>(notification.payload()) {
+                    // No subscriber is no error.
+                    Ok(change) => drop(changes.send(Arc::new(change))),
+                    Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
+                }
                 projected.send_modify(|changes| *changes += 1);
             }
         };
@@ -122,7 +145,12 @@ impl Application {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);
-        tokio::spawn(watch_projections(pool.clone(), projected_tx));
+        let (changes, _) = broadcast::channel(config.graphql.subscriber_buffer.max(1));
+        tokio::spawn(watch_projections(
+            pool.clone(),
+            projected_tx,
+            changes.clone(),
+        ));
         let auth = Arc::new(Authenticator::new(&config.auth)?);
         let ops = OpsServer::bind(
             config.ops_listen,
@@ -140,6 +168,9 @@ impl Application {
             auth: auth.clone(),
             max_wait: config.max_wait,
             projected,
+            changes,
+            graphql: config.graphql,
+            tenant_connections: Arc::default(),
         };
         let router = http::with_standard_layers(
             http::with_cors(api::router(state, &config.auth), config.cors_origins),

@@ -40,9 +40,10 @@ impl PathResource for Transfer {
 pub(crate) type TransferId = PathId<Transfer>;
 
 /// A transfer and how far it got.
-#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject)]
+#[graphql(name = "Transfer")]
 pub(crate) struct TransferView {
-    id: Uuid,
+    pub(crate) id: Uuid,
     from_account: Uuid,
     to_account: Uuid,
     /// Minor units.
@@ -53,12 +54,12 @@ pub(crate) struct TransferView {
     /// `requested`, `debited` (in flight), `completed`, `rejected` (the source declined:
     /// nothing moved), `refunding` (the destination declined) or `failed` (refunded: nothing
     /// moved in the end).
-    status: String,
+    pub(crate) status: String,
     /// Why it was rejected or failed: `insufficient_funds`, `currency_mismatch`, `frozen`,
     /// `closed` or `balance_limit_exceeded`.
     reason: Option<String>,
     /// The last transfer stream version applied to this view.
-    version: i64,
+    pub(crate) version: i64,
     requested_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -73,8 +74,8 @@ const TRANSFER_COLUMNS: &str = "id, from_account, to_account, amount, currency, 
 pub(crate) struct AccountTransfersParams {
     /// 1 to 500, default 50.
     #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
-    cursor: Option<String>,
+    pub(crate) limit: Option<i64>,
+    pub(crate) cursor: Option<String>,
 }
 
 #[utoipa::path(
@@ -93,16 +94,39 @@ pub(crate) async fn get_transfer(
     PathId { id, .. }: TransferId,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let transfer: Option<TransferView> = sqlx::query_as(&format!(
+    let transfer = find_transfer(&state, &principal.tenant, id)
+        .await?
+        .ok_or(QueryError::TransferNotFound)?;
+    let version = transfer.version;
+    Ok(crate::api::versioned(transfer, version, &headers))
+}
+
+/// Transfer `id` of `tenant`, as the projector last saw it.
+pub(crate) async fn find_transfer(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Option<TransferView>, QueryError> {
+    let transfer = sqlx::query_as(&format!(
         "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1 AND tenant = $2"
     ))
     .bind(id)
-    .bind(&principal.tenant)
-    .fetch_optional(&mut *state.scope(&principal.tenant).await?)
+    .bind(tenant)
+    .fetch_optional(&mut *state.scope(tenant).await?)
     .await?;
-    let transfer = transfer.ok_or(QueryError::TransferNotFound)?;
-    let version = transfer.version;
-    Ok(crate::api::versioned(transfer, version, &headers))
+    Ok(transfer)
+}
+
+impl TransferView {
+    /// What pages of transfers are cut by.
+    pub(crate) fn key(&self) -> String {
+        self.id.to_string()
+    }
+
+    /// Whether the transfer can change no more.
+    pub(crate) fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "rejected" | "failed")
+    }
 }
 
 #[utoipa::path(
@@ -121,9 +145,21 @@ pub(crate) async fn account_transfers(
     PathId { id: account, .. }: AccountId,
     Params(params): Params<AccountTransfersParams>,
 ) -> Result<Json<Page<TransferView>>, QueryError> {
+    Ok(Json(
+        transfers_page(&state, &principal.tenant, account, &params).await?,
+    ))
+}
+
+/// A page of the transfers from or to `account`, by id.
+pub(crate) async fn transfers_page(
+    state: &AppState,
+    tenant: &str,
+    account: Uuid,
+    params: &AccountTransfersParams,
+) -> Result<Page<TransferView>, QueryError> {
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<Uuid> = decode_cursor(params.cursor.as_deref())?;
-    find_account(&state, &principal.tenant, account)
+    find_account(state, tenant, account)
         .await?
         .ok_or(QueryError::NotFound)?;
     // Two index range scans, merged: either side of the transfer.
@@ -138,13 +174,11 @@ pub(crate) async fn account_transfers(
                ORDER BY id LIMIT $4)
          ) AS either ORDER BY id LIMIT $4"
     ))
-    .bind(&principal.tenant)
+    .bind(tenant)
     .bind(account)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&mut *state.scope(&principal.tenant).await?)
+    .fetch_all(&mut *state.scope(tenant).await?)
     .await?;
-    Ok(Json(page(transfers, limit, |transfer| {
-        transfer.id.to_string()
-    })))
+    Ok(page(transfers, limit, TransferView::key))
 }

@@ -14,7 +14,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -319,7 +319,7 @@ where
 }
 
 /// Why a request was not authenticated or not authorised.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token")]
     MissingToken,
@@ -341,8 +341,15 @@ pub enum AuthError {
 
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
+        self.problem().into_response()
+    }
+}
+
+impl AuthError {
+    /// The problem details of this error: the one mapping, whatever protocol carries it.
+    pub fn problem(self) -> Problem {
         let challenge = HeaderValue::from_static("Bearer");
-        let problem = match self {
+        match self {
             Self::MissingToken => Problem::new(
                 StatusCode::UNAUTHORIZED,
                 "missing-token",
@@ -383,8 +390,7 @@ impl IntoResponse for AuthError {
             }
             Self::KeysUnavailable => Problem::unavailable("Token verification")
                 .detail("The identity provider's signing keys are not loaded yet; retry later."),
-        };
-        problem.into_response()
+        }
     }
 }
 
@@ -497,6 +503,14 @@ impl Authenticator {
 
     /// Verifies `token` and returns who it speaks for.
     pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_until(token)
+            .await
+            .map(|(principal, _)| principal)
+    }
+
+    /// As [`Authenticator::verify`], with the instant the token expires: for connections that
+    /// outlive a request and must end with their token.
+    pub async fn verify_until(&self, token: &str) -> Result<(Principal, SystemTime), AuthError> {
         let key = match &self.keys {
             Keys::Fixed(key) => key.clone(),
             Keys::Provider(provider) => provider.key_for(token).await?,
@@ -517,7 +531,13 @@ impl Authenticator {
                 _ => AuthError::InvalidToken("malformed"),
             })?
             .claims;
-        self.principal(&claims)
+        // `exp` is required and was checked by the validation above.
+        let expires = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp))
+            .ok_or(AuthError::InvalidToken("missing or malformed claims"))?;
+        Ok((self.principal(&claims)?, expires))
     }
 
     /// Who verified `claims` speak for, read where [`ClaimMapping`] says.
@@ -567,6 +587,15 @@ fn claim<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json
     })
 }
 
+/// The token of an `Authorization` value `Bearer <token>`.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
 /// Tenants are short identifiers: 1 to 64 of `A-Z a-z 0-9 . _ -`.
 fn valid_tenant(tenant: &str) -> bool {
     (1..=64).contains(&tenant.len())
@@ -590,13 +619,7 @@ where
         let token = header
             .to_str()
             .ok()
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
+            .and_then(bearer_token)
             .ok_or(AuthError::InvalidToken("expected `Bearer <token>`"))?;
         let authenticator = Arc::<Authenticator>::from_ref(state);
         let principal = authenticator.verify(token).await?;

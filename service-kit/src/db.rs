@@ -36,8 +36,69 @@ pub const DATABASE_STATEMENT_TIMEOUT: Setting<Duration> = Setting::new(
 pub mod channels {
     /// Notified after events were appended: wakes relays of other replicas.
     pub const EVENTS_APPENDED: &str = "ledger_events";
-    /// Notified when the projector committed a change: wakes `min_version` queries.
+    /// Notified when the projector committed a change, once per changed row with that row's
+    /// [`ReadModelChange`] as JSON: wakes `min_version` queries and feeds the query API's
+    /// subscriptions.
     pub const READ_MODELS_CHANGED: &str = "ledger_projected";
+
+    use sqlx::PgConnection;
+    use uuid::Uuid;
+
+    /// One changed row of a read model, as notified on [`READ_MODELS_CHANGED`]. Small on
+    /// purpose (a notification carries at most 8000 bytes): a listener reads the row itself.
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+    pub struct ReadModelChange {
+        pub model: ReadModel,
+        pub tenant: String,
+        pub id: Uuid,
+        /// The row's stream version once the change committed.
+        pub version: i64,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ReadModel {
+        Account,
+        Transfer,
+    }
+
+    impl ReadModel {
+        fn table(self) -> &'static str {
+            match self {
+                Self::Account => "accounts",
+                Self::Transfer => "transfers",
+            }
+        }
+
+        fn name(self) -> &'static str {
+            match self {
+                Self::Account => "account",
+                Self::Transfer => "transfer",
+            }
+        }
+    }
+
+    /// Notifies [`READ_MODELS_CHANGED`] of the rows `ids` of `model`, as they are in the
+    /// caller's transaction: Postgres delivers the notifications only when it commits, so a
+    /// listener that reads the row on receipt sees this change.
+    pub async fn notify_changed(
+        connection: &mut PgConnection,
+        model: ReadModel,
+        ids: &[Uuid],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT pg_notify($1, json_build_object('model', $2::text, 'tenant', tenant,
+                                                    'id', id, 'version', version)::text)
+               FROM {} WHERE id = ANY($3)",
+            model.table()
+        ))
+        .bind(READ_MODELS_CHANGED)
+        .bind(model.name())
+        .bind(ids)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
 }
 
 /// Prefix of every database a test creates.

@@ -19,7 +19,6 @@ use axum::error_handling::HandleErrorLayer;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -176,7 +175,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Tells every connection to finish its request in flight and close. (hyper-util's
+    // `GracefulShutdown` cannot watch a connection that allows upgrades.)
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     // Every connection's task, so that the ones still open after the grace period are
     // aborted rather than left running.
     let mut tasks = tokio::task::JoinSet::new();
@@ -207,18 +208,33 @@ pub async fn serve(
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        // With upgrades: the query API's GraphQL subscriptions run over WebSocket (an
+        // upgraded connection leaves this loop's count and runs on a task of its own).
+        let connection = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stopping = stopping.clone();
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             // Header timeouts, resets and clients that hang up all end here; none is ours.
-            if let Err(err) = connection.await {
+            if let Err(err) = ended {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    stop.send_replace(true);
+    let finished = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(limits.shutdown_grace, finished)
         .await
         .is_err()
     {

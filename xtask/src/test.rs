@@ -52,6 +52,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         },
     };
     ensure_python_kafka_client().await?;
+    ensure_python_graphql_client().await?;
     // The OpenID Connect tests' provider: `npm ci` here, once, rather than inside a test.
     service_kit::dev_provider::ensure_installed().await?;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -131,6 +132,21 @@ async fn ensure_python_kafka_client() -> anyhow::Result<()> {
     }
     println!("installing the confluent-kafka Python package for the analyst tests...");
     pip_install("confluent-kafka").await
+}
+
+/// The GraphQL subscription tests subscribe with a client that is not ours: the PyPI `gql`
+/// package over its websockets transport (`graphql-transport-ws`).
+async fn ensure_python_graphql_client() -> anyhow::Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import gql.transport.websockets"])
+        .status()
+        .await
+        .is_ok_and(|status| status.success());
+    if present {
+        return Ok(());
+    }
+    println!("installing the gql Python package for the GraphQL subscription tests...");
+    pip_install("gql[websockets]").await
 }
 
 /// `pip install package` with every version pinned by `xtask/python-constraints.txt`, the one

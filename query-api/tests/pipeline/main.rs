@@ -5,6 +5,7 @@ mod analysts;
 mod audit;
 mod contract;
 mod faults;
+mod graphql;
 mod loop_;
 mod queries;
 mod rebuild;
