@@ -1,9 +1,9 @@
 //! The query API's one error type, and its one mapping to problem+json.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use service_kit::auth::AuthError;
-use service_kit::problem::Problem;
+use service_kit::problem::{Problem, ProblemType};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueryError {
@@ -40,26 +40,18 @@ impl IntoResponse for QueryError {
         let problem = match self {
             Self::Auth(err) => return err.into_response(),
             Self::InvalidQuery(detail) => {
-                Problem::new(StatusCode::BAD_REQUEST, "invalid-query", "Invalid query")
+                Problem::new(ProblemType::InvalidQuery, "Invalid query")
                     .detail(detail)
             }
-            Self::NotFound => Problem::new(StatusCode::NOT_FOUND, "not-found", "Account not found")
+            Self::NotFound => Problem::new(ProblemType::NotFound, "Account not found")
                 .detail("No account with this id exists for your tenant."),
             Self::TransferNotFound => {
-                Problem::new(StatusCode::NOT_FOUND, "not-found", "Transfer not found")
+                Problem::new(ProblemType::NotFound, "Transfer not found")
                     .detail("No transfer with this id exists for your tenant.")
             }
-            Self::NoStateAt(detail) => Problem::new(
-                StatusCode::NOT_FOUND,
-                "no-state-at",
-                "No state at that point",
-            )
+            Self::NoStateAt(detail) => Problem::new(ProblemType::NoStateAt, "No state at that point")
             .detail(detail),
-            Self::NotYetVisible { wanted } => Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not-yet-visible",
-                "Not yet visible",
-            )
+            Self::NotYetVisible { wanted } => Problem::new(ProblemType::NotYetVisible, "Not yet visible")
             .detail(format!(
                 "The read model has not reached version {wanted} yet; retry shortly."
             ))

@@ -11,3 +11,4 @@ mod rebuild;
 mod system;
 mod tenants;
 mod transfers;
+mod walkthrough;
