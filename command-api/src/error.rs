@@ -82,13 +82,13 @@ impl IntoResponse for ApiError {
             Self::MissingField(detail) => {
                 Problem::new(P::MissingField, "Missing field").detail(detail)
             }
-            Self::WrongType(detail) => {
-                Problem::new(P::WrongType, "Wrong type").detail(detail)
+            Self::WrongType(detail) => Problem::new(P::WrongType, "Wrong type").detail(detail),
+            Self::UnsupportedMediaType => {
+                Problem::new(P::UnsupportedMediaType, "Unsupported media type")
+                    .detail("Send the body as `Content-Type: application/json`.")
             }
-            Self::UnsupportedMediaType => Problem::new(P::UnsupportedMediaType, "Unsupported media type")
-            .detail("Send the body as `Content-Type: application/json`."),
             Self::PayloadTooLarge => Problem::new(P::PayloadTooLarge, "Payload too large")
-            .detail("The request body exceeds the size limit."),
+                .detail("The request body exceeds the size limit."),
             Self::InvalidValue(err) => {
                 let (kind, title) = match err {
                     ValueError::AmountOutOfRange { .. } => {
@@ -156,16 +156,20 @@ fn command_problem(err: CommandError) -> Problem {
             Problem::new(P::NotFound, "Transfer not found")
                 .detail("No transfer with this id exists for your tenant.")
         }
-        CommandError::Transfer(TransferError::SameAccount) => Problem::new(P::SameAccount, "Business rule violated")
-        .detail(TransferError::SameAccount.to_string()),
+        CommandError::Transfer(TransferError::SameAccount) => {
+            Problem::new(P::SameAccount, "Business rule violated")
+                .detail(TransferError::SameAccount.to_string())
+        }
         // Only the process manager records steps, and the accounts decide each step once:
         // any other refusal of a transfer command is a bug, not the client's doing.
         CommandError::Transfer(err) => {
             tracing::error!(error = %err, "transfer command refused");
             Problem::internal()
         }
-        CommandError::IdempotencyKeyReused => Problem::new(P::IdempotencyKeyReused, "Idempotency key reused")
-        .detail("This Idempotency-Key was already used with a different request."),
+        CommandError::IdempotencyKeyReused => {
+            Problem::new(P::IdempotencyKeyReused, "Idempotency key reused")
+                .detail("This Idempotency-Key was already used with a different request.")
+        }
         CommandError::Unavailable(err) => {
             tracing::warn!(error = %err, "database unavailable");
             Problem::unavailable("The database")

@@ -40,23 +40,23 @@ impl IntoResponse for QueryError {
         let problem = match self {
             Self::Auth(err) => return err.into_response(),
             Self::InvalidQuery(detail) => {
-                Problem::new(ProblemType::InvalidQuery, "Invalid query")
-                    .detail(detail)
+                Problem::new(ProblemType::InvalidQuery, "Invalid query").detail(detail)
             }
             Self::NotFound => Problem::new(ProblemType::NotFound, "Account not found")
                 .detail("No account with this id exists for your tenant."),
-            Self::TransferNotFound => {
-                Problem::new(ProblemType::NotFound, "Transfer not found")
-                    .detail("No transfer with this id exists for your tenant.")
+            Self::TransferNotFound => Problem::new(ProblemType::NotFound, "Transfer not found")
+                .detail("No transfer with this id exists for your tenant."),
+            Self::NoStateAt(detail) => {
+                Problem::new(ProblemType::NoStateAt, "No state at that point").detail(detail)
             }
-            Self::NoStateAt(detail) => Problem::new(ProblemType::NoStateAt, "No state at that point")
-            .detail(detail),
-            Self::NotYetVisible { wanted } => Problem::new(ProblemType::NotYetVisible, "Not yet visible")
-            .detail(format!(
-                "The read model has not reached version {wanted} yet; retry shortly."
-            ))
-            .extension("min_version", wanted)
-            .header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+            Self::NotYetVisible { wanted } => {
+                Problem::new(ProblemType::NotYetVisible, "Not yet visible")
+                    .detail(format!(
+                        "The read model has not reached version {wanted} yet; retry shortly."
+                    ))
+                    .extension("min_version", wanted)
+                    .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
             Self::Unavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
                 Problem::unavailable("The database")

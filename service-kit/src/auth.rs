@@ -241,31 +241,26 @@ impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
         let challenge = HeaderValue::from_static("Bearer");
         let problem = match self {
-            Self::MissingToken => Problem::new(ProblemType::MissingToken, "Authentication required")
-            .detail("Send an `Authorization: Bearer <token>` header.")
-            .header(header::WWW_AUTHENTICATE, challenge),
-            Self::ExpiredToken => {
-                Problem::new(ProblemType::ExpiredToken, "Token expired")
-                    .detail("The bearer token has expired; obtain a new one.")
+            Self::MissingToken => {
+                Problem::new(ProblemType::MissingToken, "Authentication required")
+                    .detail("Send an `Authorization: Bearer <token>` header.")
                     .header(header::WWW_AUTHENTICATE, challenge)
             }
-            Self::InvalidToken(reason) => {
-                Problem::new(ProblemType::InvalidToken, "Invalid token")
-                    .detail(format!("The bearer token was refused: {reason}."))
-                    .header(header::WWW_AUTHENTICATE, challenge)
-            }
-            Self::Forbidden { needed } => {
-                Problem::new(ProblemType::Forbidden, "Forbidden").detail(format!(
-                    "This action needs one of the roles: {}.",
-                    needed.join(", ")
-                ))
-            }
+            Self::ExpiredToken => Problem::new(ProblemType::ExpiredToken, "Token expired")
+                .detail("The bearer token has expired; obtain a new one.")
+                .header(header::WWW_AUTHENTICATE, challenge),
+            Self::InvalidToken(reason) => Problem::new(ProblemType::InvalidToken, "Invalid token")
+                .detail(format!("The bearer token was refused: {reason}."))
+                .header(header::WWW_AUTHENTICATE, challenge),
+            Self::Forbidden { needed } => Problem::new(ProblemType::Forbidden, "Forbidden").detail(
+                format!("This action needs one of the roles: {}.", needed.join(", ")),
+            ),
             Self::RateLimited { retry_after } => {
                 // Whole seconds, rounded up: `Retry-After` has no finer unit.
                 let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 let mut problem = Problem::new(ProblemType::RateLimited, "Too many requests")
-                .detail("Your tenant's request rate is over its limit; retry later.")
-                .extension("retry_after_seconds", seconds);
+                    .detail("Your tenant's request rate is over its limit; retry later.")
+                    .extension("retry_after_seconds", seconds);
                 if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
                     problem = problem.header(header::RETRY_AFTER, value);
                 }

@@ -166,7 +166,7 @@ async fn no_such_route() -> Problem {
 /// 405 for a route that exists with other methods; axum adds `Allow` with those.
 async fn method_not_allowed() -> Problem {
     Problem::new(ProblemType::MethodNotAllowed, "Method not allowed")
-    .detail("This path does not take that method; `Allow` lists the ones it takes.")
+        .detail("This path does not take that method; `Allow` lists the ones it takes.")
 }
 
 /// The id of the current request (from `x-request-id`, generated when absent).

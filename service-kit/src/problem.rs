@@ -162,14 +162,14 @@ impl Problem {
     /// 500 with nothing about the cause: the caller logs the cause.
     pub fn internal() -> Self {
         Self::new(ProblemType::Internal, "Internal server error")
-        .detail("The server failed to handle the request; it has been logged.")
+            .detail("The server failed to handle the request; it has been logged.")
     }
 
     /// 503 for a dependency that is down; clients may retry.
     pub fn unavailable(what: &str) -> Self {
         Self::new(ProblemType::ServiceUnavailable, "Service unavailable")
-        .detail(format!("{what} is unavailable; retry later."))
-        .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            .detail(format!("{what} is unavailable; retry later."))
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 }
 
@@ -339,8 +339,15 @@ mod tests {
             let mut cells = row.split('|').skip(1);
             let status: u16 = cells.next().unwrap_or_default().trim().parse().unwrap();
             // Slugs are the code spans in kebab case; the others name headers and settings.
-            let slugs = cells.next().unwrap_or_default().split('`').skip(1).step_by(2);
-            for slug in slugs.filter(|span| span.chars().all(|c| c.is_ascii_lowercase() || c == '-')) {
+            let slugs = cells
+                .next()
+                .unwrap_or_default()
+                .split('`')
+                .skip(1)
+                .step_by(2);
+            for slug in
+                slugs.filter(|span| span.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+            {
                 listed.insert((status, slug.to_owned()));
             }
         }

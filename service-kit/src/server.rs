@@ -153,7 +153,7 @@ fn refusal(error: &tower::BoxError) -> Response {
     } else if error.is::<tower::timeout::error::Elapsed>() {
         tracing::warn!("request timed out");
         Problem::new(ProblemType::Timeout, "Request timed out")
-        .detail("The request was not answered in time; retry it (with its idempotency key).")
+            .detail("The request was not answered in time; retry it (with its idempotency key).")
     } else {
         tracing::error!(%error, "request failed in the middleware");
         return Problem::internal().into_response();

@@ -227,7 +227,10 @@ mod tests {
             }}}}}
         });
         let router = Router::new()
-            .route("/openapi.json", get(move || async move { axum::Json(openapi) }))
+            .route(
+                "/openapi.json",
+                get(move || async move { axum::Json(openapi) }),
+            )
             .route(
                 "/thing",
                 get(move || async move { (status, axum::Json(json!({}))) }),
@@ -305,7 +308,10 @@ mod tests {
         let outcome = fuzz(schemathesis, &report("crashing")).await.unwrap();
         assert!(outcome.failures.is_empty(), "{outcome:?}");
         assert!(
-            outcome.errors.iter().any(|e| e.starts_with("Runtime Error")),
+            outcome
+                .errors
+                .iter()
+                .any(|e| e.starts_with("Runtime Error")),
             "{outcome:?}"
         );
         assert!(

@@ -31,14 +31,22 @@ pub(crate) async fn ensure_tools() -> anyhow::Result<()> {
     if std::fs::read(&installed).is_ok_and(|have| have == wanted) {
         return Ok(());
     }
-    println!("installing the pinned Python tools (xtask/python-tools.txt) into target/python-tools...");
+    println!(
+        "installing the pinned Python tools (xtask/python-tools.txt) into target/python-tools..."
+    );
     if venv.exists() {
         std::fs::remove_dir_all(&venv).context("removing the outdated target/python-tools")?;
     }
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv)).await?;
     // --no-deps: the list is the whole tool chain; pip must not resolve anything of its own.
     run(Command::new(bin().join("python3"))
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(["--no-deps", "--requirement"])
         .arg(requirements()))
     .await?;

@@ -12,7 +12,8 @@ const README: &str = include_str!("../../../README.md");
 const SCRIPT: &str = include_str!("../../../docs/walkthrough.sh");
 
 /// What README.md marks as part of the walkthrough: the code block after each such comment.
-const MARK: &str = "<!-- docs/walkthrough.sh: a test runs it and checks this block is the script -->\n";
+const MARK: &str =
+    "<!-- docs/walkthrough.sh: a test runs it and checks this block is the script -->\n";
 
 /// The script below its header (the lines up to `set -euo pipefail` and a blank line).
 fn script_body() -> &'static str {
@@ -75,7 +76,9 @@ fn claims() -> Vec<Claim> {
             };
             Claim {
                 line,
-                status: status.parse().unwrap_or_else(|_| panic!("status in {line}")),
+                status: status
+                    .parse()
+                    .unwrap_or_else(|_| panic!("status in {line}")),
                 headers: headers
                     .split(';')
                     .map(str::trim)
