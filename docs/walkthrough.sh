@@ -72,14 +72,15 @@ echo "$REQUESTED"
 TRANSFER=$(echo "$REQUESTED" | grep -o '"transfer_id":"[^"]*"' | cut -d'"' -f4)
 
 # The rest is asynchronous: the transfer is 404 until projected, then requested, debited,
-# completed (or rejected, or failed: see below). Wait for it, at most 10 s
+# completed (or rejected, or failed: see below), its versions 1 to 4 (requested, debited,
+# credited, completed). Wait for it, at most 10 s
 for _ in $(seq 100); do
   curl -s "$QUERY_API/v1/transfers/$TRANSFER" -H "Authorization: Bearer $VIEW" \
-    | grep -q '"status":"completed"' && break
+    | grep '"status":"completed"' >/dev/null && break
   sleep 0.1
 done
 curl -si "$QUERY_API/v1/transfers/$TRANSFER" -H "Authorization: Bearer $VIEW"
-# => 200 ETag: "3" {"status":"completed","amount":1500,"reference":"November rent","reason":null}
+# => 200 ETag: "4" {"status":"completed","amount":1500,"reference":"November rent","reason":null}
 curl -si "$QUERY_API/v1/accounts/$ID/transfers?limit=20" -H "Authorization: Bearer $VIEW"
 # => 200 {"next_cursor":null}
 # The debit is the source's version 6, the credit the destination's version 2
