@@ -1,11 +1,11 @@
 //! The HTTP edge's one error type, and its one mapping to problem+json: what the request
 //! itself got wrong, and why the engine did not run its command.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use domain::{AccountError, TransferError, ValueError};
 use service_kit::auth::AuthError;
-use service_kit::problem::Problem;
+use service_kit::problem::{Problem, ProblemType};
 
 use crate::engine::CommandError;
 
@@ -48,69 +48,65 @@ impl From<TransferError> for ApiError {
     }
 }
 
-fn rule_slug(err: &AccountError) -> &'static str {
-    match err {
-        AccountError::NotFound => "not-found",
-        AccountError::AlreadyOpen => "account-already-open",
-        AccountError::CurrencyMismatch { .. } => "currency-mismatch",
-        AccountError::InsufficientFunds { .. } => "insufficient-funds",
-        AccountError::BalanceLimitExceeded { .. } => "balance-limit-exceeded",
-        AccountError::Frozen => "account-frozen",
-        AccountError::NotFrozen => "account-not-frozen",
-        AccountError::Closed => "account-closed",
-        AccountError::NonZeroBalance { .. } => "non-zero-balance",
-        AccountError::TransferStepRecorded { .. } => "transfer-step-recorded",
-        AccountError::NothingToRefund { .. } => "nothing-to-refund",
-    }
+/// The problem of a refused account command, or `None` for the refusals that only the
+/// engine's own commands can meet (an account opened twice, a transfer step recorded twice, a
+/// refund of nothing): no HTTP request can cause them, so they are bugs, not the client's doing.
+fn rule_problem(err: &AccountError) -> Option<ProblemType> {
+    use ProblemType as P;
+    Some(match err {
+        AccountError::NotFound => P::NotFound,
+        AccountError::CurrencyMismatch { .. } => P::CurrencyMismatch,
+        AccountError::InsufficientFunds { .. } => P::InsufficientFunds,
+        AccountError::BalanceLimitExceeded { .. } => P::BalanceLimitExceeded,
+        AccountError::Frozen => P::AccountFrozen,
+        AccountError::NotFrozen => P::AccountNotFrozen,
+        AccountError::Closed => P::AccountClosed,
+        AccountError::NonZeroBalance { .. } => P::NonZeroBalance,
+        AccountError::AlreadyOpen
+        | AccountError::TransferStepRecorded { .. }
+        | AccountError::NothingToRefund { .. } => return None,
+    })
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        use StatusCode as S;
+        use ProblemType as P;
         let problem = match self {
             Self::Auth(err) => return err.into_response(),
             Self::MalformedJson(detail) => {
-                Problem::new(S::BAD_REQUEST, "malformed-json", "Malformed JSON").detail(detail)
+                Problem::new(P::MalformedJson, "Malformed JSON").detail(detail)
             }
             Self::UnknownField(detail) => {
-                Problem::new(S::BAD_REQUEST, "unknown-field", "Unknown field").detail(detail)
+                Problem::new(P::UnknownField, "Unknown field").detail(detail)
             }
             Self::MissingField(detail) => {
-                Problem::new(S::BAD_REQUEST, "missing-field", "Missing field").detail(detail)
+                Problem::new(P::MissingField, "Missing field").detail(detail)
             }
-            Self::WrongType(detail) => {
-                Problem::new(S::BAD_REQUEST, "wrong-type", "Wrong type").detail(detail)
+            Self::WrongType(detail) => Problem::new(P::WrongType, "Wrong type").detail(detail),
+            Self::UnsupportedMediaType => {
+                Problem::new(P::UnsupportedMediaType, "Unsupported media type")
+                    .detail("Send the body as `Content-Type: application/json`.")
             }
-            Self::UnsupportedMediaType => Problem::new(
-                S::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
-                "Unsupported media type",
-            )
-            .detail("Send the body as `Content-Type: application/json`."),
-            Self::PayloadTooLarge => Problem::new(
-                S::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
-                "Payload too large",
-            )
-            .detail("The request body exceeds the size limit."),
+            Self::PayloadTooLarge => Problem::new(P::PayloadTooLarge, "Payload too large")
+                .detail("The request body exceeds the size limit."),
             Self::InvalidValue(err) => {
-                let (slug, title) = match err {
+                let (kind, title) = match err {
                     ValueError::AmountOutOfRange { .. } => {
-                        ("amount-out-of-range", "Amount out of range")
+                        (P::AmountOutOfRange, "Amount out of range")
                     }
                     ValueError::OverdraftOutOfRange { .. } => {
-                        ("overdraft-out-of-range", "Overdraft limit out of range")
+                        (P::OverdraftOutOfRange, "Overdraft limit out of range")
                     }
                     ValueError::UnsupportedCurrency(_) => {
-                        ("unsupported-currency", "Unsupported currency")
+                        (P::UnsupportedCurrency, "Unsupported currency")
                     }
-                    ValueError::InvalidOwner => ("invalid-owner", "Invalid owner"),
-                    ValueError::InvalidReference => ("invalid-reference", "Invalid reference"),
+                    ValueError::InvalidOwner => (P::InvalidOwner, "Invalid owner"),
+                    ValueError::InvalidReference => (P::InvalidReference, "Invalid reference"),
                 };
-                Problem::new(S::UNPROCESSABLE_ENTITY, slug, title).detail(err.to_string())
+                Problem::new(kind, title).detail(err.to_string())
             }
             Self::InvalidHeader { header, reason } => {
-                Problem::new(S::BAD_REQUEST, "invalid-header", "Invalid header")
+                Problem::new(P::InvalidHeader, "Invalid header")
                     .detail(format!("{header}: {reason}"))
                     .extension("header", header)
             }
@@ -121,14 +117,14 @@ impl IntoResponse for ApiError {
 }
 
 fn command_problem(err: CommandError) -> Problem {
-    use StatusCode as S;
+    use ProblemType as P;
     match err {
         CommandError::Account(AccountError::NotFound) => {
-            Problem::new(S::NOT_FOUND, "not-found", "Account not found")
+            Problem::new(P::NotFound, "Account not found")
                 .detail("No account with this id exists for your tenant.")
         }
         CommandError::Conflict { current_version } => {
-            let mut problem = Problem::new(S::CONFLICT, "conflict", "Version conflict").detail(
+            let mut problem = Problem::new(P::Conflict, "Version conflict").detail(
                     "The account changed concurrently; read it again and retry with its current version.",
                 );
             if let Some(version) = current_version {
@@ -140,12 +136,11 @@ fn command_problem(err: CommandError) -> Problem {
             problem
         }
         CommandError::Account(err) => {
-            let mut problem = Problem::new(
-                S::UNPROCESSABLE_ENTITY,
-                rule_slug(&err),
-                "Business rule violated",
-            )
-            .detail(err.to_string());
+            let Some(kind) = rule_problem(&err) else {
+                tracing::error!(error = %err, "account command refused");
+                return Problem::internal();
+            };
+            let mut problem = Problem::new(kind, "Business rule violated").detail(err.to_string());
             if let AccountError::InsufficientFunds {
                 available,
                 requested,
@@ -158,27 +153,23 @@ fn command_problem(err: CommandError) -> Problem {
             problem
         }
         CommandError::Transfer(TransferError::NotFound) => {
-            Problem::new(S::NOT_FOUND, "not-found", "Transfer not found")
+            Problem::new(P::NotFound, "Transfer not found")
                 .detail("No transfer with this id exists for your tenant.")
         }
-        CommandError::Transfer(TransferError::SameAccount) => Problem::new(
-            S::UNPROCESSABLE_ENTITY,
-            "same-account",
-            "Business rule violated",
-        )
-        .detail(TransferError::SameAccount.to_string()),
+        CommandError::Transfer(TransferError::SameAccount) => {
+            Problem::new(P::SameAccount, "Business rule violated")
+                .detail(TransferError::SameAccount.to_string())
+        }
         // Only the process manager records steps, and the accounts decide each step once:
         // any other refusal of a transfer command is a bug, not the client's doing.
         CommandError::Transfer(err) => {
             tracing::error!(error = %err, "transfer command refused");
             Problem::internal()
         }
-        CommandError::IdempotencyKeyReused => Problem::new(
-            S::UNPROCESSABLE_ENTITY,
-            "idempotency-key-reused",
-            "Idempotency key reused",
-        )
-        .detail("This Idempotency-Key was already used with a different request."),
+        CommandError::IdempotencyKeyReused => {
+            Problem::new(P::IdempotencyKeyReused, "Idempotency key reused")
+                .detail("This Idempotency-Key was already used with a different request.")
+        }
         CommandError::Unavailable(err) => {
             tracing::warn!(error = %err, "database unavailable");
             Problem::unavailable("The database")
@@ -196,7 +187,7 @@ mod tests {
     use std::time::Duration;
 
     use axum::body::Body;
-    use axum::http::Request;
+    use axum::http::{Request, StatusCode};
     use serde_json::{Value, json};
 
     use super::*;
@@ -313,6 +304,11 @@ mod tests {
             ),
             (
                 TransferError::AlreadyRequested.into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (
+                AccountError::AlreadyOpen.into(),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
             ),

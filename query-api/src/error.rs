@@ -1,13 +1,9 @@
 //! The query API's one error type, and its one mapping to problem+json.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use service_kit::auth::AuthError;
-use service_kit::problem::{Problem, problem_type};
-
-/// What every problem type starts with: `problem_type("")`.
-static PROBLEM_TYPE_PREFIX: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| problem_type(""));
+use service_kit::problem::{Problem, ProblemType};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueryError {
@@ -53,11 +49,7 @@ impl QueryError {
     pub(crate) fn into_graphql(self) -> async_graphql::Error {
         use async_graphql::ErrorExtensions;
         let problem = self.problem();
-        let code = problem
-            .problem_type
-            .strip_prefix(PROBLEM_TYPE_PREFIX.as_str())
-            .unwrap_or(&problem.problem_type)
-            .to_owned();
+        let code = problem.code().to_owned();
         async_graphql::Error::new(problem.detail.as_deref().unwrap_or(problem.title)).extend_with(
             |_, extensions| {
                 extensions.set("code", code);
@@ -78,40 +70,30 @@ impl QueryError {
         match self {
             Self::Auth(err) => err.problem(),
             Self::InvalidQuery(detail) => {
-                Problem::new(StatusCode::BAD_REQUEST, "invalid-query", "Invalid query")
-                    .detail(detail)
+                Problem::new(ProblemType::InvalidQuery, "Invalid query").detail(detail)
             }
-            Self::NotFound => Problem::new(StatusCode::NOT_FOUND, "not-found", "Account not found")
+            Self::NotFound => Problem::new(ProblemType::NotFound, "Account not found")
                 .detail("No account with this id exists for your tenant."),
-            Self::TransferNotFound => {
-                Problem::new(StatusCode::NOT_FOUND, "not-found", "Transfer not found")
-                    .detail("No transfer with this id exists for your tenant.")
+            Self::TransferNotFound => Problem::new(ProblemType::NotFound, "Transfer not found")
+                .detail("No transfer with this id exists for your tenant."),
+            Self::NoStateAt(detail) => {
+                Problem::new(ProblemType::NoStateAt, "No state at that point").detail(detail)
             }
-            Self::NoStateAt(detail) => Problem::new(
-                StatusCode::NOT_FOUND,
-                "no-state-at",
-                "No state at that point",
-            )
-            .detail(detail),
-            Self::NotYetVisible { wanted } => Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not-yet-visible",
-                "Not yet visible",
-            )
-            .detail(format!(
-                "The read model has not reached version {wanted} yet; retry shortly."
-            ))
-            .extension("min_version", wanted)
-            .header(header::RETRY_AFTER, HeaderValue::from_static("1")),
-            Self::TooManySubscriptions { limit } => Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-subscriptions",
-                "Too many subscriptions",
-            )
-            .detail(format!(
-                "A connection may hold at most {limit} subscriptions; end one or open another connection."
-            ))
-            .extension("limit", limit),
+            Self::NotYetVisible { wanted } => {
+                Problem::new(ProblemType::NotYetVisible, "Not yet visible")
+                    .detail(format!(
+                        "The read model has not reached version {wanted} yet; retry shortly."
+                    ))
+                    .extension("min_version", wanted)
+                    .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
+            Self::TooManySubscriptions { limit } => {
+                Problem::new(ProblemType::TooManySubscriptions, "Too many subscriptions")
+                    .detail(format!(
+                        "A connection may hold at most {limit} subscriptions; end one or open another connection."
+                    ))
+                    .extension("limit", limit)
+            }
             Self::Unavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
                 Problem::unavailable("The database")

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -26,7 +26,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Optional, Setting};
-use crate::problem::Problem;
+use crate::problem::{Problem, ProblemType};
 use crate::rate_limit::{RateLimit, TenantBudgets};
 
 /// Shortest HS256 secret accepted: 256 bits, the size of the MAC.
@@ -350,39 +350,26 @@ impl AuthError {
     pub fn problem(self) -> Problem {
         let challenge = HeaderValue::from_static("Bearer");
         match self {
-            Self::MissingToken => Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "missing-token",
-                "Authentication required",
-            )
-            .detail("Send an `Authorization: Bearer <token>` header.")
-            .header(header::WWW_AUTHENTICATE, challenge),
-            Self::ExpiredToken => {
-                Problem::new(StatusCode::UNAUTHORIZED, "expired-token", "Token expired")
-                    .detail("The bearer token has expired; obtain a new one.")
+            Self::MissingToken => {
+                Problem::new(ProblemType::MissingToken, "Authentication required")
+                    .detail("Send an `Authorization: Bearer <token>` header.")
                     .header(header::WWW_AUTHENTICATE, challenge)
             }
-            Self::InvalidToken(reason) => {
-                Problem::new(StatusCode::UNAUTHORIZED, "invalid-token", "Invalid token")
-                    .detail(format!("The bearer token was refused: {reason}."))
-                    .header(header::WWW_AUTHENTICATE, challenge)
-            }
-            Self::Forbidden { needed } => {
-                Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden").detail(format!(
-                    "This action needs one of the roles: {}.",
-                    needed.join(", ")
-                ))
-            }
+            Self::ExpiredToken => Problem::new(ProblemType::ExpiredToken, "Token expired")
+                .detail("The bearer token has expired; obtain a new one.")
+                .header(header::WWW_AUTHENTICATE, challenge),
+            Self::InvalidToken(reason) => Problem::new(ProblemType::InvalidToken, "Invalid token")
+                .detail(format!("The bearer token was refused: {reason}."))
+                .header(header::WWW_AUTHENTICATE, challenge),
+            Self::Forbidden { needed } => Problem::new(ProblemType::Forbidden, "Forbidden").detail(
+                format!("This action needs one of the roles: {}.", needed.join(", ")),
+            ),
             Self::RateLimited { retry_after } => {
                 // Whole seconds, rounded up: `Retry-After` has no finer unit.
                 let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                let mut problem = Problem::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate-limited",
-                    "Too many requests",
-                )
-                .detail("Your tenant's request rate is over its limit; retry later.")
-                .extension("retry_after_seconds", seconds);
+                let mut problem = Problem::new(ProblemType::RateLimited, "Too many requests")
+                    .detail("Your tenant's request rate is over its limit; retry later.")
+                    .extension("retry_after_seconds", seconds);
                 if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
                     problem = problem.header(header::RETRY_AFTER, value);
                 }

@@ -26,7 +26,7 @@ use tracing::Span;
 use crate::auth::Authenticator;
 use crate::config::{ConfigError, Optional};
 use crate::kafka::BrokerProbe;
-use crate::problem::Problem;
+use crate::problem::{Problem, ProblemType};
 use crate::server::ServerLimits;
 
 /// Header carrying the request id, set by us when the client did not.
@@ -160,18 +160,14 @@ fn with_problem_fallbacks(router: Router) -> Router {
 
 /// 404 for a path no route has, as problem+json like every other error.
 async fn no_such_route() -> Problem {
-    Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found")
+    Problem::new(ProblemType::NotFound, "Not found")
         .detail("There is nothing at this path; the routes are in /openapi.json.")
 }
 
 /// 405 for a route that exists with other methods; axum adds `Allow` with those.
 async fn method_not_allowed() -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        "Method not allowed",
-    )
-    .detail("This path does not take that method; `Allow` lists the ones it takes.")
+    Problem::new(ProblemType::MethodNotAllowed, "Method not allowed")
+        .detail("This path does not take that method; `Allow` lists the ones it takes.")
 }
 
 /// The id of the current request (from `x-request-id`, generated when absent).

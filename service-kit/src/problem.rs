@@ -10,6 +10,107 @@ use crate::auth::Role;
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+const URN_PREFIX: &str = "urn:ledger:problem:";
+
+/// Every kind of problem any service answers, the one list of them: its `type` URN's slug
+/// (the variant's name in kebab case, e.g. `insufficient-funds`) and its status. README.md's
+/// error table is checked against this list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum ProblemType {
+    MalformedJson,
+    UnknownField,
+    MissingField,
+    WrongType,
+    InvalidHeader,
+    /// The query API's: a query parameter, cursor or page size it does not take.
+    InvalidQuery,
+    MissingToken,
+    InvalidToken,
+    ExpiredToken,
+    Forbidden,
+    NotFound,
+    /// The audit routes': no state at that version or instant.
+    NoStateAt,
+    MethodNotAllowed,
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    AmountOutOfRange,
+    OverdraftOutOfRange,
+    UnsupportedCurrency,
+    InvalidOwner,
+    InvalidReference,
+    SameAccount,
+    IdempotencyKeyReused,
+    InsufficientFunds,
+    CurrencyMismatch,
+    AccountFrozen,
+    AccountNotFrozen,
+    AccountClosed,
+    NonZeroBalance,
+    BalanceLimitExceeded,
+    RateLimited,
+    Internal,
+    ServiceUnavailable,
+    Overloaded,
+    Timeout,
+    /// The query API's: `min_version` not reached in time.
+    NotYetVisible,
+    /// The query API's GraphQL: a connection asked for more subscriptions than it may hold.
+    TooManySubscriptions,
+}
+
+impl ProblemType {
+    /// The slug of the `type` URN, e.g. `insufficient-funds`.
+    pub fn slug(self) -> &'static str {
+        self.into()
+    }
+
+    /// The `type` URN, e.g. `urn:ledger:problem:insufficient-funds`.
+    pub fn urn(self) -> String {
+        format!("{URN_PREFIX}{}", self.slug())
+    }
+
+    pub fn status(self) -> StatusCode {
+        use ProblemType as P;
+        match self {
+            P::MalformedJson
+            | P::UnknownField
+            | P::MissingField
+            | P::WrongType
+            | P::InvalidHeader
+            | P::InvalidQuery => StatusCode::BAD_REQUEST,
+            P::MissingToken | P::InvalidToken | P::ExpiredToken => StatusCode::UNAUTHORIZED,
+            P::Forbidden => StatusCode::FORBIDDEN,
+            P::NotFound | P::NoStateAt => StatusCode::NOT_FOUND,
+            P::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            P::Conflict => StatusCode::CONFLICT,
+            P::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            P::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            P::AmountOutOfRange
+            | P::OverdraftOutOfRange
+            | P::UnsupportedCurrency
+            | P::InvalidOwner
+            | P::InvalidReference
+            | P::SameAccount
+            | P::IdempotencyKeyReused
+            | P::InsufficientFunds
+            | P::CurrencyMismatch
+            | P::AccountFrozen
+            | P::AccountNotFrozen
+            | P::AccountClosed
+            | P::NonZeroBalance
+            | P::BalanceLimitExceeded => StatusCode::UNPROCESSABLE_ENTITY,
+            P::RateLimited | P::TooManySubscriptions => StatusCode::TOO_MANY_REQUESTS,
+            P::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            P::ServiceUnavailable | P::Overloaded | P::Timeout | P::NotYetVisible => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+}
+
 /// A problem details object. `type` is a stable URN per kind of error, so clients can branch
 /// on it; `detail` is written for a person and never carries internal error text.
 #[derive(Debug, Clone, Serialize)]
@@ -32,17 +133,20 @@ fn serialize_status<S: serde::Serializer>(status: &StatusCode, s: S) -> Result<S
     s.serialize_u16(status.as_u16())
 }
 
-/// The `type` URN of a problem kind, e.g. `urn:ledger:problem:insufficient-funds`.
-pub fn problem_type(slug: &str) -> String {
-    format!("urn:ledger:problem:{slug}")
-}
-
 impl Problem {
-    pub fn new(status: StatusCode, slug: &str, title: &'static str) -> Self {
+    /// The slug of its type, e.g. `insufficient-funds`: what GraphQL errors carry as
+    /// `extensions.code`.
+    pub fn code(&self) -> &str {
+        self.problem_type
+            .strip_prefix(URN_PREFIX)
+            .unwrap_or(&self.problem_type)
+    }
+
+    pub fn new(kind: ProblemType, title: &'static str) -> Self {
         Self {
-            problem_type: problem_type(slug),
+            problem_type: kind.urn(),
             title,
-            status,
+            status: kind.status(),
             detail: None,
             extensions: Map::new(),
             headers: Vec::new(),
@@ -69,23 +173,15 @@ impl Problem {
 
     /// 500 with nothing about the cause: the caller logs the cause.
     pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "Internal server error",
-        )
-        .detail("The server failed to handle the request; it has been logged.")
+        Self::new(ProblemType::Internal, "Internal server error")
+            .detail("The server failed to handle the request; it has been logged.")
     }
 
     /// 503 for a dependency that is down; clients may retry.
     pub fn unavailable(what: &str) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service-unavailable",
-            "Service unavailable",
-        )
-        .detail(format!("{what} is unavailable; retry later."))
-        .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        Self::new(ProblemType::ServiceUnavailable, "Service unavailable")
+            .detail(format!("{what} is unavailable; retry later."))
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 }
 
@@ -260,7 +356,7 @@ mod tests {
 
     #[test]
     fn serializes_as_rfc9457_with_extensions() {
-        let problem = Problem::new(StatusCode::CONFLICT, "conflict", "Conflict")
+        let problem = Problem::new(ProblemType::Conflict, "Conflict")
             .detail("stale")
             .extension("current_version", 7);
         let json = serde_json::to_value(&problem).unwrap();
@@ -273,6 +369,51 @@ mod tests {
                 "detail": "stale",
                 "current_version": 7
             })
+        );
+    }
+
+    /// README.md's error table lists exactly the problem types, each under its status: a
+    /// client reading it learns every `type` it can get, and none it cannot.
+    #[test]
+    fn the_readme_lists_every_problem_type_under_its_status() {
+        use std::collections::BTreeSet;
+
+        use strum::IntoEnumIterator;
+
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split("| status | `type` (`urn:ledger:problem:...`) |\n")
+            .nth(1)
+            .expect("README.md has the error table");
+        let mut listed = BTreeSet::new();
+        for row in table.lines().skip(1).take_while(|row| row.starts_with('|')) {
+            let mut cells = row.split('|').skip(1);
+            let status: u16 = cells.next().unwrap_or_default().trim().parse().unwrap();
+            // Slugs are the code spans in kebab case; the others name headers and settings.
+            let slugs = cells
+                .next()
+                .unwrap_or_default()
+                .split('`')
+                .skip(1)
+                .step_by(2);
+            for slug in
+                slugs.filter(|span| span.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+            {
+                listed.insert((status, slug.to_owned()));
+            }
+        }
+        let defined: BTreeSet<(u16, String)> = ProblemType::iter()
+            .map(|kind| (kind.status().as_u16(), kind.slug().to_owned()))
+            .collect();
+        assert_eq!(
+            listed.difference(&defined).collect::<Vec<_>>(),
+            Vec::<&(u16, String)>::new(),
+            "in README.md's error table, not among the ProblemTypes"
+        );
+        assert_eq!(
+            defined.difference(&listed).collect::<Vec<_>>(),
+            Vec::<&(u16, String)>::new(),
+            "ProblemTypes missing from README.md's error table"
         );
     }
 

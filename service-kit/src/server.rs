@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 
 use crate::config::{ConfigError, Setting, Settings};
-use crate::problem::Problem;
+use crate::problem::{Problem, ProblemType};
 
 pub const HTTP_HEADER_READ_TIMEOUT: Setting<Duration> = Setting::new(
     "HTTP_HEADER_READ_TIMEOUT_MS",
@@ -147,16 +147,12 @@ pub(crate) fn bound_requests(router: Router, limits: &ServerLimits) -> Router {
 
 fn refusal(error: &tower::BoxError) -> Response {
     let problem = if error.is::<tower::load_shed::error::Overloaded>() {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded")
+        Problem::new(ProblemType::Overloaded, "Overloaded")
             .detail("The server is handling as many requests as it takes; retry shortly.")
     } else if error.is::<tower::timeout::error::Elapsed>() {
         tracing::warn!("request timed out");
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "Request timed out",
-        )
-        .detail("The request was not answered in time; retry it (with its idempotency key).")
+        Problem::new(ProblemType::Timeout, "Request timed out")
+            .detail("The request was not answered in time; retry it (with its idempotency key).")
     } else {
         tracing::error!(%error, "request failed in the middleware");
         return Problem::internal().into_response();

@@ -11,6 +11,7 @@
 //! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`, `scale_bench`: benchmarks that write
 //!   `BENCHMARKS.md`.
 //! - `config_reference`: README.md's configuration table.
+//! - `python`: the project's Python tools, in a venv of its own at pinned versions.
 
 #![allow(clippy::print_stdout)]
 
@@ -25,6 +26,7 @@ mod dev;
 mod fuzz;
 mod launch;
 mod pipeline_bench;
+mod python;
 mod scale_bench;
 mod test;
 mod transfer_bench;

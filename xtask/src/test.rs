@@ -51,8 +51,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             }
         },
     };
-    ensure_python_kafka_client().await?;
-    ensure_python_graphql_client().await?;
+    crate::python::ensure_tools().await?;
     // The OpenID Connect tests' provider: `npm ci` here, once, rather than inside a test.
     service_kit::dev_provider::ensure_installed().await?;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -75,6 +74,16 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     // For the tests that stop and restart a broker of their own.
     cargo.env("NISSHI_BIN", broker::ensure_installed().await?);
     cargo.env(TEST_RUN_VARIABLE, &run);
+    // The analyst tests read topics with a Kafka client that is not ours (confluent-kafka,
+    // which bundles a current librdkafka), and the fuzz tests run schemathesis: both from the
+    // project's venv, found first on the PATH.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    cargo.env(
+        "PATH",
+        std::env::join_paths(
+            std::iter::once(crate::python::bin()).chain(std::env::split_paths(&path)),
+        )?,
+    );
     let status = cargo.status().await?;
     let databases = match &database_url {
         Some(url) => run_databases(url, &run).await?,
@@ -116,51 +125,5 @@ async fn drop_databases(url: &str, names: &[String]) -> anyhow::Result<()> {
             .await?;
     }
     connection.close().await?;
-    Ok(())
-}
-
-/// The analyst tests read topics with a client that is not ours: the PyPI `confluent-kafka`
-/// wheel, which bundles a current librdkafka.
-async fn ensure_python_kafka_client() -> anyhow::Result<()> {
-    let present = Command::new("python3")
-        .args(["-c", "import confluent_kafka"])
-        .status()
-        .await
-        .is_ok_and(|status| status.success());
-    if present {
-        return Ok(());
-    }
-    println!("installing the confluent-kafka Python package for the analyst tests...");
-    pip_install("confluent-kafka").await
-}
-
-/// The GraphQL subscription tests subscribe with a client that is not ours: the PyPI `gql`
-/// package over its websockets transport (`graphql-transport-ws`).
-async fn ensure_python_graphql_client() -> anyhow::Result<()> {
-    let present = Command::new("python3")
-        .args(["-c", "import gql.transport.websockets"])
-        .status()
-        .await
-        .is_ok_and(|status| status.success());
-    if present {
-        return Ok(());
-    }
-    println!("installing the gql Python package for the GraphQL subscription tests...");
-    pip_install("gql[websockets]").await
-}
-
-/// `pip install package` with every version pinned by `xtask/python-constraints.txt`, the one
-/// list of the Python packages the project uses.
-pub(crate) async fn pip_install(package: &str) -> anyhow::Result<()> {
-    let constraints = crate::dev::workspace_root().join("xtask/python-constraints.txt");
-    let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--constraint"])
-        .arg(&constraints)
-        .arg(package)
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("pip install {package} failed");
-    }
     Ok(())
 }

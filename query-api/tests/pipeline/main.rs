@@ -12,3 +12,4 @@ mod rebuild;
 mod system;
 mod tenants;
 mod transfers;
+mod walkthrough;
