@@ -588,7 +588,20 @@ async fn subscriptions_see_one_tenant_and_need_a_valid_token() {
     );
     let ours_now = system.move_money(ours, 50).await;
     system.projected(ours, ours_now).await;
-    let theirs_now = system.move_money(theirs, 7).await;
+    // `move_money` acts for our tenant; theirs takes their own teller.
+    let theirs_now = system
+        .client
+        .post(format!("{}/v1/accounts/{theirs}/deposits", system.commands))
+        .bearer_auth(token(OTHER, &["teller"]))
+        .json(&json!({"amount": 7, "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["version"]
+        .as_i64()
+        .expect("their deposit's version");
     loop {
         let event = watcher.next().await;
         let change = &event["data"]["accountsChanged"];
