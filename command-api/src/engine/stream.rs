@@ -617,9 +617,13 @@ mod tests {
     }
 
     /// Runs `waiters` as one group on `id`, as the command that took the stream's lock would.
+    /// The state is the cached one, else loaded from the store.
     async fn run(streams: &Arc<Streams<Account>>, id: Uuid, waiters: Vec<Waiter<Account>>) {
         let mut slot = streams.lock(&id.to_string()).await;
-        let state = slot.take().unwrap_or_default();
+        let state = match slot.take() {
+            Some(cached) => cached,
+            None => streams.store.load(&id.to_string()).await.unwrap(),
+        };
         run_group(Group {
             streams: streams.clone(),
             slot,
@@ -819,14 +823,14 @@ mod tests {
         let cold = streams(&db);
         let (repeat, repeat_answer) = waiter(step(TransferStep::Debit, declined), None);
         let (refund, refund_answer) = waiter(step(TransferStep::Refund, applied), None);
-        run_cold(&cold, id, vec![repeat, refund]).await;
+        run(&cold, id, vec![repeat, refund]).await;
         assert_eq!(step_outcome(repeat_answer).await, StepOutcome::Applied);
         match answer(refund_answer).await {
             Answer::Done(Err(CommandError::Account(AccountError::NothingToRefund { .. }))) => {}
             _ => panic!("a refund of a transfer this account never paid was not refused"),
         }
         let (refund, refund_answer) = waiter(step(TransferStep::Refund, declined), None);
-        run_cold(&cold, id, vec![refund]).await;
+        run(&cold, id, vec![refund]).await;
         assert_eq!(step_outcome(refund_answer).await, StepOutcome::Applied);
         let steps: i64 =
             sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type LIKE 'Transfer%'")
@@ -878,21 +882,6 @@ mod tests {
             recorded.outcome(transfer, TransferStep::Debit),
             Some(StepOutcome::Declined(TransferDecline::Frozen))
         );
-    }
-
-    /// Runs `waiters` as one group on `id` with nothing cached: the state is loaded first.
-    async fn run_cold(streams: &Arc<Streams<Account>>, id: Uuid, waiters: Vec<Waiter<Account>>) {
-        let slot = streams.lock(&id.to_string()).await;
-        let state = streams.store.load(&id.to_string()).await.unwrap();
-        run_group(Group {
-            streams: streams.clone(),
-            slot,
-            aggregate_id: id.to_string(),
-            state,
-            fresh: true,
-            waiters,
-        })
-        .await;
     }
 
     /// A client that hangs up while its command is being appended cancels nothing: the
