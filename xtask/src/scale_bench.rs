@@ -406,6 +406,30 @@ async fn seed_sources(pool: &PgPool, deposits: i64, transfers: i64) -> anyhow::R
     Ok(written)
 }
 
+/// Runs `sql` for the ranges `first..=last` ($1, $2) that cover `0..total`, `chunk` at a time,
+/// moving `bar` on from `before` events; returns the rows written.
+async fn in_chunks(
+    pool: &PgPool,
+    sql: &str,
+    total: i64,
+    chunk: i64,
+    bar: &Progress,
+    before: i64,
+) -> anyhow::Result<i64> {
+    let mut written = 0;
+    for first in (0..total).step_by(chunk as usize) {
+        let last = (first + chunk).min(total) - 1;
+        written += sqlx::query(sql)
+            .bind(first)
+            .bind(last)
+            .execute(pool)
+            .await?
+            .rows_affected() as i64;
+        bar.update((before + written) as u64);
+    }
+    Ok(written)
+}
+
 /// The whole store; returns the number of events written.
 async fn seed(pool: &PgPool, options: &Options) -> anyhow::Result<i64> {
     sqlx::query("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\"")
@@ -425,28 +449,18 @@ async fn seed(pool: &PgPool, options: &Options) -> anyhow::Result<i64> {
     .execute(pool)
     .await?
     .rows_affected() as i64;
-    for first in (0..options.transfers).step_by(CHUNK as usize * 4) {
-        let last = (first + CHUNK * 4).min(options.transfers) - 1;
-        written += sqlx::query(&format!(
-            "{INSERT}
+    let sql = format!(
+        "{INSERT}
              SELECT 'account', {big}, k + 2, 'TransferCredited', '1',
                     json_build_object('TransferCredited', json_build_object(
                         'transfer_id', uuid_generate_v5(uuid_ns_oid(), 'transfer-' || k),
                         'amount', 1, 'currency', 'EUR', 'balance_after', k + 1)),
                     {METADATA}
                FROM generate_series($1::int8, $2::int8) AS k ORDER BY k"
-        ))
-        .bind(first)
-        .bind(last)
-        .execute(pool)
-        .await?
-        .rows_affected() as i64;
-        bar.update(written as u64);
-    }
+    );
+    written += in_chunks(pool, &sql, options.transfers, CHUNK * 4, &bar, written).await?;
     let per = options.transfers / SOURCES;
-    for first in (0..options.transfers).step_by(CHUNK as usize) {
-        let last = (first + CHUNK).min(options.transfers) - 1;
-        written += sqlx::query(&format!(
+    let sql = format!(
             "{INSERT}
              SELECT 'transfer', uuid_generate_v5(uuid_ns_oid(), 'transfer-' || k)::text, s,
                     (ARRAY['TransferRequested', 'SourceDebited', 'DestinationCredited', 'TransferCompleted'])[s],
@@ -460,14 +474,8 @@ async fn seed(pool: &PgPool, options: &Options) -> anyhow::Result<i64> {
                     {METADATA}
                FROM generate_series($1::int8, $2::int8) AS k, generate_series(1, 4) AS s
               ORDER BY k, s"
-        ))
-        .bind(first)
-        .bind(last)
-        .execute(pool)
-        .await?
-        .rows_affected() as i64;
-        bar.update(written as u64);
-    }
+    );
+    written += in_chunks(pool, &sql, options.transfers, CHUNK, &bar, written).await?;
     written += sqlx::query(&format!(
         "{INSERT}
          SELECT 'transfer', uuid_generate_v5(uuid_ns_oid(), 'in-flight-' || k)::text, 1,
@@ -481,21 +489,13 @@ async fn seed(pool: &PgPool, options: &Options) -> anyhow::Result<i64> {
     .execute(pool)
     .await?
     .rows_affected() as i64;
-    for first in (0..options.accounts).step_by(CHUNK as usize * 4) {
-        let last = (first + CHUNK * 4).min(options.accounts) - 1;
-        written += sqlx::query(&format!(
-            "{INSERT}
+    let sql = format!(
+        "{INSERT}
              SELECT 'account', uuid_generate_v5(uuid_ns_oid(), 'account-' || i)::text, 1,
                     'AccountOpened', '2', {OPENED}, {METADATA}
                FROM generate_series($1::int8, $2::int8) AS i"
-        ))
-        .bind(first)
-        .bind(last)
-        .execute(pool)
-        .await?
-        .rows_affected() as i64;
-        bar.update(written as u64);
-    }
+    );
+    written += in_chunks(pool, &sql, options.accounts, CHUNK * 4, &bar, written).await?;
     bar.finish(written as u64);
     Ok(written)
 }
