@@ -283,14 +283,14 @@ async fn get_account(
     Ok(versioned(account, version, &headers))
 }
 
-/// `body` with its stream version as `ETag`, or 304 when `If-None-Match` names that version.
-/// `If-None-Match` compares weakly (RFC 9110 13.1.2): `W/"15"` matches `"15"`.
+/// `body` with `tag` (its stream version, and whatever else changes the body) as `ETag`, or
+/// 304 when `If-None-Match` names that tag. `If-None-Match` compares weakly (RFC 9110 13.1.2): `W/"15"` matches `"15"`.
 pub(crate) fn versioned(
     body: impl serde::Serialize,
-    version: i64,
+    tag: impl std::fmt::Display,
     headers: &HeaderMap,
 ) -> Response {
-    let etag = format!("\"{version}\"");
+    let etag = format!("\"{tag}\"");
     let unchanged = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|value| value.to_str().ok())

@@ -26,6 +26,12 @@ pub const QUERY_API_MAX_WAIT: Setting<Duration> = Setting::new(
     "longest wait for `min_version`",
 );
 
+pub const QUERY_API_TRANSFER_STALLED_AFTER: Setting<Duration> = Setting::new(
+    "QUERY_API_TRANSFER_STALLED_AFTER_MS",
+    Duration::from_secs(120),
+    "a transfer not yet final whose last step is older than this is shown `stalled: true` (the process manager keeps retrying it; by default long enough for several of its sweeps to have tried it)",
+);
+
 pub const GRAPHQL_MAX_DEPTH: Setting<usize> = Setting::new(
     "GRAPHQL_MAX_DEPTH",
     16,
@@ -67,6 +73,7 @@ pub const SETTINGS: Settings = &[
     &QUERY_API_ADDR,
     &QUERY_API_OPS_ADDR,
     &QUERY_API_MAX_WAIT,
+    &QUERY_API_TRANSFER_STALLED_AFTER,
     &GRAPHQL_MAX_DEPTH,
     &GRAPHQL_MAX_COMPLEXITY,
     &GRAPHQL_INTROSPECTION,
@@ -136,6 +143,9 @@ pub struct Config {
     /// [`QUERY_API_MAX_WAIT`]: how long a query with `min_version` waits for the read model
     /// to catch up before answering 503.
     pub max_wait: Duration,
+    /// [`QUERY_API_TRANSFER_STALLED_AFTER`]: how old a transfer's last step may be before the
+    /// transfer is shown stalled.
+    pub transfer_stalled_after: Duration,
     /// `CORS_ALLOWED_ORIGINS`: see `service_kit::http::cors_origins_from_env` (default: none).
     pub cors_origins: Vec<HeaderValue>,
     /// The bounds of the listener: see `service_kit::server`.
@@ -152,6 +162,7 @@ impl Config {
             database: DatabaseConfig::from_env()?,
             auth: AuthConfig::from_env()?,
             max_wait: QUERY_API_MAX_WAIT.read()?,
+            transfer_stalled_after: QUERY_API_TRANSFER_STALLED_AFTER.read()?,
             cors_origins: service_kit::http::cors_origins_from_env()?,
             server: ServerLimits::from_env()?,
             graphql: GraphqlConfig::from_env()?,
@@ -167,6 +178,7 @@ impl Config {
             database,
             auth,
             max_wait: QUERY_API_MAX_WAIT.default,
+            transfer_stalled_after: QUERY_API_TRANSFER_STALLED_AFTER.default,
             cors_origins: Vec::new(),
             server: ServerLimits::default(),
             graphql: GraphqlConfig::default(),

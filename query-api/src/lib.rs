@@ -47,6 +47,8 @@ pub(crate) struct AppState {
     auth: Arc<Authenticator>,
     /// Longest wait for a `min_version`.
     max_wait: Duration,
+    /// How old a transfer's last step may be before the transfer is shown stalled.
+    transfer_stalled_after: Duration,
     /// Bumped whenever the projector commits a change: `min_version` waiters recheck then.
     projected: tokio::sync::watch::Receiver<u64>,
     /// Every committed read-model change, for the subscriptions. Bounded: a subscriber that
@@ -167,6 +169,7 @@ impl Application {
             pool,
             auth: auth.clone(),
             max_wait: config.max_wait,
+            transfer_stalled_after: config.transfer_stalled_after,
             projected,
             changes,
             graphql: config.graphql,

@@ -5,6 +5,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::Authorized;
@@ -61,7 +63,14 @@ pub(crate) struct TransferView {
     /// The last transfer stream version applied to this view.
     pub(crate) version: i64,
     requested_at: DateTime<Utc>,
+    /// When the transfer's last step was recorded.
     updated_at: DateTime<Utc>,
+    /// Not final, and no step recorded for longer than the query API's
+    /// `QUERY_API_TRANSFER_STALLED_AFTER_MS`: the process manager is retrying it (or is down),
+    /// and operators are alerted (`LedgerTransfersStuck`). Money already debited stays
+    /// reserved for the transfer until it completes or is refunded.
+    #[sqlx(skip)]
+    stalled: bool,
 }
 
 /// The columns of a [`TransferView`]; a transfer requested without a reference has an empty
@@ -82,7 +91,7 @@ pub(crate) struct AccountTransfersParams {
     get, path = "/v1/transfers/{id}", tag = "transfers",
     params(("id" = Uuid, Path, description = "Transfer id")),
     responses(
-        (status = 200, description = "The transfer; `ETag` is its version", body = TransferView),
+        (status = 200, description = "The transfer; `ETag` is its version, with an `s` after it while the transfer is stalled", body = TransferView),
         (status = 304, description = "Unchanged since the `If-None-Match` version"),
         (status = 404, description = "No such transfer for this tenant (yet: it appears once projected)", body = ProblemDocument, content_type = "application/problem+json"),
     ),
@@ -97,8 +106,13 @@ pub(crate) async fn get_transfer(
     let transfer = find_transfer(&state, &principal.tenant, id)
         .await?
         .ok_or(QueryError::TransferNotFound)?;
-    let version = transfer.version;
-    Ok(crate::api::versioned(transfer, version, &headers))
+    // `stalled` changes with time alone, so it is part of the entity tag.
+    let tag = format!(
+        "{}{}",
+        transfer.version,
+        if transfer.stalled { "s" } else { "" }
+    );
+    Ok(crate::api::versioned(transfer, tag, &headers))
 }
 
 /// Transfer `id` of `tenant`, as the projector last saw it.
@@ -114,7 +128,7 @@ pub(crate) async fn find_transfer(
     .bind(tenant)
     .fetch_optional(&mut *state.scope(tenant).await?)
     .await?;
-    Ok(transfer)
+    Ok(transfer.map(|transfer: TransferView| transfer.seen(state.transfer_stalled_after)))
 }
 
 impl TransferView {
@@ -126,6 +140,21 @@ impl TransferView {
     /// Whether the transfer can change no more.
     pub(crate) fn is_final(&self) -> bool {
         matches!(self.status.as_str(), "completed" | "rejected" | "failed")
+    }
+
+    /// The view as a client sees it now, stalled if it made no progress for `stalled_after`.
+    fn seen(self, stalled_after: Duration) -> Self {
+        self.seen_at(Utc::now(), stalled_after)
+    }
+
+    fn seen_at(mut self, now: DateTime<Utc>, stalled_after: Duration) -> Self {
+        self.stalled = !self.is_final()
+            && now
+                .signed_duration_since(self.updated_at)
+                .to_std()
+                .unwrap_or_default()
+                > stalled_after;
+        self
     }
 }
 
@@ -180,5 +209,47 @@ pub(crate) async fn transfers_page(
     .bind(limit + 1)
     .fetch_all(&mut *state.scope(tenant).await?)
     .await?;
+    let transfers = transfers
+        .into_iter()
+        .map(|transfer| transfer.seen(state.transfer_stalled_after))
+        .collect();
     Ok(page(transfers, limit, TransferView::key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transfer(status: &str, updated_at: DateTime<Utc>) -> TransferView {
+        TransferView {
+            id: Uuid::nil(),
+            from_account: Uuid::nil(),
+            to_account: Uuid::nil(),
+            amount: 1,
+            currency: "EUR".into(),
+            reference: None,
+            status: status.into(),
+            reason: None,
+            version: 2,
+            requested_at: updated_at,
+            updated_at,
+            stalled: false,
+        }
+    }
+
+    #[test]
+    fn a_transfer_in_flight_is_stalled_only_once_its_last_step_is_older_than_the_limit() {
+        let step = Utc::now();
+        let limit = Duration::from_secs(120);
+        let at = |seconds| step + chrono::Duration::seconds(seconds);
+        for status in ["requested", "debited", "refunding"] {
+            assert!(!transfer(status, step).seen_at(at(120), limit).stalled);
+            assert!(transfer(status, step).seen_at(at(121), limit).stalled);
+        }
+        for status in ["completed", "rejected", "failed"] {
+            assert!(!transfer(status, step).seen_at(at(3600), limit).stalled);
+        }
+        // A clock behind the database's: never stalled by a negative age.
+        assert!(!transfer("debited", step).seen_at(at(-5), limit).stalled);
+    }
 }

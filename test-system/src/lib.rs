@@ -75,6 +75,8 @@ impl TestSystem {
         let database = TestDatabase::create().await;
         let query_api = query_api::Application::build(query_api::Config {
             max_wait,
+            // So that a test sees a transfer shown stalled within seconds.
+            transfer_stalled_after: Duration::from_secs(3),
             // The wait must end before the request does (the query API refuses to start
             // otherwise).
             server: ServerLimits {

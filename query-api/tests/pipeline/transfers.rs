@@ -526,3 +526,36 @@ async fn a_transfer_no_message_announced_is_resumed_from_the_event_store() {
     system.converged(Duration::from_secs(30)).await;
     assert_eq!(balance(&system, to).await, 40);
 }
+
+#[tokio::test]
+async fn a_transfer_that_makes_no_progress_is_shown_stalled_until_it_settles() {
+    let mut system = System::start().await;
+    let from = funded(&system, "EUR", 100).await;
+    let to = funded(&system, "EUR", 0).await;
+    system.kill_process_manager().await;
+    let id = transfer(&system, from, to, 40, "EUR").await;
+    let stalled = eventually(Duration::from_secs(30), || {
+        let system = &system;
+        async move {
+            let (status, headers, body) = system
+                .query(&format!("/v1/transfers/{id}"), &system.viewer())
+                .await;
+            (status == StatusCode::OK && body["stalled"] == true)
+                .then_some((headers, body))
+                .ok_or("the transfer is not shown stalled")
+        }
+    })
+    .await;
+    let (headers, body) = stalled;
+    assert_eq!(body["status"], "requested", "{body}");
+    // The flag changes with time alone, so it changes the entity tag: a client revalidating
+    // with the tag it had before does not get a 304 that hides it.
+    assert_eq!(
+        headers["etag"].to_str().unwrap(),
+        format!("\"{}s\"", body["version"])
+    );
+    system.start_process_manager().await;
+    let settled = settled(&system, id).await;
+    assert_eq!(settled["status"], "completed");
+    assert_eq!(settled["stalled"], false, "{settled}");
+}
