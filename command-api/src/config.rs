@@ -63,7 +63,13 @@ pub const COMMAND_API_MAX_BODY_BYTES: Setting<usize> = Setting::new(
 pub const COMMAND_API_AGGREGATE_CACHE: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_AGGREGATE_CACHE",
     NonZeroUsize::new(100_000).unwrap(),
-    "accounts whose state stays in memory between commands",
+    "accounts whose state stays in memory between commands (and as many transfers)",
+);
+/// For the command API and the process manager.
+pub const COMMAND_API_AGGREGATE_CACHE_BYTES: Setting<NonZeroUsize> = Setting::new(
+    "COMMAND_API_AGGREGATE_CACHE_BYTES",
+    NonZeroUsize::new(256 * 1024 * 1024).unwrap(),
+    "most memory the cached states of each aggregate type may take, counting every entry at the largest size the domain allows; lowers `COMMAND_API_AGGREGATE_CACHE` when that many would not fit",
 );
 /// For the command API and the process manager.
 pub const COMMAND_API_CONFLICT_RETRIES: Setting<u32> = Setting::new(
@@ -109,6 +115,7 @@ pub const SETTINGS: Settings = &[
     &COMMAND_API_OPS_ADDR,
     &COMMAND_API_MAX_BODY_BYTES,
     &COMMAND_API_AGGREGATE_CACHE,
+    &COMMAND_API_AGGREGATE_CACHE_BYTES,
     &COMMAND_API_CONFLICT_RETRIES,
     &COMMAND_API_APPEND_WRITERS,
     &COMMAND_API_SNAPSHOT_EVERY,
@@ -164,6 +171,7 @@ impl EngineConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             aggregate_cache: COMMAND_API_AGGREGATE_CACHE.read()?,
+            aggregate_cache_bytes: COMMAND_API_AGGREGATE_CACHE_BYTES.read()?,
             conflict_retries: COMMAND_API_CONFLICT_RETRIES.read()?,
             append_writers: COMMAND_API_APPEND_WRITERS.read()?,
             snapshot_every: COMMAND_API_SNAPSHOT_EVERY.read()?,
@@ -176,6 +184,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             aggregate_cache: COMMAND_API_AGGREGATE_CACHE.default,
+            aggregate_cache_bytes: COMMAND_API_AGGREGATE_CACHE_BYTES.default,
             conflict_retries: COMMAND_API_CONFLICT_RETRIES.default,
             append_writers: COMMAND_API_APPEND_WRITERS.default,
             snapshot_every: COMMAND_API_SNAPSHOT_EVERY.default,

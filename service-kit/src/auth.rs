@@ -583,9 +583,12 @@ pub fn bearer_token(value: &str) -> Option<&str> {
         .filter(|token| !token.is_empty())
 }
 
-/// Tenants are short identifiers: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+/// The longest tenant a token may name, in bytes.
+pub const MAX_TENANT_BYTES: usize = 64;
+
+/// Tenants are short identifiers: 1 to [`MAX_TENANT_BYTES`] of `A-Z a-z 0-9 . _ -`.
 fn valid_tenant(tenant: &str) -> bool {
-    (1..=64).contains(&tenant.len())
+    (1..=MAX_TENANT_BYTES).contains(&tenant.len())
         && tenant
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))

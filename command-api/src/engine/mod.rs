@@ -128,6 +128,9 @@ pub struct EngineConfig {
     /// `COMMAND_API_AGGREGATE_CACHE`: streams whose state is kept in memory between
     /// commands, per aggregate type.
     pub aggregate_cache: NonZeroUsize,
+    /// `COMMAND_API_AGGREGATE_CACHE_BYTES`: the memory those states may take, per aggregate
+    /// type, each counted at its largest (see `stream::cache_capacity`).
+    pub aggregate_cache_bytes: NonZeroUsize,
     /// `COMMAND_API_CONFLICT_RETRIES`: how often a command without `If-Match` is retried
     /// after losing a race on its stream before answering 409.
     pub conflict_retries: u32,
@@ -150,18 +153,21 @@ pub(crate) struct CommandService {
 impl CommandService {
     pub(crate) fn new(pool: PgPool, config: &EngineConfig, appended: AppendSignal) -> Self {
         let appender = Appender::start(pool.clone(), config.append_writers.get());
+        let accounts = Streams::new(
+            Store::new(pool.clone(), appender.clone(), config.snapshot_every),
+            config,
+            appended.clone(),
+        );
+        // At most one entry per cached account, and far smaller than the account's.
+        let facts = LruCache::new(accounts.capacity());
         Self {
-            accounts: Arc::new(Streams::new(
-                Store::new(pool.clone(), appender.clone(), config.snapshot_every),
-                config.aggregate_cache,
-                appended.clone(),
-            )),
+            accounts: Arc::new(accounts),
             transfers: Arc::new(Streams::new(
                 Store::new(pool.clone(), appender, config.snapshot_every),
-                config.aggregate_cache,
+                config,
                 appended,
             )),
-            facts: Mutex::new(LruCache::new(config.aggregate_cache)),
+            facts: Mutex::new(facts),
             pool,
             conflict_retries: config.conflict_retries,
         }

@@ -31,6 +31,9 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use service_kit::auth::MAX_TENANT_BYTES;
+
+use super::EngineConfig;
 use super::append::{AppendError, EventRow};
 use super::error::CommandError;
 use super::signal::AppendSignal;
@@ -62,6 +65,31 @@ pub(crate) trait Stream:
     fn name(command: &Self::Command) -> &'static str;
     /// The refusal for a stream that does not exist for the caller's tenant.
     fn not_found() -> Self::Error;
+
+    /// The most heap memory one state can hold: each of its strings at the longest the edge
+    /// and the domain accept (four bytes a character). With the fixed sizes of a cache entry
+    /// it bounds the cache's memory (see [`cache_capacity`]).
+    const MAX_STATE_HEAP_BYTES: usize;
+}
+
+/// The most memory one cached stream takes: its id (36 characters), the LRU's node and table
+/// slot for it, the shared handle with its state, and the state's strings at their longest.
+/// The waiting list is not counted: it is empty between groups and gives its memory back.
+fn entry_bytes<A: Stream>() -> usize {
+    use std::mem::size_of;
+    let word = size_of::<usize>();
+    let lru_node = size_of::<String>() + size_of::<Arc<StreamHandle<A>>>() + 2 * word;
+    let lru_slot = 2 * word + 1;
+    let handle = 2 * word + size_of::<StreamHandle<A>>();
+    let slot = 2 * word + size_of::<AsyncMutex<Slot<A>>>();
+    36 + lru_node + lru_slot + handle + slot + A::MAX_STATE_HEAP_BYTES
+}
+
+/// How many streams the cache holds: `entries`, or fewer if that many entries at their
+/// largest would take more than `bytes`.
+fn cache_capacity<A: Stream>(entries: NonZeroUsize, bytes: NonZeroUsize) -> NonZeroUsize {
+    NonZeroUsize::new(bytes.get() / entry_bytes::<A>())
+        .map_or(NonZeroUsize::MIN, |fit| fit.min(entries))
 }
 
 impl Stream for Account {
@@ -96,6 +124,8 @@ impl Stream for Account {
     fn not_found() -> AccountError {
         AccountError::NotFound
     }
+
+    const MAX_STATE_HEAP_BYTES: usize = MAX_TENANT_BYTES + 4 * domain::money::MAX_OWNER_CHARS;
 }
 
 impl Stream for Transfer {
@@ -126,6 +156,8 @@ impl Stream for Transfer {
     fn not_found() -> TransferError {
         TransferError::NotFound
     }
+
+    const MAX_STATE_HEAP_BYTES: usize = MAX_TENANT_BYTES + 4 * domain::money::MAX_REFERENCE_CHARS;
 }
 
 /// A command's events once appended, and the stream version after them.
@@ -202,7 +234,8 @@ pub(crate) struct Streams<A: Aggregate> {
 }
 
 impl<A: Stream> Streams<A> {
-    pub(crate) fn new(store: Store<A>, capacity: NonZeroUsize, appended: AppendSignal) -> Self {
+    pub(crate) fn new(store: Store<A>, config: &EngineConfig, appended: AppendSignal) -> Self {
+        let capacity = cache_capacity::<A>(config.aggregate_cache, config.aggregate_cache_bytes);
         Self {
             store,
             cache: Mutex::new(LruCache::new(capacity)),
@@ -213,6 +246,11 @@ impl<A: Stream> Streams<A> {
 
     pub(crate) fn store(&self) -> &Store<A> {
         &self.store
+    }
+
+    /// How many streams the cache holds at most.
+    pub(crate) fn capacity(&self) -> NonZeroUsize {
+        self.cache().cap()
     }
 
     fn handle(&self, aggregate_id: &str) -> Arc<StreamHandle<A>> {
@@ -662,9 +700,33 @@ mod tests {
                 appender,
                 std::num::NonZeroU64::new(3).unwrap(),
             ),
-            NonZeroUsize::new(10).unwrap(),
+            &EngineConfig {
+                aggregate_cache: NonZeroUsize::new(10).unwrap(),
+                ..EngineConfig::default()
+            },
             AppendSignal::default(),
         ))
+    }
+
+    #[test]
+    fn the_cache_holds_fewer_streams_when_that_many_at_their_largest_exceed_its_bytes() {
+        let entries = NonZeroUsize::new(100_000).unwrap();
+        let largest = entry_bytes::<Account>();
+        assert!(largest > Account::MAX_STATE_HEAP_BYTES);
+        let bytes = |n: usize| NonZeroUsize::new(n).unwrap();
+        assert_eq!(cache_capacity::<Account>(entries, bytes(1 << 30)), entries);
+        assert_eq!(
+            cache_capacity::<Account>(entries, bytes(1000 * largest + 1)).get(),
+            1000
+        );
+        // Never none at all: a group needs its stream's entry.
+        assert_eq!(cache_capacity::<Account>(entries, bytes(1)).get(), 1);
+        // The defaults keep the entry count: 100,000 accounts fit in the default bytes.
+        let defaults = EngineConfig::default();
+        assert_eq!(
+            cache_capacity::<Account>(defaults.aggregate_cache, defaults.aggregate_cache_bytes),
+            defaults.aggregate_cache
+        );
     }
 
     /// A group that loses its race is told to run again, but never another tenant's command
