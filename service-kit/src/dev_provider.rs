@@ -61,6 +61,44 @@ struct TokenResponse {
 #[derive(Deserialize)]
 struct Stats {
     jwks_requests: u64,
+    authorizations: Vec<Authorization>,
+}
+
+/// An authorization request the provider received (its `/auth` endpoint), as the client sent
+/// it: what a test of a sign-in checks the client asked for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Authorization {
+    pub client_id: Option<String>,
+    pub response_type: Option<String>,
+    pub code_challenge_method: Option<String>,
+    pub has_code_challenge: bool,
+}
+
+/// A free loopback port held for a provider that starts later, and the issuer it will have
+/// there: for a test of a service started before its provider, or that the provider's
+/// configuration must name (a redirect URI on the service's own port).
+pub struct ProviderSlot {
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub issuer: String,
+}
+
+impl ProviderSlot {
+    /// A port free now; nothing listens on it until [`ProviderSlot::start`].
+    pub fn reserve() -> std::io::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Ok(Self {
+            port,
+            issuer: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// Starts the provider there (see [`DevProvider::start`]).
+    pub async fn start(&self, config: &serde_json::Value) -> Result<DevProvider, DevProviderError> {
+        DevProvider::start(self.port, config).await
+    }
 }
 
 /// `deploy/oidc-dev`, where the launcher and its `package-lock.json` are.
@@ -193,15 +231,23 @@ impl DevProvider {
 
     /// How often the JWKS was fetched since the provider started.
     pub async fn jwks_requests(&self) -> Result<u64, DevProviderError> {
-        let stats: Stats = self
+        Ok(self.stats().await?.jwks_requests)
+    }
+
+    /// The authorization requests since the provider started, oldest first.
+    pub async fn authorizations(&self) -> Result<Vec<Authorization>, DevProviderError> {
+        Ok(self.stats().await?.authorizations)
+    }
+
+    async fn stats(&self) -> Result<Stats, DevProviderError> {
+        Ok(self
             .http
             .get(format!("{}/admin/stats", self.issuer))
             .send()
             .await?
             .error_for_status()?
             .json()
-            .await?;
-        Ok(stats.jwks_requests)
+            .await?)
     }
 
     /// Kills the provider and waits until it is gone, so that its port is closed.
