@@ -45,6 +45,9 @@ const DEFAULTS = {
   ],
 };
 
+// The scopes the API (the resource) offers, all of them granted at sign-in.
+const RESOURCE_SCOPES = 'openid teller viewer auditor admin';
+
 const config = { ...DEFAULTS, ...JSON.parse(process.env.LEDGER_OIDC_CONFIG ?? '{}') };
 const host = process.env.HOST ?? '127.0.0.1';
 const port = Number(process.env.PORT ?? 0);
@@ -107,7 +110,7 @@ function buildProvider(issuer) {
         defaultResource: () => config.resource,
         useGrantedResource: () => true,
         getResourceServerInfo: (_ctx, _resource, client) => ({
-          scope: 'openid teller viewer auditor admin',
+          scope: RESOURCE_SCOPES,
           audience: config.audience,
           accessTokenTTL: config.ttl_seconds,
           accessTokenFormat: 'jwt',
@@ -121,12 +124,14 @@ function buildProvider(issuer) {
     },
     loadExistingGrant: async (ctx) => {
       // Development sign-in: every scope the client asks for is granted without a consent page.
+      // Every one the API offers, `openid` included (Swagger UI asks for it): a grant short of
+      // one would send the person to a consent page whose answer this grant then replaces.
       const grant = new ctx.oidc.provider.Grant({
         clientId: ctx.oidc.client.clientId,
         accountId: ctx.oidc.session.accountId,
       });
       grant.addOIDCScope('openid');
-      grant.addResourceScope(config.resource, 'teller viewer auditor admin');
+      grant.addResourceScope(config.resource, RESOURCE_SCOPES);
       await grant.save();
       return grant;
     },

@@ -34,12 +34,9 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts `chromedriver` on a free loopback port and opens a session in a fresh profile.
+    /// Starts `chromedriver` on a spare loopback port and opens a session in a fresh profile.
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::dev_provider::spare_port().expect("a free port");
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -100,6 +97,14 @@ impl Browser {
             Err(format!("no `{css}` showing {text:?}"))
         })
         .await
+    }
+
+    /// The text of the first element matching `css`, or why there is none: for messages.
+    pub async fn text(&self, css: &str) -> String {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(element) => element.text().await.unwrap_or_else(|err| err.to_string()),
+            Err(err) => err.to_string(),
+        }
     }
 
     /// Waits until `script` (a function body returning a value) returns something other than

@@ -74,6 +74,29 @@ pub struct Authorization {
     pub has_code_challenge: bool,
 }
 
+/// Loopback ports below Linux's default ephemeral range (32768-60999), which `bind` to port 0
+/// never hands out.
+const SPARE_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A loopback port free now, for a process that binds it later: one outside the ephemeral
+/// range, so that no other test's listener on port 0 takes it meanwhile (a port from
+/// `bind(0)`, released, is soon handed to the next `bind(0)`).
+pub fn spare_port() -> std::io::Result<u16> {
+    let span = u128::from(SPARE_PORTS.end - SPARE_PORTS.start);
+    for _ in 0..100 {
+        let offset = u16::try_from(uuid::Uuid::new_v4().as_u128() % span)
+            .expect("below the span, a u16");
+        let port = SPARE_PORTS.start + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no spare loopback port in 100 tries",
+    ))
+}
+
 /// A free loopback port held for a provider that starts later, and the issuer it will have
 /// there: for a test of a service started before its provider, or that the provider's
 /// configuration must name (a redirect URI on the service's own port).
@@ -86,9 +109,7 @@ pub struct ProviderSlot {
 impl ProviderSlot {
     /// A port free now; nothing listens on it until [`ProviderSlot::start`].
     pub fn reserve() -> std::io::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = spare_port()?;
         Ok(Self {
             port,
             issuer: format!("http://127.0.0.1:{port}"),

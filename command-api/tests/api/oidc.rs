@@ -199,7 +199,11 @@ async fn swagger_ui_signs_in_in_chromium_with_authorization_code_and_pkce() {
     eventually(PAGE_WAIT, || async {
         match page.windows().await {
             Ok(windows) if windows.len() == 1 => Ok(()),
-            Ok(windows) => Err(format!("{} windows still open", windows.len())),
+            Ok(_) => Err(format!(
+                "the sign-in window is still at {}, showing {:?}",
+                page.current_url().await.map_or_else(|err| err.to_string(), String::from),
+                browser.text("body").await,
+            )),
             Err(err) => Err(err.to_string()),
         }
     })
@@ -234,7 +238,7 @@ async fn swagger_ui_signs_in_in_chromium_with_authorization_code_and_pkce() {
             "the response's status",
             &format!(
                 "const cell = document.querySelector(
-                     '{operation} .live-responses-table .response-col_status');
+                     '{operation} .live-responses-table tr.response .response-col_status');
                  return cell && cell.textContent.trim();"
             ),
         )
