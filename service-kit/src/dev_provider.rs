@@ -84,8 +84,8 @@ const SPARE_PORTS: std::ops::Range<u16> = 20_000..32_768;
 pub fn spare_port() -> std::io::Result<u16> {
     let span = u128::from(SPARE_PORTS.end - SPARE_PORTS.start);
     for _ in 0..100 {
-        let offset = u16::try_from(uuid::Uuid::new_v4().as_u128() % span)
-            .expect("below the span, a u16");
+        let offset =
+            u16::try_from(uuid::Uuid::new_v4().as_u128() % span).expect("below the span, a u16");
         let port = SPARE_PORTS.start + offset;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);

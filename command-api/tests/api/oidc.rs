@@ -155,7 +155,12 @@ async fn swagger_ui_signs_in_in_chromium_with_authorization_code_and_pkce() {
     let page = &browser.client;
     page.goto(&format!("{}/docs/", app.base)).await.unwrap();
     let docs = page.window().await.unwrap();
-    browser.element("button.authorize").await.click().await.unwrap();
+    browser
+        .element("button.authorize")
+        .await
+        .click()
+        .await
+        .unwrap();
     // The provider's scheme, its flow read from the discovery document: its Authorize opens
     // the provider's sign-in in a window of its own.
     browser
@@ -201,7 +206,9 @@ async fn swagger_ui_signs_in_in_chromium_with_authorization_code_and_pkce() {
             Ok(windows) if windows.len() == 1 => Ok(()),
             Ok(_) => Err(format!(
                 "the sign-in window is still at {}, showing {:?}",
-                page.current_url().await.map_or_else(|err| err.to_string(), String::from),
+                page.current_url()
+                    .await
+                    .map_or_else(|err| err.to_string(), String::from),
                 browser.text("body").await,
             )),
             Err(err) => Err(err.to_string()),
@@ -212,7 +219,12 @@ async fn swagger_ui_signs_in_in_chromium_with_authorization_code_and_pkce() {
     browser
         .element_with_text(".auth-container button", "Logout")
         .await;
-    browser.element("button.btn-done").await.click().await.unwrap();
+    browser
+        .element("button.btn-done")
+        .await
+        .click()
+        .await
+        .unwrap();
 
     let operation = "#operations-accounts-open_account";
     browser

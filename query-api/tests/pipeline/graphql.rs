@@ -448,10 +448,7 @@ impl Subscriber {
 
     /// The server closes the connection with `code` and `reason`, and the subscriber ends.
     async fn closed_with(mut self, code: u16, reason: &str) {
-        assert_eq!(
-            self.next().await,
-            json!({"closed": code, "reason": reason})
-        );
+        assert_eq!(self.next().await, json!({"closed": code, "reason": reason}));
         self.finished().await;
     }
 
