@@ -8,7 +8,8 @@
     return url.toString();
   }
 
-  // One fetcher for the headers last used: a new token gets a new WebSocket connection.
+  // One fetcher for the headers last used: a new token gets a new WebSocket connection (the
+  // old one, idle, is closed by its lazy client).
   let current = { key: null, fetcher: null };
   function fetcher(params, options) {
     const headers = (options && options.headers) || {};
@@ -16,10 +17,14 @@
     if (current.key !== key) {
       current = {
         key,
+        // Subscriptions through graphql-ws's own client: GraphiQL's build cannot load it.
         fetcher: GraphiQL.createFetcher({
           url: endpoint('/graphql'),
-          subscriptionUrl: endpoint('/graphql/ws', true),
-          wsConnectionParams: headers,
+          wsClient: graphqlWs.createClient({
+            url: endpoint('/graphql/ws', true),
+            connectionParams: headers,
+            lazy: true,
+          }),
         }),
       };
     }

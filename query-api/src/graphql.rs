@@ -160,6 +160,11 @@ const GRAPHIQL_ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../graphiql/assets/graphiql.min.js"),
     ),
     (
+        "graphql-ws.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../graphiql/assets/graphql-ws.min.js"),
+    ),
+    (
         "react.production.min.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../graphiql/assets/react.production.min.js"),
