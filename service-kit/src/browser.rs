@@ -29,8 +29,9 @@ pub const PAGE_WAIT: Duration = Duration::from_secs(20);
 /// A headless Chromium and its driver; [`Browser::close`] ends both.
 pub struct Browser {
     pub client: Client,
-    /// Killed when dropped, so that a failing test leaves no driver behind.
-    _driver: Child,
+    /// The driver, leading a process group of its own with the Chromium it starts: ended
+    /// with it when dropped, so that a failing test leaves no browser behind.
+    driver: Child,
 }
 
 impl Browser {
@@ -41,6 +42,7 @@ impl Browser {
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; `cargo xtask test` installs it)");
@@ -65,10 +67,7 @@ impl Browser {
             async move { builder.connect(&url).await }
         })
         .await;
-        Self {
-            client,
-            _driver: driver,
-        }
+        Self { client, driver }
     }
 
     /// Waits until an element matching `css` is on the page.
@@ -120,8 +119,19 @@ impl Browser {
         .await
     }
 
-    /// Ends the session (Chromium quits) and the driver.
+    /// Ends the session (Chromium quits), then the driver.
     pub async fn close(self) {
-        let _ = self.client.close().await;
+        let _ = self.client.clone().close().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Chromium outlives a driver that is killed: end the whole group.
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", "--", &format!("-{pid}")])
+                .status();
+        }
     }
 }

@@ -309,7 +309,25 @@ async fn graphql_refuses_documents_over_its_limits_and_can_hide_its_schema() {
         .await
         .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
-    assert!(page.text().await.unwrap().contains("graphiql"));
+    assert!(
+        page.headers()[reqwest::header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("/graphql/assets/graphiql.min.js")
+    );
+    let asset = system
+        .client
+        .get(format!("{}/graphql/assets/graphiql.min.js", system.queries))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asset.status(), StatusCode::OK);
 
     let closed = replica(
         &system,
@@ -333,6 +351,13 @@ async fn graphql_refuses_documents_over_its_limits_and_can_hide_its_schema() {
         .await
         .unwrap();
     assert_eq!(no_page.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let no_assets = system
+        .client
+        .get(format!("{closed}/graphql/assets/graphiql.min.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_assets.status(), StatusCode::NOT_FOUND);
 }
 
 /// A subscriber process, read line by line as it prints.
