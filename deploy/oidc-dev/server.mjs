@@ -9,7 +9,9 @@
 //   GET  /admin/keys   the signing keys, with their private halves as PEM
 //   POST /admin/keys   {"add": ["RS256", ...], "remove": ["<kid>", ...]}: rotates the keys; new
 //                      keys come first, so the provider signs with them from then on
-//   GET  /admin/stats  {"jwks_requests": n}: how often the JWKS was fetched
+//   GET  /admin/stats  {"jwks_requests": n, "authorizations": [...]}: how often the JWKS was
+//                      fetched, and what each authorization request asked for (client,
+//                      response type, PKCE method), the last 100
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import http from 'node:http';
 import Provider from 'oidc-provider';
@@ -43,6 +45,9 @@ const DEFAULTS = {
   ],
 };
 
+// The scopes the API (the resource) offers, all of them granted at sign-in.
+const RESOURCE_SCOPES = 'openid teller viewer auditor admin';
+
 const config = { ...DEFAULTS, ...JSON.parse(process.env.LEDGER_OIDC_CONFIG ?? '{}') };
 const host = process.env.HOST ?? '127.0.0.1';
 const port = Number(process.env.PORT ?? 0);
@@ -67,6 +72,7 @@ function generateKey(alg) {
 
 let keys = config.algs.map(generateKey);
 let jwksRequests = 0;
+const authorizations = [];
 
 const clients = config.clients.map((client) => ({
   client_id: client.client_id,
@@ -104,7 +110,7 @@ function buildProvider(issuer) {
         defaultResource: () => config.resource,
         useGrantedResource: () => true,
         getResourceServerInfo: (_ctx, _resource, client) => ({
-          scope: 'openid teller viewer auditor admin',
+          scope: RESOURCE_SCOPES,
           audience: config.audience,
           accessTokenTTL: config.ttl_seconds,
           accessTokenFormat: 'jwt',
@@ -118,12 +124,14 @@ function buildProvider(issuer) {
     },
     loadExistingGrant: async (ctx) => {
       // Development sign-in: every scope the client asks for is granted without a consent page.
+      // Every one the API offers, `openid` included (Swagger UI asks for it): a grant short of
+      // one would send the person to a consent page whose answer this grant then replaces.
       const grant = new ctx.oidc.provider.Grant({
         clientId: ctx.oidc.client.clientId,
         accountId: ctx.oidc.session.accountId,
       });
       grant.addOIDCScope('openid');
-      grant.addResourceScope(config.resource, 'teller viewer auditor admin');
+      grant.addResourceScope(config.resource, RESOURCE_SCOPES);
       await grant.save();
       return grant;
     },
@@ -146,7 +154,7 @@ function publicKeys() {
 async function admin(req, res, issuer, setProvider) {
   if (req.method === 'GET' && req.url === '/admin/keys') return json(res, 200, publicKeys());
   if (req.method === 'GET' && req.url === '/admin/stats') {
-    return json(res, 200, { jwks_requests: jwksRequests });
+    return json(res, 200, { jwks_requests: jwksRequests, authorizations });
   }
   if (req.method === 'POST' && req.url === '/admin/keys') {
     let body = '';
@@ -170,7 +178,18 @@ server.listen(port, host, () => {
       });
       return;
     }
-    if (req.url.split('?')[0] === '/jwks') jwksRequests += 1;
+    const url = new URL(req.url, issuer);
+    if (url.pathname === '/jwks') jwksRequests += 1;
+    if (url.pathname === '/auth') {
+      const asked = (name) => url.searchParams.get(name);
+      authorizations.push({
+        client_id: asked('client_id'),
+        response_type: asked('response_type'),
+        code_challenge_method: asked('code_challenge_method'),
+        has_code_challenge: asked('code_challenge') !== null,
+      });
+      authorizations.splice(0, authorizations.length - 100);
+    }
     callback(req, res);
   });
   process.stdout.write(`${JSON.stringify({ issuer })}\n`);

@@ -6,22 +6,29 @@
 //! `extensions.code`. Subscriptions are fed by the projector's notifications (see
 //! `service_kit::db::channels`): one listener per process fans them out to every
 //! subscriber, who then reads the committed row itself through its own tenant scope.
+//!
+//! GraphiQL is served whole from here, not from a CDN (async-graphql's `GraphiQLSource` page
+//! loads it from unpkg): the page then works where the query API has no way out to the
+//! internet, it runs the build that `graphiql/package-lock.json` pins rather than whatever
+//! the CDN serves that day, and it can be held to a same-origin Content-Security-Policy.
+//! `graphiql/assets/` is that build (`npm ci && npm run vendor` there refreshes it), committed
+//! so that building the query API needs no npm.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use async_graphql::connection::Connection;
-use async_graphql::http::{GraphiQLSource, WebSocketProtocols, WsMessage};
+use async_graphql::http::{WebSocketProtocols, WsMessage};
 use async_graphql::{
     ComplexObject, Context, Data, EmptyMutation, Object, Schema, SimpleObject, Subscription,
 };
 use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRef, State};
-use axum::http::{HeaderMap, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::extract::{FromRef, Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, Stream, StreamExt};
@@ -116,32 +123,92 @@ impl FromRef<GraphqlState> for Arc<Authenticator> {
     }
 }
 
-/// `POST /graphql`, `GET /graphql` (GraphiQL, unless turned off) and `GET /graphql/ws`.
+/// `POST /graphql`, `GET /graphql/ws`, and unless turned off GraphiQL: `GET /graphql` and
+/// `GET /graphql/assets/{file}`.
 pub(crate) fn router(app: AppState) -> Router {
     let config = app.graphql.clone();
     let state = GraphqlState {
         schema: schema(app.clone(), &config),
         app,
     };
-    let endpoint = if config.graphiql {
-        post(execute).get(graphiql)
+    let router = Router::new().route("/graphql/ws", get(subscribe));
+    let router = if config.graphiql {
+        router
+            .route("/graphql", post(execute).get(graphiql))
+            .route("/graphql/assets/{file}", get(graphiql_asset))
     } else {
-        post(execute)
+        router.route("/graphql", post(execute))
     };
-    Router::new()
-        .route("/graphql", endpoint)
-        .route("/graphql/ws", get(subscribe))
-        .with_state(state)
+    router.with_state(state)
 }
 
-async fn graphiql() -> Html<String> {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql/ws")
-            .title("Ledger GraphQL")
-            .finish(),
+/// Everything GraphiQL's page loads comes from its own origin; it connects only there too.
+const GRAPHIQL_POLICY: &str = "default-src 'none'; script-src 'self'; \
+    style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; \
+    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// GraphiQL's files: name, content type, content.
+const GRAPHIQL_ASSETS: &[(&str, &str, &[u8])] = &[
+    (
+        "graphiql.min.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../graphiql/assets/graphiql.min.css"),
+    ),
+    (
+        "graphiql.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../graphiql/assets/graphiql.min.js"),
+    ),
+    (
+        "graphql-ws.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../graphiql/assets/graphql-ws.min.js"),
+    ),
+    (
+        "react.production.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../graphiql/assets/react.production.min.js"),
+    ),
+    (
+        "react-dom.production.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../graphiql/assets/react-dom.production.min.js"),
+    ),
+    (
+        "ledger-graphiql.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../graphiql/ledger-graphiql.js"),
+    ),
+];
+
+async fn graphiql() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, GRAPHIQL_POLICY),
+        ],
+        include_str!("../graphiql/index.html"),
     )
+        .into_response()
+}
+
+async fn graphiql_asset(Path(file): Path<String>) -> Response {
+    let Some((_, content_type, content)) =
+        GRAPHIQL_ASSETS.iter().find(|(name, _, _)| *name == file)
+    else {
+        return service_kit::http::no_such_route().await.into_response();
+    };
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=3600"),
+            ),
+        ],
+        *content,
+    )
+        .into_response()
 }
 
 /// Who asks: the principal of the request's bearer token, or why there is none. Checked by
@@ -515,8 +582,8 @@ impl Feed {
         })
     }
 
-    /// The next change of this tenant that `wanted` accepts; `None` once the process stops
-    /// or the subscriber fell too far behind (then its connection is closed).
+    /// The next change of this tenant that `wanted` accepts; `None` once the process stops.
+    /// A subscriber that fell too far behind gets none: its connection is closed (4008).
     async fn next(
         &mut self,
         wanted: impl Fn(&ReadModelChange) -> bool,
@@ -533,7 +600,9 @@ impl Feed {
                         close::TOO_SLOW,
                         "subscriber too slow: it fell behind the changes",
                     );
-                    return None;
+                    // Ending the stream would tell the client the subscription is complete;
+                    // it is not, the connection is closing, and its end drops this stream.
+                    return std::future::pending().await;
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

@@ -61,6 +61,65 @@ struct TokenResponse {
 #[derive(Deserialize)]
 struct Stats {
     jwks_requests: u64,
+    authorizations: Vec<Authorization>,
+}
+
+/// An authorization request the provider received (its `/auth` endpoint), as the client sent
+/// it: what a test of a sign-in checks the client asked for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Authorization {
+    pub client_id: Option<String>,
+    pub response_type: Option<String>,
+    pub code_challenge_method: Option<String>,
+    pub has_code_challenge: bool,
+}
+
+/// Loopback ports below Linux's default ephemeral range (32768-60999), which `bind` to port 0
+/// never hands out.
+const SPARE_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A loopback port free now, for a process that binds it later: one outside the ephemeral
+/// range, so that no other test's listener on port 0 takes it meanwhile (a port from
+/// `bind(0)`, released, is soon handed to the next `bind(0)`).
+pub fn spare_port() -> std::io::Result<u16> {
+    let span = u128::from(SPARE_PORTS.end - SPARE_PORTS.start);
+    for _ in 0..100 {
+        let offset =
+            u16::try_from(uuid::Uuid::new_v4().as_u128() % span).expect("below the span, a u16");
+        let port = SPARE_PORTS.start + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no spare loopback port in 100 tries",
+    ))
+}
+
+/// A free loopback port held for a provider that starts later, and the issuer it will have
+/// there: for a test of a service started before its provider, or that the provider's
+/// configuration must name (a redirect URI on the service's own port).
+pub struct ProviderSlot {
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub issuer: String,
+}
+
+impl ProviderSlot {
+    /// A port free now; nothing listens on it until [`ProviderSlot::start`].
+    pub fn reserve() -> std::io::Result<Self> {
+        let port = spare_port()?;
+        Ok(Self {
+            port,
+            issuer: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// Starts the provider there (see [`DevProvider::start`]).
+    pub async fn start(&self, config: &serde_json::Value) -> Result<DevProvider, DevProviderError> {
+        DevProvider::start(self.port, config).await
+    }
 }
 
 /// `deploy/oidc-dev`, where the launcher and its `package-lock.json` are.
@@ -193,15 +252,23 @@ impl DevProvider {
 
     /// How often the JWKS was fetched since the provider started.
     pub async fn jwks_requests(&self) -> Result<u64, DevProviderError> {
-        let stats: Stats = self
+        Ok(self.stats().await?.jwks_requests)
+    }
+
+    /// The authorization requests since the provider started, oldest first.
+    pub async fn authorizations(&self) -> Result<Vec<Authorization>, DevProviderError> {
+        Ok(self.stats().await?.authorizations)
+    }
+
+    async fn stats(&self) -> Result<Stats, DevProviderError> {
+        Ok(self
             .http
             .get(format!("{}/admin/stats", self.issuer))
             .send()
             .await?
             .error_for_status()?
             .json()
-            .await?;
-        Ok(stats.jwks_requests)
+            .await?)
     }
 
     /// Kills the provider and waits until it is gone, so that its port is closed.

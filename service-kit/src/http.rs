@@ -158,8 +158,9 @@ fn with_problem_fallbacks(router: Router) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
 }
 
-/// 404 for a path no route has, as problem+json like every other error.
-async fn no_such_route() -> Problem {
+/// 404 for a path no route has, as problem+json like every other error; also for a route
+/// with a path parameter that names nothing.
+pub async fn no_such_route() -> Problem {
     Problem::new(ProblemType::NotFound, "Not found")
         .detail("There is nothing at this path; the routes are in /openapi.json.")
 }

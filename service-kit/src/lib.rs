@@ -25,6 +25,8 @@
 //!   `deploy/oidc-dev`, for `cargo xtask up --oidc` and the tests.
 //! - `testing` (feature `test-support`): per-test databases cloned from a migrated template,
 //!   per-test topics, test tokens, `eventually`.
+//! - `browser` (feature `browser`): a headless Chromium over WebDriver, for the tests of the
+//!   pages people use.
 //!
 //! The workspace takes this crate without default features, so that each crate names the
 //! parts it uses: `ledger-audit` builds without axum, utoipa or OpenTelemetry.
@@ -36,6 +38,8 @@ pub use secrecy::{ExposeSecret, SecretString};
 
 #[cfg(feature = "http")]
 pub mod auth;
+#[cfg(feature = "browser")]
+pub mod browser;
 pub mod config;
 pub mod db;
 #[cfg(feature = "dev-provider")]

@@ -11,7 +11,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use service_kit::auth::{AuthConfig, AuthError, Authenticator, OidcConfig, Role, VerificationKey};
-use service_kit::dev_provider::{DevProvider, ProviderKey};
+use service_kit::dev_provider::{DevProvider, ProviderKey, ProviderSlot};
 
 const ALGORITHMS: [&str; 4] = ["RS256", "PS256", "ES256", "EdDSA"];
 
@@ -345,13 +345,9 @@ async fn a_token_cannot_bring_its_own_key() {
 
 #[tokio::test]
 async fn a_provider_down_at_start_leaves_tokens_unchecked_until_it_is_up() {
-    // A free port, where the provider will listen once it starts.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let issuer = format!("http://127.0.0.1:{port}");
+    // Where the provider will listen once it starts.
+    let slot = ProviderSlot::reserve().unwrap();
+    let issuer = slot.issuer.clone();
     let auth = verifier(
         &issuer,
         OidcConfig::new(&issuer).refresh,
@@ -367,12 +363,10 @@ async fn a_provider_down_at_start_leaves_tokens_unchecked_until_it_is_up() {
         auth.verify(&early).await,
         Err(AuthError::KeysUnavailable)
     ));
-    let provider = DevProvider::start(
-        port,
-        &json!({"clients": [{"client_id": "c", "client_secret": "s", "tenant": "acme"}]}),
-    )
-    .await
-    .unwrap();
+    let provider = slot
+        .start(&json!({"clients": [{"client_id": "c", "client_secret": "s", "tenant": "acme"}]}))
+        .await
+        .unwrap();
     assert_eq!(provider.issuer, issuer);
     until("the keys are loaded", || async { auth.keys_loaded() }).await;
     let token = provider.token("c", "s", "teller").await.unwrap();

@@ -194,8 +194,8 @@ async fn tokens(options: &UpOptions) -> anyhow::Result<Tokens> {
         how: format!(
             "Identity provider {issuer} (oidc-provider). Token from it (tenant `dev`, all roles, valid 10 min); more:\n  \
              curl -s -u {client}:{secret} -d grant_type=client_credentials -d 'scope=teller viewer auditor admin' {issuer}/token\n\
-             Swagger UI: open /docs on either API, Authorize, under `oidc` tick `openid` and sign in with any\n\
-             login and password (development interactions), then consent"
+             Swagger UI: open /docs on either API, Authorize, then Authorize under `oidc (OAuth2, authorization_code)`,\n\
+             and sign in with any login and password (development interactions)"
         ),
         _provider: Some(provider),
     })

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the README's test command.
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use service_kit::db::{TEST_RUN_VARIABLE, test_run_prefix};
 use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
@@ -54,6 +54,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     crate::python::ensure_tools().await?;
     // The OpenID Connect tests' provider: `npm ci` here, once, rather than inside a test.
     service_kit::dev_provider::ensure_installed().await?;
+    ensure_browser().await?;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     // A broker for the tests, unless one is named; it stops when this command ends.
     let broker = match std::env::var("KAFKA_BROKERS") {
@@ -105,6 +106,42 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The databases the tests of `run` created (one per test).
+/// The browser tests' Chromium and its WebDriver: Debian's `chromium` and `chromium-driver`,
+/// installed when either is missing (the package lists refreshed only if the install needs it).
+async fn ensure_browser() -> anyhow::Result<()> {
+    const PACKAGES: [(&str, &str); 2] = [
+        ("chromium", "/usr/bin/chromium"),
+        ("chromium-driver", "/usr/bin/chromedriver"),
+    ];
+    if PACKAGES
+        .iter()
+        .all(|(_, binary)| std::path::Path::new(binary).exists())
+    {
+        return Ok(());
+    }
+    println!("installing chromium and chromium-driver for the browser tests (apt-get)");
+    let install = || async {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(PACKAGES.map(|(package, _)| package))
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .await
+            .context("apt-get must be available to install chromium")
+    };
+    if install().await?.success() {
+        return Ok(());
+    }
+    let updated = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .await?;
+    if !(updated.success() && install().await?.success()) {
+        bail!("could not install chromium and chromium-driver with apt-get (as root)");
+    }
+    Ok(())
+}
+
 async fn run_databases(url: &str, run: &str) -> anyhow::Result<Vec<String>> {
     let mut connection = PgConnection::connect(url).await?;
     let names = sqlx::query_scalar(

@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 use uuid::Uuid;
 
+use query_api::config::GraphqlConfig;
+
 use crate::system::{System, TENANT, token};
 use crate::transfers::{funded, transfer};
 
@@ -73,7 +75,7 @@ fn messages(answer: &Value) -> String {
 }
 
 /// Another query API on the same database, as a second replica would be.
-async fn replica(system: &System, graphql: query_api::config::GraphqlConfig) -> String {
+async fn replica(system: &System, graphql: GraphqlConfig) -> String {
     let app = query_api::Application::build(query_api::Config {
         graphql,
         ..query_api::Config::for_tests(
@@ -307,15 +309,33 @@ async fn graphql_refuses_documents_over_its_limits_and_can_hide_its_schema() {
         .await
         .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
-    assert!(page.text().await.unwrap().contains("graphiql"));
+    assert!(
+        page.headers()[reqwest::header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("/graphql/assets/graphiql.min.js")
+    );
+    let asset = system
+        .client
+        .get(format!("{}/graphql/assets/graphiql.min.js", system.queries))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asset.status(), StatusCode::OK);
 
     let closed = replica(
         &system,
-        query_api::config::GraphqlConfig {
+        GraphqlConfig {
             introspection: false,
             graphiql: false,
             max_depth: 4,
-            ..query_api::config::GraphqlConfig::default()
+            ..GraphqlConfig::default()
         },
     )
     .await;
@@ -331,6 +351,13 @@ async fn graphql_refuses_documents_over_its_limits_and_can_hide_its_schema() {
         .await
         .unwrap();
     assert_eq!(no_page.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let no_assets = system
+        .client
+        .get(format!("{closed}/graphql/assets/graphiql.min.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_assets.status(), StatusCode::NOT_FOUND);
 }
 
 /// A subscriber process, read line by line as it prints.
@@ -347,6 +374,19 @@ impl Subscriber {
         variables: Value,
         hang_up_after: i64,
     ) -> Self {
+        Self::spawn(base, init, document, variables, hang_up_after, 1)
+    }
+
+    /// A subscriber holding `copies` subscriptions of `document` at once on one connection;
+    /// each event says which (`"subscription": i`).
+    fn spawn(
+        base: &str,
+        init: Value,
+        document: &str,
+        variables: Value,
+        hang_up_after: i64,
+        copies: usize,
+    ) -> Self {
         let url = format!("{}/graphql/ws", base.replacen("http://", "ws://", 1));
         let mut child = tokio::process::Command::new("python3")
             .args([
@@ -357,6 +397,7 @@ impl Subscriber {
                 document,
                 &variables.to_string(),
                 &hang_up_after.to_string(),
+                &copies.to_string(),
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -393,6 +434,58 @@ impl Subscriber {
                 "the subscriber ended without a word (run `cargo xtask test`, which installs gql)",
             );
         serde_json::from_str(&line).unwrap()
+    }
+
+    /// The first event after changes made by `change`, made again until one comes: how a
+    /// tenant-wide subscriber, which gets nothing at first, shows that it listens.
+    async fn first_after<F, Fut>(&mut self, mut change: F) -> Value
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        for _ in 0..20 {
+            change().await;
+            if let Ok(event) = tokio::time::timeout(Duration::from_secs(2), self.next()).await {
+                return event;
+            }
+        }
+        panic!("the subscriber got nothing after 20 changes");
+    }
+
+    /// Reads `field`'s results until one is at `version`, each of them of account `id` only.
+    async fn only_until(&mut self, field: &str, id: Uuid, version: i64) {
+        loop {
+            let event = self.next().await;
+            let change = &event["data"][field];
+            assert_eq!(change["id"], json!(id), "another account's change: {event}");
+            if change["version"].as_i64() == Some(version) {
+                return;
+            }
+        }
+    }
+
+    /// The problem code the subscription was refused with.
+    async fn refusal(&mut self) -> Value {
+        let refused = self.next().await;
+        assert!(refused["errors"].is_array(), "{refused}");
+        refused["errors"][0]["extensions"]["code"].clone()
+    }
+
+    /// The server closes the connection with `code` and `reason`, and the subscriber ends.
+    async fn closed_with(mut self, code: u16, reason: &str) {
+        assert_eq!(self.next().await, json!({"closed": code, "reason": reason}));
+        self.finished().await;
+    }
+
+    /// Sends the subscriber's process `signal` (`STOP`: a client that stops reading and keeps
+    /// its connection open; `CONT`: reading again).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the subscriber runs").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// Waits for the process to end by itself.
@@ -464,7 +557,7 @@ async fn a_subscriber_gets_every_version_in_order_across_a_reconnect_and_replica
     system.projected(account, version).await;
 
     // Back, on another replica: fed by the same projector's notifications.
-    let other = replica(&system, query_api::config::GraphqlConfig::default()).await;
+    let other = replica(&system, GraphqlConfig::default()).await;
     let mut again = Subscriber::bearer(
         &other,
         &viewer,
@@ -547,11 +640,7 @@ async fn subscriptions_see_one_tenant_and_need_a_valid_token() {
         json!({"id": ours, "after": 0}),
         0,
     );
-    let refused = foreign.next().await;
-    assert_eq!(
-        refused["errors"][0]["extensions"]["code"], "not-found",
-        "{refused}"
-    );
+    assert_eq!(foreign.refusal().await, "not-found");
 
     // A tenant-wide subscriber of the other tenant: our change comes first, theirs after, and
     // they see theirs only. The token comes as `token` this time.
@@ -562,25 +651,27 @@ async fn subscriptions_see_one_tenant_and_need_a_valid_token() {
         json!({}),
         0,
     );
-    // Subscribed once a change of theirs arrives: retried until one does.
-    let mut deposits = 0;
-    let first = loop {
-        deposits += 1;
-        let deposit = system
+    // Subscribed once a change of theirs arrives.
+    let their_teller = token(OTHER, &["teller"]);
+    let deposit = |amount: i64| {
+        let request = system
             .client
             .post(format!("{}/v1/accounts/{theirs}/deposits", system.commands))
-            .bearer_auth(token(OTHER, &["teller"]))
-            .json(&json!({"amount": 1, "currency": "EUR"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(deposit.status(), StatusCode::OK);
-        match tokio::time::timeout(Duration::from_secs(2), watcher.next()).await {
-            Ok(event) => break event,
-            Err(_) if deposits < 20 => continue,
-            Err(_) => panic!("the tenant-wide subscriber got nothing"),
+            .bearer_auth(&their_teller)
+            .json(&json!({"amount": amount, "currency": "EUR"}));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.json::<Value>().await.unwrap()["version"]
+                .as_i64()
+                .expect("their deposit's version")
         }
     };
+    let first = watcher
+        .first_after(|| async {
+            deposit(1).await;
+        })
+        .await;
     assert_eq!(
         first["data"]["accountsChanged"]["id"],
         json!(theirs),
@@ -589,31 +680,10 @@ async fn subscriptions_see_one_tenant_and_need_a_valid_token() {
     let ours_now = system.move_money(ours, 50).await;
     system.projected(ours, ours_now).await;
     // `move_money` acts for our tenant; theirs takes their own teller.
-    let theirs_now = system
-        .client
-        .post(format!("{}/v1/accounts/{theirs}/deposits", system.commands))
-        .bearer_auth(token(OTHER, &["teller"]))
-        .json(&json!({"amount": 7, "currency": "EUR"}))
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["version"]
-        .as_i64()
-        .expect("their deposit's version");
-    loop {
-        let event = watcher.next().await;
-        let change = &event["data"]["accountsChanged"];
-        assert_eq!(
-            change["id"],
-            json!(theirs),
-            "another tenant's change leaked: {event}"
-        );
-        if change["version"].as_i64() == Some(theirs_now) {
-            break;
-        }
-    }
+    let theirs_now = deposit(7).await;
+    watcher
+        .only_until("accountsChanged", theirs, theirs_now)
+        .await;
 
     // Tokens in `connection_init`: missing, forged, expired; refused with 4401.
     let forged = service_kit::auth::mint_hs256(
@@ -640,16 +710,15 @@ async fn subscriptions_see_one_tenant_and_need_a_valid_token() {
         ),
         (json!({"token": expired}), "token expired"),
     ] {
-        let mut subscriber = Subscriber::start(
+        Subscriber::start(
             &system.queries,
             init,
             ACCOUNT_CHANGED,
             json!({"id": ours, "after": 0}),
             0,
-        );
-        let event = subscriber.next().await;
-        assert_eq!(event, json!({"closed": 4401, "reason": why}));
-        subscriber.finished().await;
+        )
+        .closed_with(4401, why)
+        .await;
     }
 
     // A token that expires while connected ends the connection then.
@@ -669,9 +738,7 @@ async fn subscriptions_see_one_tenant_and_need_a_valid_token() {
         event["data"]["accountChanged"]["version"], ours_now,
         "{event}"
     );
-    let event = subscriber.next().await;
-    assert_eq!(event, json!({"closed": 4401, "reason": "token expired"}));
-    subscriber.finished().await;
+    subscriber.closed_with(4401, "token expired").await;
 }
 
 fn now() -> i64 {
@@ -730,20 +797,30 @@ async fn project(pool: &sqlx::PgPool, tenant: &str, id: Uuid, version: i64, bala
     tx.commit().await.unwrap();
 }
 
-/// The query API alone, fed by read-model commits as the projector makes them: what a
-/// subscriber gets does not depend on the broker.
-#[tokio::test]
-async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_only() {
+/// A query API alone on a fresh database, with `graphql`'s limits: fed by read-model commits
+/// made as the projector makes them ([`project`]), what a subscriber gets does not depend on
+/// the broker.
+async fn lone_query_api(graphql: GraphqlConfig) -> (testing::TestDatabase, String) {
     testing::init_logs();
     let database = testing::TestDatabase::create().await;
-    let app = query_api::Application::build(query_api::Config::for_tests(
-        database.config_as(ServiceRole::TenantReader),
-        testing::auth(),
-    ))
+    let app = query_api::Application::build(query_api::Config {
+        graphql,
+        ..query_api::Config::for_tests(
+            database.config_as(ServiceRole::TenantReader),
+            testing::auth(),
+        )
+    })
     .await
     .unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
+    (database, base)
+}
+
+/// The query API alone, fed by read-model commits as the projector makes them.
+#[tokio::test]
+async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_only() {
+    let (database, base) = lone_query_api(GraphqlConfig::default()).await;
     let (ours, theirs) = (Uuid::new_v4(), Uuid::new_v4());
     project(&database.pool, TENANT, ours, 1, 0).await;
     project(&database.pool, OTHER, theirs, 1, 0).await;
@@ -766,14 +843,12 @@ async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_on
         0,
     );
     let mut version = 1;
-    let first = loop {
-        version += 1;
-        project(&database.pool, OTHER, theirs, version, version * 10).await;
-        if let Ok(event) = tokio::time::timeout(Duration::from_secs(2), watcher.next()).await {
-            break event;
-        }
-        assert!(version < 20, "the tenant-wide subscriber got nothing");
-    };
+    let first = watcher
+        .first_after(|| {
+            version += 1;
+            project(&database.pool, OTHER, theirs, version, version * 10)
+        })
+        .await;
     assert_eq!(
         first["data"]["accountsChanged"]["id"],
         json!(theirs),
@@ -791,18 +866,9 @@ async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_on
     subscriber.finished().await;
     // Ours came first; the watcher sees only theirs.
     project(&database.pool, OTHER, theirs, version + 1, 0).await;
-    loop {
-        let event = watcher.next().await;
-        let change = &event["data"]["accountsChanged"];
-        assert_eq!(
-            change["id"],
-            json!(theirs),
-            "another tenant's change leaked: {event}"
-        );
-        if change["version"].as_i64() == Some(version + 1) {
-            break;
-        }
-    }
+    watcher
+        .only_until("accountsChanged", theirs, version + 1)
+        .await;
 
     let mut foreign = Subscriber::bearer(
         &base,
@@ -811,11 +877,7 @@ async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_on
         json!({"id": ours, "after": 0}),
         0,
     );
-    let refused = foreign.next().await;
-    assert_eq!(
-        refused["errors"][0]["extensions"]["code"], "not-found",
-        "{refused}"
-    );
+    assert_eq!(foreign.refusal().await, "not-found");
     for (init, why) in [
         (json!({}), "missing token"),
         (json!({"token": "not-a-jwt"}), "invalid token"),
@@ -827,18 +889,15 @@ async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_on
             "token expired",
         ),
     ] {
-        let mut subscriber = Subscriber::start(
+        Subscriber::start(
             &base,
             init,
             ACCOUNT_CHANGED,
             json!({"id": ours, "after": 0}),
             0,
-        );
-        assert_eq!(
-            subscriber.next().await,
-            json!({"closed": 4401, "reason": why})
-        );
-        subscriber.finished().await;
+        )
+        .closed_with(4401, why)
+        .await;
     }
     let short = signed(json!({
         "sub": "x", "tenant": TENANT, "roles": ["viewer"], "iss": "ledger", "aud": "ledger",
@@ -856,9 +915,171 @@ async fn the_query_api_streams_each_committed_read_model_change_to_its_tenant_on
         event["data"]["accountChanged"]["entries"],
         json!([{"version": 4, "amount": 10}])
     );
-    assert_eq!(
-        subscriber.next().await,
-        json!({"closed": 4401, "reason": "token expired"})
+    subscriber.closed_with(4401, "token expired").await;
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_connection_limit_is_refused_with_4429_and_no_other_tenant_is() {
+    let (database, base) = lone_query_api(GraphqlConfig {
+        connections_per_tenant: 2,
+        ..GraphqlConfig::default()
+    })
+    .await;
+    let (ours, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+    project(&database.pool, TENANT, ours, 1, 0).await;
+    project(&database.pool, OTHER, theirs, 1, 0).await;
+    let viewer = token(TENANT, &["viewer"]);
+    let subscribe = |token: &str, id: Uuid| {
+        Subscriber::bearer(
+            &base,
+            token,
+            ACCOUNT_CHANGED,
+            json!({"id": id, "after": 0}),
+            0,
+        )
+    };
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut subscriber = subscribe(&viewer, ours);
+        assert_eq!(changes_until(&mut subscriber, 1).await, (vec![], vec![1]));
+        held.push(subscriber);
+    }
+    subscribe(&viewer, ours)
+        .closed_with(4429, "too many connections for this tenant")
+        .await;
+    // Another tenant's connections are counted apart.
+    let mut other = subscribe(&token(OTHER, &["viewer"]), theirs);
+    assert_eq!(changes_until(&mut other, 1).await, (vec![], vec![1]));
+    // A connection that ends gives its place back.
+    drop(held.pop());
+    testing::eventually(Duration::from_secs(15), || async {
+        let mut subscriber = subscribe(&viewer, ours);
+        let event = subscriber.next().await;
+        if event["closed"] == 4429 {
+            return Err(format!("still refused: {event}"));
+        }
+        assert_eq!(event["data"]["accountChanged"]["version"], 1, "{event}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_over_its_subscription_limit_is_refused_the_extra_one_only() {
+    let (database, base) = lone_query_api(GraphqlConfig {
+        subscriptions_per_connection: 2,
+        ..GraphqlConfig::default()
+    })
+    .await;
+    let ours = Uuid::new_v4();
+    project(&database.pool, TENANT, ours, 1, 0).await;
+    let mut three = Subscriber::spawn(
+        &base,
+        json!({"token": token(TENANT, &["viewer"])}),
+        ACCOUNT_CHANGED,
+        json!({"id": ours, "after": 0}),
+        0,
+        3,
     );
-    subscriber.finished().await;
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..3 {
+        let event = three.next().await;
+        let which = event["subscription"].as_i64().expect("which subscription");
+        if event["errors"].is_array() {
+            refused.push((which, event["errors"][0]["extensions"]["code"].clone()));
+        } else {
+            assert_eq!(event["data"]["accountChanged"]["version"], 1, "{event}");
+            admitted.push(which);
+        }
+    }
+    assert_eq!(admitted.len(), 2, "{admitted:?} {refused:?}");
+    assert_eq!(refused.len(), 1, "{admitted:?} {refused:?}");
+    assert_eq!(refused[0].1, "too-many-subscriptions");
+    // The connection and its two subscriptions go on.
+    project(&database.pool, TENANT, ours, 2, 10).await;
+    let mut next = Vec::new();
+    for _ in 0..2 {
+        let event = three.next().await;
+        assert_eq!(event["data"]["accountChanged"]["version"], 2, "{event}");
+        next.push(event["subscription"].as_i64().unwrap());
+    }
+    next.sort_unstable();
+    admitted.sort_unstable();
+    assert_eq!(next, admitted);
+}
+
+/// A client that stops reading (its process stopped, its connection open) while changes flow
+/// falls behind: once the socket's buffers are full it stops taking changes, and when it is
+/// further behind than `GRAPHQL_SUBSCRIBER_BUFFER` it is closed with 4008. Meanwhile a fast
+/// subscriber of the same tenant gets its change at once.
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_closed_with_4008_and_delays_nobody() {
+    let (database, base) = lone_query_api(GraphqlConfig {
+        // Room for bursts a busy machine delivers at once, not for the stalled client.
+        subscriber_buffer: 64,
+        ..GraphqlConfig::default()
+    })
+    .await;
+    let (big, small) = (Uuid::new_v4(), Uuid::new_v4());
+    project(&database.pool, TENANT, big, 1, 0).await;
+    project(&database.pool, TENANT, small, 1, 0).await;
+    // 200 kB a change: a few dozen fill the sockets' buffers, then the subscriber falls
+    // behind; by far more than its 64 by the last.
+    const LAST: i64 = 250;
+    sqlx::query("UPDATE accounts SET owner = repeat('x', 200000) WHERE id = $1")
+        .bind(big)
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    let viewer = token(TENANT, &["viewer"]);
+    let mut slow = Subscriber::bearer(
+        &base,
+        &viewer,
+        "subscription($id: UUID!) {
+            accountChanged(id: $id) { version account { owner } }
+        }",
+        json!({"id": big}),
+        0,
+    );
+    assert_eq!(slow.next().await["data"]["accountChanged"]["version"], 1);
+    let mut fast = Subscriber::bearer(
+        &base,
+        &viewer,
+        ACCOUNT_CHANGED,
+        json!({"id": small, "after": 0}),
+        0,
+    );
+    assert_eq!(changes_until(&mut fast, 1).await, (vec![], vec![1]));
+
+    slow.signal("STOP");
+    for version in 2..=LAST {
+        project(&database.pool, TENANT, big, version, version).await;
+    }
+    project(&database.pool, TENANT, small, 2, 10).await;
+    let fast_change = tokio::time::timeout(Duration::from_secs(3), changes_until(&mut fast, 2))
+        .await
+        .expect("the fast subscriber waited on the slow one");
+    assert_eq!(fast_change, (vec![2], vec![2]));
+
+    slow.signal("CONT");
+    let mut versions = Vec::new();
+    let closed = loop {
+        let event = slow.next().await;
+        match event["data"]["accountChanged"]["version"].as_i64() {
+            Some(version) => versions.push(version),
+            None => break event,
+        }
+    };
+    assert_eq!(
+        closed,
+        json!({"closed": 4008, "reason": "subscriber too slow: it fell behind the changes"}),
+        "after versions {versions:?}"
+    );
+    assert!(
+        versions.last().is_some_and(|last| *last < LAST),
+        "{versions:?}"
+    );
+    slow.finished().await;
 }

@@ -5,8 +5,9 @@
 #   {"errors": [...]}                  a result with errors (the subscription ends)
 #   {"closed": code, "reason": "..."}  the server closed the connection
 #   {"complete": true}                 the server completed the subscription
-# Arguments: url, connection_init payload (JSON), document, variables (JSON), and the version
-# after which to hang up (0: never), as a client that goes away would.
+# Arguments: url, connection_init payload (JSON), document, variables (JSON), the version
+# after which to hang up (0: never), as a client that goes away would, and how many times to
+# subscribe at once on the one connection (each result then says which, "subscription": i).
 import asyncio
 import json
 import sys
@@ -44,7 +45,25 @@ def close_of(error):
     return None
 
 
-async def main(url, init_payload, document, variables, hang_up_after):
+async def follow(session, document, variables, hang_up_after, emit_one):
+    """One subscription: its results until it completes, or until it reached hang_up_after."""
+    try:
+        async for result in session.subscribe(gql(document), variable_values=variables):
+            emit_one({"data": result})
+            versions = [
+                value.get("version") for value in result.values() if isinstance(value, dict)
+            ]
+            if hang_up_after and any(
+                version is not None and version >= hang_up_after for version in versions
+            ):
+                return False
+    except TransportQueryError as error:
+        emit_one({"errors": error.errors})
+        return False
+    return True
+
+
+async def main(url, init_payload, document, variables, hang_up_after, copies):
     transport = Transport(
         url=url,
         init_payload=init_payload,
@@ -53,20 +72,22 @@ async def main(url, init_payload, document, variables, hang_up_after):
     )
     try:
         async with Client(transport=transport) as session:
-            async for result in session.subscribe(gql(document), variable_values=variables):
-                emit({"data": result})
-                versions = [
-                    value.get("version")
-                    for value in result.values()
-                    if isinstance(value, dict)
-                ]
-                if hang_up_after and any(
-                    version is not None and version >= hang_up_after for version in versions
-                ):
-                    return
-        emit({"complete": True})
-    except TransportQueryError as error:
-        emit({"errors": error.errors})
+            if copies == 1:
+                if await follow(session, document, variables, hang_up_after, emit):
+                    emit({"complete": True})
+                return
+            await asyncio.gather(
+                *(
+                    follow(
+                        session,
+                        document,
+                        variables,
+                        hang_up_after,
+                        lambda event, i=i: emit({**event, "subscription": i}),
+                    )
+                    for i in range(copies)
+                )
+            )
     except Exception as error:  # noqa: BLE001 - every way a connection ends is reported
         close = close_of(error) or close_of(getattr(transport, "close_exception", None))
         if close is None:
@@ -83,5 +104,6 @@ if __name__ == "__main__":
             sys.argv[3],
             json.loads(sys.argv[4]),
             int(sys.argv[5]),
+            int(sys.argv[6]) if len(sys.argv) > 6 else 1,
         )
     )

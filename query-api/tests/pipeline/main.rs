@@ -5,6 +5,7 @@ mod analysts;
 mod audit;
 mod contract;
 mod faults;
+mod graphiql;
 mod graphql;
 mod loop_;
 mod queries;
