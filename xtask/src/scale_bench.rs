@@ -5,7 +5,7 @@
 //! measures, against the release command API on that store: the first command on the big
 //! account after a restart (cold cache), the command API's memory after touching 100 k
 //! accounts and after 100 k unknown ids, the stuck-transfer sweep, the relay's lag probe, and
-//! deposits beside the same run on an empty store. Writes its section of `BENCHMARKS.md`.
+//! deposits on that store and on an empty one, in turns. Writes its section of `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ const DEPOSITS_PER_SOURCE: i64 = 4000;
 const IN_FLIGHT: i64 = 100;
 /// Streams per seeding statement: a few hundred thousand events each.
 const CHUNK: i64 = 25_000;
+/// Deposit runs on each store, in turns.
+const ROUNDS: usize = 3;
 /// Runs of the sweep's query and of the lag probe.
 const PROBES: usize = 200;
 
@@ -75,16 +77,15 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     let sources: Vec<Uuid> = (0..SOURCES).map(source).collect();
     let mut out = String::new();
 
-    // The baseline: the same deposits on an empty store.
-    reset_database(&database).await?;
-    let pool = db::connect(&database).await?;
+    // The baseline: the same accounts in a store of their own, holding nothing else.
+    let empty_store = database.with_database("ledger_bench_empty")?;
+    reset_database(&empty_store).await?;
+    let empty_pool = db::connect(&empty_store).await?;
     sqlx::query("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\"")
-        .execute(&pool)
+        .execute(&empty_pool)
         .await?;
-    seed_sources(&pool, 0, 0).await?;
-    let (mut api, mut server) = start(&database).await?;
-    let empty = deposits(&client, &api, &token, &sources, options.seconds).await;
-    launch::stop(&mut server).await;
+    seed_sources(&empty_pool, 0, 0).await?;
+    empty_pool.close().await;
 
     reset_database(&database).await?;
     // Each seeding statement writes a few hundred thousand events: far past the services'
@@ -125,7 +126,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     // once, in pages, and leaves a snapshot.
     // It may outlast the request's timeout (the load goes on in its own task), so it is timed
     // until the snapshot is written, whatever the client was answered.
-    (api, server) = start(&database).await?;
+    let (mut api, mut server) = start(&database).await?;
     let sent = Instant::now();
     let answer = match first_command(&api, big).await {
         Ok(_) => "answered 200".to_owned(),
@@ -156,7 +157,15 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     let unknown: Vec<Uuid> = (0..options.accounts).map(|_| Uuid::new_v4()).collect();
     let probed = touch(&client, &api, &token, &unknown).await;
     let rss_probed = rss_kib(pid)?;
-    let full = deposits(&client, &api, &token, &sources, options.seconds).await;
+    // Deposits on both stores, taking turns, so that whatever else the machine does weighs
+    // on both alike.
+    let (empty_api, mut empty_server) = start(&empty_store).await?;
+    let (mut empty, mut full) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        empty.push(deposits(&client, &empty_api, &token, &sources, options.seconds).await);
+        full.push(deposits(&client, &api, &token, &sources, options.seconds).await);
+    }
+    launch::stop(&mut empty_server).await;
     launch::stop(&mut server).await;
 
     let sweep = timed(PROBES, || async {
@@ -252,17 +261,32 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         percentile_ms(&lag, 0.50),
         percentile_ms(&lag, 0.99)
     )?;
+    let rate =
+        |runs: &[(f64, f64, f64)]| runs.iter().map(|run| run.0).sum::<f64>() / runs.len() as f64;
+    let rates = |runs: &[(f64, f64, f64)]| {
+        runs.iter()
+            .map(|run| format!("{:.0}", run.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let latencies = |runs: &[(f64, f64, f64)]| {
+        runs.iter()
+            .map(|run| format!("{:.2} / {:.2}", run.1, run.2))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     writeln!(
         out,
-        "| deposits/s, 16 clients over {SOURCES} accounts: empty store / this store | {:.0} / {:.0} ({:.2}x) | >= 0.9x |",
-        empty.0,
-        full.0,
-        full.0 / empty.0
+        "| deposits/s, 16 clients over {SOURCES} accounts, {ROUNDS} runs each in turns: empty store ({}) / this store ({}) | {:.2}x | >= 0.9x |",
+        rates(&empty),
+        rates(&full),
+        rate(&full) / rate(&empty)
     )?;
     writeln!(
         out,
-        "| deposit p50 / p99: empty store / this store | {:.2} / {:.2} ms, {:.2} / {:.2} ms | - |\n",
-        empty.1, empty.2, full.1, full.2
+        "| deposit p50 / p99 ms per run: empty store / this store | {}; {} | - |\n",
+        latencies(&empty),
+        latencies(&full)
     )?;
     println!("{out}");
     write_section("scale", &out)?;
