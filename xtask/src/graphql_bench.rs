@@ -129,8 +129,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     )
     .await?
     .into();
+    // The projector joins its consumer group first (seconds), then every account shows; each
+    // read waits for it up to the query API's longest `min_version` wait.
+    let visible_by = Instant::now() + Duration::from_secs(60);
     for account in accounts.iter() {
-        system
+        while !system
             .client
             .get(format!(
                 "{}/v1/accounts/{account}?min_version=1",
@@ -139,8 +142,13 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             .bearer_auth(&system.token)
             .send()
             .await?
-            .error_for_status()
-            .context("warm-up: an account is not visible in the query API")?;
+            .status()
+            .is_success()
+        {
+            if Instant::now() > visible_by {
+                bail!("warm-up: account {account} is not visible in the query API within 60 s");
+            }
+        }
     }
 
     let rss_before = rss_kib(query_pid)?;
