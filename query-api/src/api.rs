@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::{AuthConfig, Authorized, RequiredRoles, Role};
 use service_kit::http::{PathId, PathResource};
+use sqlx::PgConnection;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
@@ -165,14 +166,22 @@ pub(crate) async fn find_account(
     tenant: &str,
     id: Uuid,
 ) -> Result<Option<AccountView>, QueryError> {
-    let account = sqlx::query_as(&format!(
+    Ok(account_in(&mut *state.scope(tenant).await?, tenant, id).await?)
+}
+
+/// Account `id` as `scope` (a tenant scope) sees it.
+pub(crate) async fn account_in(
+    scope: &mut PgConnection,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Option<AccountView>, sqlx::Error> {
+    sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 AND tenant = $2"
     ))
     .bind(id)
     .bind(tenant)
-    .fetch_optional(&mut *state.scope(tenant).await?)
-    .await?;
-    Ok(account)
+    .fetch_optional(scope)
+    .await
 }
 
 /// The account, once its view reached `min_version` (waiting at most the configured time).
@@ -396,7 +405,27 @@ pub(crate) async fn entries_page(
     let limit = limit(params.limit, DEFAULT_LIMIT)?;
     let after: Option<i64> = decode_cursor(params.cursor.as_deref())?;
     account_at(state, tenant, id, params.min_version).await?;
-    let entries: Vec<EntryView> = sqlx::query_as(
+    let entries = entries_in(
+        &mut *state.scope(tenant).await?,
+        tenant,
+        id,
+        after,
+        limit + 1,
+    )
+    .await?;
+    Ok(page(entries, limit, EntryView::key))
+}
+
+/// Up to `limit` of account `id`'s money movements after version `after`, oldest first, as
+/// `scope` (a tenant scope) sees them.
+pub(crate) async fn entries_in(
+    scope: &mut PgConnection,
+    tenant: &str,
+    id: Uuid,
+    after: Option<i64>,
+    limit: i64,
+) -> Result<Vec<EntryView>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT version, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id
            FROM account_entries
           WHERE account_id = $1 AND tenant = $2 AND ($3::int8 IS NULL OR version > $3)
@@ -406,10 +435,9 @@ pub(crate) async fn entries_page(
     .bind(id)
     .bind(tenant)
     .bind(after)
-    .bind(limit + 1)
-    .fetch_all(&mut *state.scope(tenant).await?)
-    .await?;
-    Ok(page(entries, limit, EntryView::key))
+    .bind(limit)
+    .fetch_all(scope)
+    .await
 }
 
 /// The first `limit` of `items` (fetched with one extra, to know whether more follow).
@@ -453,11 +481,6 @@ impl EntryView {
     pub(crate) fn key(&self) -> String {
         self.version.to_string()
     }
-}
-
-/// The cursor of the entries after stream version `version`.
-pub(crate) fn entries_after(version: i64) -> String {
-    encode_cursor(&version.to_string())
 }
 
 /// Serves the Kafka contract, unauthenticated like `/openapi.json`: it describes message

@@ -65,7 +65,7 @@ pub const GRAPHQL_CONNECTIONS_PER_TENANT: Setting<usize> = Setting::new(
 pub const GRAPHQL_SUBSCRIBER_BUFFER: Setting<usize> = Setting::new(
     "GRAPHQL_SUBSCRIBER_BUFFER",
     1024,
-    "read-model changes a subscriber may fall behind before it is disconnected (close code 4008)",
+    "read-model changes an `accountsChanged` subscriber may fall behind before it is disconnected (close code 4008)",
 );
 
 /// The variables the query API reads, beyond [`service_kit::config::SETTINGS`].
@@ -98,8 +98,8 @@ pub struct GraphqlConfig {
     pub subscriptions_per_connection: usize,
     /// [`GRAPHQL_CONNECTIONS_PER_TENANT`].
     pub connections_per_tenant: usize,
-    /// [`GRAPHQL_SUBSCRIBER_BUFFER`]: the capacity of the in-process fan-out of changes, which
-    /// is how far each subscriber may lag.
+    /// [`GRAPHQL_SUBSCRIBER_BUFFER`]: the capacity of the in-process fan-out of every change
+    /// to `accountsChanged`, which is how far each of its subscribers may lag.
     pub subscriber_buffer: usize,
 }
 

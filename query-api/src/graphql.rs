@@ -15,7 +15,7 @@
 //! so that building the query API needs no npm.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use async_graphql::connection::Connection;
@@ -38,9 +38,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::api::{
-    AccountView, EntryView, ListAccountsParams, ListEntriesParams, Reader, entries_after,
-};
+use crate::api::{AccountView, EntryView, ListAccountsParams, ListEntriesParams, Reader};
 use crate::audit::{
     AccountStateView, Auditor, EventPage, LogPage, LogParams, StateParams, StreamEventsParams,
     VerificationView,
@@ -415,7 +413,7 @@ impl SubscriptionRoot {
         id: Uuid,
         #[graphql(validator(minimum = 0), default = 0)] after_version: i64,
     ) -> Result<impl Stream<Item = Answer<AccountChange>> + use<>, GraphqlError> {
-        let mut feed = Feed::open(ctx)?;
+        let mut feed = Feed::open(ctx, Some((ReadModel::Account, id)))?;
         let state = app(ctx).clone();
         // Just opened and not projected yet is no reason to refuse; no such account is.
         crate::api::account_at(&state, &feed.tenant, id, Some(1)).await?;
@@ -449,7 +447,7 @@ impl SubscriptionRoot {
         &self,
         ctx: &Context<'_>,
     ) -> Result<impl Stream<Item = Answer<AccountView>> + use<>, GraphqlError> {
-        let mut feed = Feed::open(ctx)?;
+        let mut feed = Feed::open(ctx, None)?;
         let state = app(ctx).clone();
         Ok(async_stream::stream! {
             while let Some(change) = feed.next(|change| change.model == ReadModel::Account).await {
@@ -472,7 +470,7 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         id: Uuid,
     ) -> Result<impl Stream<Item = Answer<TransferView>> + use<>, GraphqlError> {
-        let mut feed = Feed::open(ctx)?;
+        let mut feed = Feed::open(ctx, Some((ReadModel::Transfer, id)))?;
         let state = app(ctx).clone();
         Ok(async_stream::stream! {
             let mut delivered = 0;
@@ -503,14 +501,16 @@ impl SubscriptionRoot {
     }
 }
 
-/// The change of account `id` after version `after`, if its view is past it.
+/// The change of account `id` after version `after`, if its view is past it. Every subscriber
+/// of the account reads it, so it is one transaction: the row, then its entries.
 async fn account_change(
     state: &AppState,
     tenant: &str,
     id: Uuid,
     after: i64,
 ) -> Result<Option<AccountChange>, QueryError> {
-    let Some(account) = crate::api::find_account(state, tenant, id).await? else {
+    let mut scope = state.scope(tenant).await?;
+    let Some(account) = crate::api::account_in(&mut scope, tenant, id).await? else {
         return Ok(None);
     };
     if account.version <= after {
@@ -519,24 +519,17 @@ async fn account_change(
     // Entries are committed with the account row that counts them, so every entry up to the
     // row's version is there; later ones belong to the next change.
     let mut entries = Vec::new();
-    let mut cursor = entries_after(after);
+    let mut last = after;
     loop {
-        let params = ListEntriesParams {
-            limit: Some(CATCH_UP_PAGE),
-            cursor: Some(cursor),
-            min_version: None,
-        };
-        let page = crate::api::entries_page(state, tenant, id, &params).await?;
-        let more = page.next_cursor.is_some();
+        let page =
+            crate::api::entries_in(&mut scope, tenant, id, Some(last), CATCH_UP_PAGE).await?;
+        let full = page.len() as i64 == CATCH_UP_PAGE;
         entries.extend(
-            page.items
-                .into_iter()
+            page.into_iter()
                 .filter(|entry| entry.version <= account.version),
         );
-        match (more, entries.last()) {
-            (true, Some(last)) if last.version < account.version => {
-                cursor = entries_after(last.version);
-            }
+        match entries.last() {
+            Some(entry) if full && entry.version < account.version => last = entry.version,
             _ => break,
         }
     }
@@ -547,11 +540,115 @@ async fn account_change(
     }))
 }
 
-/// One subscription's view of the committed changes: its tenant's only, within the
-/// connection's limit of subscriptions.
+/// The projector's committed changes, fanned out to the subscriptions. A subscription to one
+/// row (`accountChanged`, `transferChanged`) is told only of that row's latest change: it reads
+/// the row itself from where it was, so intermediate changes are nothing to it, and a thousand
+/// subscribers spread over a hundred accounts take ten wake-ups per change, not a thousand. A
+/// subscription to every row (`accountsChanged`) gets each change through a bounded broadcast
+/// and is dropped when it falls `GRAPHQL_SUBSCRIBER_BUFFER` changes behind.
+pub(crate) struct Changes {
+    every: broadcast::Sender<Arc<ReadModelChange>>,
+    /// The latest change of each row someone subscribed to, gone with its last subscriber.
+    rows: Mutex<HashMap<Row, watch::Sender<Option<Arc<ReadModelChange>>>>>,
+}
+
+/// A row of a read model.
+type Row = (ReadModel, Uuid);
+
+impl Changes {
+    pub(crate) fn new(buffer: usize) -> Self {
+        Self {
+            every: broadcast::channel(buffer.max(1)).0,
+            rows: Mutex::default(),
+        }
+    }
+
+    /// Hands a committed change to its subscribers; nobody waits for them.
+    pub(crate) fn publish(&self, change: ReadModelChange) {
+        let change = Arc::new(change);
+        // No subscriber is no error.
+        let _ = self.every.send(change.clone());
+        if let Some(row) = self.rows().get(&(change.model, change.id)) {
+            row.send_replace(Some(change));
+        }
+    }
+
+    fn rows(&self) -> MutexGuard<'_, HashMap<Row, watch::Sender<Option<Arc<ReadModelChange>>>>> {
+        self.rows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The changes of `row`, or of every row.
+    fn subscribe(self: &Arc<Self>, row: Option<Row>) -> Receiving {
+        match row {
+            Some(row) => Receiving::Row {
+                latest: self
+                    .rows()
+                    .entry(row)
+                    .or_insert_with(|| watch::Sender::new(None))
+                    .subscribe(),
+                _release: RowRelease {
+                    changes: self.clone(),
+                    row,
+                },
+            },
+            None => Receiving::Every(self.every.subscribe()),
+        }
+    }
+}
+
+/// One subscriber's end of [`Changes`].
+enum Receiving {
+    Every(broadcast::Receiver<Arc<ReadModelChange>>),
+    Row {
+        latest: watch::Receiver<Option<Arc<ReadModelChange>>>,
+        /// Declared after `latest`, so dropped after it: it counts the row's other subscribers.
+        _release: RowRelease,
+    },
+}
+
+impl Receiving {
+    async fn recv(&mut self) -> Result<Arc<ReadModelChange>, broadcast::error::RecvError> {
+        match self {
+            Self::Every(changes) => changes.recv().await,
+            Self::Row { latest, .. } => loop {
+                latest
+                    .changed()
+                    .await
+                    .map_err(|_| broadcast::error::RecvError::Closed)?;
+                if let Some(change) = latest.borrow_and_update().clone() {
+                    return Ok(change);
+                }
+            },
+        }
+    }
+}
+
+/// Removes a row's entry of [`Changes`] with its last subscriber, so the entries follow the
+/// subscriptions, not every id ever asked for.
+struct RowRelease {
+    changes: Arc<Changes>,
+    row: Row,
+}
+
+impl Drop for RowRelease {
+    fn drop(&mut self) {
+        let mut rows = self.changes.rows();
+        if rows
+            .get(&self.row)
+            .is_some_and(|latest| latest.receiver_count() == 0)
+        {
+            rows.remove(&self.row);
+        }
+    }
+}
+
+/// One subscription's view of the committed changes: of its row (or of every row), its
+/// tenant's only, within the connection's limit of subscriptions.
 struct Feed {
     tenant: String,
-    changes: broadcast::Receiver<Arc<ReadModelChange>>,
+    changes: Receiving,
     connection: Arc<Socket>,
     /// Held while the subscription lives: one of the connection's subscriptions.
     _slot: OwnedSemaphorePermit,
@@ -559,7 +656,7 @@ struct Feed {
 
 impl Feed {
     /// Subscribed before anything is read, so that no change committed meanwhile is missed.
-    fn open(ctx: &Context<'_>) -> Result<Self, QueryError> {
+    fn open(ctx: &Context<'_>, row: Option<Row>) -> Result<Self, QueryError> {
         let principal = caller::<Reader>(ctx)?;
         let connection = ctx
             .data::<Arc<Socket>>()
@@ -576,7 +673,7 @@ impl Feed {
             })?;
         Ok(Self {
             tenant: principal.tenant.clone(),
-            changes: app(ctx).changes.subscribe(),
+            changes: app(ctx).changes.subscribe(row),
             connection,
             _slot: slot,
         })
@@ -827,4 +924,46 @@ fn closing_frame(code: u16, reason: &str) -> Message {
         code,
         reason: reason[..end].into(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(id: u128, version: i64) -> ReadModelChange {
+        ReadModelChange {
+            model: ReadModel::Account,
+            tenant: "acme".into(),
+            id: Uuid::from_u128(id),
+            version,
+        }
+    }
+
+    async fn next(receiving: &mut Receiving) -> Arc<ReadModelChange> {
+        tokio::time::timeout(Duration::from_secs(1), receiving.recv())
+            .await
+            .expect("a change within a second")
+            .expect("the channel is open")
+    }
+
+    #[tokio::test]
+    async fn a_row_subscriber_is_told_its_rows_latest_change_and_the_row_goes_with_its_last_subscriber()
+     {
+        let changes = Arc::new(Changes::new(8));
+        let row = (ReadModel::Account, Uuid::from_u128(1));
+        let mut first = changes.subscribe(Some(row));
+        let second = changes.subscribe(Some(row));
+        let mut every = changes.subscribe(None);
+        changes.publish(change(2, 7));
+        changes.publish(change(1, 2));
+        changes.publish(change(1, 3));
+        let latest = next(&mut first).await;
+        assert_eq!((latest.id, latest.version), (row.1, 3));
+        assert_eq!(next(&mut every).await.id, Uuid::from_u128(2));
+        assert_eq!(next(&mut every).await.version, 2);
+        drop(second);
+        assert_eq!(changes.rows().len(), 1, "a subscriber is left");
+        drop(first);
+        assert!(changes.rows().is_empty(), "nobody watches the row any more");
+    }
 }

@@ -27,7 +27,6 @@ use service_kit::http::{self, OpsServer, Readiness};
 use service_kit::server::{self, ServerLimits, Stopping};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 
 mod api;
 mod audit;
@@ -53,7 +52,7 @@ pub(crate) struct AppState {
     projected: tokio::sync::watch::Receiver<u64>,
     /// Every committed read-model change, for the subscriptions. Bounded: a subscriber that
     /// falls `graphql.subscriber_buffer` changes behind is dropped, nobody waits for it.
-    changes: broadcast::Sender<Arc<ReadModelChange>>,
+    changes: Arc<graphql::Changes>,
     /// `/graphql`'s limits and switches.
     graphql: GraphqlConfig,
     /// The WebSocket connections each tenant holds, against `graphql.connections_per_tenant`.
@@ -96,7 +95,7 @@ pub enum StartError {
 async fn watch_projections(
     pool: PgPool,
     projected: tokio::sync::watch::Sender<u64>,
-    changes: broadcast::Sender<Arc<ReadModelChange>>,
+    changes: Arc<graphql::Changes>,
 ) {
     while !projected.is_closed() {
         let listening = async {
@@ -105,8 +104,7 @@ async fn watch_projections(
             loop {
                 let notification = listener.recv().await?;
                 match serde_json::from_str::<ReadModelChange>(notification.payload()) {
-                    // No subscriber is no error.
-                    Ok(change) => drop(changes.send(Arc::new(change))),
+                    Ok(change) => changes.publish(change),
                     Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
                 }
                 projected.send_modify(|changes| *changes += 1);
@@ -147,7 +145,7 @@ impl Application {
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);
-        let (changes, _) = broadcast::channel(config.graphql.subscriber_buffer.max(1));
+        let changes = Arc::new(graphql::Changes::new(config.graphql.subscriber_buffer));
         tokio::spawn(watch_projections(
             pool.clone(),
             projected_tx,

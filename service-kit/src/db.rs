@@ -55,7 +55,7 @@ pub mod channels {
         pub version: i64,
     }
 
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
     #[serde(rename_all = "snake_case")]
     pub enum ReadModel {
         Account,

@@ -22,16 +22,16 @@ const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
 /// The outcome of one timed run.
 pub(crate) struct Run {
-    label: String,
-    concurrency: usize,
-    ok: usize,
-    errors: usize,
-    server_errors: usize,
-    elapsed: Duration,
+    pub(crate) label: String,
+    pub(crate) concurrency: usize,
+    pub(crate) ok: usize,
+    pub(crate) errors: usize,
+    pub(crate) server_errors: usize,
+    pub(crate) elapsed: Duration,
     /// Sorted latencies of successful requests, microseconds.
-    latencies: Vec<u32>,
+    pub(crate) latencies: Vec<u32>,
     /// Mean events per group commit, from the command API's own metrics.
-    events_per_commit: Option<f64>,
+    pub(crate) events_per_commit: Option<f64>,
 }
 
 impl Run {
@@ -57,6 +57,8 @@ pub(crate) enum Bench {
     Transfers(crate::transfer_bench::Options),
     /// The hot path on a store of 10 M events: cold loads, memory, sweep, lag probe.
     Scale(crate::scale_bench::Options),
+    /// GraphQL subscribers under a steady deposit load; GraphQL against REST reads.
+    Graphql(crate::graphql_bench::Options),
 }
 
 /// `cargo xtask bench commands`
@@ -95,6 +97,7 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<()> {
         Bench::Audit(options) => crate::audit_bench::run(options).await,
         Bench::Transfers(options) => crate::transfer_bench::run(options).await,
         Bench::Scale(options) => crate::scale_bench::run(options).await,
+        Bench::Graphql(options) => crate::graphql_bench::run(options).await,
     }
 }
 
@@ -548,6 +551,17 @@ async fn pgbench(url: &str, concurrency: usize, seconds: u64) -> anyhow::Result<
         // One row per transaction: the script's one INSERT, autocommitted.
         events_per_commit: Some(1.0),
     })
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .context("VmRSS")
 }
 
 /// The machine and database the numbers come from.

@@ -122,6 +122,11 @@ impl Broker {
         }
     }
 
+    /// Its process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// SIGSTOP, then SIGCONT after `pause`: the broker neither answers nor closes its
     /// connections meanwhile, as in a network partition or a long stall, and keeps its data.
     pub(crate) async fn freeze(&self, pause: Duration) -> anyhow::Result<()> {

@@ -8,8 +8,8 @@
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `fuzz`: schema-driven HTTP fuzzing of both APIs (schemathesis).
 //! - `chaos`: faults under load, and the checks that nothing was lost; writes `RELIABILITY.md`.
-//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`, `scale_bench`: benchmarks that write
-//!   `BENCHMARKS.md`.
+//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`, `scale_bench`, `graphql_bench`:
+//!   benchmarks that write `BENCHMARKS.md`.
 //! - `config_reference`: README.md's configuration table.
 //! - `python`: the project's Python tools, in a venv of its own at pinned versions.
 
@@ -24,6 +24,7 @@ mod chaos;
 mod config_reference;
 mod dev;
 mod fuzz;
+mod graphql_bench;
 mod launch;
 mod pipeline_bench;
 mod python;

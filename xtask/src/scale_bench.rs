@@ -19,8 +19,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::bench::{
-    CommandApi, SECRET, load, machine, percentile_ms, reset_database, service, service_token,
-    write_section,
+    CommandApi, SECRET, load, machine, percentile_ms, reset_database, rss_kib, service,
+    service_token, write_section,
 };
 use crate::launch::{self, Profile, Running, Service, free_address};
 use service_kit::progress::Progress;
@@ -378,16 +378,6 @@ async fn touch(
         }
     }
     touched
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .context("VmRSS")
 }
 
 /// `times` runs of `attempt`, sorted, in microseconds.
