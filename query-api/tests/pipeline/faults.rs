@@ -19,6 +19,23 @@ pub(crate) async fn read_all(
     topic: &str,
     at_least: usize,
 ) -> Vec<OwnedMessage> {
+    let messages = read_until(kafka, topic, |messages| messages.len() >= at_least).await;
+    assert!(
+        messages.len() >= at_least,
+        "only {} of {at_least} messages on {topic}",
+        messages.len()
+    );
+    messages
+}
+
+/// The messages on `topic` read by a fresh consumer group until `enough` says so, or what
+/// 30 s gave. A group may be handed a partition again while it reads (nisshi rebalances a
+/// new group), so what it reads can repeat messages.
+async fn read_until(
+    kafka: &KafkaConfig,
+    topic: &str,
+    mut enough: impl FnMut(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
     let consumer: StreamConsumer = kafka
         .consumer(&format!("reader-{}", uuid::Uuid::new_v4()))
         .create()
@@ -27,14 +44,11 @@ pub(crate) async fn read_all(
     let mut messages = Vec::new();
     let mut stream = consumer.stream();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while messages.len() < at_least {
-        let next = tokio::time::timeout_at(deadline, stream.next()).await;
-        match next {
+    while !enough(&messages) {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
             Ok(Some(Ok(message))) => messages.push(message.detach()),
             Ok(Some(Err(err))) => panic!("consumer error: {err}"),
-            Ok(None) | Err(_) => {
-                panic!("only {} of {at_least} messages on {topic}", messages.len())
-            }
+            Ok(None) | Err(_) => break,
         }
     }
     messages
@@ -88,21 +102,42 @@ async fn every_account_event_on_the_topic(system: &System) -> Vec<OwnedMessage> 
         on_topic >= events,
         "{on_topic} messages for {events} events"
     );
-    let published = read_all(&system.kafka, &topic, on_topic as usize).await;
-    let distinct: std::collections::HashSet<(String, String)> = published
+    let key = |message: &OwnedMessage| {
+        let headers = message.headers().unwrap();
+        (
+            header(headers, headers::SUBJECT).unwrap().to_owned(),
+            header(headers, headers::SEQUENCE).unwrap().to_owned(),
+        )
+    };
+    let distinct = |messages: &[OwnedMessage]| {
+        messages
+            .iter()
+            .map(key)
+            .collect::<std::collections::HashSet<_>>()
+    };
+    // Read until every event was seen once, not until as many messages came: repeats (of a
+    // batch sent again, or of a partition read again) must not stand in for missing ones.
+    let published = read_until(&system.kafka, &topic, |messages| {
+        distinct(messages).len() as i64 >= events
+    })
+    .await;
+    let seen = distinct(&published);
+    let stored: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence FROM events WHERE aggregate_type = 'account'
+          ORDER BY aggregate_id, sequence",
+    )
+    .fetch_all(&system.pool)
+    .await
+    .unwrap();
+    let missing: Vec<&(String, i64)> = stored
         .iter()
-        .map(|message| {
-            let headers = message.headers().unwrap();
-            (
-                header(headers, headers::SUBJECT).unwrap().to_owned(),
-                header(headers, headers::SEQUENCE).unwrap().to_owned(),
-            )
-        })
+        .filter(|(id, sequence)| !seen.contains(&(id.clone(), sequence.to_string())))
         .collect();
-    assert_eq!(
-        distinct.len() as i64,
-        events,
-        "events missing from the topic"
+    assert!(
+        missing.is_empty(),
+        "{} of {events} events missing from the topic ({} messages read): {missing:?}",
+        missing.len(),
+        published.len()
     );
     published
 }
