@@ -1,12 +1,12 @@
 //! Transfers as the projector last saw them, and an account's transfers (either side).
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::Authorized;
