@@ -34,7 +34,39 @@ pub(crate) struct Run {
     pub(crate) events_per_commit: Option<f64>,
 }
 
+/// What one load worker counted: ok, errors, of which server errors, and the latencies of the
+/// ok requests in microseconds.
+pub(crate) type WorkerCount = (usize, usize, usize, Vec<u32>);
+
 impl Run {
+    /// The workers' counts summed into one run that began at `started`, its latencies sorted.
+    pub(crate) fn of_workers(
+        label: &str,
+        concurrency: usize,
+        started: Instant,
+        workers: impl IntoIterator<Item = WorkerCount>,
+    ) -> Self {
+        let mut run = Run {
+            label: label.to_owned(),
+            concurrency,
+            ok: 0,
+            errors: 0,
+            server_errors: 0,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+            events_per_commit: None,
+        };
+        for (ok, errors, server_errors, latencies) in workers {
+            run.ok += ok;
+            run.errors += errors;
+            run.server_errors += server_errors;
+            run.latencies.extend(latencies);
+        }
+        run.elapsed = started.elapsed();
+        run.latencies.sort_unstable();
+        run
+    }
+
     pub(crate) fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -421,25 +453,12 @@ pub(crate) async fn load(
             (ok, errors, server_errors, latencies)
         })
     });
-    let mut run = Run {
-        label: label.to_owned(),
+    let mut run = Run::of_workers(
+        label,
         concurrency,
-        ok: 0,
-        errors: 0,
-        server_errors: 0,
-        elapsed: Duration::ZERO,
-        latencies: Vec::new(),
-        events_per_commit: None,
-    };
-    for worker in futures_join(workers.collect()).await {
-        let (ok, errors, server_errors, latencies) = worker;
-        run.ok += ok;
-        run.errors += errors;
-        run.server_errors += server_errors;
-        run.latencies.extend(latencies);
-    }
-    run.elapsed = started.elapsed();
-    run.latencies.sort_unstable();
+        started,
+        futures_join(workers.collect()).await,
+    );
     if let (Some((sum_before, count_before)), Some((sum, count))) =
         (before, batch_events(client, ops).await)
         && count > count_before

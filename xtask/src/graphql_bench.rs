@@ -701,28 +701,14 @@ impl Read {
                 })
             })
             .collect();
-        let mut run = Run {
-            label: self.label().to_owned(),
-            concurrency: clients,
-            ok: 0,
-            errors: 0,
-            server_errors: 0,
-            elapsed: Duration::ZERO,
-            latencies: Vec::new(),
-            events_per_commit: None,
-        };
+        let mut counts = Vec::with_capacity(readers.len());
         for reader in readers {
             // A reader that panicked counts nothing.
-            if let Ok((ok, errors, server_errors, latencies)) = reader.await {
-                run.ok += ok;
-                run.errors += errors;
-                run.server_errors += server_errors;
-                run.latencies.extend(latencies);
+            if let Ok(count) = reader.await {
+                counts.push(count);
             }
         }
-        run.elapsed = started.elapsed();
-        run.latencies.sort_unstable();
-        run
+        Run::of_workers(self.label(), clients, started, counts)
     }
 }
 
