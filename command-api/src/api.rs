@@ -263,6 +263,8 @@ async fn close(
         (status = 202, description = "Accepted: the process manager debits the source, then credits the destination (or refunds the source). Follow `status_url` on the query API.", body = TransferAccepted),
         (status = 404, description = "An account does not exist for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid value, the same account twice, or a reused idempotency key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Too many transfers in flight (`overloaded`, nothing recorded; retry after `Retry-After` seconds), or the database is unavailable", body = ProblemDocument, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
     ),
     security(("bearer" = []))
 )]
@@ -282,6 +284,9 @@ async fn request_transfer(
     };
     if terms.from == terms.to {
         return Err(TransferError::SameAccount.into());
+    }
+    if !state.transfer_backlog.admits() {
+        return Err(ApiError::TransfersBacklogged);
     }
     // Another tenant's account is as absent as a missing one: nothing about it leaks. A
     // transfer neither account's currency allows is refused now, not after a debit and a

@@ -37,6 +37,9 @@ pub struct Config {
     /// [`QUERY_API_PUBLIC_URL`]: the query API as clients reach it, without a trailing
     /// slash. `Location` (201) and `status_url` (202) point there, where the resources are.
     pub query_api_url: String,
+    /// [`COMMAND_API_MAX_TRANSFERS_IN_FLIGHT`]: new transfers are refused (503) while this
+    /// many are not final (see `crate::backlog`).
+    pub max_transfers_in_flight: NonZeroUsize,
 }
 
 pub const COMMAND_API_ADDR: Setting<SocketAddr> = Setting::new(
@@ -89,6 +92,11 @@ pub const COMMAND_API_APPEND_WRITERS: Setting<NonZeroUsize> = Setting::new(
     NonZeroUsize::new(2).unwrap(),
     "batches of appends in flight at once (each is one INSERT of every append queued when it starts)",
 );
+pub const COMMAND_API_MAX_TRANSFERS_IN_FLIGHT: Setting<NonZeroUsize> = Setting::new(
+    "COMMAND_API_MAX_TRANSFERS_IN_FLIGHT",
+    NonZeroUsize::new(1000).unwrap(),
+    "new transfers are refused with 503 `overloaded` and `Retry-After` while this many are not final, so that a burst cannot pile up faster than the process manager completes them",
+);
 pub const COMMAND_API_RELAY: Setting<bool> = Setting::new(
     "COMMAND_API_RELAY",
     true,
@@ -119,6 +127,7 @@ pub const SETTINGS: Settings = &[
     &COMMAND_API_CONFLICT_RETRIES,
     &COMMAND_API_APPEND_WRITERS,
     &COMMAND_API_SNAPSHOT_EVERY,
+    &COMMAND_API_MAX_TRANSFERS_IN_FLIGHT,
     &COMMAND_API_RELAY,
     &RELAY_BATCH_SIZE,
     &RELAY_IDLE_POLL,
@@ -145,6 +154,7 @@ impl Config {
             cors_origins: service_kit::http::cors_origins_from_env()?,
             server: ServerLimits::from_env()?,
             query_api_url: query_api_url(QUERY_API_PUBLIC_URL.read()?)?,
+            max_transfers_in_flight: COMMAND_API_MAX_TRANSFERS_IN_FLIGHT.read()?,
         })
     }
 
@@ -163,6 +173,7 @@ impl Config {
             cors_origins: Vec::new(),
             server: ServerLimits::default(),
             query_api_url: QUERY_API_PUBLIC_URL.default.into(),
+            max_transfers_in_flight: COMMAND_API_MAX_TRANSFERS_IN_FLIGHT.default,
         }
     }
 }

@@ -32,6 +32,9 @@ pub(crate) enum ApiError {
         header: &'static str,
         reason: &'static str,
     },
+    /// `COMMAND_API_MAX_TRANSFERS_IN_FLIGHT` transfers are not final yet.
+    #[error("too many transfers in flight")]
+    TransfersBacklogged,
     #[error(transparent)]
     Command(#[from] CommandError),
 }
@@ -109,6 +112,13 @@ impl IntoResponse for ApiError {
                 Problem::new(P::InvalidHeader, "Invalid header")
                     .detail(format!("{header}: {reason}"))
                     .extension("header", header)
+            }
+            Self::TransfersBacklogged => {
+                Problem::new(P::Overloaded, "Too many transfers in flight")
+                    .detail(
+                        "Transfers are being requested faster than they complete; retry shortly.",
+                    )
+                    .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }
             Self::Command(err) => command_problem(err),
         };

@@ -7,6 +7,7 @@
 //! - `extract`: extractors whose rejections are problem+json.
 //! - `error`: the HTTP edge's one error type and its mapping to problem+json.
 //! - `engine`: runs commands against the event store; knows nothing of HTTP.
+//! - `backlog`: whether new transfers are admitted, from the count of those in flight.
 //! - [`relay`]: publishing the event log to Kafka, in commit order, from one leader.
 //! - [`process`]: the transfer process manager (`command-api process-transfers`).
 //!
@@ -30,6 +31,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 mod api;
+mod backlog;
 pub mod config;
 mod engine;
 mod error;
@@ -52,6 +54,8 @@ pub(crate) struct AppState {
     auth: Arc<Authenticator>,
     /// `QUERY_API_PUBLIC_URL`: where `Location` and `status_url` point.
     query_api_url: Arc<str>,
+    /// Whether new transfers are admitted; kept counted while serving.
+    transfer_backlog: Arc<backlog::TransferBacklog>,
 }
 
 impl FromRef<AppState> for Arc<Authenticator> {
@@ -103,6 +107,9 @@ pub struct Application {
     relay: Option<Relay>,
     /// Kept fresh in the background while serving.
     auth: Arc<Authenticator>,
+    /// Kept counted in the background while serving, against `max_transfers_in_flight`.
+    transfer_backlog: Arc<backlog::TransferBacklog>,
+    max_transfers_in_flight: usize,
 }
 
 impl Application {
@@ -121,6 +128,7 @@ impl Application {
             .clone()
             .map(|relay| Relay::new(relay, pool.clone(), signal.clone()))
             .transpose()?;
+        let transfer_backlog = Arc::new(backlog::TransferBacklog::default());
         let state = AppState {
             commands: Arc::new(engine::CommandService::new(
                 pool.clone(),
@@ -129,6 +137,7 @@ impl Application {
             )),
             auth: auth.clone(),
             query_api_url: config.query_api_url.clone().into(),
+            transfer_backlog: transfer_backlog.clone(),
         };
         let router = router(state, &config);
         let ops = OpsServer::bind(config.ops_listen, readiness, "command-api", config.server)
@@ -153,6 +162,8 @@ impl Application {
             signal,
             relay,
             auth,
+            transfer_backlog,
+            max_transfers_in_flight: config.max_transfers_in_flight.get(),
         })
     }
 
@@ -177,6 +188,11 @@ impl Application {
         background.spawn(self.signal.forward(self.pool.clone(), stopping.wait()));
         background.spawn(self.ops.serve(stopping.wait()));
         background.spawn(self.auth.keep_keys_fresh(stopping.wait()));
+        background.spawn(self.transfer_backlog.keep_counted(
+            self.pool.clone(),
+            self.max_transfers_in_flight,
+            stopping.wait(),
+        ));
         if let Some(relay) = self.relay {
             background.spawn(relay.run(stopping.wait()));
         }

@@ -39,6 +39,7 @@ pub(crate) fn app() -> Router {
         )),
         auth: Arc::new(Authenticator::new(&config.auth).expect("the test secret")),
         query_api_url: config.query_api_url.clone().into(),
+        transfer_backlog: Arc::default(),
     };
     router(state, &config)
 }

@@ -80,7 +80,9 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 }
 
 /// An account as the read model holds it.
-#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject)]
+#[derive(
+    Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject,
+)]
 #[graphql(name = "Account", complex)]
 pub(crate) struct AccountView {
     pub(crate) id: Uuid,
@@ -99,7 +101,9 @@ pub(crate) struct AccountView {
 }
 
 /// A money movement.
-#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject)]
+#[derive(
+    Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject,
+)]
 #[graphql(name = "Entry")]
 pub(crate) struct EntryView {
     /// The stream version of the event that moved the money.

@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 use futures::{SinkExt, Stream, StreamExt};
 use service_kit::auth::{AuthError, Authenticator, Principal, RequiredRoles, bearer_token};
 use service_kit::db::channels::{ReadModel, ReadModelChange};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -419,8 +419,13 @@ impl SubscriptionRoot {
         crate::api::account_at(&state, &feed.tenant, id, Some(1)).await?;
         Ok(async_stream::stream! {
             let mut delivered = after_version;
+            let mut published: Option<Arc<Published>> = None;
             loop {
-                match account_change(&state, &feed.tenant, id, delivered).await {
+                let change = match &published {
+                    Some(published) => published.account_change(&state, id, delivered).await,
+                    None => account_change(&state, &feed.tenant, id, delivered).await,
+                };
+                match change {
                     Ok(Some(change)) => {
                         delivered = change.version;
                         yield Ok(change);
@@ -434,7 +439,8 @@ impl SubscriptionRoot {
                 let wanted = |change: &ReadModelChange| {
                     change.model == ReadModel::Account && change.id == id && change.version > delivered
                 };
-                if feed.next(wanted).await.is_none() {
+                published = feed.next(wanted).await;
+                if published.is_none() {
                     break;
                 }
             }
@@ -450,8 +456,8 @@ impl SubscriptionRoot {
         let mut feed = Feed::open(ctx, None)?;
         let state = app(ctx).clone();
         Ok(async_stream::stream! {
-            while let Some(change) = feed.next(|change| change.model == ReadModel::Account).await {
-                match crate::api::find_account(&state, &feed.tenant, change.id).await {
+            while let Some(published) = feed.next(|change| change.model == ReadModel::Account).await {
+                match crate::api::find_account(&state, &feed.tenant, published.change.id).await {
                     Ok(Some(account)) => yield Ok(account),
                     Ok(None) => {}
                     Err(err) => {
@@ -474,8 +480,13 @@ impl SubscriptionRoot {
         let state = app(ctx).clone();
         Ok(async_stream::stream! {
             let mut delivered = 0;
+            let mut published: Option<Arc<Published>> = None;
             loop {
-                match crate::transfers::find_transfer(&state, &feed.tenant, id).await {
+                let transfer = match &published {
+                    Some(published) => published.transfer(&state, id).await,
+                    None => crate::transfers::find_transfer(&state, &feed.tenant, id).await,
+                };
+                match transfer {
                     Ok(Some(transfer)) if transfer.version > delivered => {
                         delivered = transfer.version;
                         let done = transfer.is_final();
@@ -493,7 +504,8 @@ impl SubscriptionRoot {
                 let wanted = |change: &ReadModelChange| {
                     change.model == ReadModel::Transfer && change.id == id && change.version > delivered
                 };
-                if feed.next(wanted).await.is_none() {
+                published = feed.next(wanted).await;
+                if published.is_none() {
                     break;
                 }
             }
@@ -501,8 +513,8 @@ impl SubscriptionRoot {
     }
 }
 
-/// The change of account `id` after version `after`, if its view is past it. Every subscriber
-/// of the account reads it, so it is one transaction: the row, then its entries.
+/// The change of account `id` after version `after`, if its view is past it: the row, then its
+/// entries, in one transaction.
 async fn account_change(
     state: &AppState,
     tenant: &str,
@@ -542,14 +554,15 @@ async fn account_change(
 
 /// The projector's committed changes, fanned out to the subscriptions. A subscription to one
 /// row (`accountChanged`, `transferChanged`) is told only of that row's latest change: it reads
-/// the row itself from where it was, so intermediate changes are nothing to it, and a thousand
+/// the row from where it was (with the row's other subscribers, see [`Published`]), so
+/// intermediate changes are nothing to it, and a thousand
 /// subscribers spread over a hundred accounts take ten wake-ups per change, not a thousand. A
 /// subscription to every row (`accountsChanged`) gets each change through a bounded broadcast
 /// and is dropped when it falls `GRAPHQL_SUBSCRIBER_BUFFER` changes behind.
 pub(crate) struct Changes {
-    every: broadcast::Sender<Arc<ReadModelChange>>,
+    every: broadcast::Sender<Arc<Published>>,
     /// The latest change of each row someone subscribed to, gone with its last subscriber.
-    rows: Mutex<HashMap<Row, watch::Sender<Option<Arc<ReadModelChange>>>>>,
+    rows: Mutex<HashMap<Row, watch::Sender<Option<Arc<Published>>>>>,
 }
 
 /// A row of a read model.
@@ -565,15 +578,18 @@ impl Changes {
 
     /// Hands a committed change to its subscribers; nobody waits for them.
     pub(crate) fn publish(&self, change: ReadModelChange) {
-        let change = Arc::new(change);
+        let published = Arc::new(Published::new(change));
         // No subscriber is no error.
-        let _ = self.every.send(change.clone());
-        if let Some(row) = self.rows().get(&(change.model, change.id)) {
-            row.send_replace(Some(change));
+        let _ = self.every.send(published.clone());
+        if let Some(row) = self
+            .rows()
+            .get(&(published.change.model, published.change.id))
+        {
+            row.send_replace(Some(published));
         }
     }
 
-    fn rows(&self) -> MutexGuard<'_, HashMap<Row, watch::Sender<Option<Arc<ReadModelChange>>>>> {
+    fn rows(&self) -> MutexGuard<'_, HashMap<Row, watch::Sender<Option<Arc<Published>>>>> {
         self.rows
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -598,18 +614,96 @@ impl Changes {
     }
 }
 
+/// A committed change as its subscribers get it. The row's subscribers usually all stand at
+/// the version before it and want the same answer, so the row is read once, by the first of
+/// them to wake, and the others share that read: ten subscribers of an account cost one read
+/// per change, not ten.
+pub(crate) struct Published {
+    change: ReadModelChange,
+    account: OnceCell<SharedAccountChange>,
+    transfer: OnceCell<Option<TransferView>>,
+}
+
+/// An account change read for every subscriber of the account that had delivered `after`.
+struct SharedAccountChange {
+    after: i64,
+    change: Option<AccountChange>,
+}
+
+impl Published {
+    fn new(change: ReadModelChange) -> Self {
+        Self {
+            change,
+            account: OnceCell::new(),
+            transfer: OnceCell::new(),
+        }
+    }
+
+    /// What [`account_change`] would answer for account `id` after version `delivered`. The
+    /// read is in the change's tenant, which is the subscriber's: [`Feed::next`] hands a
+    /// subscriber its own tenant's changes only.
+    async fn account_change(
+        &self,
+        state: &AppState,
+        id: Uuid,
+        delivered: i64,
+    ) -> Result<Option<AccountChange>, QueryError> {
+        let tenant = &self.change.tenant;
+        let shared = self
+            .account
+            .get_or_try_init(|| async {
+                Ok::<_, QueryError>(SharedAccountChange {
+                    after: delivered,
+                    change: account_change(state, tenant, id, delivered).await?,
+                })
+            })
+            .await?;
+        if shared.after > delivered {
+            // Behind the subscriber that read: the shared read left out entries it needs.
+            return account_change(state, tenant, id, delivered).await;
+        }
+        Ok(shared
+            .change
+            .as_ref()
+            .filter(|change| change.version > delivered)
+            .map(|change| AccountChange {
+                version: change.version,
+                account: change.account.clone(),
+                entries: change
+                    .entries
+                    .iter()
+                    .filter(|entry| entry.version > delivered)
+                    .cloned()
+                    .collect(),
+            }))
+    }
+
+    /// Transfer `id` as it is since this change, read once for all its subscribers.
+    async fn transfer(
+        &self,
+        state: &AppState,
+        id: Uuid,
+    ) -> Result<Option<TransferView>, QueryError> {
+        let transfer = self
+            .transfer
+            .get_or_try_init(|| crate::transfers::find_transfer(state, &self.change.tenant, id))
+            .await?;
+        Ok(transfer.clone())
+    }
+}
+
 /// One subscriber's end of [`Changes`].
 enum Receiving {
-    Every(broadcast::Receiver<Arc<ReadModelChange>>),
+    Every(broadcast::Receiver<Arc<Published>>),
     Row {
-        latest: watch::Receiver<Option<Arc<ReadModelChange>>>,
+        latest: watch::Receiver<Option<Arc<Published>>>,
         /// Declared after `latest`, so dropped after it: it counts the row's other subscribers.
         _release: RowRelease,
     },
 }
 
 impl Receiving {
-    async fn recv(&mut self) -> Result<Arc<ReadModelChange>, broadcast::error::RecvError> {
+    async fn recv(&mut self) -> Result<Arc<Published>, broadcast::error::RecvError> {
         match self {
             Self::Every(changes) => changes.recv().await,
             Self::Row { latest, .. } => loop {
@@ -617,8 +711,8 @@ impl Receiving {
                     .changed()
                     .await
                     .map_err(|_| broadcast::error::RecvError::Closed)?;
-                if let Some(change) = latest.borrow_and_update().clone() {
-                    return Ok(change);
+                if let Some(published) = latest.borrow_and_update().clone() {
+                    return Ok(published);
                 }
             },
         }
@@ -681,14 +775,13 @@ impl Feed {
 
     /// The next change of this tenant that `wanted` accepts; `None` once the process stops.
     /// A subscriber that fell too far behind gets none: its connection is closed (4008).
-    async fn next(
-        &mut self,
-        wanted: impl Fn(&ReadModelChange) -> bool,
-    ) -> Option<Arc<ReadModelChange>> {
+    async fn next(&mut self, wanted: impl Fn(&ReadModelChange) -> bool) -> Option<Arc<Published>> {
         loop {
             match self.changes.recv().await {
-                Ok(change) if change.tenant == self.tenant && wanted(&change) => {
-                    return Some(change);
+                Ok(published)
+                    if published.change.tenant == self.tenant && wanted(&published.change) =>
+                {
+                    return Some(published);
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -928,6 +1021,8 @@ fn closing_frame(code: u16, reason: &str) -> Message {
 
 #[cfg(test)]
 mod tests {
+    use service_kit::testing::{self, TestDatabase};
+
     use super::*;
 
     fn change(id: u128, version: i64) -> ReadModelChange {
@@ -939,11 +1034,13 @@ mod tests {
         }
     }
 
-    async fn next(receiving: &mut Receiving) -> Arc<ReadModelChange> {
+    async fn next(receiving: &mut Receiving) -> ReadModelChange {
         tokio::time::timeout(Duration::from_secs(1), receiving.recv())
             .await
             .expect("a change within a second")
             .expect("the channel is open")
+            .change
+            .clone()
     }
 
     #[tokio::test]
@@ -965,5 +1062,75 @@ mod tests {
         assert_eq!(changes.rows().len(), 1, "a subscriber is left");
         drop(first);
         assert!(changes.rows().is_empty(), "nobody watches the row any more");
+    }
+
+    /// A query API's state on `database`, for calling the resolvers' helpers directly.
+    fn state(database: &TestDatabase) -> AppState {
+        AppState {
+            pool: database.pool.clone(),
+            auth: Arc::new(Authenticator::new(&testing::auth()).unwrap()),
+            max_wait: Duration::from_secs(1),
+            transfer_stalled_after: Duration::from_secs(120),
+            projected: watch::channel(0).1,
+            changes: Arc::new(Changes::new(8)),
+            graphql: GraphqlConfig::default(),
+            tenant_connections: Arc::default(),
+        }
+    }
+
+    /// Commits account `id` at `version` with an entry for each version after the first, as
+    /// the projector would (without its notification: the test publishes by hand).
+    async fn project(database: &TestDatabase, id: Uuid, version: i64) {
+        sqlx::query(
+            "INSERT INTO accounts VALUES ($1, 'acme', 'Ada', 'EUR', 0, $2 * 10, 'active', $2, now(), now())
+             ON CONFLICT (id) DO UPDATE SET version = $2, balance = $2 * 10",
+        )
+        .bind(id)
+        .bind(version)
+        .execute(&database.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO account_entries (account_id, version, tenant, kind, amount, currency,
+                                          balance_after, event_id, recorded_at)
+             SELECT $1, v, 'acme', 'deposit', 10, 'EUR', v * 10, gen_random_uuid(), now()
+             FROM generate_series(2, $2) AS v ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(version)
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    }
+
+    fn entry_versions(change: &AccountChange) -> Vec<i64> {
+        change.entries.iter().map(|entry| entry.version).collect()
+    }
+
+    #[tokio::test]
+    async fn an_accounts_subscribers_share_the_read_of_a_change_unless_they_are_behind_it() {
+        let database = TestDatabase::create().await;
+        let state = state(&database);
+        let id = Uuid::from_u128(1);
+        project(&database, id, 4).await;
+        let published = Published::new(change(1, 4));
+
+        let read = |delivered| published.account_change(&state, id, delivered);
+        let first = read(3).await.unwrap().expect("a change after 3");
+        assert_eq!((first.version, entry_versions(&first)), (4, vec![4]));
+        // Committed after the change was published: a shared read does not see it, an own one does.
+        project(&database, id, 5).await;
+        let shared = read(3).await.unwrap().expect("a change after 3");
+        assert_eq!(
+            (shared.account.version, entry_versions(&shared)),
+            (4, vec![4]),
+            "the other subscribers at 3 get the first one's read"
+        );
+        let behind = read(1).await.unwrap().expect("a change after 1");
+        assert_eq!(
+            (behind.version, entry_versions(&behind)),
+            (5, vec![2, 3, 4, 5]),
+            "one behind the shared read reads what it missed itself"
+        );
     }
 }

@@ -42,7 +42,9 @@ impl PathResource for Transfer {
 pub(crate) type TransferId = PathId<Transfer>;
 
 /// A transfer and how far it got.
-#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject)]
+#[derive(
+    Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject,
+)]
 #[graphql(name = "Transfer")]
 pub(crate) struct TransferView {
     pub(crate) id: Uuid,

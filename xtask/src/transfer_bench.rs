@@ -31,9 +31,10 @@ pub(crate) struct Options {
     /// Closed-loop clients of the deposit and saturating transfer runs.
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// Transfers per second of the steady run.
-    #[arg(long, default_value_t = 100)]
-    rate: u64,
+    /// Transfers per second of the steady run; by default 80% of what the saturating run
+    /// completed per second.
+    #[arg(long)]
+    rate: Option<u64>,
 }
 
 pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
@@ -78,13 +79,17 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
 
     println!("deposits, {clients} clients, {seconds} s...");
     let deposits = load.closed_loop(&accounts, clients, seconds, false).await;
-    // The steady rate first, on a quiet system; the saturating run leaves a backlog behind.
-    println!("transfers at {rate}/s for {seconds} s...");
-    let steady = load.fixed_rate(&accounts, rate, seconds).await;
-    let steady_ends = settled(&pool, &steady.sent).await?;
     println!("transfers, {clients} clients, {seconds} s...");
     let saturated = load.closed_loop(&accounts, clients, seconds, true).await;
     let saturated_ends = settled(&pool, &saturated.sent).await?;
+    let rate = match rate {
+        Some(rate) => rate,
+        None => (completed_per_second(&saturated, &saturated_ends)? * 0.8) as u64,
+    }
+    .max(1);
+    println!("transfers at {rate}/s for {seconds} s...");
+    let steady = load.fixed_rate(&accounts, rate, seconds).await;
+    let steady_ends = settled(&pool, &steady.sent).await?;
     let outcomes = outcomes(&pool).await?;
     launch::stop(&mut services).await;
     drop(broker);
@@ -97,10 +102,12 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     writeln!(
         out,
         "{}; broker nisshi 0.8.1 (memory storage) on the same machine. `cargo xtask bench transfers \
-         --seconds {seconds} --clients {clients} --rate {rate}`: command-api (with its relay), \
+         --seconds {seconds} --clients {clients}`: command-api (with its relay), \
          `command-api process-transfers` and the projector as release processes; {ACCOUNTS} accounts \
          funded well enough that every transfer completes. Closed-loop clients send as fast as they are \
-         answered; \"end to end\" is from sending the request to the transfer's final event being \
+         answered (a refused one waits its `Retry-After`); the steady run sends at a fixed rate, 80% of \
+         what the saturating run completed per second unless `--rate` is given. \"End to end\" is from \
+         sending the request to the transfer's final event being \
          recorded (its `recorded_at` in the event store, same clock). A transfer is five appends in \
          four statements (request; debit; debited; credit; credited + completed) and two trips through \
          Kafka; a deposit is one append.\n",
@@ -108,7 +115,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "| workload | requests/s | completed/s | request p50 / p99 ms | end to end p50 / p99 ms |"
+        "| workload | accepted/s | completed/s | request p50 / p99 ms | end to end p50 / p99 ms |"
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     let mut request = deposits.latencies.clone();
@@ -122,12 +129,12 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         percentile_ms(&request, 0.99),
     )?;
     for (name, run, ends) in [
-        (format!("transfers at {rate}/s"), &steady, &steady_ends),
         (
             format!("transfers, {clients} clients"),
             &saturated,
             &saturated_ends,
         ),
+        (format!("transfers at {rate}/s"), &steady, &steady_ends),
     ] {
         let mut request = run.latencies.clone();
         request.sort_unstable();
@@ -140,23 +147,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             })
             .collect();
         end_to_end.sort_unstable();
-        let first = run
-            .sent
-            .iter()
-            .map(|(_, at)| *at)
-            .min()
-            .context("no transfers")?;
-        let last = ends
-            .values()
-            .max()
-            .copied()
-            .context("no transfer settled")?;
-        let span = (last - first).to_std().unwrap_or_default().as_secs_f64();
         writeln!(
             out,
             "| {name} | {:.0} | {:.0} | {:.2} / {:.2} | {:.1} / {:.1} |",
             run.sent.len() as f64 / run.elapsed.as_secs_f64(),
-            ends.len() as f64 / span.max(1e-9),
+            completed_per_second(run, ends)?,
             percentile_ms(&request, 0.50),
             percentile_ms(&request, 0.99),
             percentile_ms(&end_to_end, 0.50),
@@ -165,11 +160,15 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "\nOutcomes: {} completed, {} rejected, {} failed; transfer requests refused: {}.",
+        "\nOutcomes: {} completed, {} rejected, {} failed. Transfer requests refused with 503 \
+         and `Retry-After` (too many in flight; the clients waited as told): {} at {rate}/s, {} \
+         with {clients} clients. Requests that failed otherwise: {}.",
         outcomes.get("TransferCompleted").unwrap_or(&0),
         outcomes.get("TransferRejected").unwrap_or(&0),
         outcomes.get("TransferFailed").unwrap_or(&0),
-        saturated.failed + steady.failed,
+        steady.refused,
+        saturated.refused,
+        saturated.failed + steady.failed + deposits.failed,
     )?;
     println!("{out}");
     write_section("transfers", &out)?;
@@ -185,12 +184,22 @@ struct Load {
 }
 
 /// What a load run sent: each transfer (or deposit) id with the moment it was sent, the
-/// request latencies in microseconds, refused requests, and how long the run took.
+/// request latencies in microseconds, requests refused with `Retry-After` and requests that
+/// failed otherwise, and how long the run took.
 struct Run {
     sent: Vec<(Uuid, DateTime<Utc>)>,
     latencies: Vec<u32>,
+    refused: usize,
     failed: usize,
     elapsed: Duration,
+}
+
+/// How the command API answered one request.
+enum Sent {
+    Accepted(Uuid),
+    /// 503 with `Retry-After`: too many transfers in flight; try again after the wait.
+    Refused(Duration),
+    Failed,
 }
 
 impl Load {
@@ -210,7 +219,7 @@ impl Load {
     }
 
     /// One request: a transfer between two accounts picked by `n`, or a deposit into one.
-    async fn send(&self, accounts: &[Uuid], n: usize, transfer: bool) -> Option<Uuid> {
+    async fn send(&self, accounts: &[Uuid], n: usize, transfer: bool) -> Sent {
         let from = accounts[n % accounts.len()];
         let to = accounts[(n * 7 + 1) % accounts.len()];
         let request = if transfer && from != to {
@@ -222,21 +231,29 @@ impl Load {
                 .post(format!("{}/v1/accounts/{from}/deposits", self.base))
                 .json(&json!({"amount": 1, "currency": "EUR"}))
         };
-        let reply: serde_json::Value = request
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .ok()?
-            .error_for_status()
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let Ok(response) = request.bearer_auth(&self.token).send().await else {
+            return Sent::Failed;
+        };
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok()?.parse().ok());
+            if let Some(seconds) = wait {
+                return Sent::Refused(Duration::from_secs(seconds));
+            }
+        }
+        let Ok(response) = response.error_for_status() else {
+            return Sent::Failed;
+        };
+        let Ok(reply) = response.json::<serde_json::Value>().await else {
+            return Sent::Failed;
+        };
         reply["transfer_id"]
             .as_str()
-            .or(reply["account_id"].as_str())?
-            .parse()
-            .ok()
+            .or(reply["account_id"].as_str())
+            .and_then(|id| id.parse().ok())
+            .map_or(Sent::Failed, Sent::Accepted)
     }
 
     async fn closed_loop(
@@ -251,31 +268,38 @@ impl Load {
         let workers = (0..clients).map(|worker| async move {
             let mut sent = Vec::new();
             let mut latencies = Vec::new();
-            let mut failed = 0;
+            let (mut refused, mut failed) = (0, 0);
             let mut n = worker;
             while Instant::now() < deadline {
                 let at = Utc::now();
                 let began = Instant::now();
                 match self.send(accounts, n, transfer).await {
-                    Some(id) => {
+                    Sent::Accepted(id) => {
                         latencies.push(began.elapsed().as_micros() as u32);
                         sent.push((id, at));
                     }
-                    None => failed += 1,
+                    // As a client should: it waits as told, then sends the next one.
+                    Sent::Refused(wait) => {
+                        refused += 1;
+                        tokio::time::sleep(wait.min(deadline - Instant::now())).await;
+                    }
+                    Sent::Failed => failed += 1,
                 }
                 n += clients;
             }
-            (sent, latencies, failed)
+            (sent, latencies, refused, failed)
         });
         let mut run = Run {
             sent: Vec::new(),
             latencies: Vec::new(),
+            refused: 0,
             failed: 0,
             elapsed: Duration::ZERO,
         };
-        for (sent, latencies, failed) in futures::future::join_all(workers).await {
+        for (sent, latencies, refused, failed) in futures::future::join_all(workers).await {
             run.sent.extend(sent);
             run.latencies.extend(latencies);
+            run.refused += refused;
             run.failed += failed;
         }
         run.elapsed = started.elapsed();
@@ -294,29 +318,47 @@ impl Load {
             requests.spawn(async move {
                 let at = Utc::now();
                 let began = Instant::now();
-                load.send(&accounts, n, true)
-                    .await
-                    .map(|id| (id, at, began.elapsed().as_micros() as u32))
+                let sent = load.send(&accounts, n, true).await;
+                (sent, at, began.elapsed().as_micros() as u32)
             });
         }
         let mut run = Run {
             sent: Vec::new(),
             latencies: Vec::new(),
+            refused: 0,
             failed: 0,
             elapsed: Duration::ZERO,
         };
         while let Some(result) = requests.join_next().await {
-            match result.ok().flatten() {
-                Some((id, at, latency)) => {
+            match result {
+                Ok((Sent::Accepted(id), at, latency)) => {
                     run.sent.push((id, at));
                     run.latencies.push(latency);
                 }
-                None => run.failed += 1,
+                Ok((Sent::Refused(_), ..)) => run.refused += 1,
+                Ok((Sent::Failed, ..)) | Err(_) => run.failed += 1,
             }
         }
         run.elapsed = started.elapsed();
         run
     }
+}
+
+/// Transfers of `run` completed per second, from the first request to the last final event.
+fn completed_per_second(run: &Run, ends: &HashMap<Uuid, DateTime<Utc>>) -> anyhow::Result<f64> {
+    let first = run
+        .sent
+        .iter()
+        .map(|(_, at)| *at)
+        .min()
+        .context("no transfers")?;
+    let last = ends
+        .values()
+        .max()
+        .copied()
+        .context("no transfer settled")?;
+    let span = (last - first).to_std().unwrap_or_default().as_secs_f64();
+    Ok(ends.len() as f64 / span.max(1e-9))
 }
 
 /// Waits until every transfer of `sent` is final and returns when each final event was recorded.

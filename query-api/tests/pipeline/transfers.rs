@@ -2,10 +2,13 @@
 //! the accounts, the projector shows them. Every path, then conservation under chaos.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use service_kit::db::ServiceRole;
+use service_kit::testing;
 use uuid::Uuid;
 
 use crate::system::{System, TENANT, problem, token};
@@ -558,4 +561,91 @@ async fn a_transfer_that_makes_no_progress_is_shown_stalled_until_it_settles() {
     let settled = settled(&system, id).await;
     assert_eq!(settled["status"], "completed");
     assert_eq!(settled["stalled"], false, "{settled}");
+}
+
+#[tokio::test]
+async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_once_they_settle() {
+    let mut system = System::start().await;
+    let from = funded(&system, "EUR", 100_000).await;
+    let to = funded(&system, "EUR", 0).await;
+    system.kill_process_manager().await;
+    // A command API of the same system that admits three transfers in flight.
+    let limited = command_api::Application::build(command_api::Config {
+        query_api_url: system.queries.clone(),
+        max_transfers_in_flight: NonZeroUsize::new(3).unwrap(),
+        ..command_api::Config::for_tests(
+            system.database.config_as(ServiceRole::Writer),
+            testing::auth(),
+        )
+    })
+    .await
+    .unwrap();
+    let limited_url = format!("http://127.0.0.1:{}/v1/transfers", limited.port());
+    tokio::spawn(limited.run_until_stopped(std::future::pending()));
+    let client = system.client.clone();
+    let request = || async {
+        let response = client
+            .post(&limited_url)
+            .bearer_auth(token(TENANT, &["teller"]))
+            .json(&json!({"from_account": from, "to_account": to, "amount": 1,
+                          "currency": "EUR", "reference": "test"}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let retry_after = response.headers().get("retry-after").cloned();
+        (status, retry_after, response.json::<Value>().await.unwrap())
+    };
+
+    // Nothing completes them now: the requests pile up until the limit is seen, back to back.
+    let mut accepted = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (retry_after, refusal) = loop {
+        match request().await {
+            (StatusCode::ACCEPTED, _, body) => {
+                accepted.push(body["transfer_id"].as_str().unwrap().to_owned());
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, retry_after, body) => break (retry_after, body),
+            (status, _, body) => panic!("{status}: {body}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still admitted after {} transfers",
+            accepted.len()
+        );
+    };
+    assert_eq!(problem(&refusal), "overloaded", "{refusal}");
+    assert_eq!(retry_after.unwrap(), "1");
+    assert!(
+        accepted.len() >= 3,
+        "refused before the limit: {accepted:?}"
+    );
+    let streams: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'transfer'",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        streams,
+        accepted.len() as i64,
+        "a refused request recorded nothing"
+    );
+
+    system.start_process_manager().await;
+    for id in &accepted {
+        assert_eq!(
+            settled(&system, id.parse().unwrap()).await["status"],
+            "completed"
+        );
+    }
+    let admitted = eventually(Duration::from_secs(10), || async {
+        match request().await {
+            (StatusCode::ACCEPTED, _, body) => Ok(body),
+            (status, _, body) => Err(format!("{status}: {body}")),
+        }
+    })
+    .await;
+    let id = admitted["transfer_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(settled(&system, id).await["status"], "completed");
 }
