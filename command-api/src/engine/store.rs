@@ -141,6 +141,9 @@ impl<A: History<Event: StoredEvent> + Default + Clone + 'static> Store<A> {
     /// The stream's latest state: its snapshot, if one of the current shape fits the stream,
     /// with the events after it folded in.
     pub(crate) async fn load(&self, aggregate_id: &str) -> Result<Versioned<A>, LoadError> {
+        // Counted as it begins: a load costs reads whether or not it finishes, and a stream
+        // loaded again and again is one whose cached state keeps being lost.
+        metrics::counter!("ledger_stream_loads_total", "aggregate" => A::TYPE).increment(1);
         let mut state = self.snapshot(aggregate_id).await?.unwrap_or_default();
         let folded = self.catch_up(aggregate_id, &mut state).await?;
         if folded >= self.snapshot_every.get() {

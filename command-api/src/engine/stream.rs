@@ -604,11 +604,14 @@ fn fail<A: Aggregate>(waiters: Vec<Waiter<A>>, err: CommandError) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use domain::{
         AccountEvent, Amount, Currency, OverdraftLimit, Owner, StepOutcome, TransferDecline,
         TransferStep,
     };
-    use service_kit::testing::TestDatabase;
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+    use service_kit::testing::{TestDatabase, eventually};
 
     use super::super::append::Appender;
     use super::*;
@@ -648,7 +651,7 @@ mod tests {
 
     /// What `waiter` was told, within a bound: a waiter nobody answers fails the test.
     async fn answer(answered: oneshot::Receiver<Answer<AccountEvent>>) -> Answer<AccountEvent> {
-        tokio::time::timeout(std::time::Duration::from_secs(5), answered)
+        tokio::time::timeout(Duration::from_secs(5), answered)
             .await
             .expect("the waiter is answered")
             .expect("the group answers rather than dropping the waiter")
@@ -946,60 +949,221 @@ mod tests {
         );
     }
 
-    /// A client that hangs up while its command is being appended cancels nothing: the
-    /// command commits and the stream's state stays cached at the new version, so the next
-    /// command reads nothing from the store.
-    #[tokio::test]
-    async fn a_command_whose_caller_hangs_up_mid_append_still_commits_and_stays_cached() {
-        let db = TestDatabase::create().await;
-        let streams = streams(&db);
-        let id = Uuid::new_v4();
-        open(&streams, id).await;
-        // Holds the next INSERT until this transaction ends.
+    /// `command` on a stream of tenant `acme`, as a handler asks for it.
+    fn request(command: &AccountCommand) -> Request<'_, Account> {
+        Request {
+            command,
+            expected_version: None,
+            metadata: r#"{"tenant":"acme"}"#,
+            key: None,
+            new: false,
+        }
+    }
+
+    /// The account streams loaded so far as `recorder` counted them.
+    fn loads(recorder: &PrometheusRecorder) -> u64 {
+        recorder
+            .handle()
+            .render()
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(r#"ledger_stream_loads_total{aggregate="account"} "#)
+            })
+            .map_or(0, |count| count.parse().expect("a counter's value"))
+    }
+
+    /// A transaction that holds `table` in lock `mode` until it ends.
+    async fn lock_table(
+        db: &TestDatabase,
+        table: &str,
+        mode: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
         let mut blocker = db.pool.begin().await.unwrap();
-        sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")
+        sqlx::query(&format!("LOCK TABLE {table} IN {mode} MODE"))
             .execute(&mut *blocker)
             .await
             .unwrap();
-        let command = deposit();
-        let turn = streams.take_turn(
-            id,
-            Request {
-                command: &command,
-                expected_version: None,
-                metadata: r#"{"tenant":"acme"}"#,
-                key: None,
-                new: false,
-            },
-        );
-        let waiting_insert = || async {
+        blocker
+    }
+
+    /// Resolves once a statement of this test's database that contains `statement` waits
+    /// for a lock.
+    async fn blocked(db: &TestDatabase, statement: &str) {
+        eventually(Duration::from_secs(5), || async {
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO events%'",
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND position($1 in query) > 0",
             )
+            .bind(statement)
             .fetch_one(&db.pool)
             .await
             .map_err(|err| err.to_string())?;
             match waiting {
-                1 => Ok(()),
-                _ => Err(format!("{waiting} inserts waiting")),
+                0 => Err(format!("no statement with {statement:?} waits")),
+                _ => Ok(()),
             }
-        };
-        // The caller gives up once its command's INSERT is waiting on the lock.
+        })
+        .await;
+    }
+
+    /// Starts a deposit on `id` and drops it, as axum drops the handler of a client that hung
+    /// up, once a statement that contains `statement` waits for a lock.
+    async fn hang_up_when_blocked(
+        db: &TestDatabase,
+        streams: &Arc<Streams<Account>>,
+        id: Uuid,
+        statement: &str,
+    ) {
+        let command = deposit();
         tokio::select! {
-            _ = turn => panic!("the append finished while the table was locked"),
-            () = service_kit::testing::eventually(std::time::Duration::from_secs(5), waiting_insert) => {}
+            _ = streams.take_turn(id, request(&command)) => {
+                panic!("the command finished while the store was locked")
+            }
+            () = blocked(db, statement) => {}
         }
+    }
+
+    /// What `turn` answered, within a bound: a stream whose lock nobody lets go fails the test.
+    async fn version_committed(
+        turn: impl Future<Output = Result<Answer<AccountEvent>, CommandError>>,
+    ) -> u64 {
+        match tokio::time::timeout(Duration::from_secs(5), turn)
+            .await
+            .expect("the command got its turn")
+        {
+            Ok(Answer::Done(Ok(Appended { version, .. }))) => version,
+            Ok(Answer::Done(Err(err))) | Err(err) => panic!("the command failed: {err:?}"),
+            Ok(Answer::Retry { .. }) => panic!("the command was told to retry"),
+        }
+    }
+
+    /// Asserts that stream `id` holds `deposits` deposits in the store and that its cached
+    /// state, once no group holds it, is at the stored version.
+    async fn assert_cached_as_stored(
+        db: &TestDatabase,
+        streams: &Arc<Streams<Account>>,
+        id: Uuid,
+        deposits: i64,
+    ) {
+        let (version, stored_deposits): (i64, i64) = sqlx::query_as(
+            "SELECT max(sequence), count(*) FILTER (WHERE event_type = 'MoneyDeposited')
+               FROM events WHERE aggregate_id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(stored_deposits, deposits);
+        let slot = tokio::time::timeout(Duration::from_secs(5), streams.lock(&id.to_string()))
+            .await
+            .expect("the stream's lock is let go");
+        assert_eq!(
+            slot.as_ref().map(|cached| cached.version),
+            Some(version as u64)
+        );
+    }
+
+    /// A client that hangs up while its stream is being loaded cancels nothing: the load
+    /// finishes and is cached, the command (which no group had taken yet) is not applied, and
+    /// the next command loads nothing.
+    #[tokio::test]
+    async fn a_client_hanging_up_during_a_load_leaves_the_loaded_state_cached() {
+        // This test's own count: a `#[tokio::test]` runs the tasks it spawns on its thread.
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let db = TestDatabase::create().await;
+        let id = Uuid::new_v4();
+        open(&streams(&db), id).await;
+        let cold = streams(&db);
+        let loads_before = loads(&recorder);
+
+        let blocker = lock_table(&db, "snapshots", "ACCESS EXCLUSIVE").await;
+        hang_up_when_blocked(&db, &cold, id, "FROM snapshots").await;
         blocker.commit().await.unwrap();
 
-        let slot = streams.lock(&id.to_string()).await;
-        let cached = slot.as_ref().expect("the state is still cached");
-        assert_eq!(cached.version, 2);
-        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        assert_eq!(stored, 2);
+        let command = deposit();
+        assert_eq!(
+            version_committed(cold.take_turn(id, request(&command))).await,
+            2
+        );
+        assert_eq!(
+            loads(&recorder) - loads_before,
+            1,
+            "the stream was loaded again"
+        );
+        assert_cached_as_stored(&db, &cold, id, 1).await;
+    }
+
+    /// A client that hangs up while its command is being appended cancels nothing: the
+    /// command commits, the stream's state stays cached at the new version, and the command
+    /// queued behind it gets the lock and loads nothing.
+    #[tokio::test]
+    async fn a_client_hanging_up_mid_append_leaves_its_command_committed_and_cached() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+        let loads_before = loads(&recorder);
+
+        let blocker = lock_table(&db, "events", "EXCLUSIVE").await;
+        hang_up_when_blocked(&db, &streams, id, "INSERT INTO events").await;
+        let command = deposit();
+        let next = streams.take_turn(id, request(&command));
+        tokio::pin!(next);
+        // Queued while the hung-up command's group still holds the stream.
+        assert!(futures::poll!(&mut next).is_pending());
+        blocker.commit().await.unwrap();
+
+        assert_eq!(version_committed(next).await, 3);
+        assert_eq!(
+            loads(&recorder),
+            loads_before,
+            "the stream was loaded again"
+        );
+        assert_cached_as_stored(&db, &streams, id, 2).await;
+    }
+
+    /// A client that hangs up while its command waits for the stream's lock leaves nothing
+    /// behind: the group before it commits, the next group drops the command unapplied, and
+    /// nothing is loaded.
+    #[tokio::test]
+    async fn a_client_hanging_up_while_waiting_for_its_turn_changes_nothing() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let db = TestDatabase::create().await;
+        let streams = streams(&db);
+        let id = Uuid::new_v4();
+        open(&streams, id).await;
+        let loads_before = loads(&recorder);
+
+        let blocker = lock_table(&db, "events", "EXCLUSIVE").await;
+        let command = deposit();
+        let appending = streams.take_turn(id, request(&command));
+        tokio::pin!(appending);
+        tokio::select! {
+            _ = &mut appending => panic!("the command finished while the store was locked"),
+            () = blocked(&db, "INSERT INTO events") => {}
+        }
+        // Queued behind the appending group, then gone before that group lets go.
+        let mut waiting = Box::pin(streams.take_turn(id, request(&command)));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        drop(waiting);
+        blocker.commit().await.unwrap();
+
+        assert_eq!(version_committed(appending).await, 2);
+        assert_eq!(
+            version_committed(streams.take_turn(id, request(&command))).await,
+            3
+        );
+        assert_eq!(
+            loads(&recorder),
+            loads_before,
+            "the stream was loaded again"
+        );
+        assert_cached_as_stored(&db, &streams, id, 2).await;
     }
 
     /// Ids that answer "not found" take no cache slot, so probing random ids cannot evict
