@@ -8,6 +8,7 @@
 //! - `audit`: the auditors' routes, which read the event store itself, never a read model.
 //! - `graphql`: `/graphql`, the same reads as GraphQL queries, and live subscriptions.
 //! - `error`: the one error type and its mapping to problem+json (and GraphQL errors).
+//! - `versions`: the accounts' current versions as the projector's notifications tell them.
 //!
 //! Every query is scoped to the caller's tenant. [`Application::build`] starts exactly what
 //! production starts; tests call it with port 0.
@@ -35,6 +36,7 @@ mod contract;
 mod error;
 mod graphql;
 mod transfers;
+mod versions;
 
 pub use config::Config;
 
@@ -53,6 +55,8 @@ pub(crate) struct AppState {
     /// Every committed read-model change, for the subscriptions. Bounded: a subscriber that
     /// falls `graphql.subscriber_buffer` changes behind is dropped, nobody waits for it.
     changes: Arc<graphql::Changes>,
+    /// The accounts' versions as notified, to answer `If-None-Match` without a read.
+    known: Arc<versions::KnownVersions>,
     /// `/graphql`'s limits and switches.
     graphql: GraphqlConfig,
     /// The WebSocket connections each tenant holds, against `graphql.connections_per_tenant`.
@@ -88,23 +92,34 @@ pub enum StartError {
     },
 }
 
-/// Turns the projector's notifications into bumps of `projected` and changes for the
-/// subscriptions, until no one listens. One connection for the whole process, however many
-/// subscribers. Reconnects after a failure; waiters also poll slowly, so a gap only costs
-/// latency (a subscriber gets the change with the next one of its account).
+/// Turns the projector's notifications into bumps of `projected`, changes for the
+/// subscriptions and known versions, until no one listens. One connection for the whole
+/// process, however many subscribers. Reconnects after a failure; waiters also poll slowly, so
+/// a gap only costs latency (a subscriber gets the change with the next one of its account),
+/// and the known versions are forgotten, since the gap's changes are not in them.
 async fn watch_projections(
     pool: PgPool,
     projected: tokio::sync::watch::Sender<u64>,
     changes: Arc<graphql::Changes>,
+    known: Arc<versions::KnownVersions>,
 ) {
     while !projected.is_closed() {
         let listening = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(db::channels::READ_MODELS_CHANGED).await?;
+            known.listening();
             loop {
-                let notification = listener.recv().await?;
+                // `None`: the connection was lost and the listener listens again on a new
+                // one; what was notified in between is lost.
+                let Some(notification) = listener.try_recv().await? else {
+                    known.listening();
+                    continue;
+                };
                 match serde_json::from_str::<ReadModelChange>(notification.payload()) {
-                    Ok(change) => changes.publish(change),
+                    Ok(change) => {
+                        known.record(&change);
+                        changes.publish(change);
+                    }
                     Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
                 }
                 projected.send_modify(|changes| *changes += 1);
@@ -114,6 +129,7 @@ async fn watch_projections(
             result = listening => result,
             () = projected.closed() => return,
         };
+        known.deaf();
         if let Err(err) = result {
             tracing::warn!(error = %err, "listening for projections failed; retrying");
         }
@@ -146,10 +162,12 @@ impl Application {
         db::migrate(&pool).await?;
         let (projected_tx, projected) = tokio::sync::watch::channel(0);
         let changes = Arc::new(graphql::Changes::new(config.graphql.subscriber_buffer));
+        let known = Arc::new(versions::KnownVersions::new(versions::CAPACITY));
         tokio::spawn(watch_projections(
             pool.clone(),
             projected_tx,
             changes.clone(),
+            known.clone(),
         ));
         let auth = Arc::new(Authenticator::new(&config.auth)?);
         let ops = OpsServer::bind(
@@ -170,6 +188,7 @@ impl Application {
             transfer_stalled_after: config.transfer_stalled_after,
             projected,
             changes,
+            known,
             graphql: config.graphql,
             tenant_connections: Arc::default(),
         };

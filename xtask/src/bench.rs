@@ -91,6 +91,8 @@ pub(crate) enum Bench {
     Scale(crate::scale_bench::Options),
     /// GraphQL subscribers under a steady deposit load; GraphQL against REST reads.
     Graphql(crate::graphql_bench::Options),
+    /// Account reads through the query API against pgbench; CPU per read.
+    Reads(crate::reads_bench::Options),
 }
 
 /// `cargo xtask bench commands`
@@ -130,6 +132,7 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<()> {
         Bench::Transfers(options) => crate::transfer_bench::run(options).await,
         Bench::Scale(options) => crate::scale_bench::run(options).await,
         Bench::Graphql(options) => crate::graphql_bench::run(options).await,
+        Bench::Reads(options) => crate::reads_bench::run(options).await,
     }
 }
 
@@ -210,7 +213,7 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
             )
             .await,
         );
-        runs.push(pgbench(database.url.expose_secret(), concurrency, seconds).await?);
+        runs.push(pgbench_insert(database.url.expose_secret(), concurrency, seconds).await?);
     }
     let long_stream = load(
         &client,
@@ -505,19 +508,44 @@ async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     results
 }
 
+/// The INSERT of [`pgbench_insert`]: one ~300-byte event row, autocommitted.
+pub(crate) const PGBENCH_INSERT: &str = "INSERT INTO pgbench_events VALUES ('account', md5(random()::text), 1, 'MoneyDeposited', '1', \
+     '{\"MoneyDeposited\":{\"amount\":100,\"currency\":\"EUR\",\"balance_after\":12300}}', \
+     '{\"tenant\":\"bench\",\"actor\":\"bench\",\"correlation_id\":\"0b4c3a8e-6d2f-4f6e-9a59-1f0d3c5e7a21\",\
+     \"causation_id\":\"0b4c3a8e-6d2f-4f6e-9a59-1f0d3c5e7a21\",\"request_id\":\"0b4c3a8e-6d2f-4f6e-9a59-1f0d3c5e7a21\"}');\n";
+
 /// pgbench inserting one event-sized row (~300 bytes) per transaction into a table with the
 /// event store's columns and primary key.
-async fn pgbench(url: &str, concurrency: usize, seconds: u64) -> anyhow::Result<Run> {
+pub(crate) async fn pgbench_insert(
+    url: &str,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<Run> {
+    pgbench(
+        url,
+        concurrency,
+        seconds,
+        PGBENCH_INSERT,
+        &[],
+        "pgbench: INSERT one ~300-byte event row",
+    )
+    .await
+}
+
+/// pgbench running `script` (with `options`, e.g. the query protocol) for `seconds` on
+/// `concurrency` connections, one transaction per run of the script.
+pub(crate) async fn pgbench(
+    url: &str,
+    concurrency: usize,
+    seconds: u64,
+    script: &str,
+    options: &[&str],
+    label: &str,
+) -> anyhow::Result<Run> {
     let dir = std::env::temp_dir().join(format!("ledger-pgbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let script = dir.join("insert.sql");
-    std::fs::write(
-        &script,
-        "INSERT INTO pgbench_events VALUES ('account', md5(random()::text), 1, 'MoneyDeposited', '1', \
-         '{\"MoneyDeposited\":{\"amount\":100,\"currency\":\"EUR\",\"balance_after\":12300}}', \
-         '{\"tenant\":\"bench\",\"actor\":\"bench\",\"correlation_id\":\"0b4c3a8e-6d2f-4f6e-9a59-1f0d3c5e7a21\",\
-         \"causation_id\":\"0b4c3a8e-6d2f-4f6e-9a59-1f0d3c5e7a21\",\"request_id\":\"0b4c3a8e-6d2f-4f6e-9a59-1f0d3c5e7a21\"}');\n",
-    )?;
+    let script_path = dir.join("script.sql");
+    std::fs::write(&script_path, script)?;
     let output = Command::new("pgbench")
         .current_dir(&dir)
         .args([
@@ -529,9 +557,10 @@ async fn pgbench(url: &str, concurrency: usize, seconds: u64) -> anyhow::Result<
             "-T",
             &seconds.to_string(),
             "-l",
-            "-f",
         ])
-        .arg(&script)
+        .args(options)
+        .arg("-f")
+        .arg(&script_path)
         .arg(url)
         .output()
         .await
@@ -560,14 +589,14 @@ async fn pgbench(url: &str, concurrency: usize, seconds: u64) -> anyhow::Result<
     std::fs::remove_dir_all(&dir)?;
     latencies.sort_unstable();
     Ok(Run {
-        label: "pgbench: INSERT one ~300-byte event row".into(),
+        label: label.into(),
         concurrency,
         ok: latencies.len(),
         errors: 0,
         server_errors: 0,
         elapsed: Duration::from_secs(seconds),
         latencies,
-        // One row per transaction: the script's one INSERT, autocommitted.
+        // One transaction per run of the script, autocommitted.
         events_per_commit: Some(1.0),
     })
 }

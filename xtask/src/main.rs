@@ -8,8 +8,8 @@
 //! - `test`: prepare what the tests need (Postgres, a broker) and run them.
 //! - `fuzz`: schema-driven HTTP fuzzing of both APIs (schemathesis).
 //! - `chaos`: faults under load, and the checks that nothing was lost; writes `RELIABILITY.md`.
-//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`, `scale_bench`, `graphql_bench`:
-//!   benchmarks that write `BENCHMARKS.md`.
+//! - `bench`, `pipeline_bench`, `audit_bench`, `transfer_bench`, `scale_bench`, `graphql_bench`,
+//!   `reads_bench`: benchmarks that write `BENCHMARKS.md`.
 //! - `config_reference`: README.md's configuration table.
 //! - `python`: the project's Python tools, in a venv of its own at pinned versions.
 
@@ -28,6 +28,7 @@ mod graphql_bench;
 mod launch;
 mod pipeline_bench;
 mod python;
+mod reads_bench;
 mod scale_bench;
 mod test;
 mod transfer_bench;

@@ -9,6 +9,7 @@ mod graphiql;
 mod graphql;
 mod loop_;
 mod queries;
+mod reads;
 mod rebuild;
 mod system;
 mod tenants;

@@ -1,0 +1,273 @@
+//! `GET /v1/accounts/{id}` in one round trip behind both tenant walls, and `If-None-Match`
+//! answered from the projector's notifications. The query API alone on a database of its own:
+//! rows are written as the projector writes them, and notified as it notifies them
+//! (`notify_changed`), so no broker is needed.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use service_kit::db::ServiceRole;
+use service_kit::db::channels::{ReadModel, notify_changed};
+use service_kit::testing::{self, TestDatabase, eventually};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::system::{TENANT, token};
+
+struct QueryApi {
+    database: TestDatabase,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl QueryApi {
+    async fn start() -> Self {
+        let database = TestDatabase::create().await;
+        let api = query_api::Application::build(query_api::Config::for_tests(
+            database.config_as(ServiceRole::TenantReader),
+            testing::auth(),
+        ))
+        .await
+        .expect("start the query API");
+        let base = format!("http://127.0.0.1:{}", api.port());
+        tokio::spawn(api.run_until_stopped(std::future::pending()));
+        Self {
+            database,
+            base,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.database.pool
+    }
+
+    /// The status and `ETag` of `tenant` reading `path`, sending `If-None-Match: "tag"`.
+    async fn get(&self, tenant: &str, path: &str, tag: Option<i64>) -> (StatusCode, String) {
+        let mut request = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token(tenant, &["viewer"]));
+        if let Some(tag) = tag {
+            request = request.header("if-none-match", format!("\"{tag}\""));
+        }
+        let response = request.send().await.unwrap();
+        let etag = response
+            .headers()
+            .get("etag")
+            .map(|value| value.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (response.status(), etag)
+    }
+}
+
+/// Writes account `id` of `tenant` at `version`, as the projector would; tells the query API
+/// (in the same transaction, as the projector does) if `notify`.
+async fn project(pool: &PgPool, tenant: &str, id: Uuid, version: i64, notify: bool) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO accounts (id, tenant, owner, currency, overdraft_limit, balance, status,
+                               version, opened_at, updated_at)
+         VALUES ($1, $2, 'Ada', 'EUR', 0, 0, 'active', $3, now(), now())
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(version)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    if notify {
+        notify_changed(&mut tx, ReadModel::Account, &[id])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// What `ledger_account` returns for `tenant` and `id` when called on `connection`.
+async fn read_through_function(
+    connection: &mut sqlx::PgConnection,
+    tenant: &str,
+    id: Uuid,
+) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT id FROM ledger_account($1, $2)")
+        .bind(tenant)
+        .bind(id)
+        .fetch_all(connection)
+        .await
+        .unwrap()
+}
+
+/// The role and the tenant setting of `connection`'s session.
+async fn session(connection: &mut sqlx::PgConnection) -> (String, Option<String>) {
+    sqlx::query_as("SELECT current_user::text, nullif(current_setting('ledger.tenant', true), '')")
+        .fetch_one(connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
+    let api = QueryApi::start().await;
+    let (mine, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+    project(api.pool(), TENANT, mine, 3, false).await;
+    project(api.pool(), "globex", theirs, 2, false).await;
+    let path = |id: Uuid| format!("/v1/accounts/{id}");
+
+    assert_eq!(
+        api.get(TENANT, &path(mine), None).await,
+        (StatusCode::OK, "\"3\"".into())
+    );
+    assert_eq!(
+        api.get(TENANT, &path(theirs), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.get("globex", &path(theirs), None).await.0,
+        StatusCode::OK
+    );
+
+    // Row-level security is a wall of its own under the function, even for a caller that
+    // would bypass it (the owner here is a superuser): a policy that shows nothing hides the
+    // row its own filter would find.
+    let mut owner = api.pool().acquire().await.unwrap();
+    assert_eq!(
+        read_through_function(&mut owner, TENANT, mine).await,
+        [mine]
+    );
+    sqlx::query("ALTER POLICY tenant_rows ON accounts USING (false)")
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    assert!(
+        read_through_function(&mut owner, TENANT, mine)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        api.get(TENANT, &path(mine), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    sqlx::query(
+        "ALTER POLICY tenant_rows ON accounts USING (tenant = current_setting('ledger.tenant', true))",
+    )
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+
+    // Neither the role nor the tenant outlives the call on the pooled connection, not even
+    // inside the caller's transaction.
+    let before = session(&mut owner).await;
+    assert_eq!(before.1, None);
+    let mut tx = sqlx::Connection::begin(&mut *owner).await.unwrap();
+    assert_eq!(read_through_function(&mut tx, TENANT, mine).await, [mine]);
+    assert_eq!(session(&mut tx).await, before);
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        read_through_function(&mut owner, TENANT, mine).await,
+        [mine]
+    );
+    assert_eq!(session(&mut owner).await, before);
+    drop(owner);
+
+    // A rebuild swaps in a new table and drops the old; the function reads the new one.
+    projector::rebuild::rebuild(api.pool(), false)
+        .await
+        .unwrap();
+    project(api.pool(), TENANT, mine, 4, false).await;
+    assert_eq!(
+        api.get(TENANT, &path(mine), None).await,
+        (StatusCode::OK, "\"4\"".into())
+    );
+}
+
+#[tokio::test]
+async fn if_none_match_is_answered_from_the_notified_version_for_its_tenant_only() {
+    let api = QueryApi::start().await;
+    let id = Uuid::new_v4();
+    let path = format!("/v1/accounts/{id}");
+    let within = Duration::from_secs(30);
+
+    // Never notified: read, and answered by what the row says.
+    project(api.pool(), TENANT, id, 3, false).await;
+    assert_eq!(
+        api.get(TENANT, &path, Some(3)).await,
+        (StatusCode::NOT_MODIFIED, "\"3\"".into())
+    );
+    project(api.pool(), TENANT, id, 4, false).await;
+    assert_eq!(
+        api.get(TENANT, &path, Some(3)).await,
+        (StatusCode::OK, "\"4\"".into())
+    );
+
+    // Notified at 4, then changed to 5 behind the query API's back: a 304 for "4" can only
+    // come from the notification, since the row says 5.
+    project(api.pool(), TENANT, id, 4, true).await;
+    project(api.pool(), TENANT, id, 5, false).await;
+    eventually(within, || async {
+        match api.get(TENANT, &path, Some(4)).await {
+            (StatusCode::NOT_MODIFIED, etag) if etag == "\"4\"" => Ok(()),
+            seen => Err(format!("not yet answered from the notification: {seen:?}")),
+        }
+    })
+    .await;
+    // Another tag, another tenant, or a `min_version` past the known version: read.
+    assert_eq!(
+        api.get(TENANT, &path, Some(3)).await,
+        (StatusCode::OK, "\"5\"".into())
+    );
+    assert_eq!(
+        api.get("globex", &path, Some(4)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.get(TENANT, &format!("{path}?min_version=5"), Some(4))
+            .await,
+        (StatusCode::OK, "\"5\"".into())
+    );
+    assert_eq!(
+        api.get(TENANT, &format!("{path}?min_version=4"), Some(4))
+            .await,
+        (StatusCode::NOT_MODIFIED, "\"4\"".into())
+    );
+    assert_eq!(
+        api.get(TENANT, &format!("{path}?min_version=0"), Some(4))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+
+    // The listener's connection dies: what was notified may be stale now, so it is forgotten
+    // and the row read again.
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(api.pool())
+    .await
+    .unwrap();
+    assert_eq!(ended, [true], "one listener");
+    eventually(within, || async {
+        match api.get(TENANT, &path, Some(4)).await {
+            (StatusCode::OK, etag) if etag == "\"5\"" => Ok(()),
+            seen => Err(format!("still answered from before the gap: {seen:?}")),
+        }
+    })
+    .await;
+    // Once it listens again, notifications count again.
+    project(api.pool(), TENANT, id, 6, true).await;
+    project(api.pool(), TENANT, id, 7, false).await;
+    eventually(within, || async {
+        match api.get(TENANT, &path, Some(6)).await {
+            (StatusCode::NOT_MODIFIED, _) => Ok(()),
+            seen => {
+                // Notified before the listener was back: notify again.
+                project(api.pool(), TENANT, id, 6, true).await;
+                project(api.pool(), TENANT, id, 7, false).await;
+                Err(format!("not answered from the notification: {seen:?}"))
+            }
+        }
+    })
+    .await;
+}
