@@ -1073,7 +1073,7 @@ mod tests {
             transfer_stalled_after: Duration::from_secs(120),
             projected: watch::channel(0).1,
             changes: Arc::new(Changes::new(8)),
-            known: Arc::new(crate::versions::KnownVersions::new(8)),
+            known: Arc::new(crate::versions::KnownVersions::new(crate::versions::CAPACITY)),
             graphql: GraphqlConfig::default(),
             tenant_connections: Arc::default(),
         }
