@@ -611,14 +611,15 @@ async fn end_to_end(
     // its own schedule.
     let catching_up = Instant::now();
     while catching_up.elapsed() < Duration::from_secs(10) {
-        let seen = sightings.lock().expect("sightings lock");
-        if traces
-            .iter()
-            .all(|trace| seen.contains_key(&(trace.account, trace.version)))
-        {
+        let all_seen = {
+            let seen = sightings.lock().expect("sightings lock");
+            traces
+                .iter()
+                .all(|trace| seen.contains_key(&(trace.account, trace.version)))
+        };
+        if all_seen {
             break;
         }
-        drop(seen);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     watching_topic.abort();
