@@ -48,10 +48,11 @@ pub(crate) struct AppState {
     max_wait: Duration,
     /// How old a transfer's last step may be before the transfer is shown stalled.
     transfer_stalled_after: Duration,
-    /// Bumped whenever the projector commits a change: `min_version` waiters recheck then.
-    projected: tokio::sync::watch::Receiver<u64>,
-    /// Every committed read-model change, for the subscriptions. Bounded: a subscriber that
-    /// falls `graphql.subscriber_buffer` changes behind is dropped, nobody waits for it.
+    /// Held by every copy of the state: the projections' listener stops with the last.
+    _listening: tokio::sync::watch::Receiver<()>,
+    /// Every committed read-model change, for `min_version` waiters and the subscriptions.
+    /// Bounded: a subscriber that falls `graphql.subscriber_buffer` changes behind is dropped,
+    /// nobody waits for it.
     changes: Arc<graphql::Changes>,
     /// `/graphql`'s limits and switches.
     graphql: GraphqlConfig,
@@ -88,16 +89,17 @@ pub enum StartError {
     },
 }
 
-/// Turns the projector's notifications into bumps of `projected` and changes for the
-/// subscriptions, until no one listens. One connection for the whole process, however many
-/// subscribers. Reconnects after a failure; waiters also poll slowly, so a gap only costs
-/// latency (a subscriber gets the change with the next one of its account).
+/// Turns the projector's notifications into changes for `min_version` waiters and the
+/// subscriptions, until the state holding `lifetime`'s receivers is gone. One connection for
+/// the whole process, however many waiters and subscribers. Reconnects after a failure;
+/// waiters also poll slowly, so a gap only costs latency (a subscriber gets the change with
+/// the next one of its account).
 async fn watch_projections(
     pool: PgPool,
-    projected: tokio::sync::watch::Sender<u64>,
+    lifetime: tokio::sync::watch::Sender<()>,
     changes: Arc<graphql::Changes>,
 ) {
-    while !projected.is_closed() {
+    while !lifetime.is_closed() {
         let listening = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(db::channels::READ_MODELS_CHANGED).await?;
@@ -107,12 +109,11 @@ async fn watch_projections(
                     Ok(change) => changes.publish(change),
                     Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
                 }
-                projected.send_modify(|changes| *changes += 1);
             }
         };
         let result: Result<(), sqlx::Error> = tokio::select! {
             result = listening => result,
-            () = projected.closed() => return,
+            () = lifetime.closed() => return,
         };
         if let Err(err) = result {
             tracing::warn!(error = %err, "listening for projections failed; retrying");
@@ -144,13 +145,9 @@ impl Application {
         }
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
-        let (projected_tx, projected) = tokio::sync::watch::channel(0);
+        let (lifetime, listening) = tokio::sync::watch::channel(());
         let changes = Arc::new(graphql::Changes::new(config.graphql.subscriber_buffer));
-        tokio::spawn(watch_projections(
-            pool.clone(),
-            projected_tx,
-            changes.clone(),
-        ));
+        tokio::spawn(watch_projections(pool.clone(), lifetime, changes.clone()));
         let auth = Arc::new(Authenticator::new(&config.auth)?);
         let ops = OpsServer::bind(
             config.ops_listen,
@@ -168,7 +165,7 @@ impl Application {
             auth: auth.clone(),
             max_wait: config.max_wait,
             transfer_stalled_after: config.transfer_stalled_after,
-            projected,
+            _listening: listening,
             changes,
             graphql: config.graphql,
             tenant_connections: Arc::default(),
