@@ -17,6 +17,7 @@
 //! or a slow poll, whichever comes first.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use std::collections::VecDeque;
@@ -54,6 +55,8 @@ const LOCK_CHECK: Duration = Duration::from_secs(1);
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches sent but not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 4;
+/// How soon the relay looks again when events wait behind an open transaction.
+const PENDING_POLL: Duration = Duration::from_millis(10);
 /// How often the leader measures its lag for `/metrics`.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -235,56 +238,65 @@ impl Relay {
                     continue;
                 }
             }
-            if let Some((last, sent)) = in_flight.pop_front() {
-                // Deliveries never time out (see `KafkaConfig::producer`), so a broker outage
-                // holds the leader here: it checks every second that the lock is still its own.
-                let acknowledged = acknowledged(sent.deliveries);
-                tokio::pin!(acknowledged);
-                loop {
-                    tokio::select! {
-                        result = &mut acknowledged => break result?,
-                        () = tokio::time::sleep(LOCK_CHECK) => still_leader(lock).await?,
-                    }
-                }
-                let batch_events: u64 = sent.per_topic.iter().map(|(_, count)| count).sum();
-                for (topic, count) in sent.per_topic {
-                    metrics::counter!("ledger_relay_published_total", "topic" => topic)
-                        .increment(count);
-                }
-                // On the lock's connection: if that was cut, so was the lock, and this fails.
-                let advance = event_log::advance_checkpoint(&mut *lock, READER, acked, last);
-                let advanced = tokio::time::timeout(LOCK_TIMEOUT, advance)
-                    .await
-                    .map_err(|_| RelayError::LockUnanswered)??;
-                if !advanced {
-                    return Err(RelayError::Deposed);
-                }
-                *unconfirmed -= batch_events;
-                acked = last;
-                continue;
-            }
-            // Nothing final to send. If something is waiting behind an open transaction, look
-            // again soon; otherwise sleep until woken. Either way, check the lock is still ours.
-            let pending = event_log::has_pending(&self.pool, sent).await?;
-            let wait = if pending {
-                Duration::from_millis(10)
-            } else {
+            // Nothing more to send now. Sleep until an acknowledgement, an append (while the
+            // window has room: reading the next batch does not wait for the broker), or the
+            // poll: soon if something waits behind an open transaction.
+            let window_open = in_flight.len() < MAX_IN_FLIGHT;
+            let wait = if window_open && event_log::has_pending(&self.pool, sent).await? {
+                PENDING_POLL
+            } else if in_flight.is_empty() {
                 self.config.idle_poll
+            } else {
+                // Deliveries never time out (see `KafkaConfig::producer`), so a broker outage
+                // holds batches in flight: the lock is checked this often meanwhile.
+                LOCK_CHECK
             };
-            tokio::select! {
-                () = self.signal.appended_here() => {}
-                notification = listener.recv() => { notification?; }
-                () = tokio::time::sleep(wait) => {}
+            let front = async {
+                match in_flight.front_mut() {
+                    Some((_, batch)) => (&mut batch.acknowledged).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let acknowledged = tokio::select! {
+                result = front => Some(result),
+                () = self.signal.appended_here(), if window_open => None,
+                notification = listener.recv(), if window_open => {
+                    notification?;
+                    None
+                }
+                () = tokio::time::sleep(wait) => None,
+            };
+            let Some(result) = acknowledged else {
+                still_leader(lock).await?;
+                continue;
+            };
+            result?;
+            let (last, batch) = in_flight
+                .pop_front()
+                .expect("the acknowledgement came from the front batch");
+            let batch_events: u64 = batch.per_topic.iter().map(|(_, count)| count).sum();
+            for (topic, count) in batch.per_topic {
+                metrics::counter!("ledger_relay_published_total", "topic" => topic)
+                    .increment(count);
             }
-            still_leader(lock).await?;
+            // On the lock's connection: if that was cut, so was the lock, and this fails.
+            let advance = event_log::advance_checkpoint(&mut *lock, READER, acked, last);
+            let advanced = tokio::time::timeout(LOCK_TIMEOUT, advance)
+                .await
+                .map_err(|_| RelayError::LockUnanswered)??;
+            if !advanced {
+                return Err(RelayError::Deposed);
+            }
+            *unconfirmed -= batch_events;
+            acked = last;
         }
     }
 }
 
 /// A batch handed to the producer.
 struct Sent {
-    /// Its pending acknowledgements, in order.
-    deliveries: Vec<DeliveryFuture>,
+    /// Resolves once the broker acknowledged every message of the batch.
+    acknowledged: Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send>>,
     /// Messages per topic, counted once acknowledged.
     per_topic: Vec<(String, u64)>,
 }
@@ -323,7 +335,7 @@ async fn send(
         }
     }
     Ok(Sent {
-        deliveries,
+        acknowledged: Box::pin(acknowledged(deliveries)),
         per_topic,
     })
 }

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::{AuthConfig, Authorized, RequiredRoles, Role};
+use service_kit::db::channels::ReadModel;
 use service_kit::http::{PathId, PathResource};
 use sqlx::PgConnection;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -24,8 +25,8 @@ use crate::error::QueryError;
 /// Page size when `limit` is absent, and the largest accepted.
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
-/// How often a `min_version` query looks at the read model again when no notification of a
-/// projection woke it first.
+/// How often a `min_version` query looks at the read model again when no notification of its
+/// account's projection woke it first (one missed while the listener reconnected).
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
 pub(crate) fn router(state: AppState, auth: &AuthConfig) -> Router {
@@ -208,8 +209,9 @@ pub(crate) async fn account_at(
     check_min_version(min_version)?;
     let deadline = tokio::time::Instant::now() + state.max_wait;
     // Subscribed before the first look, so a change between the look and the wait is not missed.
-    let mut changes = state.projected.clone();
-    changes.mark_unchanged();
+    // To this account's changes only: a waiter looks again when its account reached the
+    // version, not at every commit of every account.
+    let mut changes = state.changes.subscribe(Some((ReadModel::Account, id)));
     let mut stream_checked = false;
     loop {
         let account = find_account(state, tenant, id).await?;
@@ -228,9 +230,9 @@ pub(crate) async fn account_at(
             (_, Some(wanted)) if tokio::time::Instant::now() >= deadline => {
                 return Err(QueryError::NotYetVisible { wanted });
             }
-            (_, Some(_)) => {
+            (_, Some(wanted)) => {
                 let wake = deadline.min(tokio::time::Instant::now() + WAIT_POLL);
-                let _ = tokio::time::timeout_at(wake, changes.changed()).await;
+                let _ = tokio::time::timeout_at(wake, changes.reached(wanted)).await;
             }
         }
     }

@@ -566,7 +566,7 @@ pub(crate) struct Changes {
 }
 
 /// A row of a read model.
-type Row = (ReadModel, Uuid);
+pub(crate) type Row = (ReadModel, Uuid);
 
 impl Changes {
     pub(crate) fn new(buffer: usize) -> Self {
@@ -596,7 +596,7 @@ impl Changes {
     }
 
     /// The changes of `row`, or of every row.
-    fn subscribe(self: &Arc<Self>, row: Option<Row>) -> Receiving {
+    pub(crate) fn subscribe(self: &Arc<Self>, row: Option<Row>) -> Receiving {
         match row {
             Some(row) => Receiving::Row {
                 latest: self
@@ -693,7 +693,7 @@ impl Published {
 }
 
 /// One subscriber's end of [`Changes`].
-enum Receiving {
+pub(crate) enum Receiving {
     Every(broadcast::Receiver<Arc<Published>>),
     Row {
         latest: watch::Receiver<Option<Arc<Published>>>,
@@ -717,11 +717,22 @@ impl Receiving {
             },
         }
     }
+
+    /// Resolves at the first change at `version` or later: never, once the process stops.
+    pub(crate) async fn reached(&mut self, version: i64) {
+        loop {
+            match self.recv().await {
+                Ok(published) if published.change.version >= version => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    }
 }
 
 /// Removes a row's entry of [`Changes`] with its last subscriber, so the entries follow the
 /// subscriptions, not every id ever asked for.
-struct RowRelease {
+pub(crate) struct RowRelease {
     changes: Arc<Changes>,
     row: Row,
 }
@@ -1071,9 +1082,11 @@ mod tests {
             auth: Arc::new(Authenticator::new(&testing::auth()).unwrap()),
             max_wait: Duration::from_secs(1),
             transfer_stalled_after: Duration::from_secs(120),
-            projected: watch::channel(0).1,
+            _listening: watch::channel(()).1,
             changes: Arc::new(Changes::new(8)),
-            known: Arc::new(crate::versions::KnownVersions::new(crate::versions::CAPACITY)),
+            known: Arc::new(crate::versions::KnownVersions::new(
+                crate::versions::CAPACITY,
+            )),
             graphql: GraphqlConfig::default(),
             tenant_connections: Arc::default(),
         }
@@ -1133,5 +1146,25 @@ mod tests {
             (5, vec![2, 3, 4, 5]),
             "one behind the shared read reads what it missed itself"
         );
+    }
+
+    /// What a `min_version` query waits on: its account reaching the version, not every commit.
+    #[tokio::test]
+    async fn a_version_waiter_wakes_once_its_row_reaches_the_version() {
+        let changes = Arc::new(Changes::new(8));
+        let row = (ReadModel::Account, Uuid::from_u128(1));
+        let mut waiter = changes.subscribe(Some(row));
+        let reached = waiter.reached(3);
+        tokio::pin!(reached);
+        changes.publish(change(2, 9));
+        changes.publish(change(1, 2));
+        assert!(
+            futures::poll!(&mut reached).is_pending(),
+            "another row's change, or this row's before the version"
+        );
+        changes.publish(change(1, 4));
+        tokio::time::timeout(Duration::from_secs(1), reached)
+            .await
+            .expect("woken once the row passed the version");
     }
 }

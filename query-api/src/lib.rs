@@ -50,10 +50,11 @@ pub(crate) struct AppState {
     max_wait: Duration,
     /// How old a transfer's last step may be before the transfer is shown stalled.
     transfer_stalled_after: Duration,
-    /// Bumped whenever the projector commits a change: `min_version` waiters recheck then.
-    projected: tokio::sync::watch::Receiver<u64>,
-    /// Every committed read-model change, for the subscriptions. Bounded: a subscriber that
-    /// falls `graphql.subscriber_buffer` changes behind is dropped, nobody waits for it.
+    /// Held by every copy of the state: the projections' listener stops with the last.
+    _listening: tokio::sync::watch::Receiver<()>,
+    /// Every committed read-model change, for `min_version` waiters and the subscriptions.
+    /// Bounded: a subscriber that falls `graphql.subscriber_buffer` changes behind is dropped,
+    /// nobody waits for it.
     changes: Arc<graphql::Changes>,
     /// The accounts' versions as notified, to answer `If-None-Match` without a read.
     known: Arc<versions::KnownVersions>,
@@ -92,18 +93,19 @@ pub enum StartError {
     },
 }
 
-/// Turns the projector's notifications into bumps of `projected`, changes for the
-/// subscriptions and known versions, until no one listens. One connection for the whole
-/// process, however many subscribers. Reconnects after a failure; waiters also poll slowly, so
-/// a gap only costs latency (a subscriber gets the change with the next one of its account),
-/// and the known versions are forgotten, since the gap's changes are not in them.
+/// Turns the projector's notifications into changes for `min_version` waiters and the
+/// subscriptions, and into known versions, until the state holding `lifetime`'s receivers is
+/// gone. One connection for the whole process, however many waiters and subscribers.
+/// Reconnects after a failure; waiters also poll slowly, so a gap only costs latency (a
+/// subscriber gets the change with the next one of its account), and the known versions are
+/// forgotten, since the gap's changes are not in them.
 async fn watch_projections(
     pool: PgPool,
-    projected: tokio::sync::watch::Sender<u64>,
+    lifetime: tokio::sync::watch::Sender<()>,
     changes: Arc<graphql::Changes>,
     known: Arc<versions::KnownVersions>,
 ) {
-    while !projected.is_closed() {
+    while !lifetime.is_closed() {
         let listening = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(db::channels::READ_MODELS_CHANGED).await?;
@@ -122,12 +124,11 @@ async fn watch_projections(
                     }
                     Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
                 }
-                projected.send_modify(|changes| *changes += 1);
             }
         };
         let result: Result<(), sqlx::Error> = tokio::select! {
             result = listening => result,
-            () = projected.closed() => return,
+            () = lifetime.closed() => return,
         };
         known.deaf();
         if let Err(err) = result {
@@ -160,12 +161,12 @@ impl Application {
         }
         let pool = db::connect(&config.database).await?;
         db::migrate(&pool).await?;
-        let (projected_tx, projected) = tokio::sync::watch::channel(0);
+        let (lifetime, listening) = tokio::sync::watch::channel(());
         let changes = Arc::new(graphql::Changes::new(config.graphql.subscriber_buffer));
         let known = Arc::new(versions::KnownVersions::new(versions::CAPACITY));
         tokio::spawn(watch_projections(
             pool.clone(),
-            projected_tx,
+            lifetime,
             changes.clone(),
             known.clone(),
         ));
@@ -186,7 +187,7 @@ impl Application {
             auth: auth.clone(),
             max_wait: config.max_wait,
             transfer_stalled_after: config.transfer_stalled_after,
-            projected,
+            _listening: listening,
             changes,
             known,
             graphql: config.graphql,

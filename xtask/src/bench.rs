@@ -278,13 +278,14 @@ pub(crate) fn service_token(
     )?)
 }
 
-/// The `p` quantile of sorted microsecond samples, in milliseconds.
-pub(crate) fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+/// The `p` quantile of sorted microsecond samples (signed ones: the time between two milestones
+/// that need not come in order), in milliseconds.
+pub(crate) fn percentile_ms<T: Copy + Into<f64>>(sorted: &[T], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[index]) / 1000.0
+    sorted[index].into() / 1000.0
 }
 
 /// Replaces the `name` section of `BENCHMARKS.md` (between its markers), keeping the others.

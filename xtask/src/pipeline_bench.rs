@@ -2,16 +2,26 @@
 //! store, and end-to-end latency (command answered → visible in the query API) at a steady
 //! command rate. Writes its section of `BENCHMARKS.md`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use command_api::AppendSignal;
 use command_api::relay::{Relay, RelayConfig};
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, Timestamp};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
+use service_kit::db::channels::{READ_MODELS_CHANGED, ReadModel, ReadModelChange};
 use service_kit::db::{self, DatabaseConfig};
-use service_kit::kafka::KafkaConfig;
+use service_kit::kafka::{self, KafkaConfig};
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
 
 use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
@@ -61,6 +71,12 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     let rebuild_rate = report.events as f64 / report.elapsed.as_secs_f64();
     pool.close().await;
 
+    println!("timing the broker's answers to waiting fetches...");
+    let mut fetch_delays = Vec::new();
+    for wait_ms in [FETCH_WAIT_PROBED, kafka.fetch_wait_ms] {
+        fetch_delays.push(fetch_delay(&kafka, wait_ms).await?);
+    }
+
     println!("end-to-end latency at {rate} commands/s for {seconds} s...");
     let latency = end_to_end(&database, &kafka, rate, seconds).await?;
     drop(broker);
@@ -100,6 +116,45 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         percentile_ms(&latency.samples, 0.50),
         percentile_ms(&latency.samples, 0.99),
     )?;
+    writeln!(
+        out,
+        "\nWhere the end-to-end time goes: {} of the {} answered commands traced through every \
+         milestone. Each milestone is read on this machine's clock: the client's response, the \
+         Kafka message's create time (set when the relay hands the event to its producer), its \
+         receipt by a consumer reading the account topic with the projector's settings (in the \
+         bench process, its own group), the projector's `ledger_projected` notification of the \
+         version's commit (the one the query API waits for), and the query API's answer. A \
+         stage's p50s do not add up to the total's: each percentile is of its own stage.\n",
+        latency.traced,
+        latency.samples.len(),
+    )?;
+    writeln!(out, "| stage | p50 ms | p99 ms |")?;
+    writeln!(out, "|---|---:|---:|")?;
+    for stage in &latency.stages {
+        writeln!(
+            out,
+            "| {} | {:.1} | {:.1} |",
+            stage.name,
+            percentile_ms(&stage.samples, 0.50),
+            percentile_ms(&stage.samples, 0.99),
+        )?;
+    }
+    writeln!(
+        out,
+        "\nThe broker's answer to a waiting fetch ({FETCH_PROBES} messages, one at a time, on an \
+         idle broker): from the producer's ack to a consumer's receipt.\n"
+    )?;
+    writeln!(out, "| consumer `fetch.wait.max.ms` | p50 ms | max ms |")?;
+    writeln!(out, "|---:|---:|---:|")?;
+    for delay in &fetch_delays {
+        writeln!(
+            out,
+            "| {} | {:.1} | {:.1} |",
+            delay.wait_ms,
+            percentile_ms(&delay.samples, 0.50),
+            percentile_ms(&delay.samples, 1.0),
+        )?;
+    }
     println!("{out}");
     write_section("pipeline", &out)?;
     println!("written to BENCHMARKS.md");
@@ -225,18 +280,221 @@ async fn project(database: &DatabaseConfig, kafka: &KafkaConfig) -> anyhow::Resu
     Ok(rate)
 }
 
+/// A broker's answer to a consumer's fetch: how long after the producer's ack a consumer with
+/// `fetch.wait.max.ms` = `wait_ms` receives a message, one message at a time. A broker that
+/// answers a waiting fetch as soon as data arrives gives about the same for every `wait_ms`.
+struct FetchDelay {
+    wait_ms: u32,
+    /// Sorted, microseconds.
+    samples: Vec<u32>,
+}
+
+/// librdkafka's default `fetch.wait.max.ms`, probed beside ours.
+const FETCH_WAIT_PROBED: u32 = 500;
+/// Messages timed per [`FetchDelay`].
+const FETCH_PROBES: usize = 20;
+
+async fn fetch_delay(kafka: &KafkaConfig, wait_ms: u32) -> anyhow::Result<FetchDelay> {
+    let kafka = KafkaConfig {
+        fetch_wait_ms: wait_ms,
+        ..kafka.clone()
+    };
+    // A fresh topic read from its beginning: no message can slip in before the consumer
+    // knows where to start.
+    let topic = format!("{}.fetch-probe-{wait_ms}", kafka.topic_prefix);
+    kafka.ensure_topics(std::slice::from_ref(&topic)).await?;
+    let consumer: StreamConsumer = kafka
+        .consumer(&format!("bench-fetch-probe-{wait_ms}"))
+        .create()?;
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..kafka.partitions {
+        partitions.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&partitions)?;
+    let producer: FutureProducer = kafka.producer().create()?;
+    let mut stream = consumer.stream();
+    let mut samples = Vec::with_capacity(FETCH_PROBES);
+    // The first message waits for the consumer's start (metadata, first fetch): not a sample.
+    for n in 0..=FETCH_PROBES {
+        let key = n.to_string();
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&key).payload(&key),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(err, _)| err)?;
+        let acked = Instant::now();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await
+                .context("the fetch probe received nothing for 10 s")?
+                .context("the fetch probe's stream ended")??;
+            if message.key() == Some(key.as_bytes()) {
+                break;
+            }
+        }
+        if n > 0 {
+            samples.push(acked.elapsed().as_micros() as u32);
+        }
+        // Varied pauses, so that messages arrive at every point of a waiting fetch.
+        tokio::time::sleep(Duration::from_millis(7 + (n as u64 * 13) % 29)).await;
+    }
+    samples.sort_unstable();
+    Ok(FetchDelay { wait_ms, samples })
+}
+
 struct Latency {
     samples: Vec<u32>,
     failed: usize,
+    stages: Vec<Stage>,
+    /// Commands whose every milestone was seen, of those answered.
+    traced: usize,
 }
 
-/// The three services as processes; deposits at `rate`/s; each timed until visible.
+/// One stage of the way from a command's response to the query API's answer: each traced
+/// command's time in it, sorted, microseconds (negative when the stage ended before it began
+/// from the client's view: the relay may publish an event before its command's response
+/// reaches the client).
+struct Stage {
+    name: &'static str,
+    samples: Vec<i32>,
+}
+
+/// Microseconds since the epoch: the clock every milestone is read on (all the processes run
+/// on this machine).
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as i64)
+}
+
+/// A command that was answered, then found visible.
+struct Trace {
+    account: Uuid,
+    version: i64,
+    /// When its response arrived, and when the query API's answer did.
+    answered: i64,
+    visible: i64,
+}
+
+/// Each account event as a consumer with the projector's settings saw it on the topic: when
+/// the relay handed it to its producer (the message's create time, milliseconds precision) and
+/// when the consumer received it.
+type Sightings = Arc<Mutex<HashMap<(Uuid, i64), (Option<i64>, i64)>>>;
+
+/// Records every account event on the topic from its end on, as the projector's consumer
+/// would receive it (same settings, its own group).
+async fn watch_topic(consumer: StreamConsumer, sightings: Sightings) -> anyhow::Result<()> {
+    let mut stream = consumer.stream();
+    while let Some(message) = stream.next().await {
+        let message = message?;
+        let received = now_micros();
+        let Ok(event) = kafka::decode("account", message.headers(), message.payload()) else {
+            continue;
+        };
+        let Ok(account) = event.aggregate_id.parse() else {
+            continue;
+        };
+        let produced = match message.timestamp() {
+            Timestamp::CreateTime(millis) => Some(millis * 1000),
+            Timestamp::LogAppendTime(_) | Timestamp::NotAvailable => None,
+        };
+        sightings
+            .lock()
+            .expect("sightings lock")
+            .entry((account, event.sequence))
+            .or_insert((produced, received));
+    }
+    Ok(())
+}
+
+/// The projector's commits as its notifications announce them: per account, each version
+/// committed and when the notification arrived, in order of arrival.
+type Commits = Arc<Mutex<HashMap<Uuid, Vec<(i64, i64)>>>>;
+
+async fn watch_commits(mut listener: PgListener, commits: Commits) -> anyhow::Result<()> {
+    loop {
+        let notification = listener.recv().await?;
+        let at = now_micros();
+        let change: ReadModelChange = serde_json::from_str(notification.payload())?;
+        if change.model == ReadModel::Account {
+            commits
+                .lock()
+                .expect("commits lock")
+                .entry(change.id)
+                .or_default()
+                .push((change.version, at));
+        }
+    }
+}
+
+/// Splits each trace at the milestones between its response and the query API's answer.
+fn stages(traces: &[Trace], sightings: &Sightings, commits: &Commits) -> (Vec<Stage>, usize) {
+    let sightings = sightings.lock().expect("sightings lock");
+    let commits = commits.lock().expect("commits lock");
+    let mut stages = [
+        "relay: response → handed to the producer (message create time, ms precision)",
+        "producer → broker → consumer (linger, ack, fetch)",
+        "projector: consumer received → read model committed (its `NOTIFY`)",
+        "query API: notified → answered",
+    ]
+    .map(|name| Stage {
+        name,
+        samples: Vec::with_capacity(traces.len()),
+    });
+    let mut traced = 0;
+    for trace in traces {
+        let Some(&(Some(produced), received)) = sightings.get(&(trace.account, trace.version))
+        else {
+            continue;
+        };
+        // A commit may carry several versions of the account: the first that covers this one.
+        let Some(committed) = commits.get(&trace.account).and_then(|versions| {
+            versions
+                .iter()
+                .find(|(version, _)| *version >= trace.version)
+                .map(|(_, at)| *at)
+        }) else {
+            continue;
+        };
+        let milestones = [trace.answered, produced, received, committed, trace.visible];
+        for (stage, pair) in stages.iter_mut().zip(milestones.windows(2)) {
+            stage.samples.push((pair[1] - pair[0]) as i32);
+        }
+        traced += 1;
+    }
+    for stage in &mut stages {
+        stage.samples.sort_unstable();
+    }
+    (stages.into(), traced)
+}
+
+/// The three services as processes; deposits at `rate`/s; each timed until visible, and
+/// through each stage on the way.
 async fn end_to_end(
     database: &DatabaseConfig,
     kafka: &KafkaConfig,
     rate: u64,
     seconds: u64,
 ) -> anyhow::Result<Latency> {
+    // Watching before anything is appended: the topic from its current end, the projector's
+    // notifications from now.
+    let topic = kafka.events_topic("account");
+    let probe: StreamConsumer = kafka.consumer("bench-latency-probe").create()?;
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..kafka.partitions {
+        partitions.add_partition_offset(&topic, partition, Offset::End)?;
+    }
+    probe.assign(&partitions)?;
+    let sightings = Sightings::default();
+    let watching_topic = tokio::spawn(watch_topic(probe, sightings.clone()));
+    let pool = db::connect(database).await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen(READ_MODELS_CHANGED).await?;
+    let commits = Commits::default();
+    let watching_commits = tokio::spawn(watch_commits(listener, commits.clone()));
+
     launch::build(Profile::Release, &["command-api", "projector", "query-api"]).await?;
     let (command_addr, query_addr) = (free_address()?, free_address()?);
     let service = |which: Service| -> anyhow::Result<Launch> {
@@ -271,6 +529,19 @@ async fn end_to_end(
             .error_for_status()
             .context("warm-up: accounts not visible")?;
     }
+    // The topic probe is reading: it saw every opening.
+    let probing = Instant::now();
+    while accounts.iter().any(|account| {
+        !sightings
+            .lock()
+            .expect("sightings lock")
+            .contains_key(&(*account, 1))
+    }) {
+        if probing.elapsed() > Duration::from_secs(30) {
+            bail!("the topic probe did not see the accounts' openings within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let total = rate * seconds;
@@ -296,7 +567,7 @@ async fn end_to_end(
                 .json()
                 .await
                 .ok()?;
-            let answered = Instant::now();
+            let answered = now_micros();
             let version = reply["version"].as_i64()?;
             client
                 .get(format!(
@@ -308,20 +579,52 @@ async fn end_to_end(
                 .ok()?
                 .error_for_status()
                 .ok()?;
-            Some(answered.elapsed().as_micros() as u32)
+            Some(Trace {
+                account,
+                version,
+                answered,
+                visible: now_micros(),
+            })
         });
     }
     let mut latency = Latency {
         samples: Vec::new(),
         failed: 0,
+        stages: Vec::new(),
+        traced: 0,
     };
+    let mut traces = Vec::with_capacity(total as usize);
     while let Some(result) = tasks.join_next().await {
         match result.ok().flatten() {
-            Some(sample) => latency.samples.push(sample),
+            Some(trace) => {
+                latency
+                    .samples
+                    .push((trace.visible - trace.answered) as u32);
+                traces.push(trace);
+            }
             None => latency.failed += 1,
         }
     }
     latency.samples.sort_unstable();
     launch::stop(&mut services).await;
+    // Every traced event was on the topic before its query answered, but the probe fetches on
+    // its own schedule.
+    let catching_up = Instant::now();
+    while catching_up.elapsed() < Duration::from_secs(10) {
+        let all_seen = {
+            let seen = sightings.lock().expect("sightings lock");
+            traces
+                .iter()
+                .all(|trace| seen.contains_key(&(trace.account, trace.version)))
+        };
+        if all_seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    watching_topic.abort();
+    watching_commits.abort();
+    pool.close().await;
+    (latency.stages, latency.traced) = stages(&traces, &sightings, &commits);
     Ok(latency)
 }
