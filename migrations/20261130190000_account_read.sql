@@ -4,11 +4,13 @@
 -- with `ledger.tenant` set.
 --
 -- SECURITY INVOKER on purpose: a SECURITY DEFINER function would read as its owner, who
--- bypasses row-level security, and may not `SET role` either. The `SET` clauses switch the
--- role for the call (the caller must be a member of the reader role, or a superuser, as for
--- the query API's other reads) and undo both settings when it returns, so that neither the
--- role nor the tenant outlives the call, not even inside a caller's transaction. The SELECT
--- is planned after the switch, so row-level security applies to the reader role.
+-- bypasses row-level security. The role and the tenant are set in the body, not by `SET`
+-- clauses on the function: those are checked against the function's owner when it is
+-- created, and an owner need not be a member of the reader role (the caller must be, or a
+-- superuser, as for the query API's other reads). The SELECT is planned after the switch, so
+-- row-level security applies to the reader role. The body puts both settings back as they
+-- were before it returns, so that neither outlives the call, not even inside a caller's
+-- transaction; if the SELECT fails, the failed (sub)transaction undoes them.
 --
 -- The columns are spelled out rather than `SETOF accounts`: `projector rebuild` swaps in a new
 -- `accounts` table and drops the old one, which a function returning the old row type would
@@ -19,16 +21,20 @@ CREATE FUNCTION ledger_account(wanted_tenant text, wanted_id uuid)
         status text, version bigint, opened_at timestamptz, updated_at timestamptz
     )
     LANGUAGE plpgsql
-    SET role = ledger_tenant_reader
-    SET ledger.tenant = ''
 AS $$
+DECLARE
+    caller_role text := current_setting('role');
+    caller_tenant text := coalesce(current_setting('ledger.tenant', true), '');
 BEGIN
-    PERFORM set_config('ledger.tenant', wanted_tenant, true);
+    PERFORM set_config('role', 'ledger_tenant_reader', true),
+            set_config('ledger.tenant', wanted_tenant, true);
     RETURN QUERY
         SELECT a.id, a.owner, a.currency, a.balance, a.overdraft_limit, a.status, a.version,
                a.opened_at, a.updated_at
           FROM accounts a
          WHERE a.id = wanted_id AND a.tenant = wanted_tenant;
+    PERFORM set_config('role', caller_role, true),
+            set_config('ledger.tenant', caller_tenant, true);
 END
 $$;
 

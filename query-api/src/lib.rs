@@ -163,7 +163,10 @@ impl Application {
         db::migrate(&pool).await?;
         let (lifetime, listening) = tokio::sync::watch::channel(());
         let changes = Arc::new(graphql::Changes::new(config.graphql.subscriber_buffer));
-        let known = Arc::new(versions::KnownVersions::new(versions::CAPACITY));
+        let known = Arc::new(versions::KnownVersions::new(
+            versions::CAPACITY,
+            versions::FRESH_FOR,
+        ));
         tokio::spawn(watch_projections(
             pool.clone(),
             lifetime,

@@ -3,6 +3,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use service_kit::db::channels::{ReadModel, ReadModelChange};
@@ -13,11 +14,18 @@ use uuid::Uuid;
 /// rows the projector committed are entered, never ids a caller names.
 pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
 
+/// How long a notified version is trusted. Some changes of a row are never notified (`projector
+/// rebuild` folds events the live projector then finds already applied), and a listener whose
+/// connection died without a reset hears nothing until the socket times out: past this age,
+/// the row is read instead, so such a gap shows stale versions for seconds, not for good.
+pub(crate) const FRESH_FOR: Duration = Duration::from_secs(10);
+
 /// Account id → (tenant, version), valid only while the listener listens: a notification sent
 /// while it did not is lost, so the map starts empty each time it listens again, and an
 /// account not notified since is unknown (read from the database).
 pub(crate) struct KnownVersions {
     state: Mutex<State>,
+    fresh_for: Duration,
 }
 
 struct State {
@@ -30,15 +38,18 @@ struct State {
 struct Known {
     tenant: Box<str>,
     version: i64,
+    /// When the version was last notified.
+    noted: Instant,
 }
 
 impl KnownVersions {
-    pub(crate) fn new(capacity: NonZeroUsize) -> Self {
+    pub(crate) fn new(capacity: NonZeroUsize, fresh_for: Duration) -> Self {
         Self {
             state: Mutex::new(State {
                 listening: false,
                 accounts: LruCache::new(capacity),
             }),
+            fresh_for,
         }
     }
 
@@ -68,13 +79,17 @@ impl KnownVersions {
         }
         match state.accounts.get_mut(&change.id) {
             // Notifications come in commit order; `max` keeps a version even so.
-            Some(known) => known.version = known.version.max(change.version),
+            Some(known) => {
+                known.version = known.version.max(change.version);
+                known.noted = Instant::now();
+            }
             None => {
                 state.accounts.put(
                     change.id,
                     Known {
                         tenant: change.tenant.as_str().into(),
                         version: change.version,
+                        noted: Instant::now(),
                     },
                 );
             }
@@ -91,7 +106,7 @@ impl KnownVersions {
         state
             .accounts
             .get(&id)
-            .filter(|known| &*known.tenant == tenant)
+            .filter(|known| &*known.tenant == tenant && known.noted.elapsed() < self.fresh_for)
             .map(|known| known.version)
     }
 
@@ -117,7 +132,7 @@ mod tests {
 
     #[test]
     fn only_accounts_notified_while_listening_are_known_and_only_to_their_tenant() {
-        let known = KnownVersions::new(NonZeroUsize::new(2).unwrap());
+        let known = KnownVersions::new(NonZeroUsize::new(2).unwrap(), FRESH_FOR);
         let id = Uuid::from_u128;
         known.record(&change(ReadModel::Account, "acme", 1, 3));
         assert_eq!(known.version("acme", id(1)), None, "not listening yet");
@@ -147,5 +162,13 @@ mod tests {
         assert_eq!(known.version("acme", id(4)), None);
         known.listening();
         assert_eq!(known.version("acme", id(4)), None, "forgotten, not paused");
+    }
+
+    #[test]
+    fn a_version_notified_longer_ago_than_it_is_trusted_is_unknown() {
+        let stale = KnownVersions::new(CAPACITY, Duration::ZERO);
+        stale.listening();
+        stale.record(&change(ReadModel::Account, "acme", 1, 3));
+        assert_eq!(stale.version("acme", Uuid::from_u128(1)), None);
     }
 }
