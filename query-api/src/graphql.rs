@@ -1086,6 +1086,7 @@ mod tests {
             changes: Arc::new(Changes::new(8)),
             known: Arc::new(crate::versions::KnownVersions::new(
                 crate::versions::CAPACITY,
+                crate::versions::FRESH_FOR,
             )),
             graphql: GraphqlConfig::default(),
             tenant_connections: Arc::default(),
