@@ -373,14 +373,26 @@ async fn money_is_conserved_while_every_process_is_killed_and_restarted() {
                             to = accounts[(accounts.iter().position(|a| *a == from).unwrap() + 1) % ACCOUNTS];
                         }
                         let amount = 1 + next(3000) as i64;
-                        let response = client
-                            .post(format!("{base}/v1/transfers"))
-                            .bearer_auth(&teller)
-                            .json(&json!({"from_account": from, "to_account": to, "amount": amount, "currency": "EUR"}))
-                            .send()
-                            .await
-                            .unwrap();
-                        assert_eq!(response.status(), StatusCode::ACCEPTED);
+                        // While the manager is down the transfers pile up to the command API's
+                        // limit; a refused request recorded nothing, and is sent again after
+                        // the wait it was told, as a client does.
+                        loop {
+                            let response = client
+                                .post(format!("{base}/v1/transfers"))
+                                .bearer_auth(&teller)
+                                .json(&json!({"from_account": from, "to_account": to, "amount": amount, "currency": "EUR"}))
+                                .send()
+                                .await
+                                .unwrap();
+                            if response.status() != StatusCode::SERVICE_UNAVAILABLE {
+                                assert_eq!(response.status(), StatusCode::ACCEPTED);
+                                break;
+                            }
+                            let wait = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                            let body: Value = response.json().await.unwrap();
+                            assert_eq!(problem(&body), "overloaded", "{body}");
+                            tokio::time::sleep(Duration::from_secs(wait)).await;
+                        }
                         accepted += 1;
                     }
                     accepted
