@@ -705,3 +705,20 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
     )?;
     Ok(out)
 }
+
+/// The ticks the whole machine has spent busy since boot, from `/proc/stat`.
+pub(crate) fn machine_busy_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    // `cpu  user nice system idle iowait irq softirq steal ...`: busy is all but idle and
+    // iowait.
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("/proc/stat is empty")?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    Ok(fields.iter().sum::<u64>() - fields[3] - fields[4])
+}

@@ -559,19 +559,7 @@ struct CpuUse {
 
 impl CpuSample {
     fn take(processes: &[(String, u32)]) -> anyhow::Result<Self> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        // `cpu  user nice system idle iowait irq softirq steal ...`: busy is all but idle
-        // and iowait.
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()
-            .context("/proc/stat is empty")?
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        let busy = fields.iter().sum::<u64>() - fields[3] - fields[4];
+        let busy = crate::bench::machine_busy_ticks()?;
         let mut sampled = Vec::new();
         for (label, pid) in processes {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

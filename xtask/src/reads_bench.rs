@@ -448,22 +448,10 @@ fn cpu_sample(pids: &Pids) -> anyhow::Result<CpuUse> {
             postgres += ticks(&fields, &[11, 12])?;
         }
     }
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    // `cpu  user nice system idle iowait irq softirq steal ...`: busy is all but idle and
-    // iowait.
-    let machine: Vec<u64> = stat
-        .lines()
-        .next()
-        .context("/proc/stat is empty")?
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
     Ok(CpuUse {
         query_api,
         postgres,
-        busy: machine.iter().sum::<u64>() - machine[3] - machine[4],
+        busy: crate::bench::machine_busy_ticks()?,
     })
 }
 
