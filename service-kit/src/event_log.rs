@@ -223,9 +223,17 @@ pub async fn read_committed_of_tenant(
 
 /// True if events after `after` exist that are not final yet (an older transaction is still
 /// open): a reader should look again soon rather than wait for a notification.
+///
+/// The first such event in commit order, so that the commit-order index is the only cheap
+/// plan. `EXISTS (SELECT 1 FROM events WHERE ...)` let the planner guess that a third of the
+/// table lies after `after`, as it does for any inequality it cannot estimate, and scan the
+/// table for the first one: the whole table when there is none, every time the relay looked
+/// (2 ms on 10,000 events; Postgres drops an `ORDER BY` inside `EXISTS`, hence the count).
 pub async fn has_pending(pool: &PgPool, after: LogPosition) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE (tx_id, global_position) > ($1::text::xid8, $2))",
+        "SELECT count(*) > 0
+           FROM (SELECT FROM events WHERE (tx_id, global_position) > ($1::text::xid8, $2)
+                  ORDER BY tx_id, global_position LIMIT 1) AS next",
     )
     .bind(after.tx_id.to_string())
     .bind(after.global_position)
