@@ -263,7 +263,7 @@ async fn close(
         (status = 202, description = "Accepted: the process manager debits the source, then credits the destination (or refunds the source). Follow `status_url` on the query API.", body = TransferAccepted),
         (status = 404, description = "An account does not exist for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid value, the same account twice, or a reused idempotency key", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Too many transfers in flight (`overloaded`, nothing recorded; retry after `Retry-After` seconds), or the database is unavailable", body = ProblemDocument, content_type = "application/problem+json",
+        (status = 503, description = "Too many transfers in flight (`overloaded`, nothing recorded; retry after `Retry-After` seconds; a retry of an accepted transfer with its `Idempotency-Key` is still answered 202), or the database is unavailable", body = ProblemDocument, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
     ),
     security(("bearer" = []))
@@ -285,38 +285,18 @@ async fn request_transfer(
     if terms.from == terms.to {
         return Err(TransferError::SameAccount.into());
     }
-    if !state.transfer_backlog.admits() {
-        return Err(ApiError::TransfersBacklogged);
-    }
-    // Another tenant's account is as absent as a missing one: nothing about it leaks. A
-    // transfer neither account's currency allows is refused now, not after a debit and a
-    // refund; what can change (funds, status) is judged by the accounts, later.
-    for account in [terms.from, terms.to] {
-        match state
-            .commands
-            .account_currency(account, &principal.tenant)
-            .await?
-        {
-            None => return Err(AccountError::NotFound.into()),
-            Some(currency) if currency != terms.currency => {
-                return Err(AccountError::CurrencyMismatch {
-                    account: currency,
-                    requested: terms.currency,
-                }
-                .into());
-            }
-            Some(_) => {}
-        }
-    }
     let context = context(&principal, &headers, None, &body);
-    let committed = state
-        .commands
-        .transfer(
-            &context,
-            Target::New(Uuid::now_v7()),
-            TransferCommand::Request(terms),
-        )
-        .await?;
+    let committed = if state.transfer_backlog.admits() {
+        request_new_transfer(&state, &principal.tenant, &context, terms).await?
+    } else {
+        // A retry of a transfer that was accepted is answered as it was, full or not: told to
+        // retry, its client would only ask again for what is already done.
+        state
+            .commands
+            .replay(&context)
+            .await?
+            .ok_or(ApiError::TransfersBacklogged)?
+    };
     let status_url = format!(
         "{}/v1/transfers/{}",
         state.query_api_url, committed.stream_id
@@ -337,6 +317,39 @@ async fn request_transfer(
         response_headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// Records a new transfer, once both accounts exist for `tenant` in the transfer's currency.
+async fn request_new_transfer(
+    state: &AppState,
+    tenant: &str,
+    context: &CommandContext,
+    terms: TransferTerms,
+) -> Result<Committed<domain::TransferEvent>, ApiError> {
+    // Another tenant's account is as absent as a missing one: nothing about it leaks. A
+    // transfer neither account's currency allows is refused now, not after a debit and a
+    // refund; what can change (funds, status) is judged by the accounts, later.
+    for account in [terms.from, terms.to] {
+        match state.commands.account_currency(account, tenant).await? {
+            None => return Err(AccountError::NotFound.into()),
+            Some(currency) if currency != terms.currency => {
+                return Err(AccountError::CurrencyMismatch {
+                    account: currency,
+                    requested: terms.currency,
+                }
+                .into());
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(state
+        .commands
+        .transfer(
+            context,
+            Target::New(Uuid::now_v7()),
+            TransferCommand::Request(terms),
+        )
+        .await?)
 }
 
 async fn run(

@@ -6,7 +6,8 @@
 //! end-to-end latency grows without bound. Instead, once `COMMAND_API_MAX_TRANSFERS_IN_FLIGHT`
 //! transfers are not final, new ones are refused with 503 and `Retry-After` until the process
 //! manager has caught up. The same holds when the process manager is down: the pile stops at
-//! the limit, and `ledger_transfers_stuck` says why.
+//! the limit, and `ledger_transfers_stuck` says why. A retry of a transfer already accepted
+//! (same `Idempotency-Key`) is answered from the event store as usual, full or not.
 //!
 //! The count comes from `transfers_in_flight`, which the event store's trigger keeps in the
 //! appending statement. It is read every [`RECOUNT_EVERY`] in the background, never per

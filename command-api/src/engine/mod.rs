@@ -294,7 +294,7 @@ impl CommandService {
     }
 
     /// The stored outcome of an earlier request with the same idempotency key, if any.
-    async fn replay<E>(
+    pub(crate) async fn replay<E>(
         &self,
         context: &CommandContext,
     ) -> Result<Option<Committed<E>>, CommandError> {

@@ -595,22 +595,28 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
     let limited_url = format!("http://127.0.0.1:{}/v1/transfers", limited.port());
     tokio::spawn(limited.run_until_stopped(std::future::pending()));
     let client = system.client.clone();
-    let request = || async {
-        let response = client
+    let request_with_key = |key: Option<&'static str>| {
+        let mut request = client
             .post(&limited_url)
             .bearer_auth(token(TENANT, &["teller"]))
             .json(&json!({"from_account": from, "to_account": to, "amount": 1,
-                          "currency": "EUR", "reference": "test"}))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        let retry_after = response.headers().get("retry-after").cloned();
-        (status, retry_after, response.json::<Value>().await.unwrap())
+                          "currency": "EUR", "reference": "test"}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let retry_after = response.headers().get("retry-after").cloned();
+            (status, retry_after, response.json::<Value>().await.unwrap())
+        }
     };
+    let request = || request_with_key(None);
 
     // Nothing completes them now: the requests pile up until the limit is seen, back to back.
-    let mut accepted = Vec::new();
+    let (status, _, first) = request_with_key(Some("the-first")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let mut accepted = vec![first["transfer_id"].as_str().unwrap().to_owned()];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let (retry_after, refusal) = loop {
         match request().await {
@@ -643,6 +649,13 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
         accepted.len() as i64,
         "a refused request recorded nothing"
     );
+    // While new transfers are refused, a retry of one that was accepted is answered as it was.
+    let (status, _, retried) = request_with_key(Some("the-first")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{retried}");
+    assert_eq!(retried["transfer_id"], first["transfer_id"]);
+    let (status, retry_after, _) = request().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "still full");
+    assert!(retry_after.is_some());
 
     system.start_process_manager().await;
     for id in &accepted {
