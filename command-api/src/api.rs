@@ -286,7 +286,7 @@ async fn request_transfer(
         return Err(TransferError::SameAccount.into());
     }
     let context = context(&principal, &headers, None, &body);
-    let committed = if state.transfer_backlog.admits() {
+    let committed = if state.transfer_backlog.admits(&principal.tenant) {
         request_new_transfer(&state, &principal.tenant, &context, terms).await?
     } else {
         // A retry of a transfer that was accepted is answered as it was, full or not: told to

@@ -40,6 +40,9 @@ pub struct Config {
     /// [`COMMAND_API_MAX_TRANSFERS_IN_FLIGHT`]: new transfers are refused (503) while this
     /// many are not final (see `crate::backlog`).
     pub max_transfers_in_flight: NonZeroUsize,
+    /// [`COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT`]: a tenant's new transfers are
+    /// refused (503) while this many of its own are not final.
+    pub max_transfers_in_flight_per_tenant: NonZeroUsize,
 }
 
 pub const COMMAND_API_ADDR: Setting<SocketAddr> = Setting::new(
@@ -97,6 +100,11 @@ pub const COMMAND_API_MAX_TRANSFERS_IN_FLIGHT: Setting<NonZeroUsize> = Setting::
     NonZeroUsize::new(1000).unwrap(),
     "new transfers are refused with 503 `overloaded` and `Retry-After` while this many are not final, so that a burst cannot pile up faster than the process manager completes them",
 );
+pub const COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT: Setting<NonZeroUsize> = Setting::new(
+    "COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT",
+    NonZeroUsize::new(500).unwrap(),
+    "a tenant's new transfers are refused with 503 `overloaded` and `Retry-After` while this many of its own are not final, so that one tenant cannot fill the whole pile and have every other tenant's transfers refused",
+);
 pub const COMMAND_API_RELAY: Setting<bool> = Setting::new(
     "COMMAND_API_RELAY",
     true,
@@ -128,6 +136,7 @@ pub const SETTINGS: Settings = &[
     &COMMAND_API_APPEND_WRITERS,
     &COMMAND_API_SNAPSHOT_EVERY,
     &COMMAND_API_MAX_TRANSFERS_IN_FLIGHT,
+    &COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT,
     &COMMAND_API_RELAY,
     &RELAY_BATCH_SIZE,
     &RELAY_IDLE_POLL,
@@ -155,6 +164,8 @@ impl Config {
             server: ServerLimits::from_env()?,
             query_api_url: query_api_url(QUERY_API_PUBLIC_URL.read()?)?,
             max_transfers_in_flight: COMMAND_API_MAX_TRANSFERS_IN_FLIGHT.read()?,
+            max_transfers_in_flight_per_tenant: COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT
+                .read()?,
         })
     }
 
@@ -174,6 +185,8 @@ impl Config {
             server: ServerLimits::default(),
             query_api_url: QUERY_API_PUBLIC_URL.default.into(),
             max_transfers_in_flight: COMMAND_API_MAX_TRANSFERS_IN_FLIGHT.default,
+            max_transfers_in_flight_per_tenant: COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT
+                .default,
         }
     }
 }

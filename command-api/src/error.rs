@@ -32,7 +32,8 @@ pub(crate) enum ApiError {
         header: &'static str,
         reason: &'static str,
     },
-    /// `COMMAND_API_MAX_TRANSFERS_IN_FLIGHT` transfers are not final yet.
+    /// `COMMAND_API_MAX_TRANSFERS_IN_FLIGHT` transfers are not final yet, or
+    /// `COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT` of the caller's tenant.
     #[error("too many transfers in flight")]
     TransfersBacklogged,
     #[error(transparent)]

@@ -107,9 +107,9 @@ pub struct Application {
     relay: Option<Relay>,
     /// Kept fresh in the background while serving.
     auth: Arc<Authenticator>,
-    /// Kept counted in the background while serving, against `max_transfers_in_flight`.
+    /// Kept counted in the background while serving, against `transfer_limits`.
     transfer_backlog: Arc<backlog::TransferBacklog>,
-    max_transfers_in_flight: usize,
+    transfer_limits: backlog::Limits,
 }
 
 impl Application {
@@ -163,7 +163,10 @@ impl Application {
             relay,
             auth,
             transfer_backlog,
-            max_transfers_in_flight: config.max_transfers_in_flight.get(),
+            transfer_limits: backlog::Limits {
+                total: config.max_transfers_in_flight.get(),
+                per_tenant: config.max_transfers_in_flight_per_tenant.get(),
+            },
         })
     }
 
@@ -190,7 +193,7 @@ impl Application {
         background.spawn(self.auth.keep_keys_fresh(stopping.wait()));
         background.spawn(self.transfer_backlog.keep_counted(
             self.pool.clone(),
-            self.max_transfers_in_flight,
+            self.transfer_limits,
             stopping.wait(),
         ));
         if let Some(relay) = self.relay {

@@ -674,3 +674,98 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
     let id = admitted["transfer_id"].as_str().unwrap().parse().unwrap();
     assert_eq!(settled(&system, id).await["status"], "completed");
 }
+
+#[tokio::test]
+async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_the_others_are_not() {
+    let mut system = System::start().await;
+    system.kill_process_manager().await;
+    // A command API of the same system that admits two transfers in flight per tenant, of a
+    // thousand in all.
+    let limited = command_api::Application::build(command_api::Config {
+        query_api_url: system.queries.clone(),
+        max_transfers_in_flight_per_tenant: NonZeroUsize::new(2).unwrap(),
+        ..command_api::Config::for_tests(
+            system.database.config_as(ServiceRole::Writer),
+            testing::auth(),
+        )
+    })
+    .await
+    .unwrap();
+    let base = format!("http://127.0.0.1:{}/v1", limited.port());
+    tokio::spawn(limited.run_until_stopped(std::future::pending()));
+    let client = system.client.clone();
+    let post = |tenant: &'static str, path: String, body: Value| {
+        let request = client
+            .post(format!("{base}{path}"))
+            .bearer_auth(token(tenant, &["teller"]))
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let accounts = |tenant: &'static str| {
+        let post = &post;
+        async move {
+            let mut ids = Vec::new();
+            for deposit in [100, 0] {
+                let (status, opened) = post(
+                    tenant,
+                    "/accounts".into(),
+                    json!({"owner": "Ada", "currency": "EUR"}),
+                )
+                .await;
+                assert_eq!(status, StatusCode::CREATED, "{opened}");
+                let id = opened["account_id"].as_str().unwrap().to_owned();
+                if deposit > 0 {
+                    let (status, body) = post(
+                        tenant,
+                        format!("/accounts/{id}/deposits"),
+                        json!({"amount": deposit, "currency": "EUR"}),
+                    )
+                    .await;
+                    assert_eq!(status, StatusCode::OK, "{body}");
+                }
+                ids.push(id);
+            }
+            (ids[0].clone(), ids[1].clone())
+        }
+    };
+    let transfer = |tenant: &'static str, (from, to): (String, String)| {
+        post(
+            tenant,
+            "/transfers".into(),
+            json!({"from_account": from, "to_account": to, "amount": 1,
+                   "currency": "EUR", "reference": "test"}),
+        )
+    };
+    let hog = accounts(TENANT).await;
+    let other = accounts("globex").await;
+
+    // Nothing completes them now: the hog's requests pile up until its share is seen.
+    let mut accepted = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        match transfer(TENANT, hog.clone()).await {
+            (StatusCode::ACCEPTED, _) => accepted += 1,
+            (StatusCode::SERVICE_UNAVAILABLE, body) => break body,
+            (status, body) => panic!("{status}: {body}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still admitted after {accepted} transfers"
+        );
+    };
+    assert_eq!(problem(&refusal), "overloaded", "{refusal}");
+    assert!(accepted >= 2, "refused before its share: {accepted}");
+    assert!(
+        accepted < 500,
+        "refused only near the limit of the whole pile (1000): {accepted}"
+    );
+
+    // Far below the limit of the whole pile, another tenant is admitted, while the hog is not.
+    let (status, body) = transfer("globex", other).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, body) = transfer(TENANT, hog).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
