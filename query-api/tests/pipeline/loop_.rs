@@ -134,7 +134,7 @@ async fn relay_looked_for_pending_events_after(
         let started: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
             "SELECT max(query_start) FROM pg_stat_activity
               WHERE datname = current_database() AND state = 'idle' AND query_start > $1
-                AND query LIKE 'SELECT EXISTS (SELECT 1 FROM events WHERE (tx_id, global_position) >%'",
+                AND query LIKE 'SELECT count(*) > 0%FROM (SELECT FROM events WHERE (tx_id, global_position) >%'",
         )
         .bind(since)
         .fetch_one(&system.pool)
