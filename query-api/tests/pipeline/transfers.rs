@@ -607,8 +607,8 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
         async move {
             let response = request.send().await.unwrap();
             let status = response.status();
-            let retry_after = response.headers().get("retry-after").cloned();
-            (status, retry_after, response.json::<Value>().await.unwrap())
+            let headers = response.headers().clone();
+            (status, headers, response.json::<Value>().await.unwrap())
         }
     };
     let request = || request_with_key(None);
@@ -618,12 +618,12 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
     assert_eq!(status, StatusCode::ACCEPTED, "{first}");
     let mut accepted = vec![first["transfer_id"].as_str().unwrap().to_owned()];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let (retry_after, refusal) = loop {
+    let (refused, refusal) = loop {
         match request().await {
             (StatusCode::ACCEPTED, _, body) => {
                 accepted.push(body["transfer_id"].as_str().unwrap().to_owned());
             }
-            (StatusCode::SERVICE_UNAVAILABLE, retry_after, body) => break (retry_after, body),
+            (StatusCode::SERVICE_UNAVAILABLE, headers, body) => break (headers, body),
             (status, _, body) => panic!("{status}: {body}"),
         }
         assert!(
@@ -633,29 +633,40 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
         );
     };
     assert_eq!(problem(&refusal), "overloaded", "{refusal}");
-    assert_eq!(retry_after.unwrap(), "1");
+    assert_eq!(refused["retry-after"], "1");
     assert!(
         accepted.len() >= 3,
         "refused before the limit: {accepted:?}"
     );
-    let streams: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'transfer'",
-    )
-    .fetch_one(&system.pool)
-    .await
-    .unwrap();
+    let transfer_streams = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'transfer'",
+        )
+        .fetch_one(&system.pool)
+        .await
+        .unwrap()
+    };
     assert_eq!(
-        streams,
+        transfer_streams().await,
         accepted.len() as i64,
         "a refused request recorded nothing"
     );
-    // While new transfers are refused, a retry of one that was accepted is answered as it was.
-    let (status, _, retried) = request_with_key(Some("the-first")).await;
+    // While new transfers are refused, a retry of one that was accepted is answered as it was;
+    // a new one is refused, with a key of its own or without.
+    let (status, headers, retried) = request_with_key(Some("the-first")).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{retried}");
     assert_eq!(retried["transfer_id"], first["transfer_id"]);
-    let (status, retry_after, _) = request().await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "still full");
-    assert!(retry_after.is_some());
+    assert_eq!(headers["idempotent-replayed"], "true");
+    for key in [Some("a-new-one"), None] {
+        let (status, headers, body) = request_with_key(key).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{key:?}: {body}");
+        assert_eq!(headers["retry-after"], "1");
+    }
+    assert_eq!(
+        transfer_streams().await,
+        accepted.len() as i64,
+        "the retry recorded nothing"
+    );
 
     system.start_process_manager().await;
     for id in &accepted {
@@ -701,7 +712,10 @@ async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_th
             .json(&body);
         async move {
             let response = request.send().await.unwrap();
-            (response.status(), response.json::<Value>().await.unwrap())
+            let status = response.status();
+            let retry_after = response.headers().get("retry-after").cloned();
+            let body = response.json::<Value>().await.unwrap();
+            (status, body, retry_after)
         }
     };
     let accounts = |tenant: &'static str| {
@@ -709,7 +723,7 @@ async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_th
         async move {
             let mut ids = Vec::new();
             for deposit in [100, 0] {
-                let (status, opened) = post(
+                let (status, opened, _) = post(
                     tenant,
                     "/accounts".into(),
                     json!({"owner": "Ada", "currency": "EUR"}),
@@ -718,7 +732,7 @@ async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_th
                 assert_eq!(status, StatusCode::CREATED, "{opened}");
                 let id = opened["account_id"].as_str().unwrap().to_owned();
                 if deposit > 0 {
-                    let (status, body) = post(
+                    let (status, body, _) = post(
                         tenant,
                         format!("/accounts/{id}/deposits"),
                         json!({"amount": deposit, "currency": "EUR"}),
@@ -747,9 +761,12 @@ async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_th
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let refusal = loop {
         match transfer(TENANT, hog.clone()).await {
-            (StatusCode::ACCEPTED, _) => accepted += 1,
-            (StatusCode::SERVICE_UNAVAILABLE, body) => break body,
-            (status, body) => panic!("{status}: {body}"),
+            (StatusCode::ACCEPTED, _, _) => accepted += 1,
+            (StatusCode::SERVICE_UNAVAILABLE, body, retry_after) => {
+                assert_eq!(retry_after.unwrap(), "1");
+                break body;
+            }
+            (status, body, _) => panic!("{status}: {body}"),
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -764,8 +781,8 @@ async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_th
     );
 
     // Far below the limit of the whole pile, another tenant is admitted, while the hog is not.
-    let (status, body) = transfer("globex", other).await;
+    let (status, body, _) = transfer("globex", other).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let (status, body) = transfer(TENANT, hog).await;
+    let (status, body, _) = transfer(TENANT, hog).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
