@@ -111,8 +111,7 @@ impl TransferBacklog {
 }
 
 /// The transfers not yet final by tenant, counted up to `limit` in all: a scan of at most
-/// `limit` rows. Past it every tenant is refused, so the split of the rest does
-/// not matter.
+/// `limit` rows. Past it every tenant is refused, so the split of the rest does not matter.
 async fn count_by_tenant_up_to(
     pool: &PgPool,
     limit: i64,
