@@ -313,6 +313,7 @@ impl Request {
 
     async fn send(&self, client: &reqwest::Client, base: &str, token: &str, tally: &Tally) {
         for attempt in 0..ATTEMPTS {
+            let mut retry_after = None;
             let sent = client
                 .post(format!("{base}{}", self.path))
                 .bearer_auth(token)
@@ -331,6 +332,11 @@ impl Request {
                 }
                 Ok(response) => {
                     let status = response.status();
+                    retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|value| value.to_str().ok()?.parse().ok())
+                        .map(Duration::from_secs);
                     let problem: Value = response.json().await.unwrap_or(Value::Null);
                     let kind = problem["type"]
                         .as_str()
@@ -356,7 +362,7 @@ impl Request {
                     return;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(retry_after.unwrap_or(Duration::from_millis(250))).await;
         }
     }
 }
