@@ -575,6 +575,25 @@ async fn a_transfer_that_makes_no_progress_is_shown_stalled_until_it_settles() {
     assert_eq!(settled["stalled"], false, "{settled}");
 }
 
+/// Starts another command API of `system` with its transfer limits set by `limit`; its `/v1`.
+async fn limited_command_api(
+    system: &System,
+    limit: impl FnOnce(&mut command_api::Config),
+) -> String {
+    let mut config = command_api::Config {
+        query_api_url: system.queries.clone(),
+        ..command_api::Config::for_tests(
+            system.database.config_as(ServiceRole::Writer),
+            testing::auth(),
+        )
+    };
+    limit(&mut config);
+    let limited = command_api::Application::build(config).await.unwrap();
+    let base = format!("http://127.0.0.1:{}/v1", limited.port());
+    tokio::spawn(limited.run_until_stopped(std::future::pending()));
+    base
+}
+
 #[tokio::test]
 async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_once_they_settle() {
     let mut system = System::start().await;
@@ -582,18 +601,13 @@ async fn new_transfers_are_refused_while_too_many_are_in_flight_and_admitted_onc
     let to = funded(&system, "EUR", 0).await;
     system.kill_process_manager().await;
     // A command API of the same system that admits three transfers in flight.
-    let limited = command_api::Application::build(command_api::Config {
-        query_api_url: system.queries.clone(),
-        max_transfers_in_flight: NonZeroUsize::new(3).unwrap(),
-        ..command_api::Config::for_tests(
-            system.database.config_as(ServiceRole::Writer),
-            testing::auth(),
-        )
-    })
-    .await
-    .unwrap();
-    let limited_url = format!("http://127.0.0.1:{}/v1/transfers", limited.port());
-    tokio::spawn(limited.run_until_stopped(std::future::pending()));
+    let limited_url = format!(
+        "{}/transfers",
+        limited_command_api(&system, |config| {
+            config.max_transfers_in_flight = NonZeroUsize::new(3).unwrap();
+        })
+        .await
+    );
     let client = system.client.clone();
     let request_with_key = |key: Option<&'static str>| {
         let mut request = client
@@ -692,18 +706,10 @@ async fn a_tenant_holding_its_share_of_the_transfers_in_flight_is_refused_and_th
     system.kill_process_manager().await;
     // A command API of the same system that admits two transfers in flight per tenant, of a
     // thousand in all.
-    let limited = command_api::Application::build(command_api::Config {
-        query_api_url: system.queries.clone(),
-        max_transfers_in_flight_per_tenant: NonZeroUsize::new(2).unwrap(),
-        ..command_api::Config::for_tests(
-            system.database.config_as(ServiceRole::Writer),
-            testing::auth(),
-        )
+    let base = limited_command_api(&system, |config| {
+        config.max_transfers_in_flight_per_tenant = NonZeroUsize::new(2).unwrap();
     })
-    .await
-    .unwrap();
-    let base = format!("http://127.0.0.1:{}/v1", limited.port());
-    tokio::spawn(limited.run_until_stopped(std::future::pending()));
+    .await;
     let client = system.client.clone();
     let post = |tenant: &'static str, path: String, body: Value| {
         let request = client
