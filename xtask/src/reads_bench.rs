@@ -187,8 +187,6 @@ fn account_id_sql(n: &str) -> String {
     format!("('00000000-0000-0000-0000-' || lpad(({n})::text, 12, '0'))::uuid")
 }
 
-/// Seeds the read model with [`ACCOUNTS`] accounts of [`TENANT`] at version 1, as the
-/// projector writes them; their ids.
 /// Notifies every account as the projector does after committing it: the query API then
 /// knows each account's version for a while (`query-api/src/versions.rs`), and answers a
 /// client that has it without a read.
@@ -199,6 +197,8 @@ async fn notify(owner: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seeds the read model with [`ACCOUNTS`] accounts of [`TENANT`] at version 1, as the
+/// projector writes them; their ids.
 async fn seed(owner: &sqlx::PgPool) -> anyhow::Result<Vec<Uuid>> {
     let ids = sqlx::query_scalar(&format!(
         "INSERT INTO accounts (id, tenant, owner, currency, overdraft_limit, balance, status,
