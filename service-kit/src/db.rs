@@ -233,10 +233,9 @@ pub fn connect_lazy(config: &DatabaseConfig) -> Result<PgPool, ConfigError> {
 /// sqlx pings a pooled connection twice per use: when it hands it out (`test_before_acquire`)
 /// and when it takes it back. The second ping already keeps a connection that died in use out
 /// of the pool. The first only matters for a connection that died while it sat idle, as when
-/// Postgres restarts, so it is sent only to one idle longer than [`PING_IF_IDLE_FOR`]: a
-/// deposit at one client went from 0.58 to 0.53 ms (p50) and from 0.34x to 0.40x of pgbench's
-/// insert rate (`cargo xtask bench commands --clients 1`), 16 clients on one account from
-/// 9,260/s to 10,422/s.
+/// Postgres restarts, so it is sent only to one idle longer than [`PING_IF_IDLE_FOR`]. That
+/// saves a round trip per statement; `cargo xtask bench commands` has not shown a gain larger
+/// than its run-to-run spread (BENCHMARKS.md).
 fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(config.max_connections)
