@@ -166,21 +166,29 @@ pub(crate) struct ListEntriesParams {
 const ACCOUNT_COLUMNS: &str =
     "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
 
-/// Account `id` as `tenant` sees it: one statement, one round trip (`ledger_account`, in
-/// `migrations/`, reads as the reader role with the tenant set for the call, as
-/// [`AppState::scope`] does for a transaction).
+/// Account `id` as `tenant` sees it now. From memory when the projector's latest notification
+/// of the account names the version last read (`versions`); else one statement, one round
+/// trip (`ledger_account`, in `migrations/`, reads as the reader role with the tenant set for
+/// the call, as [`AppState::scope`] does for a transaction).
 pub(crate) async fn find_account(
     state: &AppState,
     tenant: &str,
     id: Uuid,
 ) -> Result<Option<AccountView>, QueryError> {
-    Ok(sqlx::query_as(&format!(
+    if let Some(account) = state.known.view(tenant, id) {
+        return Ok(Some(account));
+    }
+    let account: Option<AccountView> = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM ledger_account($1, $2)"
     ))
     .bind(tenant)
     .bind(id)
     .fetch_optional(&state.pool)
-    .await?)
+    .await?;
+    if let Some(account) = &account {
+        state.known.read(tenant, id, account.version, account);
+    }
+    Ok(account)
 }
 
 /// Account `id` as `scope` (a tenant scope) sees it, for reads that need it in one snapshot

@@ -56,13 +56,16 @@ pub(crate) struct AppState {
     /// Bounded: a subscriber that falls `graphql.subscriber_buffer` changes behind is dropped,
     /// nobody waits for it.
     changes: Arc<graphql::Changes>,
-    /// The accounts' versions as notified, to answer `If-None-Match` without a read.
-    known: Arc<versions::KnownVersions>,
+    /// The accounts' versions as notified, to answer `If-None-Match` without a read, and
+    /// the accounts as read at those versions, to answer the next read from memory.
+    known: Arc<KnownAccounts>,
     /// `/graphql`'s limits and switches.
     graphql: GraphqlConfig,
     /// The WebSocket connections each tenant holds, against `graphql.connections_per_tenant`.
     tenant_connections: Arc<graphql::TenantConnections>,
 }
+
+pub(crate) type KnownAccounts = versions::KnownVersions<api::AccountView>;
 
 impl AppState {
     /// A transaction that can see `tenant`'s rows only (row-level security), for every read.
@@ -103,7 +106,7 @@ async fn watch_projections(
     pool: PgPool,
     lifetime: tokio::sync::watch::Sender<()>,
     changes: Arc<graphql::Changes>,
-    known: Arc<versions::KnownVersions>,
+    known: Arc<KnownAccounts>,
 ) {
     while !lifetime.is_closed() {
         let listening = async {

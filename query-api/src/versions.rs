@@ -1,5 +1,6 @@
 //! The current versions of the accounts the projector changed lately, as its notifications
-//! told them: enough to answer `If-None-Match` with 304 without reading the row.
+//! told them: enough to answer `If-None-Match` with 304 without reading the row, and, once
+//! the row at that version has been read, to answer with it from memory.
 
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
@@ -9,10 +10,11 @@ use lru::LruCache;
 use service_kit::db::channels::{ReadModel, ReadModelChange};
 use uuid::Uuid;
 
-/// How many accounts are remembered. Bounded by count: an entry is an id, a version and a
-/// tenant of at most `MAX_TENANT_BYTES` (64), so this is also a bound of about 15 MiB. Only
-/// rows the projector committed are entered, never ids a caller names.
-pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
+/// How many accounts are remembered. Bounded by count: an entry is an id, a version, a tenant
+/// of at most `MAX_TENANT_BYTES` (64) and at most one view of the account (its owner at most
+/// `MAX_OWNER_CHARS`, 200 characters), so about 1 KiB at worst, and this a bound of about
+/// 50 MiB. Only accounts the projector committed are entered, never ids a caller names.
+pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(50_000).unwrap();
 
 /// How long a notified version is trusted. Some changes of a row are never notified (`projector
 /// rebuild` folds events the live projector then finds already applied), and a listener whose
@@ -20,29 +22,36 @@ pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
 /// the row is read instead, so such a gap shows stale versions for seconds, not for good.
 pub(crate) const FRESH_FOR: Duration = Duration::from_secs(10);
 
-/// Account id → (tenant, version), valid only while the listener listens: a notification sent
-/// while it did not is lost, so the map starts empty each time it listens again, and an
+/// Account id → (tenant, version, view), valid only while the listener listens: a notification
+/// sent while it did not is lost, so the map starts empty each time it listens again, and an
 /// account not notified since is unknown (read from the database).
-pub(crate) struct KnownVersions {
-    state: Mutex<State>,
+///
+/// `V` is the view of an account as read from the database. It is kept only for an account
+/// already entered by a notification, and given out only while its version is the notified
+/// one: a view is then exactly what a read would return, and is as fresh as a 304 is.
+pub(crate) struct KnownVersions<V> {
+    state: Mutex<State<V>>,
     fresh_for: Duration,
 }
 
-struct State {
+struct State<V> {
     /// Whether every change committed since the map was last emptied has been entered.
     listening: bool,
     /// The least recently changed or asked-for account goes first when full.
-    accounts: LruCache<Uuid, Known>,
+    accounts: LruCache<Uuid, Known<V>>,
 }
 
-struct Known {
+struct Known<V> {
     tenant: Box<str>,
     version: i64,
     /// When the version was last notified.
     noted: Instant,
+    /// The account as read at a version (which may be ahead of `version` for a moment, when a
+    /// read saw a commit before its notification came).
+    view: Option<(i64, V)>,
 }
 
-impl KnownVersions {
+impl<V: Clone> KnownVersions<V> {
     pub(crate) fn new(capacity: NonZeroUsize, fresh_for: Duration) -> Self {
         Self {
             state: Mutex::new(State {
@@ -82,6 +91,9 @@ impl KnownVersions {
             Some(known) => {
                 known.version = known.version.max(change.version);
                 known.noted = Instant::now();
+                if known.view.as_ref().is_some_and(|(read, _)| *read < known.version) {
+                    known.view = None;
+                }
             }
             None => {
                 state.accounts.put(
@@ -90,6 +102,7 @@ impl KnownVersions {
                         tenant: change.tenant.as_str().into(),
                         version: change.version,
                         noted: Instant::now(),
+                        view: None,
                     },
                 );
             }
@@ -99,6 +112,36 @@ impl KnownVersions {
     /// The current version of `tenant`'s account `id`, if known. Another tenant's account is
     /// as unknown as one never notified.
     pub(crate) fn version(&self, tenant: &str, id: Uuid) -> Option<i64> {
+        self.with_current(tenant, id, |known| known.version)
+    }
+
+    /// `tenant`'s account `id` as a read would return it now, if its current version is known
+    /// and was read at that version.
+    pub(crate) fn view(&self, tenant: &str, id: Uuid) -> Option<V> {
+        self.with_current(tenant, id, |known| match &known.view {
+            Some((read, view)) if *read == known.version => Some(view.clone()),
+            _ => None,
+        })
+        .flatten()
+    }
+
+    /// Keeps `view`, `tenant`'s account `id` as just read at `version`, if the account is
+    /// known: an account never notified, or one whose version has since moved past the
+    /// read, gains nothing.
+    pub(crate) fn read(&self, tenant: &str, id: Uuid, version: i64, view: &V) {
+        let mut state = self.state();
+        if !state.listening {
+            return;
+        }
+        if let Some(known) = state.accounts.peek_mut(&id)
+            && &*known.tenant == tenant
+            && version >= known.version
+        {
+            known.view = Some((version, view.clone()));
+        }
+    }
+
+    fn with_current<T>(&self, tenant: &str, id: Uuid, f: impl FnOnce(&Known<V>) -> T) -> Option<T> {
         let mut state = self.state();
         if !state.listening {
             return None;
@@ -107,10 +150,10 @@ impl KnownVersions {
             .accounts
             .get(&id)
             .filter(|known| &*known.tenant == tenant && known.noted.elapsed() < self.fresh_for)
-            .map(|known| known.version)
+            .map(f)
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> MutexGuard<'_, State<V>> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -132,7 +175,7 @@ mod tests {
 
     #[test]
     fn only_accounts_notified_while_listening_are_known_and_only_to_their_tenant() {
-        let known = KnownVersions::new(NonZeroUsize::new(2).unwrap(), FRESH_FOR);
+        let known = KnownVersions::<()>::new(NonZeroUsize::new(2).unwrap(), FRESH_FOR);
         let id = Uuid::from_u128;
         known.record(&change(ReadModel::Account, "acme", 1, 3));
         assert_eq!(known.version("acme", id(1)), None, "not listening yet");
@@ -169,6 +212,42 @@ mod tests {
         let stale = KnownVersions::new(CAPACITY, Duration::ZERO);
         stale.listening();
         stale.record(&change(ReadModel::Account, "acme", 1, 3));
+        stale.read("acme", Uuid::from_u128(1), 3, &"read at 3");
         assert_eq!(stale.version("acme", Uuid::from_u128(1)), None);
+        assert_eq!(stale.view("acme", Uuid::from_u128(1)), None);
+    }
+
+    #[test]
+    fn a_view_is_given_out_only_at_the_notified_version_and_only_to_its_tenant() {
+        let known = KnownVersions::new(CAPACITY, FRESH_FOR);
+        let id = Uuid::from_u128(1);
+        known.listening();
+        known.read("acme", id, 1, &"read at 1");
+        assert_eq!(known.view("acme", id), None, "never notified: not kept");
+
+        known.record(&change(ReadModel::Account, "acme", 1, 3));
+        known.read("acme", id, 2, &"read at 2");
+        assert_eq!(known.view("acme", id), None, "read before the notified version");
+        known.read("globex", id, 3, &"read at 3 by globex");
+        assert_eq!(known.view("globex", id), None);
+        assert_eq!(known.view("acme", id), None, "another tenant's read is not kept");
+
+        known.read("acme", id, 3, &"read at 3");
+        assert_eq!(known.view("acme", id), Some("read at 3"));
+        assert_eq!(known.view("globex", id), None);
+
+        // A read that saw a commit before its notification came is given out from then on.
+        known.read("acme", id, 4, &"read at 4");
+        assert_eq!(known.view("acme", id), None, "version 4 not notified yet");
+        known.record(&change(ReadModel::Account, "acme", 1, 4));
+        assert_eq!(known.view("acme", id), Some("read at 4"));
+
+        known.record(&change(ReadModel::Account, "acme", 1, 5));
+        assert_eq!(known.view("acme", id), None, "changed since it was read");
+
+        known.read("acme", id, 5, &"read at 5");
+        known.deaf();
+        known.listening();
+        assert_eq!(known.view("acme", id), None, "forgotten with the versions");
     }
 }

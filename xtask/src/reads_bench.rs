@@ -18,6 +18,8 @@ use crate::bench::{
 };
 use crate::launch::{self, Profile, Service, free_address};
 
+/// Accounts read in each run; twice as many are seeded: the first half is notified as the
+/// projector notifies its commits, the second never is.
 const ACCOUNTS: u32 = 1000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const TENANT: &str = "bench";
@@ -65,8 +67,9 @@ impl Row {
     }
 }
 
-const READ: &str = "query API: `GET /v1/accounts/{id}`";
-const NOT_MODIFIED: &str = "query API: same, `If-None-Match` the current tag (304)";
+const READ: &str = "query API: `GET /v1/accounts/{id}`, not notified lately (read from Postgres)";
+const REMEMBERED: &str = "query API: same, notified lately (answered from memory)";
+const NOT_MODIFIED: &str = "query API: same, notified, `If-None-Match` the current tag (304)";
 const INSERT: &str = "pgbench: INSERT one ~300-byte event row";
 const SELECT: &str = "pgbench: SELECT one account row by primary key";
 
@@ -108,16 +111,20 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         .and_then(launch::Running::pid)
         .context("the query API's pid")?;
 
-    notify(&owner, &ids).await?;
+    let (notified, not_notified) = ids.split_at(ACCOUNTS as usize);
+    notify(&owner, notified).await?;
 
     let token = service_token(SECRET, TENANT, "bench", &["viewer"])?;
-    check_answers(&address, &token, ids[0]).await?;
+    check_answers(&address, &token, notified[0]).await?;
+    check_answers(&address, &token, not_notified[0]).await?;
     let dir = std::env::temp_dir().join(format!("ledger-reads-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let read = dir.join("read.lua");
-    std::fs::write(&read, wrk_script(&token, false))?;
+    std::fs::write(&read, wrk_script(&token, ACCOUNTS, false))?;
+    let remembered = dir.join("remembered.lua");
+    std::fs::write(&remembered, wrk_script(&token, 0, false))?;
     let unchanged = dir.join("unchanged.lua");
-    std::fs::write(&unchanged, wrk_script(&token, true))?;
+    std::fs::write(&unchanged, wrk_script(&token, 0, true))?;
     let select = format!(
         "\\set n random(1, {ACCOUNTS})\n\
          SELECT {COLUMNS} FROM accounts WHERE id = {};\n",
@@ -135,16 +142,12 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         // A short warm-up fills the connection pool and the statement caches.
         wrk(&url, &read, clients, 1).await?;
         rows.push(measured(READ, clients, &pids, wrk(&url, &read, clients, seconds)).await?);
-        notify(&owner, &ids).await?;
-        rows.push(
-            measured(
-                NOT_MODIFIED,
-                clients,
-                &pids,
-                wrk(&url, &unchanged, clients, seconds),
-            )
-            .await?,
-        );
+        let notifying = tokio::spawn(keep_notifying(owner.clone(), notified.to_vec()));
+        wrk(&url, &remembered, clients, 1).await?;
+        for (label, script) in [(REMEMBERED, &remembered), (NOT_MODIFIED, &unchanged)] {
+            rows.push(measured(label, clients, &pids, wrk(&url, script, clients, seconds)).await?);
+        }
+        notifying.abort();
         rows.push(
             measured(INSERT, clients, &pids, async {
                 pgbench_insert(&owner_url, clients, seconds)
@@ -189,7 +192,7 @@ fn account_id_sql(n: &str) -> String {
 
 /// Notifies every account as the projector does after committing it: the query API then
 /// knows each account's version for a while (`query-api/src/versions.rs`), and answers a
-/// client that has it without a read.
+/// client that has it, or a read once it has read the account at that version, from memory.
 async fn notify(owner: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<()> {
     let mut tx = owner.begin().await?;
     notify_changed(&mut tx, ReadModel::Account, ids).await?;
@@ -197,7 +200,17 @@ async fn notify(owner: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seeds the read model with [`ACCOUNTS`] accounts of [`TENANT`] at version 1, as the
+/// Notifies `ids` every second, as for accounts that keep changing: a notified version is
+/// trusted for a while only, shorter than some runs.
+async fn keep_notifying(owner: sqlx::PgPool, ids: Vec<Uuid>) -> anyhow::Result<()> {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        notify(&owner, &ids).await?;
+    }
+}
+
+/// Seeds the read model with twice [`ACCOUNTS`] accounts of [`TENANT`] at version 1, as the
 /// projector writes them; their ids.
 async fn seed(owner: &sqlx::PgPool) -> anyhow::Result<Vec<Uuid>> {
     let ids = sqlx::query_scalar(&format!(
@@ -209,7 +222,7 @@ async fn seed(owner: &sqlx::PgPool) -> anyhow::Result<Vec<Uuid>> {
         account_id_sql("n")
     ))
     .bind(TENANT)
-    .bind(ACCOUNTS as i32)
+    .bind(2 * ACCOUNTS as i32)
     .fetch_all(owner)
     .await?;
     sqlx::query("ANALYZE accounts").execute(owner).await?;
@@ -248,9 +261,10 @@ async fn check_answers(address: &str, token: &str, id: Uuid) -> anyhow::Result<(
     Ok(())
 }
 
-/// wrk's script: each connection reads the accounts in turn (threads start at different
-/// ones), as `token`'s tenant, with the accounts' tag in `If-None-Match` if `unchanged`.
-fn wrk_script(token: &str, unchanged: bool) -> String {
+/// wrk's script: each connection reads [`ACCOUNTS`] accounts in turn from number `first + 1`
+/// (threads start at different ones), as `token`'s tenant, with the accounts' tag in
+/// `If-None-Match` if `unchanged`.
+fn wrk_script(token: &str, first: u32, unchanged: bool) -> String {
     let tag = if unchanged {
         "wrk.headers[\"If-None-Match\"] = '\"1\"'\n"
     } else {
@@ -262,7 +276,7 @@ fn wrk_script(token: &str, unchanged: bool) -> String {
          local next = math.random(0, {last})\n\
          request = function()\n\
          \x20 next = (next + 1) % {ACCOUNTS}\n\
-         \x20 return wrk.format(\"GET\", string.format(\"/v1/accounts/00000000-0000-0000-0000-%012d\", next + 1))\n\
+         \x20 return wrk.format(\"GET\", string.format(\"/v1/accounts/00000000-0000-0000-0000-%012d\", next + {first} + 1))\n\
          end\n",
         last = ACCOUNTS - 1
     )
@@ -476,9 +490,12 @@ async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
         out,
         "{}. `cargo xtask bench reads`: the query API is the release build with JSON logs at \
          `info` (to /dev/null), connected as its least-privileged login (row-level security \
-         applies), per-tenant rate limit off; {ACCOUNTS} accounts of one tenant seeded into the \
-         read model, and notified as the projector notifies its commits before each 304 run (a \
-         notified version is trusted for 10 s, then the row is read again). wrk (HTTP/1.1 \
+         applies), per-tenant rate limit off; {seeded} accounts of one tenant seeded into the \
+         read model. Each run reads {ACCOUNTS} of them: the first run accounts never notified, \
+         which the query API reads from Postgres; the other two accounts notified every second \
+         as the projector notifies its commits (a notified version is trusted for 10 s), which \
+         the query API answers from memory once it has read each at its notified version, or \
+         with 304. wrk (HTTP/1.1 \
          keep-alive, one connection per client, up to 2 threads) reads the accounts in turn; \
          pgbench inserts one ~300-byte row per transaction (as in `bench commands`) and selects \
          one account row by primary key (prepared, as superuser: no row-level security), the \
@@ -488,7 +505,8 @@ async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
          process, and every Postgres process (backends, pgbench's included, and background \
          processes; ended ones through the postmaster's children's times), divided by the \
          operations done.\n",
-        machine().await
+        machine().await,
+        seeded = 2 * ACCOUNTS,
     )?;
     writeln!(
         out,
