@@ -39,7 +39,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use crate::engine::AppendSignal;
 
 /// The `log_checkpoints` row of the Kafka relay.
-const READER: &str = "kafka-relay";
+pub const READER: &str = "kafka-relay";
 /// Key of the leadership advisory lock (`hashtext('ledger.relay')` would do as well; a
 /// constant is easier to find in `pg_locks`).
 const LEADER_LOCK: i64 = 0x4c45_4447_4552;

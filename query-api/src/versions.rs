@@ -91,7 +91,11 @@ impl<V: Clone> KnownVersions<V> {
             Some(known) => {
                 known.version = known.version.max(change.version);
                 known.noted = Instant::now();
-                if known.view.as_ref().is_some_and(|(read, _)| *read < known.version) {
+                if known
+                    .view
+                    .as_ref()
+                    .is_some_and(|(read, _)| *read < known.version)
+                {
                     known.view = None;
                 }
             }
@@ -227,10 +231,18 @@ mod tests {
 
         known.record(&change(ReadModel::Account, "acme", 1, 3));
         known.read("acme", id, 2, &"read at 2");
-        assert_eq!(known.view("acme", id), None, "read before the notified version");
+        assert_eq!(
+            known.view("acme", id),
+            None,
+            "read before the notified version"
+        );
         known.read("globex", id, 3, &"read at 3 by globex");
         assert_eq!(known.view("globex", id), None);
-        assert_eq!(known.view("acme", id), None, "another tenant's read is not kept");
+        assert_eq!(
+            known.view("acme", id),
+            None,
+            "another tenant's read is not kept"
+        );
 
         known.read("acme", id, 3, &"read at 3");
         assert_eq!(known.view("acme", id), Some("read at 3"));

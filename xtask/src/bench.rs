@@ -1,6 +1,7 @@
-//! `cargo xtask bench commands`: deposit throughput and latency of the real command API (release
-//! build, real Postgres) beside pgbench inserting rows of the same size, in one run on one
-//! machine, written to `BENCHMARKS.md`.
+//! `cargo xtask bench commands`: deposit throughput, latency and CPU per deposit of the real
+//! command API (release build, real Postgres) beside pgbench inserting rows of the same size,
+//! then the same deposits with the system as deployed (relay publishing, projector consuming),
+//! in one run on one machine, written to `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -13,12 +14,18 @@ use service_kit::{ExposeSecret, SecretString};
 use tokio::process::Command;
 use uuid::Uuid;
 
+use crate::cpu;
 use crate::dev::workspace_root;
 use crate::launch::{self, Launch, Profile, Service, free_address};
 
 pub(crate) const SECRET: &str = "benchmark-secret-0123456789abcdef0123456789";
 const ACCOUNTS: usize = 1000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// The clients of the run with the system as deployed, compared with the relay-off run of as
+/// many.
+const DEPLOYED_CLIENTS: usize = 16;
+/// Longest wait for the relay and the projector to catch up, before the deployed run and after.
+const CATCH_UP_WITHIN: Duration = Duration::from_secs(60);
 
 /// The outcome of one timed run.
 pub(crate) struct Run {
@@ -136,6 +143,25 @@ pub(crate) async fn run(bench: &Bench) -> anyhow::Result<()> {
     }
 }
 
+/// A run of `bench commands` and the CPU it took.
+struct Measured {
+    run: Run,
+    cpu: cpu::Ticks,
+}
+
+/// Runs `load`, sampling `watched`'s CPU around it.
+async fn measured(
+    watched: &cpu::Watched,
+    load: impl Future<Output = anyhow::Result<Run>>,
+) -> anyhow::Result<Measured> {
+    let before = watched.sample()?;
+    let run = load.await?;
+    Ok(Measured {
+        run,
+        cpu: watched.sample()?.since(before),
+    })
+}
+
 async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     // `--clients 16` runs one concurrency only (for profiling); the report needs all three.
     let concurrencies: Vec<usize> = match options.clients {
@@ -150,9 +176,10 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger_bench".to_owned());
 
-    launch::build(Profile::Release, &["command-api"]).await?;
+    launch::build(Profile::Release, &["command-api", "projector"]).await?;
     let database = DatabaseConfig::with_url(&server_url);
     reset_database(&database).await?;
+    let owner = db::connect(&database).await?;
 
     let (address, ops) = (free_address()?, free_address()?);
     let api = CommandApi {
@@ -162,11 +189,19 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     let mut server = launch::start(vec![
         service(Service::CommandApi, &ops, &database)
             .env("COMMAND_API_ADDR", &address)
-            // The command path alone: the relay's cost is measured by its own benchmark.
+            // The command path alone: the system as deployed is the last run.
             .env("COMMAND_API_RELAY", "false")
             // One tenant at full speed: the per-tenant limit would be what is measured.
             .env("RATE_LIMIT_PER_TENANT", "0"),
     ])
+    .await?;
+    let watched = cpu::Watched::new(
+        server
+            .first()
+            .and_then(launch::Running::pid)
+            .context("the command API's pid")?,
+        &owner,
+    )
     .await?;
 
     let token = service_token(SECRET, "bench", "bench", &["teller"])?;
@@ -175,6 +210,13 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         .build()?;
     let accounts = open_accounts(&client, &api.base, &token, ACCOUNTS).await?;
     let hot = vec![accounts[0]];
+    let deposits = |accounts: &'static str, of: &[Uuid], concurrency: usize| {
+        let (client, api, token, of) = (&client, &api, &token, of.to_vec());
+        async move {
+            let label = format!("deposits, {accounts}");
+            Ok(load(client, api, token, &of, concurrency, duration, &label).await)
+        }
+    };
 
     let mut runs = Vec::new();
     for concurrency in concurrencies {
@@ -189,61 +231,169 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
             "",
         )
         .await;
+        runs.push(measured(&watched, deposits("1000 accounts", &accounts, concurrency)).await?);
+        runs.push(measured(&watched, deposits("one hot account", &hot, concurrency)).await?);
         runs.push(
-            load(
-                &client,
-                &api,
-                &token,
-                &accounts,
-                concurrency,
-                duration,
-                "deposits, 1000 accounts",
+            measured(
+                &watched,
+                pgbench_insert(database.url.expose_secret(), concurrency, seconds),
             )
-            .await,
+            .await?,
         );
-        runs.push(
-            load(
-                &client,
-                &api,
-                &token,
-                &hot,
-                concurrency,
-                duration,
-                "deposits, one hot account",
-            )
-            .await,
-        );
-        runs.push(pgbench_insert(database.url.expose_secret(), concurrency, seconds).await?);
     }
-    let long_stream = load(
-        &client,
-        &api,
-        &token,
-        &hot,
-        16,
-        duration,
-        "deposits, hot account (after the runs above)",
+    let long_stream = measured(
+        &watched,
+        deposits("hot account (after the runs above)", &hot, 16),
     )
-    .await;
-    let hot_events: i64 = {
-        let pool = db::connect(&database).await?;
-        let count = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
-            .bind(hot[0].to_string())
-            .fetch_one(&pool)
-            .await?;
-        pool.close().await;
-        count
-    };
+    .await?;
+    let hot_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+        .bind(hot[0].to_string())
+        .fetch_one(&owner)
+        .await?;
     runs.push(long_stream);
     launch::stop(&mut server).await;
+    owner.close().await;
 
-    let report = report(&runs, seconds, hot_events).await?;
+    let deployed = match options.clients {
+        None => Some(as_deployed(&database, &watched, &client, &token, duration).await?),
+        Some(_) => None,
+    };
+
+    let report = report(&runs, deployed.as_ref(), seconds, hot_events).await?;
     println!("{report}");
     if options.clients.is_none() {
         write_section("commands", &report)?;
         println!("written to BENCHMARKS.md");
     }
     Ok(())
+}
+
+/// How far behind the relay and the projector were.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    /// Events the relay has not published (acknowledged by the broker) yet.
+    unpublished: i64,
+    /// Account events not yet in the read model: every account's version counts the events of
+    /// its stream applied.
+    unprojected: i64,
+}
+
+impl Behind {
+    async fn now(owner: &sqlx::PgPool) -> anyhow::Result<Self> {
+        let relay =
+            service_kit::event_log::load_checkpoint(owner, command_api::relay::READER).await?;
+        let unpublished = service_kit::event_log::lag(owner, relay).await?.events;
+        let unprojected = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM events WHERE aggregate_type = 'account')
+                  - (SELECT coalesce(sum(version), 0) FROM accounts)::int8",
+        )
+        .fetch_one(owner)
+        .await?;
+        Ok(Self {
+            unpublished,
+            unprojected,
+        })
+    }
+
+    fn caught_up(self) -> bool {
+        self.unpublished == 0 && self.unprojected == 0
+    }
+}
+
+/// The run with the system as deployed, and the relay and projector behind it.
+struct Deployed {
+    measured: Measured,
+    /// When the load stopped.
+    behind: Behind,
+    /// How long after the load they both had caught up; `None`: not within
+    /// [`CATCH_UP_WITHIN`].
+    caught_up_after: Option<Duration>,
+}
+
+/// Deposits over [`ACCOUNTS`] accounts at [`DEPLOYED_CLIENTS`] clients with the command API's
+/// relay publishing to a broker and the projector consuming, on a new database (the relay-off
+/// runs left events that were never published); then how far behind the relay and the
+/// projector were when the load stopped, and how long they took to catch up.
+async fn as_deployed(
+    database: &DatabaseConfig,
+    watched: &cpu::Watched,
+    client: &reqwest::Client,
+    token: &str,
+    duration: Duration,
+) -> anyhow::Result<Deployed> {
+    reset_database(database).await?;
+    let owner = db::connect(database).await?;
+    let broker = crate::broker::start(crate::broker::Storage::Memory).await?;
+    let kafka = broker.kafka();
+    let (address, ops) = (free_address()?, free_address()?);
+    let api = CommandApi {
+        base: format!("http://{address}"),
+        ops: format!("http://{ops}"),
+    };
+    let mut system = launch::start(vec![
+        service(Service::CommandApi, &ops, database)
+            .env("COMMAND_API_ADDR", &address)
+            .env("KAFKA_BROKERS", &kafka.brokers)
+            .env("RATE_LIMIT_PER_TENANT", "0"),
+        service(Service::Projector, &free_address()?, database)
+            .env("KAFKA_BROKERS", &kafka.brokers),
+    ])
+    .await?;
+    let watched = watched.with_service(
+        system
+            .first()
+            .and_then(launch::Running::pid)
+            .context("the command API's pid")?,
+    );
+    let accounts = open_accounts(client, &api.base, token, ACCOUNTS).await?;
+    let waited = Instant::now();
+    while !Behind::now(&owner).await?.caught_up() {
+        if waited.elapsed() > CATCH_UP_WITHIN {
+            bail!("the relay and the projector did not catch up with the accounts' openings");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load(
+        client,
+        &api,
+        token,
+        &accounts,
+        DEPLOYED_CLIENTS,
+        Duration::from_secs(1),
+        "",
+    )
+    .await;
+    let measured = measured(&watched, async {
+        Ok(load(
+            client,
+            &api,
+            token,
+            &accounts,
+            DEPLOYED_CLIENTS,
+            duration,
+            "deposits, 1000 accounts, as deployed (relay publishing, projector consuming)",
+        )
+        .await)
+    })
+    .await?;
+    let stopped = Instant::now();
+    let behind = Behind::now(&owner).await?;
+    let mut caught_up_after = None;
+    while stopped.elapsed() < CATCH_UP_WITHIN {
+        if Behind::now(&owner).await?.caught_up() {
+            caught_up_after = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    launch::stop(&mut system).await;
+    drop(broker);
+    owner.close().await;
+    Ok(Deployed {
+        measured,
+        behind,
+        caught_up_after,
+    })
 }
 
 /// A service as the benchmarks run it: the release build on `database`, its ops listener on
@@ -648,7 +798,12 @@ pub(crate) async fn machine() -> String {
     )
 }
 
-async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<String> {
+async fn report(
+    runs: &[Measured],
+    deployed: Option<&Deployed>,
+    seconds: u64,
+    hot_events: i64,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     writeln!(
         out,
@@ -657,34 +812,42 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
     writeln!(
         out,
         "{}. `cargo xtask bench commands`: the command API is the release build with JSON logs at \
-         `info` (to /dev/null) and its Kafka relay off (measured separately); the load generator \
+         `info` (to /dev/null) and its Kafka relay off, but for the last row; the load generator \
          (HTTP/1.1 keep-alive, one connection per client) and pgbench run on the same cores. \
          Each run lasts {seconds} s after a 1 s warm-up; latency is measured by the client, successful \
          requests only. pgbench inserts one ~300-byte row per transaction into a table with the event \
          store's columns and primary key (no hash-chain trigger), committing each row on its own. \
          The command API group-commits: commands waiting for one stream are decided in turn and \
          appended together, and the appends of concurrent streams go out as one INSERT and one \
-         commit (`command-api/src/engine/stream.rs`, `command-api/src/engine/append.rs`); the last column is \
-         the mean number of events per commit, from its `/metrics`.\n",
+         commit (`command-api/src/engine/stream.rs`, `command-api/src/engine/append.rs`); the \
+         events per commit are the mean from its `/metrics`. CPU per operation is from /proc: the \
+         command API process, and every Postgres process (backends, pgbench's included, and \
+         background processes; ended ones through the postmaster's children's times), divided by \
+         the operations done; the load generator's is in neither.\n",
         machine().await
     )?;
     writeln!(
         out,
-        "| workload | clients | ok/s | p50 ms | p99 ms | non-2xx | 5xx | vs pgbench | events per commit |"
+        "| workload | clients | ok/s | p50 ms | p99 ms | non-2xx | 5xx | vs pgbench | events per commit | command API µs/op | Postgres µs/op |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    for run in runs {
-        let baseline = runs
-            .iter()
-            .find(|r| r.label.starts_with("pgbench") && r.concurrency == run.concurrency)
-            .map(Run::throughput);
-        let ratio = match baseline {
-            Some(b) if !run.label.starts_with("pgbench") => format!("{:.2}x", run.throughput() / b),
+    writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    let pgbench = |concurrency: usize| {
+        runs.iter()
+            .find(|m| m.run.label.starts_with("pgbench") && m.run.concurrency == concurrency)
+            .map(|m| m.run.throughput())
+    };
+    for Measured { run, cpu } in runs.iter().chain(deployed.map(|d| &d.measured)) {
+        let is_pgbench = run.label.starts_with("pgbench");
+        let ratio = match pgbench(run.concurrency) {
+            Some(b) if !is_pgbench => format!("{:.2}x", run.throughput() / b),
             _ => "-".into(),
         };
         writeln!(
             out,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {:.0} |",
             run.label,
             run.concurrency,
             run.throughput(),
@@ -695,14 +858,48 @@ async fn report(runs: &[Run], seconds: u64, hot_events: i64) -> anyhow::Result<S
             ratio,
             run.events_per_commit
                 .map_or_else(|| "-".to_owned(), |mean| format!("{mean:.1}")),
+            if is_pgbench {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", cpu::Ticks::micros_per_op(cpu.service, run.ok))
+            },
+            cpu::Ticks::micros_per_op(cpu.postgres, run.ok),
         )?;
     }
     writeln!(
         out,
-        "\nThe last row runs after the hot account's stream has grown to {hot_events} events: a command \
-         costs the same on a long stream, because the account's state is cached between commands and \
-         an append only inserts (see `command-api/src/engine/stream.rs`).\n"
+        "\nThe hot account's stream had grown to {hot_events} events for the row \"after the runs \
+         above\": a command costs the same on a long stream, because the account's state is cached \
+         between commands and an append only inserts (see `command-api/src/engine/stream.rs`).\n"
     )?;
+    if let Some(deployed) = deployed {
+        let relay_off = runs
+            .iter()
+            .find(|m| {
+                m.run.label == "deposits, 1000 accounts" && m.run.concurrency == DEPLOYED_CLIENTS
+            })
+            .map(|m| m.run.throughput());
+        writeln!(
+            out,
+            "As deployed (last row): a new database, the command API with its relay publishing to \
+             the broker (nisshi 0.8.1, memory storage, on the same machine) and the projector \
+             consuming; its Postgres column also holds the relay's and the projector's work in \
+             Postgres, not their own processes' CPU. Against the relay-off run of {DEPLOYED_CLIENTS} \
+             clients over 1000 accounts above: **{}** (target ≥ 0.8x). When the load stopped, the \
+             relay had {} events unpublished and the projector {} account events unapplied; both \
+             had caught up {}.\n",
+            relay_off.map_or_else(
+                || "-".to_owned(),
+                |off| format!("{:.2}x", deployed.measured.run.throughput() / off)
+            ),
+            deployed.behind.unpublished,
+            deployed.behind.unprojected,
+            deployed.caught_up_after.map_or_else(
+                || format!("not within {} s", CATCH_UP_WITHIN.as_secs()),
+                |after| format!("{:.1} s later", after.as_secs_f64())
+            ),
+        )?;
+    }
     Ok(out)
 }
 

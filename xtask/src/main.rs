@@ -22,6 +22,7 @@ mod bench;
 mod broker;
 mod chaos;
 mod config_reference;
+mod cpu;
 mod dev;
 mod fuzz;
 mod graphql_bench;

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::bench::{
     SECRET, machine, pgbench, pgbench_insert, reset_database, service, service_token, write_section,
 };
+use crate::cpu;
 use crate::launch::{self, Profile, Service, free_address};
 
 /// Accounts read in each run; twice as many are seeded: the first half is notified as the
@@ -23,8 +24,6 @@ use crate::launch::{self, Profile, Service, free_address};
 const ACCOUNTS: u32 = 1000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const TENANT: &str = "bench";
-/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
 /// The account columns the API returns, for pgbench's SELECT of the same row.
 const COLUMNS: &str =
     "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
@@ -53,7 +52,7 @@ struct Row {
     elapsed: Duration,
     p50_ms: f64,
     p99_ms: f64,
-    cpu: CpuUse,
+    cpu: cpu::Ticks,
 }
 
 impl Row {
@@ -63,7 +62,7 @@ impl Row {
 
     /// CPU microseconds per operation of `ticks`.
     fn micros_per_op(&self, ticks: u64) -> f64 {
-        ticks as f64 / TICKS_PER_SECOND * 1e6 / self.ok.max(1) as f64
+        cpu::Ticks::micros_per_op(ticks, self.ok as usize)
     }
 }
 
@@ -93,7 +92,6 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         .await
         .context("creating the services' development logins (needs CREATEROLE)")?;
     let ids = seed(&owner).await?;
-    let postmaster = postmaster_pid(&owner).await?;
 
     let (address, ops) = (free_address()?, free_address()?);
     let reader = DatabaseConfig::with_url(
@@ -133,10 +131,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
 
     let url = format!("http://{address}/");
     let owner_url = database.url.expose_secret().to_owned();
-    let pids = Pids {
-        query_api,
-        postmaster,
-    };
+    let pids = cpu::Watched::new(query_api, &owner).await?;
     let mut rows = Vec::new();
     for clients in concurrencies {
         // A short warm-up fills the connection pool and the statement caches.
@@ -227,16 +222,6 @@ async fn seed(owner: &sqlx::PgPool) -> anyhow::Result<Vec<Uuid>> {
     .await?;
     sqlx::query("ANALYZE accounts").execute(owner).await?;
     Ok(ids)
-}
-
-/// The postmaster, whose children are every Postgres process: the parent of a backend.
-async fn postmaster_pid(owner: &sqlx::PgPool) -> anyhow::Result<u32> {
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(owner)
-        .await?;
-    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat"))
-        .context("Postgres must run on this machine, visible in /proc")?;
-    Ok(stat_fields(&stat)?[1].parse()?)
 }
 
 /// Refuses to measure answers other than those the rows name: the account with its tag, and
@@ -384,31 +369,17 @@ fn milliseconds(value: &str) -> anyhow::Result<f64> {
     Ok(number.parse::<f64>()? * factor)
 }
 
-/// The processes whose CPU is measured.
-struct Pids {
-    query_api: u32,
-    postmaster: u32,
-}
-
-/// CPU ticks used between two samples: the query API's, every Postgres process's (those that
-/// ended in between included), and the whole machine's.
-struct CpuUse {
-    query_api: u64,
-    postgres: u64,
-    busy: u64,
-}
-
 /// Runs `load`, sampling CPU around it.
 async fn measured(
     label: &'static str,
     clients: usize,
-    pids: &Pids,
+    pids: &cpu::Watched,
     load: impl Future<Output = anyhow::Result<Timed>>,
 ) -> anyhow::Result<Row> {
     println!("{label}, {clients} clients...");
-    let before = cpu_sample(pids)?;
+    let before = pids.sample()?;
     let timed = load.await?;
-    let after = cpu_sample(pids)?;
+    let after = pids.sample()?;
     Ok(Row {
         label,
         clients,
@@ -417,67 +388,8 @@ async fn measured(
         elapsed: timed.elapsed,
         p50_ms: timed.p50_ms,
         p99_ms: timed.p99_ms,
-        cpu: CpuUse {
-            query_api: after.query_api - before.query_api,
-            postgres: after.postgres - before.postgres,
-            busy: after.busy - before.busy,
-        },
+        cpu: after.since(before),
     })
-}
-
-/// Ticks used so far by the query API and by Postgres: the postmaster's own and its reaped
-/// children's (`cutime`, `cstime`: backends that ended, pgbench's among them), plus each
-/// running child's; and the machine's busy ticks.
-fn cpu_sample(pids: &Pids) -> anyhow::Result<CpuUse> {
-    let ticks = |fields: &[&str], at: &[usize]| -> anyhow::Result<u64> {
-        at.iter()
-            .map(|&i| Ok(fields.get(i).context("/proc/<pid>/stat")?.parse::<u64>()?))
-            .sum()
-    };
-    // After the command name: state (0), ppid (1), ..., utime (11), stime (12), cutime (13),
-    // cstime (14).
-    let query_api = {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids.query_api))?;
-        ticks(&stat_fields(&stat)?, &[11, 12])?
-    };
-    let mut postgres = {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids.postmaster))?;
-        ticks(&stat_fields(&stat)?, &[11, 12, 13, 14])?
-    };
-    let parent = pids.postmaster.to_string();
-    for entry in std::fs::read_dir("/proc")? {
-        let path = entry?.path();
-        let is_pid = path
-            .file_name()
-            .is_some_and(|name| name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
-        // A process may end between listing and reading: it is then counted by its parent.
-        let Some(stat) = is_pid
-            .then(|| std::fs::read_to_string(path.join("stat")).ok())
-            .flatten()
-        else {
-            continue;
-        };
-        let fields = stat_fields(&stat)?;
-        if fields.get(1) == Some(&parent.as_str()) {
-            postgres += ticks(&fields, &[11, 12])?;
-        }
-    }
-    Ok(CpuUse {
-        query_api,
-        postgres,
-        busy: crate::bench::machine_busy_ticks()?,
-    })
-}
-
-/// The fields of `/proc/<pid>/stat` after the command name, which is in parentheses and may
-/// hold spaces.
-fn stat_fields(stat: &str) -> anyhow::Result<Vec<&str>> {
-    Ok(stat
-        .rsplit_once(')')
-        .context("/proc/<pid>/stat")?
-        .1
-        .split_whitespace()
-        .collect())
 }
 
 async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
@@ -531,7 +443,7 @@ async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
         let query_api = if row.label.starts_with("pgbench") {
             "-".to_owned()
         } else {
-            format!("{:.0}", row.micros_per_op(row.cpu.query_api))
+            format!("{:.0}", row.micros_per_op(row.cpu.service))
         };
         writeln!(
             out,
@@ -546,7 +458,7 @@ async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
             ratio(SELECT),
             query_api,
             row.micros_per_op(row.cpu.postgres),
-            row.cpu.busy as f64 / TICKS_PER_SECOND / row.elapsed.as_secs_f64(),
+            row.cpu.busy as f64 / cpu::TICKS_PER_SECOND / row.elapsed.as_secs_f64(),
         )?;
     }
     writeln!(out)?;

@@ -1,5 +1,5 @@
 //! `GET /v1/accounts/{id}` in one round trip behind both tenant walls, and `If-None-Match`
-//! answered from the projector's notifications. The query API alone on a database of its own:
+//! and reads answered from the projector's notifications. The query API alone on a database of its own:
 //! rows are written as the projector writes them, and notified as it notifies them
 //! (`notify_changed`), so no broker is needed.
 
@@ -58,6 +58,19 @@ impl QueryApi {
             .map(|value| value.to_str().unwrap().to_owned())
             .unwrap_or_default();
         (response.status(), etag)
+    }
+
+    /// The status and body of `tenant` reading `path`.
+    async fn read(&self, tenant: &str, path: &str) -> (StatusCode, serde_json::Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token(tenant, &["viewer"]))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or_default())
     }
 }
 
@@ -267,6 +280,83 @@ async fn if_none_match_is_answered_from_the_notified_version_for_its_tenant_only
                 project(api.pool(), TENANT, id, 7, false).await;
                 Err(format!("not answered from the notification: {seen:?}"))
             }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_notified_again() {
+    let api = QueryApi::start().await;
+    let id = Uuid::new_v4();
+    let path = format!("/v1/accounts/{id}");
+    let within = Duration::from_secs(30);
+    let owner = || async {
+        let (status, body) = api.read(TENANT, &path).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (
+            body["version"].as_i64().unwrap(),
+            body["owner"].as_str().unwrap().to_owned(),
+        )
+    };
+    let pool = api.pool();
+    let change_owner_unnotified = move |name: &'static str| async move {
+        sqlx::query("UPDATE accounts SET owner = $2 WHERE id = $1")
+            .bind(id)
+            .bind(name)
+            .execute(pool)
+            .await
+            .unwrap();
+    };
+
+    project(api.pool(), TENANT, id, 3, true).await;
+    eventually(within, || async {
+        match api.get(TENANT, &path, Some(3)).await {
+            (StatusCode::NOT_MODIFIED, _) => Ok(()),
+            seen => Err(format!("notification not heard yet: {seen:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        owner().await,
+        (3, "Ada".into()),
+        "read at the notified version"
+    );
+
+    // Changed behind the query API's back at the same version: only memory still says "Ada".
+    change_owner_unnotified("Changed unnotified").await;
+    assert_eq!(owner().await, (3, "Ada".into()), "answered from memory");
+    assert_eq!(
+        api.read("globex", &path).await.0,
+        StatusCode::NOT_FOUND,
+        "memory is the reading tenant's only"
+    );
+
+    // The next notified version is read, and then remembered in turn.
+    project(api.pool(), TENANT, id, 4, true).await;
+    eventually(within, || async {
+        match owner().await {
+            (4, name) if name == "Changed unnotified" => Ok(()),
+            seen => Err(format!("version 4 not read yet: {seen:?}")),
+        }
+    })
+    .await;
+    change_owner_unnotified("Changed again").await;
+    assert_eq!(owner().await, (4, "Changed unnotified".into()));
+
+    // The listener's connection dies: memory is forgotten with the versions.
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(api.pool())
+    .await
+    .unwrap();
+    assert_eq!(ended, [true], "one listener");
+    eventually(within, || async {
+        match owner().await {
+            (4, name) if name == "Changed again" => Ok(()),
+            seen => Err(format!("still answered from before the gap: {seen:?}")),
         }
     })
     .await;

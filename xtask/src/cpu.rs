@@ -1,0 +1,121 @@
+//! CPU time the benchmarks charge to each unit of work, from `/proc`: one service process, and
+//! Postgres as a whole. On a shared 2-core machine this is steadier than a rate.
+
+use anyhow::Context;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 on Linux).
+pub(crate) const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The processes whose CPU time is counted.
+pub(crate) struct Watched {
+    service: u32,
+    postmaster: u32,
+}
+
+/// Ticks spent: by the service, by Postgres, and by the whole machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ticks {
+    pub(crate) service: u64,
+    pub(crate) postgres: u64,
+    pub(crate) busy: u64,
+}
+
+impl Ticks {
+    /// What was spent between `earlier` and `self`.
+    pub(crate) fn since(self, earlier: Ticks) -> Ticks {
+        Ticks {
+            service: self.service - earlier.service,
+            postgres: self.postgres - earlier.postgres,
+            busy: self.busy - earlier.busy,
+        }
+    }
+
+    /// CPU microseconds per operation of `ticks`, over `operations`.
+    pub(crate) fn micros_per_op(ticks: u64, operations: usize) -> f64 {
+        ticks as f64 / TICKS_PER_SECOND * 1e6 / operations.max(1) as f64
+    }
+}
+
+impl Watched {
+    /// The service `service` and the Postgres server `database` is connected to, which must
+    /// run on this machine.
+    pub(crate) async fn new(service: u32, database: &sqlx::PgPool) -> anyhow::Result<Self> {
+        Ok(Self {
+            service,
+            postmaster: postmaster_pid(database).await?,
+        })
+    }
+
+    /// Watches another service process on the same Postgres.
+    pub(crate) fn with_service(&self, service: u32) -> Self {
+        Self {
+            service,
+            postmaster: self.postmaster,
+        }
+    }
+
+    /// Ticks used so far by the service and by Postgres: the postmaster's own and its reaped
+    /// children's (`cutime`, `cstime`: backends that ended, pgbench's among them), plus each
+    /// running child's; and the machine's busy ticks.
+    pub(crate) fn sample(&self) -> anyhow::Result<Ticks> {
+        let ticks = |fields: &[&str], at: &[usize]| -> anyhow::Result<u64> {
+            at.iter()
+                .map(|&i| Ok(fields.get(i).context("/proc/<pid>/stat")?.parse::<u64>()?))
+                .sum()
+        };
+        // After the command name: state (0), ppid (1), ..., utime (11), stime (12), cutime (13),
+        // cstime (14).
+        let service = {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.service))?;
+            ticks(&stat_fields(&stat)?, &[11, 12])?
+        };
+        let mut postgres = {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.postmaster))?;
+            ticks(&stat_fields(&stat)?, &[11, 12, 13, 14])?
+        };
+        let parent = self.postmaster.to_string();
+        for entry in std::fs::read_dir("/proc")? {
+            let path = entry?.path();
+            let is_pid = path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
+            // A process may end between listing and reading: it is then counted by its parent.
+            let Some(stat) = is_pid
+                .then(|| std::fs::read_to_string(path.join("stat")).ok())
+                .flatten()
+            else {
+                continue;
+            };
+            let fields = stat_fields(&stat)?;
+            if fields.get(1) == Some(&parent.as_str()) {
+                postgres += ticks(&fields, &[11, 12])?;
+            }
+        }
+        Ok(Ticks {
+            service,
+            postgres,
+            busy: crate::bench::machine_busy_ticks()?,
+        })
+    }
+}
+
+/// The postmaster, whose children are every Postgres process: the parent of a backend.
+async fn postmaster_pid(database: &sqlx::PgPool) -> anyhow::Result<u32> {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(database)
+        .await?;
+    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat"))
+        .context("Postgres must run on this machine, visible in /proc")?;
+    Ok(stat_fields(&stat)?[1].parse()?)
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name, which is in parentheses and may
+/// hold spaces.
+fn stat_fields(stat: &str) -> anyhow::Result<Vec<&str>> {
+    Ok(stat
+        .rsplit_once(')')
+        .context("/proc/<pid>/stat")?
+        .1
+        .split_whitespace()
+        .collect())
+}
