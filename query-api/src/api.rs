@@ -167,17 +167,28 @@ const ACCOUNT_COLUMNS: &str =
     "id, owner, currency, balance, overdraft_limit, status, version, opened_at, updated_at";
 
 /// Account `id` as `tenant` sees it now. From memory when the projector's latest notification
-/// of the account names the version last read (`versions`); else one statement, one round
-/// trip (`ledger_account`, in `migrations/`, reads as the reader role with the tenant set for
-/// the call, as [`AppState::scope`] does for a transaction).
+/// of the account names the version last read (`versions`); else from the database.
 pub(crate) async fn find_account(
     state: &AppState,
     tenant: &str,
     id: Uuid,
 ) -> Result<Option<AccountView>, QueryError> {
-    if let Some(account) = state.known.view(tenant, id) {
-        return Ok(Some(account));
+    match state.known.view(tenant, id) {
+        Some(account) => Ok(Some(account)),
+        None => read_account(state, tenant, id).await,
     }
+}
+
+/// Account `id` as `tenant` sees it, read in one statement, one round trip (`ledger_account`,
+/// in `migrations/`, reads as the reader role with the tenant set for the call, as
+/// [`AppState::scope`] does for a transaction); kept in memory if it is at the version last
+/// notified. An owner longer than the domain allows (a row not written by the projector) is
+/// not kept: it would break the memory's bound.
+async fn read_account(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Option<AccountView>, QueryError> {
     let account: Option<AccountView> = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM ledger_account($1, $2)"
     ))
@@ -185,7 +196,9 @@ pub(crate) async fn find_account(
     .bind(id)
     .fetch_optional(&state.pool)
     .await?;
-    if let Some(account) = &account {
+    if let Some(account) = &account
+        && account.owner.chars().count() <= domain::money::MAX_OWNER_CHARS
+    {
         state.known.read(tenant, id, account.version, account);
     }
     Ok(account)
@@ -222,7 +235,14 @@ pub(crate) async fn account_at(
     let mut changes = state.changes.subscribe(Some((ReadModel::Account, id)));
     let mut stream_checked = false;
     loop {
-        let account = find_account(state, tenant, id).await?;
+        // Memory only when it answers: a waiter looks again in the database, where a version
+        // whose notification was lost shows.
+        let account = match state.known.view(tenant, id) {
+            Some(account) if min_version.is_none_or(|wanted| account.version >= wanted) => {
+                Some(account)
+            }
+            _ => read_account(state, tenant, id).await?,
+        };
         match (account, min_version) {
             (Some(account), None) => return Ok(account),
             (None, None) => return Err(QueryError::NotFound),

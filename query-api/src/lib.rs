@@ -113,20 +113,29 @@ async fn watch_projections(
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(db::channels::READ_MODELS_CHANGED).await?;
             known.listening();
+            let take = |notification: sqlx::postgres::PgNotification| match serde_json::from_str::<
+                ReadModelChange,
+            >(
+                notification.payload()
+            ) {
+                Ok(change) => {
+                    known.record(&change);
+                    changes.publish(change);
+                }
+                Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
+            };
             loop {
                 // `None`: the connection was lost and the listener listens again on a new
-                // one; what was notified in between is lost.
+                // one; what was notified in between is lost. What the lost connection had
+                // received is taken first, so that the known versions start empty after it.
                 let Some(notification) = listener.try_recv().await? else {
+                    while let Some(notification) = listener.next_buffered() {
+                        take(notification);
+                    }
                     known.listening();
                     continue;
                 };
-                match serde_json::from_str::<ReadModelChange>(notification.payload()) {
-                    Ok(change) => {
-                        known.record(&change);
-                        changes.publish(change);
-                    }
-                    Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
-                }
+                take(notification);
             }
         };
         let result: Result<(), sqlx::Error> = tokio::select! {

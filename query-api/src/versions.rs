@@ -11,15 +11,19 @@ use service_kit::db::channels::{ReadModel, ReadModelChange};
 use uuid::Uuid;
 
 /// How many accounts are remembered. Bounded by count: an entry is an id, a version, a tenant
-/// of at most `MAX_TENANT_BYTES` (64) and at most one view of the account (its owner at most
-/// `MAX_OWNER_CHARS`, 200 characters), so about 1 KiB at worst, and this a bound of about
-/// 50 MiB. Only accounts the projector committed are entered, never ids a caller names.
+/// of at most `MAX_TENANT_BYTES` (64) and at most one view of the account (the caller keeps
+/// none whose owner is over `MAX_OWNER_CHARS`, 200 characters), so about 1.2 KiB at worst,
+/// and this a bound of about 60 MiB. Only accounts notified are entered, never ids a caller
+/// names.
 pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(50_000).unwrap();
 
-/// How long a notified version is trusted. Some changes of a row are never notified (`projector
-/// rebuild` folds events the live projector then finds already applied), and a listener whose
-/// connection died without a reset hears nothing until the socket times out: past this age,
-/// the row is read instead, so such a gap shows stale versions for seconds, not for good.
+/// How long a notified version, and a view read at it, is trusted. Some changes of a row are
+/// never notified (`projector rebuild` folds events the live projector then finds already
+/// applied, and repairs rows at their version), and a listener whose connection died without a
+/// reset hears nothing until the socket times out: past this age, the row is read instead, so
+/// such a gap shows stale versions for seconds, not for good. Only a newer version renews the
+/// trust: a notification of the same version again (anyone with a database login can send
+/// one) does not keep a view alive.
 pub(crate) const FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// Account id → (tenant, version, view), valid only while the listener listens: a notification
@@ -48,7 +52,13 @@ struct Known<V> {
     noted: Instant,
     /// The account as read at a version (which may be ahead of `version` for a moment, when a
     /// read saw a commit before its notification came).
-    view: Option<(i64, V)>,
+    view: Option<View<V>>,
+}
+
+struct View<V> {
+    version: i64,
+    read_at: Instant,
+    view: V,
 }
 
 impl<V: Clone> KnownVersions<V> {
@@ -87,18 +97,19 @@ impl<V: Clone> KnownVersions<V> {
             return;
         }
         match state.accounts.get_mut(&change.id) {
-            // Notifications come in commit order; `max` keeps a version even so.
-            Some(known) => {
-                known.version = known.version.max(change.version);
+            // Notifications come in commit order; a version is never taken back even so.
+            Some(known) if change.version > known.version => {
+                known.version = change.version;
                 known.noted = Instant::now();
                 if known
                     .view
                     .as_ref()
-                    .is_some_and(|(read, _)| *read < known.version)
+                    .is_some_and(|view| view.version < known.version)
                 {
                     known.view = None;
                 }
             }
+            Some(_) => {}
             None => {
                 state.accounts.put(
                     change.id,
@@ -120,10 +131,14 @@ impl<V: Clone> KnownVersions<V> {
     }
 
     /// `tenant`'s account `id` as a read would return it now, if its current version is known
-    /// and was read at that version.
+    /// and was read at that version, lately.
     pub(crate) fn view(&self, tenant: &str, id: Uuid) -> Option<V> {
         self.with_current(tenant, id, |known| match &known.view {
-            Some((read, view)) if *read == known.version => Some(view.clone()),
+            Some(view)
+                if view.version == known.version && view.read_at.elapsed() < self.fresh_for =>
+            {
+                Some(view.view.clone())
+            }
             _ => None,
         })
         .flatten()
@@ -141,7 +156,11 @@ impl<V: Clone> KnownVersions<V> {
             && &*known.tenant == tenant
             && version >= known.version
         {
-            known.view = Some((version, view.clone()));
+            known.view = Some(View {
+                version,
+                read_at: Instant::now(),
+                view: view.clone(),
+            });
         }
     }
 
@@ -219,6 +238,33 @@ mod tests {
         stale.read("acme", Uuid::from_u128(1), 3, &"read at 3");
         assert_eq!(stale.version("acme", Uuid::from_u128(1)), None);
         assert_eq!(stale.view("acme", Uuid::from_u128(1)), None);
+    }
+
+    #[test]
+    fn only_a_newer_version_renews_the_trust_and_a_view_is_trusted_as_long_from_its_read() {
+        let fresh_for = Duration::from_millis(100);
+        let known = KnownVersions::new(CAPACITY, fresh_for);
+        let id = Uuid::from_u128(1);
+        known.listening();
+        known.record(&change(ReadModel::Account, "acme", 1, 1));
+        known.read("acme", id, 1, &"read at 1");
+        std::thread::sleep(fresh_for);
+        known.record(&change(ReadModel::Account, "acme", 1, 1));
+        assert_eq!(
+            known.version("acme", id),
+            None,
+            "notified again, not renewed"
+        );
+        assert_eq!(known.view("acme", id), None);
+
+        known.record(&change(ReadModel::Account, "acme", 1, 2));
+        assert_eq!(known.version("acme", id), Some(2));
+        // Read ahead of its notification, which comes only once the read is too old.
+        known.read("acme", id, 3, &"read at 3");
+        std::thread::sleep(fresh_for);
+        known.record(&change(ReadModel::Account, "acme", 1, 3));
+        assert_eq!(known.version("acme", id), Some(3));
+        assert_eq!(known.view("acme", id), None, "read too long ago");
     }
 
     #[test]

@@ -67,8 +67,10 @@ impl Row {
 }
 
 const READ: &str = "query API: `GET /v1/accounts/{id}`, not notified lately (read from Postgres)";
-const REMEMBERED: &str = "query API: same, notified lately (answered from memory)";
-const NOT_MODIFIED: &str = "query API: same, notified, `If-None-Match` the current tag (304)";
+const NOT_MODIFIED: &str =
+    "query API: same, notified just before, `If-None-Match` the current tag (304)";
+const REMEMBERED: &str =
+    "query API: same, each account changed and notified every second (mostly from memory)";
 const INSERT: &str = "pgbench: INSERT one ~300-byte event row";
 const SELECT: &str = "pgbench: SELECT one account row by primary key";
 
@@ -91,7 +93,8 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     ServiceRole::ensure_development_logins(&owner)
         .await
         .context("creating the services' development logins (needs CREATEROLE)")?;
-    let ids = seed(&owner).await?;
+    seed(&owner).await?;
+    let notified: Vec<Uuid> = (1..=ACCOUNTS).map(account_id).collect();
 
     let (address, ops) = (free_address()?, free_address()?);
     let reader = DatabaseConfig::with_url(
@@ -109,20 +112,18 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         .and_then(launch::Running::pid)
         .context("the query API's pid")?;
 
-    let (notified, not_notified) = ids.split_at(ACCOUNTS as usize);
-    notify(&owner, notified).await?;
+    notify(&owner, &notified).await?;
 
     let token = service_token(SECRET, TENANT, "bench", &["viewer"])?;
     check_answers(&address, &token, notified[0]).await?;
-    check_answers(&address, &token, not_notified[0]).await?;
+    check_answers(&address, &token, account_id(ACCOUNTS + 1)).await?;
     let dir = std::env::temp_dir().join(format!("ledger-reads-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let read = dir.join("read.lua");
-    std::fs::write(&read, wrk_script(&token, ACCOUNTS, false))?;
+    std::fs::write(&read, wrk_script(&token, ACCOUNTS, None))?;
     let remembered = dir.join("remembered.lua");
-    std::fs::write(&remembered, wrk_script(&token, 0, false))?;
+    std::fs::write(&remembered, wrk_script(&token, 0, None))?;
     let unchanged = dir.join("unchanged.lua");
-    std::fs::write(&unchanged, wrk_script(&token, 0, true))?;
     let select = format!(
         "\\set n random(1, {ACCOUNTS})\n\
          SELECT {COLUMNS} FROM accounts WHERE id = {};\n",
@@ -137,12 +138,38 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         // A short warm-up fills the connection pool and the statement caches.
         wrk(&url, &read, clients, 1).await?;
         rows.push(measured(READ, clients, &pids, wrk(&url, &read, clients, seconds)).await?);
-        let notifying = tokio::spawn(keep_notifying(owner.clone(), notified.to_vec()));
+
+        let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
+            .bind(notified[0])
+            .fetch_one(&owner)
+            .await?;
+        std::fs::write(&unchanged, wrk_script(&token, 0, Some(version)))?;
+        notify(&owner, &notified).await?;
+        rows.push(
+            measured(
+                NOT_MODIFIED,
+                clients,
+                &pids,
+                wrk(&url, &unchanged, clients, seconds),
+            )
+            .await?,
+        );
+
+        let changing = tokio::spawn(keep_changing(owner.clone(), notified.clone()));
         wrk(&url, &remembered, clients, 1).await?;
-        for (label, script) in [(REMEMBERED, &remembered), (NOT_MODIFIED, &unchanged)] {
-            rows.push(measured(label, clients, &pids, wrk(&url, script, clients, seconds)).await?);
+        let row = measured(
+            REMEMBERED,
+            clients,
+            &pids,
+            wrk(&url, &remembered, clients, seconds),
+        )
+        .await?;
+        if changing.is_finished() {
+            changing.await??;
+            bail!("the accounts stopped changing");
         }
-        notifying.abort();
+        changing.abort();
+        rows.push(row);
         rows.push(
             measured(INSERT, clients, &pids, async {
                 pgbench_insert(&owner_url, clients, seconds)
@@ -195,33 +222,48 @@ async fn notify(owner: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Notifies `ids` every second, as for accounts that keep changing: a notified version is
-/// trusted for a while only, shorter than some runs.
-async fn keep_notifying(owner: sqlx::PgPool, ids: Vec<Uuid>) -> anyhow::Result<()> {
+/// Changes every account of `ids` every second, as the projector does: its next version,
+/// notified in the same transaction. Each is then read from Postgres once per change and
+/// answered from memory until the next.
+async fn keep_changing(owner: sqlx::PgPool, ids: Vec<Uuid>) -> anyhow::Result<()> {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;
-        notify(&owner, &ids).await?;
+        let mut tx = owner.begin().await?;
+        sqlx::query(
+            "UPDATE accounts SET version = version + 1, updated_at = now() WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        notify_changed(&mut tx, ReadModel::Account, &ids).await?;
+        tx.commit().await?;
     }
 }
 
 /// Seeds the read model with twice [`ACCOUNTS`] accounts of [`TENANT`] at version 1, as the
-/// projector writes them; their ids.
-async fn seed(owner: &sqlx::PgPool) -> anyhow::Result<Vec<Uuid>> {
-    let ids = sqlx::query_scalar(&format!(
+/// projector writes them, numbered from 1 ([`account_id`]).
+async fn seed(owner: &sqlx::PgPool) -> anyhow::Result<()> {
+    sqlx::query(&format!(
         "INSERT INTO accounts (id, tenant, owner, currency, overdraft_limit, balance, status,
                                version, opened_at, updated_at)
          SELECT {}, $1, 'Benchmark', 'EUR', 0, 12300, 'active', 1, now(), now()
-           FROM generate_series(1, $2) AS n
-         RETURNING id",
+           FROM generate_series(1, $2) AS n",
         account_id_sql("n")
     ))
     .bind(TENANT)
     .bind(2 * ACCOUNTS as i32)
-    .fetch_all(owner)
+    .execute(owner)
     .await?;
     sqlx::query("ANALYZE accounts").execute(owner).await?;
-    Ok(ids)
+    Ok(())
+}
+
+/// The id of account number `n`, as [`account_id_sql`] makes it and the wrk script asks for it.
+fn account_id(n: u32) -> Uuid {
+    format!("00000000-0000-0000-0000-{n:012}")
+        .parse()
+        .expect("a numbered account id")
 }
 
 /// Refuses to measure answers other than those the rows name: the account with its tag, and
@@ -247,14 +289,12 @@ async fn check_answers(address: &str, token: &str, id: Uuid) -> anyhow::Result<(
 }
 
 /// wrk's script: each connection reads [`ACCOUNTS`] accounts in turn from number `first + 1`
-/// (threads start at different ones), as `token`'s tenant, with the accounts' tag in
-/// `If-None-Match` if `unchanged`.
-fn wrk_script(token: &str, first: u32, unchanged: bool) -> String {
-    let tag = if unchanged {
-        "wrk.headers[\"If-None-Match\"] = '\"1\"'\n"
-    } else {
-        ""
-    };
+/// (threads start at different ones), as `token`'s tenant, with `version` as the tag in
+/// `If-None-Match` if given.
+fn wrk_script(token: &str, first: u32, version: Option<i64>) -> String {
+    let tag = version
+        .map(|version| format!("wrk.headers[\"If-None-Match\"] = '\"{version}\"'\n"))
+        .unwrap_or_default();
     format!(
         "wrk.headers[\"Authorization\"] = \"Bearer {token}\"\n\
          {tag}\
@@ -403,11 +443,12 @@ async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
         "{}. `cargo xtask bench reads`: the query API is the release build with JSON logs at \
          `info` (to /dev/null), connected as its least-privileged login (row-level security \
          applies), per-tenant rate limit off; {seeded} accounts of one tenant seeded into the \
-         read model. Each run reads {ACCOUNTS} of them: the first run accounts never notified, \
-         which the query API reads from Postgres; the other two accounts notified every second \
-         as the projector notifies its commits (a notified version is trusted for 10 s), which \
-         the query API answers from memory once it has read each at its notified version, or \
-         with 304. wrk (HTTP/1.1 \
+         read model. Each run reads {ACCOUNTS} of them. The first, accounts never notified, which \
+         the query API reads from Postgres. The other two, accounts the projector's notification \
+         names (trusted for 10 s): for the 304 run, notified once just before it; for the last \
+         run, each changed to its next version and notified in one transaction every second, as \
+         the projector commits, so that the query API reads each from Postgres once after each \
+         change and answers the rest from memory. wrk (HTTP/1.1 \
          keep-alive, one connection per client, up to 2 threads) reads the accounts in turn; \
          pgbench inserts one ~300-byte row per transaction (as in `bench commands`) and selects \
          one account row by primary key (prepared, as superuser: no row-level security), the \

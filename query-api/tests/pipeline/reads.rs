@@ -291,6 +291,8 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
     let id = Uuid::new_v4();
     let path = format!("/v1/accounts/{id}");
     let within = Duration::from_secs(30);
+    // How long the query API trusts a notified version (`query-api/src/versions.rs`).
+    let fresh_for = Duration::from_secs(10);
     let owner = || async {
         let (status, body) = api.read(TENANT, &path).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -309,7 +311,9 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
             .unwrap();
     };
 
+    // Notified at 3 while the row says 4: a 304 for "3" shows the notification was heard.
     project(api.pool(), TENANT, id, 3, true).await;
+    project(api.pool(), TENANT, id, 4, false).await;
     eventually(within, || async {
         match api.get(TENANT, &path, Some(3)).await {
             (StatusCode::NOT_MODIFIED, _) => Ok(()),
@@ -317,6 +321,7 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
         }
     })
     .await;
+    project(api.pool(), TENANT, id, 3, false).await;
     assert_eq!(
         owner().await,
         (3, "Ada".into()),
@@ -331,8 +336,17 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
         StatusCode::NOT_FOUND,
         "memory is the reading tenant's only"
     );
+    // A `min_version` past what memory holds is looked for in the database, where a version
+    // whose notification never came shows.
+    project(api.pool(), TENANT, id, 4, false).await;
+    let (status, body) = api.read(TENANT, &format!("{path}?min_version=4")).await;
+    assert_eq!(
+        (status, body["version"].as_i64()),
+        (StatusCode::OK, Some(4))
+    );
 
     // The next notified version is read, and then remembered in turn.
+    let notified = std::time::Instant::now();
     project(api.pool(), TENANT, id, 4, true).await;
     eventually(within, || async {
         match owner().await {
@@ -344,7 +358,8 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
     change_owner_unnotified("Changed again").await;
     assert_eq!(owner().await, (4, "Changed unnotified".into()));
 
-    // The listener's connection dies: memory is forgotten with the versions.
+    // The listener's connection dies: memory is forgotten with the versions, well before
+    // they would have been too old to trust.
     let ended: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
           WHERE datname = current_database() AND query LIKE 'LISTEN%'",
@@ -360,4 +375,8 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
         }
     })
     .await;
+    assert!(
+        notified.elapsed() < fresh_for,
+        "forgotten only as the notification grew old, not with the connection"
+    );
 }
