@@ -68,7 +68,7 @@ impl Row {
 
 const READ: &str = "query API: `GET /v1/accounts/{id}`, not notified lately (read from Postgres)";
 const NOT_MODIFIED: &str =
-    "query API: same, notified just before, `If-None-Match` the current tag (304)";
+    "query API: same, changed and notified just before, `If-None-Match` the current tag (304)";
 const REMEMBERED: &str =
     "query API: same, each account changed and notified every second (mostly from memory)";
 const INSERT: &str = "pgbench: INSERT one ~300-byte event row";
@@ -112,8 +112,6 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         .and_then(launch::Running::pid)
         .context("the query API's pid")?;
 
-    notify(&owner, &notified).await?;
-
     let token = service_token(SECRET, TENANT, "bench", &["viewer"])?;
     check_answers(&address, &token, notified[0]).await?;
     check_answers(&address, &token, account_id(ACCOUNTS + 1)).await?;
@@ -139,12 +137,8 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         wrk(&url, &read, clients, 1).await?;
         rows.push(measured(READ, clients, &pids, wrk(&url, &read, clients, seconds)).await?);
 
-        let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1")
-            .bind(notified[0])
-            .fetch_one(&owner)
-            .await?;
+        let version = change(&owner, &notified).await?;
         std::fs::write(&unchanged, wrk_script(&token, 0, Some(version)))?;
-        notify(&owner, &notified).await?;
         rows.push(
             measured(
                 NOT_MODIFIED,
@@ -212,32 +206,34 @@ fn account_id_sql(n: &str) -> String {
     format!("('00000000-0000-0000-0000-' || lpad(({n})::text, 12, '0'))::uuid")
 }
 
-/// Notifies every account as the projector does after committing it: the query API then
-/// knows each account's version for a while (`query-api/src/versions.rs`), and answers a
-/// client that has it, or a read once it has read the account at that version, from memory.
-async fn notify(owner: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<()> {
+/// Changes every account of `ids` to its next version, as the projector commits a change: in
+/// one transaction with its notification. The query API then knows each account's version for
+/// a while (`query-api/src/versions.rs`): it answers a client that has it with 304, and reads
+/// the account once to answer the next reads from memory. Returns the new version (the
+/// accounts change together, so they share it).
+async fn change(owner: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<i64> {
     let mut tx = owner.begin().await?;
+    let version = sqlx::query_scalar(
+        "UPDATE accounts SET version = version + 1, updated_at = now() WHERE id = ANY($1)
+         RETURNING version",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .max()
+    .context("no account to change")?;
     notify_changed(&mut tx, ReadModel::Account, ids).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(version)
 }
 
-/// Changes every account of `ids` every second, as the projector does: its next version,
-/// notified in the same transaction. Each is then read from Postgres once per change and
-/// answered from memory until the next.
+/// [`change`]s `ids` every second.
 async fn keep_changing(owner: sqlx::PgPool, ids: Vec<Uuid>) -> anyhow::Result<()> {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;
-        let mut tx = owner.begin().await?;
-        sqlx::query(
-            "UPDATE accounts SET version = version + 1, updated_at = now() WHERE id = ANY($1)",
-        )
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-        notify_changed(&mut tx, ReadModel::Account, &ids).await?;
-        tx.commit().await?;
+        change(&owner, &ids).await?;
     }
 }
 
@@ -445,9 +441,9 @@ async fn report(rows: &[Row], seconds: u64) -> anyhow::Result<String> {
          applies), per-tenant rate limit off; {seeded} accounts of one tenant seeded into the \
          read model. Each run reads {ACCOUNTS} of them. The first, accounts never notified, which \
          the query API reads from Postgres. The other two, accounts the projector's notification \
-         names (trusted for 10 s): for the 304 run, notified once just before it; for the last \
-         run, each changed to its next version and notified in one transaction every second, as \
-         the projector commits, so that the query API reads each from Postgres once after each \
+         names (trusted for 10 s), each changed to its next version and notified in one \
+         transaction as the projector commits: for the 304 run, once just before it; for the last \
+         run, every second, so that the query API reads each from Postgres once after each \
          change and answers the rest from memory. wrk (HTTP/1.1 \
          keep-alive, one connection per client, up to 2 threads) reads the accounts in turn; \
          pgbench inserts one ~300-byte row per transaction (as in `bench commands`) and selects \
