@@ -60,6 +60,19 @@ impl QueryApi {
         (response.status(), etag)
     }
 
+    /// Ends the connection the query API listens to notifications on, as a database restart
+    /// would.
+    async fn cut_listener(&self) {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_all(self.pool())
+        .await
+        .unwrap();
+        assert_eq!(ended, [true], "one listener");
+    }
+
     /// The status and body of `tenant` reading `path`.
     async fn read(&self, tenant: &str, path: &str) -> (StatusCode, serde_json::Value) {
         let response = self
@@ -253,14 +266,7 @@ async fn if_none_match_is_answered_from_the_notified_version_for_its_tenant_only
 
     // The listener's connection dies: what was notified may be stale now, so it is forgotten
     // and the row read again.
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-    )
-    .fetch_all(api.pool())
-    .await
-    .unwrap();
-    assert_eq!(ended, [true], "one listener");
+    api.cut_listener().await;
     eventually(within, || async {
         match api.get(TENANT, &path, Some(4)).await {
             (StatusCode::OK, etag) if etag == "\"5\"" => Ok(()),
@@ -360,14 +366,7 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
 
     // The listener's connection dies: memory is forgotten with the versions, well before
     // they would have been too old to trust.
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-    )
-    .fetch_all(api.pool())
-    .await
-    .unwrap();
-    assert_eq!(ended, [true], "one listener");
+    api.cut_listener().await;
     eventually(within, || async {
         match owner().await {
             (4, name) if name == "Changed again" => Ok(()),
