@@ -162,7 +162,7 @@ async fn measured<T>(
 ) -> anyhow::Result<(T, cpu::Ticks)> {
     let before = watched.sample()?;
     let done = load.await?;
-    Ok((done, watched.sample()?.since(before)))
+    Ok((done, watched.sample_after_load().await?.since(before)))
 }
 
 async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {

@@ -6,6 +6,9 @@ use anyhow::Context;
 /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 on Linux).
 pub(crate) const TICKS_PER_SECOND: f64 = 100.0;
 
+/// How long a backend takes at most to exit and be reaped once its client has disconnected.
+const BACKENDS_GONE_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The processes whose CPU time is counted.
 pub(crate) struct Watched {
     service: u32,
@@ -52,6 +55,14 @@ impl Watched {
             service,
             postmaster: self.postmaster,
         }
+    }
+
+    /// [`Watched::sample`] once the backends of a load that just ended have gone: a backend
+    /// read neither while it exits nor, not yet reaped, in its postmaster's children's times
+    /// would be missed (with pgbench at 1 client, all of its work).
+    pub(crate) async fn sample_after_load(&self) -> anyhow::Result<Ticks> {
+        tokio::time::sleep(BACKENDS_GONE_WITHIN).await;
+        self.sample()
     }
 
     /// Ticks used so far by the service and by Postgres: the postmaster's own and its reaped

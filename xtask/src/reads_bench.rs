@@ -415,7 +415,7 @@ async fn measured(
     println!("{label}, {clients} clients...");
     let before = pids.sample()?;
     let timed = load.await?;
-    let after = pids.sample()?;
+    let after = pids.sample_after_load().await?;
     Ok(Row {
         label,
         clients,
