@@ -101,6 +101,16 @@ pub(crate) struct AccountView {
     updated_at: DateTime<Utc>,
 }
 
+impl AccountView {
+    /// The most text an account the projector wrote holds: its owner at 4 bytes a character,
+    /// a currency code and a status.
+    const MAX_TEXT_BYTES: usize = 4 * domain::money::MAX_OWNER_CHARS + 16;
+
+    fn text_bytes(&self) -> usize {
+        self.owner.len() + self.currency.len() + self.status.len()
+    }
+}
+
 /// A money movement.
 #[derive(
     Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow, async_graphql::SimpleObject,
@@ -181,9 +191,9 @@ pub(crate) async fn find_account(
 
 /// Account `id` as `tenant` sees it, read in one statement, one round trip (`ledger_account`,
 /// in `migrations/`, reads as the reader role with the tenant set for the call, as
-/// [`AppState::scope`] does for a transaction); kept in memory if it is at the version last
-/// notified. An owner longer than the domain allows (a row not written by the projector) is
-/// not kept: it would break the memory's bound.
+/// [`AppState::scope`] does for a transaction); kept in memory if it is at or past the version
+/// last notified. A row with more text than the domain allows (one not written by the
+/// projector) is not kept: it would break the memory's bound.
 async fn read_account(
     state: &AppState,
     tenant: &str,
@@ -197,9 +207,9 @@ async fn read_account(
     .fetch_optional(&state.pool)
     .await?;
     if let Some(account) = &account
-        && account.owner.chars().count() <= domain::money::MAX_OWNER_CHARS
+        && account.text_bytes() <= AccountView::MAX_TEXT_BYTES
     {
-        state.known.read(tenant, id, account.version, account);
+        state.known.keep(tenant, id, account.version, account);
     }
     Ok(account)
 }

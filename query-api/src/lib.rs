@@ -8,7 +8,8 @@
 //! - `audit`: the auditors' routes, which read the event store itself, never a read model.
 //! - `graphql`: `/graphql`, the same reads as GraphQL queries, and live subscriptions.
 //! - `error`: the one error type and its mapping to problem+json (and GraphQL errors).
-//! - `versions`: the accounts' current versions as the projector's notifications tell them.
+//! - `versions`: the accounts' current versions as the projector's notifications tell them,
+//!   and the accounts as read at them.
 //!
 //! Every query is scoped to the caller's tenant. [`Application::build`] starts exactly what
 //! production starts; tests call it with port 0.
@@ -113,38 +114,28 @@ async fn watch_projections(
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(db::channels::READ_MODELS_CHANGED).await?;
             known.listening();
-            let take = |notification: sqlx::postgres::PgNotification| match serde_json::from_str::<
-                ReadModelChange,
-            >(
-                notification.payload()
-            ) {
-                Ok(change) => {
-                    known.record(&change);
-                    changes.publish(change);
-                }
-                Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
-            };
-            loop {
-                // `None`: the connection was lost and the listener listens again on a new
-                // one; what was notified in between is lost. What the lost connection had
-                // received is taken first, so that the known versions start empty after it.
-                let Some(notification) = listener.try_recv().await? else {
-                    while let Some(notification) = listener.next_buffered() {
-                        take(notification);
+            // A lost connection ends this listener (`None`), and the known versions are
+            // forgotten before a new one listens: what was notified in between is lost.
+            listener.eager_reconnect(false);
+            while let Some(notification) = listener.try_recv().await? {
+                match serde_json::from_str::<ReadModelChange>(notification.payload()) {
+                    Ok(change) => {
+                        known.record(&change);
+                        changes.publish(change);
                     }
-                    known.listening();
-                    continue;
-                };
-                take(notification);
+                    Err(err) => tracing::warn!(error = %err, "unreadable read-model notification"),
+                }
             }
+            Ok(())
         };
         let result: Result<(), sqlx::Error> = tokio::select! {
             result = listening => result,
             () = lifetime.closed() => return,
         };
         known.deaf();
-        if let Err(err) = result {
-            tracing::warn!(error = %err, "listening for projections failed; retrying");
+        match result {
+            Ok(()) => tracing::warn!("listening for projections lost its connection; retrying"),
+            Err(err) => tracing::warn!(error = %err, "listening for projections failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

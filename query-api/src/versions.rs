@@ -7,12 +7,14 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
+use service_kit::auth::MAX_TENANT_BYTES;
 use service_kit::db::channels::{ReadModel, ReadModelChange};
 use uuid::Uuid;
 
 /// How many accounts are remembered. Bounded by count: an entry is an id, a version, a tenant
 /// of at most `MAX_TENANT_BYTES` (64) and at most one view of the account (the caller keeps
-/// none whose owner is over `MAX_OWNER_CHARS`, 200 characters), so about 1.2 KiB at worst,
+/// none with more text than the domain allows: an owner of 200 characters), so about 1.2 KiB
+/// at worst,
 /// and this a bound of about 60 MiB. Only accounts notified are entered, never ids a caller
 /// names.
 pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(50_000).unwrap();
@@ -32,7 +34,7 @@ pub(crate) const FRESH_FOR: Duration = Duration::from_secs(10);
 ///
 /// `V` is the view of an account as read from the database. It is kept only for an account
 /// already entered by a notification, and given out only while its version is the notified
-/// one: a view is then exactly what a read would return, and is as fresh as a 304 is.
+/// one: it is then as fresh as a 304 is.
 pub(crate) struct KnownVersions<V> {
     state: Mutex<State<V>>,
     fresh_for: Duration,
@@ -48,7 +50,7 @@ struct State<V> {
 struct Known<V> {
     tenant: Box<str>,
     version: i64,
-    /// When the version was last notified.
+    /// When `version` was notified.
     noted: Instant,
     /// The account as read at a version (which may be ahead of `version` for a moment, when a
     /// read saw a commit before its notification came).
@@ -58,7 +60,7 @@ struct Known<V> {
 struct View<V> {
     version: i64,
     read_at: Instant,
-    view: V,
+    account: V,
 }
 
 impl<V: Clone> KnownVersions<V> {
@@ -88,8 +90,11 @@ impl<V: Clone> KnownVersions<V> {
     }
 
     /// Enters a committed change (of an account; other read models are not kept).
+    /// Notifications are not authenticated (any database login can send one), so one naming
+    /// a tenant no token can name is ignored, and an account notified for two tenants is
+    /// forgotten.
     pub(crate) fn record(&self, change: &ReadModelChange) {
-        if change.model != ReadModel::Account {
+        if change.model != ReadModel::Account || change.tenant.len() > MAX_TENANT_BYTES {
             return;
         }
         let mut state = self.state();
@@ -97,19 +102,23 @@ impl<V: Clone> KnownVersions<V> {
             return;
         }
         match state.accounts.get_mut(&change.id) {
-            // Notifications come in commit order; a version is never taken back even so.
-            Some(known) if change.version > known.version => {
-                known.version = change.version;
-                known.noted = Instant::now();
-                if known
-                    .view
-                    .as_ref()
-                    .is_some_and(|view| view.version < known.version)
-                {
-                    known.view = None;
+            Some(known) if *known.tenant == *change.tenant => {
+                // Notifications come in commit order; a version is never taken back even so.
+                if change.version > known.version {
+                    known.version = change.version;
+                    known.noted = Instant::now();
+                    if known
+                        .view
+                        .as_ref()
+                        .is_some_and(|view| view.version < known.version)
+                    {
+                        known.view = None;
+                    }
                 }
             }
-            Some(_) => {}
+            Some(_) => {
+                state.accounts.pop(&change.id);
+            }
             None => {
                 state.accounts.put(
                     change.id,
@@ -137,7 +146,7 @@ impl<V: Clone> KnownVersions<V> {
             Some(view)
                 if view.version == known.version && view.read_at.elapsed() < self.fresh_for =>
             {
-                Some(view.view.clone())
+                Some(view.account.clone())
             }
             _ => None,
         })
@@ -147,7 +156,7 @@ impl<V: Clone> KnownVersions<V> {
     /// Keeps `view`, `tenant`'s account `id` as just read at `version`, if the account is
     /// known: an account never notified, or one whose version has since moved past the
     /// read, gains nothing.
-    pub(crate) fn read(&self, tenant: &str, id: Uuid, version: i64, view: &V) {
+    pub(crate) fn keep(&self, tenant: &str, id: Uuid, version: i64, view: &V) {
         let mut state = self.state();
         if !state.listening {
             return;
@@ -159,7 +168,7 @@ impl<V: Clone> KnownVersions<V> {
             known.view = Some(View {
                 version,
                 read_at: Instant::now(),
-                view: view.clone(),
+                account: view.clone(),
             });
         }
     }
@@ -217,6 +226,21 @@ mod tests {
         known.record(&change(ReadModel::Account, "acme", 1, 5));
         known.record(&change(ReadModel::Account, "acme", 1, 4));
         assert_eq!(known.version("acme", id(1)), Some(5));
+        known.record(&change(ReadModel::Account, "globex", 1, 6));
+        assert_eq!(
+            known.version("acme", id(1)),
+            None,
+            "notified for two tenants"
+        );
+        assert_eq!(known.version("globex", id(1)), None);
+        known.record(&change(ReadModel::Account, "acme", 1, 5));
+        let long = "t".repeat(MAX_TENANT_BYTES + 1);
+        known.record(&change(ReadModel::Account, &long, 2, 1));
+        assert_eq!(
+            known.version(&long, id(2)),
+            None,
+            "no token names such a tenant"
+        );
 
         // Full: the account least recently changed or asked for goes.
         known.record(&change(ReadModel::Account, "acme", 3, 1));
@@ -235,19 +259,19 @@ mod tests {
         let stale = KnownVersions::new(CAPACITY, Duration::ZERO);
         stale.listening();
         stale.record(&change(ReadModel::Account, "acme", 1, 3));
-        stale.read("acme", Uuid::from_u128(1), 3, &"read at 3");
+        stale.keep("acme", Uuid::from_u128(1), 3, &"read at 3");
         assert_eq!(stale.version("acme", Uuid::from_u128(1)), None);
         assert_eq!(stale.view("acme", Uuid::from_u128(1)), None);
     }
 
     #[test]
     fn only_a_newer_version_renews_the_trust_and_a_view_is_trusted_as_long_from_its_read() {
-        let fresh_for = Duration::from_millis(100);
+        let fresh_for = Duration::from_millis(500);
         let known = KnownVersions::new(CAPACITY, fresh_for);
         let id = Uuid::from_u128(1);
         known.listening();
         known.record(&change(ReadModel::Account, "acme", 1, 1));
-        known.read("acme", id, 1, &"read at 1");
+        known.keep("acme", id, 1, &"read at 1");
         std::thread::sleep(fresh_for);
         known.record(&change(ReadModel::Account, "acme", 1, 1));
         assert_eq!(
@@ -260,7 +284,7 @@ mod tests {
         known.record(&change(ReadModel::Account, "acme", 1, 2));
         assert_eq!(known.version("acme", id), Some(2));
         // Read ahead of its notification, which comes only once the read is too old.
-        known.read("acme", id, 3, &"read at 3");
+        known.keep("acme", id, 3, &"read at 3");
         std::thread::sleep(fresh_for);
         known.record(&change(ReadModel::Account, "acme", 1, 3));
         assert_eq!(known.version("acme", id), Some(3));
@@ -272,17 +296,17 @@ mod tests {
         let known = KnownVersions::new(CAPACITY, FRESH_FOR);
         let id = Uuid::from_u128(1);
         known.listening();
-        known.read("acme", id, 1, &"read at 1");
+        known.keep("acme", id, 1, &"read at 1");
         assert_eq!(known.view("acme", id), None, "never notified: not kept");
 
         known.record(&change(ReadModel::Account, "acme", 1, 3));
-        known.read("acme", id, 2, &"read at 2");
+        known.keep("acme", id, 2, &"read at 2");
         assert_eq!(
             known.view("acme", id),
             None,
             "read before the notified version"
         );
-        known.read("globex", id, 3, &"read at 3 by globex");
+        known.keep("globex", id, 3, &"read at 3 by globex");
         assert_eq!(known.view("globex", id), None);
         assert_eq!(
             known.view("acme", id),
@@ -290,12 +314,12 @@ mod tests {
             "another tenant's read is not kept"
         );
 
-        known.read("acme", id, 3, &"read at 3");
+        known.keep("acme", id, 3, &"read at 3");
         assert_eq!(known.view("acme", id), Some("read at 3"));
         assert_eq!(known.view("globex", id), None);
 
         // A read that saw a commit before its notification came is given out from then on.
-        known.read("acme", id, 4, &"read at 4");
+        known.keep("acme", id, 4, &"read at 4");
         assert_eq!(known.view("acme", id), None, "version 4 not notified yet");
         known.record(&change(ReadModel::Account, "acme", 1, 4));
         assert_eq!(known.view("acme", id), Some("read at 4"));
@@ -303,7 +327,7 @@ mod tests {
         known.record(&change(ReadModel::Account, "acme", 1, 5));
         assert_eq!(known.view("acme", id), None, "changed since it was read");
 
-        known.read("acme", id, 5, &"read at 5");
+        known.keep("acme", id, 5, &"read at 5");
         known.deaf();
         known.listening();
         assert_eq!(known.view("acme", id), None, "forgotten with the versions");

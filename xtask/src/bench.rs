@@ -901,7 +901,9 @@ async fn report(
              the broker (nisshi 0.8.1, memory storage, on the same machine) and the projector \
              consuming. Its CPU is counted until both had caught up after the load: the command \
              API's column holds its relay too, the Postgres column the relay's and the projector's \
-             work in Postgres; the projector's and the broker's own processes are in neither. \
+             work in Postgres, and the bench's own look at how far behind they were (every \
+             100 ms once the load stopped); the projector's and the broker's own processes are in \
+             neither. \
              The relay-off runs were made on the database the earlier runs had grown, this one on \
              a new one (1000 accounts opened, then a 1 s warm-up). Against the relay-off run of {DEPLOYED_CLIENTS} \
              clients over 1000 accounts above: **{}** (target ≥ 0.8x). When the load stopped, the \

@@ -90,7 +90,8 @@ impl Watched {
             let is_pid = path
                 .file_name()
                 .is_some_and(|name| name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
-            // A process may end between listing and reading: it is then counted by its parent.
+            // A process that ends now is missed: it is read neither here nor in the
+            // postmaster's children's times, read above ([`Watched::sample_after_load`]).
             let Some(stat) = is_pid
                 .then(|| std::fs::read_to_string(path.join("stat")).ok())
                 .flatten()
