@@ -66,6 +66,7 @@ pub(crate) struct AppState {
     tenant_connections: Arc<graphql::TenantConnections>,
 }
 
+/// The accounts' versions as notified, with the accounts as read at them.
 pub(crate) type KnownAccounts = versions::KnownVersions<api::AccountView>;
 
 impl AppState {

@@ -14,9 +14,8 @@ use uuid::Uuid;
 /// How many accounts are remembered. Bounded by count: an entry is an id, a version, a tenant
 /// of at most `MAX_TENANT_BYTES` (64) and at most one view of the account (the caller keeps
 /// none with more text than the domain allows: an owner of 200 characters), so about 1.2 KiB
-/// at worst,
-/// and this a bound of about 60 MiB. Only accounts notified are entered, never ids a caller
-/// names.
+/// at worst, and this a bound of about 60 MiB. Only accounts notified are entered, never ids a
+/// caller names.
 pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(50_000).unwrap();
 
 /// How long a notified version, and a view read at it, is trusted. Some changes of a row are
