@@ -40,6 +40,7 @@ mod transfers;
 mod versions;
 
 pub use config::Config;
+pub use versions::FRESH_FOR;
 
 /// Shared by every request.
 #[derive(Clone)]

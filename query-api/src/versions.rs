@@ -25,7 +25,7 @@ pub(crate) const CAPACITY: NonZeroUsize = NonZeroUsize::new(50_000).unwrap();
 /// such a gap shows stale versions for seconds, not for good. Only a newer version renews the
 /// trust: a notification of the same version again (anyone with a database login can send
 /// one) does not keep a view alive.
-pub(crate) const FRESH_FOR: Duration = Duration::from_secs(10);
+pub const FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// Account id → (tenant, version, view), valid only while the listener listens: a notification
 /// sent while it did not is lost, so the map starts empty each time it listens again, and an
