@@ -155,16 +155,6 @@ impl From<(Run, cpu::Ticks)> for Measured {
     }
 }
 
-/// Runs `load`, sampling `watched`'s CPU around it.
-async fn measured<T>(
-    watched: &cpu::Watched,
-    load: impl Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<(T, cpu::Ticks)> {
-    let before = watched.sample()?;
-    let done = load.await?;
-    Ok((done, watched.sample_after_load().await?.since(before)))
-}
-
 async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     // `--clients 16` runs one concurrency only (for profiling); the report needs all three.
     let concurrencies: Vec<usize> = match options.clients {
@@ -235,30 +225,32 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
         )
         .await;
         runs.push(
-            measured(&watched, deposits("1000 accounts", &accounts, concurrency))
+            watched
+                .around(deposits("1000 accounts", &accounts, concurrency))
                 .await?
                 .into(),
         );
         runs.push(
-            measured(&watched, deposits("one hot account", &hot, concurrency))
+            watched
+                .around(deposits("one hot account", &hot, concurrency))
                 .await?
                 .into(),
         );
         runs.push(
-            measured(
-                &watched,
-                pgbench_insert(database.url.expose_secret(), concurrency, seconds),
-            )
-            .await?
-            .into(),
+            watched
+                .around(pgbench_insert(
+                    database.url.expose_secret(),
+                    concurrency,
+                    seconds,
+                ))
+                .await?
+                .into(),
         );
     }
-    let long_stream = measured(
-        &watched,
-        deposits("hot account (after the runs above)", &hot, 16),
-    )
-    .await?
-    .into();
+    let long_stream = watched
+        .around(deposits("hot account (after the runs above)", &hot, 16))
+        .await?
+        .into();
     let hot_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
         .bind(hot[0].to_string())
         .fetch_one(&owner)
@@ -378,30 +370,31 @@ async fn as_deployed(
     .await;
     // CPU until the relay and the projector have caught up: their share of the deposits'
     // cost includes what they still had to do when the load stopped.
-    let ((run, behind, caught_up_after), cpu) = measured(&watched, async {
-        let run = load(
-            client,
-            &api,
-            token,
-            &accounts,
-            DEPLOYED_CLIENTS,
-            duration,
-            "deposits, 1000 accounts, as deployed (relay publishing, projector consuming)",
-        )
-        .await;
-        let stopped = Instant::now();
-        let behind = Behind::now(&owner).await?;
-        let mut caught_up_after = None;
-        while stopped.elapsed() < CATCH_UP_WITHIN {
-            if Behind::now(&owner).await?.caught_up() {
-                caught_up_after = Some(stopped.elapsed());
-                break;
+    let ((run, behind, caught_up_after), cpu) = watched
+        .around(async {
+            let run = load(
+                client,
+                &api,
+                token,
+                &accounts,
+                DEPLOYED_CLIENTS,
+                duration,
+                "deposits, 1000 accounts, as deployed (relay publishing, projector consuming)",
+            )
+            .await;
+            let stopped = Instant::now();
+            let behind = Behind::now(&owner).await?;
+            let mut caught_up_after = None;
+            while stopped.elapsed() < CATCH_UP_WITHIN {
+                if Behind::now(&owner).await?.caught_up() {
+                    caught_up_after = Some(stopped.elapsed());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok((run, behind, caught_up_after))
-    })
-    .await?;
+            Ok((run, behind, caught_up_after))
+        })
+        .await?;
     launch::stop(&mut system).await;
     drop(broker);
     owner.close().await;

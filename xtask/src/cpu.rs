@@ -57,6 +57,16 @@ impl Watched {
         }
     }
 
+    /// Runs `load`, and what it cost from its start until its backends had gone.
+    pub(crate) async fn around<T>(
+        &self,
+        load: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<(T, Ticks)> {
+        let before = self.sample()?;
+        let done = load.await?;
+        Ok((done, self.sample_after_load().await?.since(before)))
+    }
+
     /// [`Watched::sample`] once the backends of a load that just ended have gone: a backend
     /// read neither while it exits nor, not yet reaped, in its postmaster's children's times
     /// would be missed (with pgbench at 1 client, all of its work).

@@ -413,9 +413,7 @@ async fn measured(
     load: impl Future<Output = anyhow::Result<Timed>>,
 ) -> anyhow::Result<Row> {
     println!("{label}, {clients} clients...");
-    let before = pids.sample()?;
-    let timed = load.await?;
-    let after = pids.sample_after_load().await?;
+    let (timed, cpu) = pids.around(load).await?;
     Ok(Row {
         label,
         clients,
@@ -424,7 +422,7 @@ async fn measured(
         elapsed: timed.elapsed,
         p50_ms: timed.p50_ms,
         p99_ms: timed.p99_ms,
-        cpu: after.since(before),
+        cpu,
     })
 }
 

@@ -73,6 +73,24 @@ impl QueryApi {
         assert_eq!(ended, [true], "one listener");
     }
 
+    /// Projects [`TENANT`]'s account `id` at `version`, notified, and waits until the query API
+    /// has heard the notification: notified at `version` while the row says the next one, only
+    /// the notification can answer `If-None-Match` for `version` with 304. The row is then put
+    /// back at `version`.
+    async fn notify_until_heard(&self, id: Uuid, version: i64) {
+        let path = format!("/v1/accounts/{id}");
+        project(self.pool(), TENANT, id, version, true).await;
+        project(self.pool(), TENANT, id, version + 1, false).await;
+        eventually(Duration::from_secs(30), || async {
+            match self.get(TENANT, &path, Some(version)).await {
+                (StatusCode::NOT_MODIFIED, _) => Ok(()),
+                seen => Err(format!("notification not heard yet: {seen:?}")),
+            }
+        })
+        .await;
+        project(self.pool(), TENANT, id, version, false).await;
+    }
+
     /// The status and body of `tenant` reading `path`.
     async fn read(&self, tenant: &str, path: &str) -> (StatusCode, serde_json::Value) {
         let response = self
@@ -297,7 +315,6 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
     let api = QueryApi::start().await;
     let id = Uuid::new_v4();
     let path = format!("/v1/accounts/{id}");
-    let within = Duration::from_secs(30);
     let owner = || async {
         let (status, body) = api.read(TENANT, &path).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -316,17 +333,7 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
             .unwrap();
     };
 
-    // Notified at 3 while the row says 4: a 304 for "3" shows the notification was heard.
-    project(api.pool(), TENANT, id, 3, true).await;
-    project(api.pool(), TENANT, id, 4, false).await;
-    eventually(within, || async {
-        match api.get(TENANT, &path, Some(3)).await {
-            (StatusCode::NOT_MODIFIED, _) => Ok(()),
-            seen => Err(format!("notification not heard yet: {seen:?}")),
-        }
-    })
-    .await;
-    project(api.pool(), TENANT, id, 3, false).await;
+    api.notify_until_heard(id, 3).await;
     assert_eq!(
         owner().await,
         (3, "Ada".into()),
@@ -350,18 +357,8 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
         (StatusCode::OK, Some(4))
     );
 
-    // The next notified version is read, and then remembered in turn. Notified at 4 while the
-    // row says 5, as above, to know when the notification was heard.
-    project(api.pool(), TENANT, id, 4, true).await;
-    project(api.pool(), TENANT, id, 5, false).await;
-    eventually(within, || async {
-        match api.get(TENANT, &path, Some(4)).await {
-            (StatusCode::NOT_MODIFIED, _) => Ok(()),
-            seen => Err(format!("notification not heard yet: {seen:?}")),
-        }
-    })
-    .await;
-    project(api.pool(), TENANT, id, 4, false).await;
+    // The next notified version is read, and then remembered in turn.
+    api.notify_until_heard(id, 4).await;
     assert_eq!(owner().await, (4, "Changed unnotified".into()));
     change_owner_unnotified("Changed again").await;
     assert_eq!(owner().await, (4, "Changed unnotified".into()));
