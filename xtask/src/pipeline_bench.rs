@@ -363,7 +363,7 @@ struct Stage {
 
 /// Microseconds since the epoch: the clock every milestone is read on (all the processes run
 /// on this machine).
-fn now_micros() -> i64 {
+pub(crate) fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| since.as_micros() as i64)
@@ -378,35 +378,52 @@ struct Trace {
     visible: i64,
 }
 
-/// Each account event as a consumer with the projector's settings saw it on the topic: when
-/// the relay handed it to its producer (the message's create time, milliseconds precision) and
-/// when the consumer received it.
-type Sightings = Arc<Mutex<HashMap<(Uuid, i64), (Option<i64>, i64)>>>;
+/// Each event as a consumer with the services' settings saw it on its topic: when the relay
+/// handed it to its producer (the message's create time, milliseconds precision) and when the
+/// consumer received it; by stream and sequence.
+pub(crate) type Sightings = Arc<Mutex<HashMap<(Uuid, i64), (Option<i64>, i64)>>>;
 
-/// Records every account event on the topic from its end on, as the projector's consumer
-/// would receive it (same settings, its own group).
-async fn watch_topic(consumer: StreamConsumer, sightings: Sightings) -> anyhow::Result<()> {
-    let mut stream = consumer.stream();
-    while let Some(message) = stream.next().await {
-        let message = message?;
-        let received = now_micros();
-        let Ok(event) = kafka::decode("account", message.headers(), message.payload()) else {
-            continue;
-        };
-        let Ok(account) = event.aggregate_id.parse() else {
-            continue;
-        };
-        let produced = match message.timestamp() {
-            Timestamp::CreateTime(millis) => Some(millis * 1000),
-            Timestamp::LogAppendTime(_) | Timestamp::NotAvailable => None,
-        };
-        sightings
-            .lock()
-            .expect("sightings lock")
-            .entry((account, event.sequence))
-            .or_insert((produced, received));
+/// Watches `aggregate`'s topic from its current end, as the projector's and the process
+/// manager's consumers would receive it (same settings, a group of its own), until aborted.
+pub(crate) fn watch_topic(
+    kafka: &KafkaConfig,
+    aggregate: &'static str,
+) -> anyhow::Result<(tokio::task::JoinHandle<anyhow::Result<()>>, Sightings)> {
+    let topic = kafka.events_topic(aggregate);
+    let probe: StreamConsumer = kafka
+        .consumer(&format!("bench-{aggregate}-probe"))
+        .create()?;
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..kafka.partitions {
+        partitions.add_partition_offset(&topic, partition, Offset::End)?;
     }
-    Ok(())
+    probe.assign(&partitions)?;
+    let sightings = Sightings::default();
+    let recording = sightings.clone();
+    let watching = tokio::spawn(async move {
+        let mut stream = probe.stream();
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            let received = now_micros();
+            let Ok(event) = kafka::decode(aggregate, message.headers(), message.payload()) else {
+                continue;
+            };
+            let Ok(id) = event.aggregate_id.parse() else {
+                continue;
+            };
+            let produced = match message.timestamp() {
+                Timestamp::CreateTime(millis) => Some(millis * 1000),
+                Timestamp::LogAppendTime(_) | Timestamp::NotAvailable => None,
+            };
+            recording
+                .lock()
+                .expect("sightings lock")
+                .entry((id, event.sequence))
+                .or_insert((produced, received));
+        }
+        Ok(())
+    });
+    Ok((watching, sightings))
 }
 
 /// The projector's commits as its notifications announce them: per account, each version
@@ -480,15 +497,7 @@ async fn end_to_end(
 ) -> anyhow::Result<Latency> {
     // Watching before anything is appended: the topic from its current end, the projector's
     // notifications from now.
-    let topic = kafka.events_topic("account");
-    let probe: StreamConsumer = kafka.consumer("bench-latency-probe").create()?;
-    let mut partitions = TopicPartitionList::new();
-    for partition in 0..kafka.partitions {
-        partitions.add_partition_offset(&topic, partition, Offset::End)?;
-    }
-    probe.assign(&partitions)?;
-    let sightings = Sightings::default();
-    let watching_topic = tokio::spawn(watch_topic(probe, sightings.clone()));
+    let (watching_topic, sightings) = watch_topic(kafka, "account")?;
     let pool = db::connect(database).await?;
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen(READ_MODELS_CHANGED).await?;

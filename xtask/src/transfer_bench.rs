@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
 use crate::launch::{self, Launch, Profile, Service, free_address};
+use crate::pipeline_bench::Sightings;
 
 const ACCOUNTS: usize = 100;
 const INITIAL_BALANCE: i64 = 1_000_000_000;
@@ -76,20 +77,26 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
         token,
     };
     let accounts = load.accounts().await?;
+    // Up by the time transfers are sent: the deposit run comes first.
+    let (watching, sightings) = crate::pipeline_bench::watch_topic(&broker.kafka(), "transfer")?;
 
     println!("deposits, {clients} clients, {seconds} s...");
     let deposits = load.closed_loop(&accounts, clients, seconds, false).await;
     println!("transfers, {clients} clients, {seconds} s...");
-    let saturated = load.closed_loop(&accounts, clients, seconds, true).await;
-    let saturated_ends = settled(&pool, &saturated.sent).await?;
+    let (saturated, saturated_backlog) =
+        Backlog::watch(&pool, load.closed_loop(&accounts, clients, seconds, true)).await?;
+    let saturated_ends = settled(&pool, &saturated.sent, &sightings).await?;
+    let rate_option = rate.map_or_else(String::new, |rate| format!(" --rate {rate}"));
     let rate = match rate {
         Some(rate) => rate,
         None => (completed_per_second(&saturated, &saturated_ends)? * 0.8) as u64,
     }
     .max(1);
     println!("transfers at {rate}/s for {seconds} s...");
-    let steady = load.fixed_rate(&accounts, rate, seconds).await;
-    let steady_ends = settled(&pool, &steady.sent).await?;
+    let (steady, steady_backlog) =
+        Backlog::watch(&pool, load.fixed_rate(&accounts, rate, seconds)).await?;
+    let steady_ends = settled(&pool, &steady.sent, &sightings).await?;
+    watching.abort();
     let outcomes = outcomes(&pool).await?;
     launch::stop(&mut services).await;
     drop(broker);
@@ -102,61 +109,111 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     writeln!(
         out,
         "{}; broker nisshi 0.8.1 (memory storage) on the same machine. `cargo xtask bench transfers \
-         --seconds {seconds} --clients {clients}`: command-api (with its relay), \
+         --seconds {seconds} --clients {clients}{rate_option}`: command-api (with its relay), \
          `command-api process-transfers` and the projector as release processes; {ACCOUNTS} accounts \
          funded well enough that every transfer completes. Closed-loop clients send as fast as they are \
          answered (a refused one waits its `Retry-After`); the steady run sends at a fixed rate, 80% of \
-         what the saturating run completed per second unless `--rate` is given. \"End to end\" is from \
+         what the saturating run completed per second unless `--rate` is given. \"Completed/s\" counts \
+         the transfers whose final event was recorded while the run sent, over the time it sent; \
+         \"in flight\" is `transfers_in_flight` (accepted, not final) sampled every 100 ms while it \
+         sent: its largest value and its value when the last request was sent. \"End to end\" is from \
          sending the request to the transfer's final event being \
          recorded (its `recorded_at` in the event store, same clock). A transfer is five appends in \
-         four statements (request; debit; debited; credit; credited + completed) and two trips through \
-         Kafka; a deposit is one append.\n",
+         four statements (request; debit; debited; credit; credited + completed) and one trip through \
+         Kafka before it is final (the manager's own events come back through Kafka once more, \
+         finding it final); a deposit is one append.\n",
         machine().await
     )?;
     writeln!(
         out,
-        "| workload | accepted/s | completed/s | request p50 / p99 ms | end to end p50 / p99 ms |"
+        "| workload | accepted/s | completed/s | in flight: max / at end | request p50 / p99 ms | end to end p50 / p99 ms |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     let mut request = deposits.latencies.clone();
     request.sort_unstable();
     writeln!(
         out,
-        "| deposits, {clients} clients (baseline) | {:.0} | {:.0} | {:.2} / {:.2} | - |",
+        "| deposits, {clients} clients (baseline) | {:.0} | {:.0} | - | {:.2} / {:.2} | - |",
         deposits.sent.len() as f64 / deposits.elapsed.as_secs_f64(),
         deposits.sent.len() as f64 / deposits.elapsed.as_secs_f64(),
         percentile_ms(&request, 0.50),
         percentile_ms(&request, 0.99),
     )?;
-    for (name, run, ends) in [
+    let runs = [
         (
             format!("transfers, {clients} clients"),
             &saturated,
             &saturated_ends,
+            &saturated_backlog,
         ),
-        (format!("transfers at {rate}/s"), &steady, &steady_ends),
-    ] {
+        (
+            format!("transfers at {rate}/s"),
+            &steady,
+            &steady_ends,
+            &steady_backlog,
+        ),
+    ];
+    for (name, run, ends, backlog) in &runs {
         let mut request = run.latencies.clone();
         request.sort_unstable();
-        let mut end_to_end: Vec<u32> = run
-            .sent
-            .iter()
-            .filter_map(|(id, sent)| {
-                let end = ends.get(id)?;
-                Some((*end - *sent).num_microseconds()?.max(0) as u32)
-            })
-            .collect();
+        let mut end_to_end = stage(run, ends, |sent, timeline| Some(timeline.end - sent));
         end_to_end.sort_unstable();
         writeln!(
             out,
-            "| {name} | {:.0} | {:.0} | {:.2} / {:.2} | {:.1} / {:.1} |",
+            "| {name} | {:.0} | {:.0} | {} / {} | {:.2} / {:.2} | {:.1} / {:.1} |",
             run.sent.len() as f64 / run.elapsed.as_secs_f64(),
-            completed_per_second(run, ends)?,
+            completed_while_sending(run, ends),
+            backlog.max,
+            backlog.last,
             percentile_ms(&request, 0.50),
             percentile_ms(&request, 0.99),
             percentile_ms(&end_to_end, 0.50),
             percentile_ms(&end_to_end, 0.99),
         )?;
+    }
+    writeln!(
+        out,
+        "\nWhere a transfer's time goes: the request's own append (from sending it to its \
+         `recorded_at`, the start of the appending statement); the relay handing it to its \
+         producer (the message's create time, ms precision); the broker, to a consumer on the \
+         transfer topic with the process manager's settings (in the bench process, a group of its \
+         own); the manager taking the message, loading the transfer and deciding the source \
+         account's step (to that step's `recorded_at`); its three more appends, to the final \
+         event's.\n"
+    )?;
+    writeln!(
+        out,
+        "| workload (p50 / p99) | sent → requested | requested → producer | producer → consumer | consumer → first step | first step → final |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+    for (name, run, ends, _) in &runs {
+        let stages = [
+            stage(run, ends, |sent, timeline| Some(timeline.requested - sent)),
+            stage(run, ends, |_, timeline| {
+                Some(timeline.produced? - timeline.requested)
+            }),
+            stage(run, ends, |_, timeline| {
+                Some(timeline.received? - timeline.produced?)
+            }),
+            stage(run, ends, |_, timeline| {
+                Some(timeline.first_step? - timeline.received?)
+            }),
+            stage(run, ends, |_, timeline| {
+                Some(timeline.end - timeline.first_step?)
+            }),
+        ];
+        let cells: Vec<String> = stages
+            .into_iter()
+            .map(|mut stage| {
+                stage.sort_unstable();
+                format!(
+                    "{:.1} / {:.1} ms",
+                    percentile_ms(&stage, 0.50),
+                    percentile_ms(&stage, 0.99)
+                )
+            })
+            .collect();
+        writeln!(out, "| {name} | {} |", cells.join(" | "))?;
     }
     writeln!(
         out,
@@ -344,8 +401,9 @@ impl Load {
     }
 }
 
-/// Transfers of `run` completed per second, from the first request to the last final event.
-fn completed_per_second(run: &Run, ends: &HashMap<Uuid, DateTime<Utc>>) -> anyhow::Result<f64> {
+/// Transfers of `run` completed per second, from the first request to the last final event:
+/// what the system completed, its drain included, which sets the steady run's rate.
+fn completed_per_second(run: &Run, ends: &HashMap<Uuid, Timeline>) -> anyhow::Result<f64> {
     let first = run
         .sent
         .iter()
@@ -354,43 +412,174 @@ fn completed_per_second(run: &Run, ends: &HashMap<Uuid, DateTime<Utc>>) -> anyho
         .context("no transfers")?;
     let last = ends
         .values()
+        .map(|timeline| timeline.end)
         .max()
-        .copied()
         .context("no transfer settled")?;
     let span = (last - first).to_std().unwrap_or_default().as_secs_f64();
     Ok(ends.len() as f64 / span.max(1e-9))
 }
 
-/// Waits until every transfer of `sent` is final and returns when each final event was recorded.
+/// Transfers of `run` whose final event was recorded while it sent, per second of sending.
+fn completed_while_sending(run: &Run, ends: &HashMap<Uuid, Timeline>) -> f64 {
+    let (Some(first), Some(last)) = (
+        run.sent.iter().map(|(_, at)| *at).min(),
+        run.sent.iter().map(|(_, at)| *at).max(),
+    ) else {
+        return 0.0;
+    };
+    let completed = ends
+        .values()
+        .filter(|timeline| (first..=last).contains(&timeline.end))
+        .count();
+    let span = (last - first).to_std().unwrap_or_default().as_secs_f64();
+    completed as f64 / span.max(1e-9)
+}
+
+/// One stage of each transfer of `run` in microseconds, for those `between` can tell.
+fn stage(
+    run: &Run,
+    ends: &HashMap<Uuid, Timeline>,
+    between: impl Fn(DateTime<Utc>, &Timeline) -> Option<chrono::TimeDelta>,
+) -> Vec<u32> {
+    run.sent
+        .iter()
+        .filter_map(|(id, sent)| {
+            let took = between(*sent, ends.get(id)?)?;
+            Some(took.num_microseconds()?.max(0) as u32)
+        })
+        .collect()
+}
+
+/// When a transfer's events were recorded (its request, the first account step the manager
+/// took for it, its final event), and when its request was handed to the relay's producer and
+/// received by the bench's consumer.
+#[derive(Debug, Clone, Copy)]
+struct Timeline {
+    requested: DateTime<Utc>,
+    produced: Option<DateTime<Utc>>,
+    received: Option<DateTime<Utc>>,
+    /// None for a transfer no account took a step of (one refused before any).
+    first_step: Option<DateTime<Utc>>,
+    end: DateTime<Utc>,
+}
+
+/// Waits until every transfer of `sent` is final and returns each one's [`Timeline`].
 async fn settled(
     pool: &PgPool,
     sent: &[(Uuid, DateTime<Utc>)],
-) -> anyhow::Result<HashMap<Uuid, DateTime<Utc>>> {
+    sightings: &Sightings,
+) -> anyhow::Result<HashMap<Uuid, Timeline>> {
     let ids: Vec<String> = sent.iter().map(|(id, _)| id.to_string()).collect();
     let started = Instant::now();
     loop {
-        let ends: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT aggregate_id, recorded_at FROM events
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events
               WHERE aggregate_type = 'transfer' AND aggregate_id = ANY($1)
                 AND event_type IN ('TransferCompleted', 'TransferRejected', 'TransferFailed')",
         )
         .bind(&ids)
-        .fetch_all(pool)
+        .fetch_one(pool)
         .await?;
-        if ends.len() == ids.len() {
-            return ends
-                .into_iter()
-                .map(|(id, at)| Ok((id.parse()?, at)))
-                .collect();
+        if ended == ids.len() as i64 {
+            break;
         }
         if started.elapsed() > Duration::from_secs(300) {
             bail!(
                 "{} of {} transfers did not settle in 5 minutes",
-                ids.len() - ends.len(),
+                ids.len() as i64 - ended,
                 ids.len()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows: Vec<(String, Timeline)> =
+        sqlx::query_as::<_, (String, DateTime<Utc>, DateTime<Utc>)>(
+            "SELECT aggregate_id,
+                min(recorded_at) FILTER (WHERE event_type = 'TransferRequested'),
+                max(recorded_at) FILTER (WHERE event_type IN
+                    ('TransferCompleted', 'TransferRejected', 'TransferFailed'))
+           FROM events
+          WHERE aggregate_type = 'transfer' AND aggregate_id = ANY($1)
+          GROUP BY aggregate_id",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(id, requested, end)| {
+            (
+                id,
+                Timeline {
+                    requested,
+                    produced: None,
+                    received: None,
+                    first_step: None,
+                    end,
+                },
+            )
+        })
+        .collect();
+    let first_steps: HashMap<String, DateTime<Utc>> = sqlx::query_as(
+        "SELECT metadata->>'correlation_id', min(recorded_at)
+           FROM events
+          WHERE aggregate_type = 'account' AND metadata->>'correlation_id' = ANY($1)
+          GROUP BY 1",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let sightings = sightings.lock().expect("sightings lock");
+    rows.into_iter()
+        .map(|(id, mut timeline)| {
+            let id: Uuid = id.parse()?;
+            timeline.first_step = first_steps.get(&id.to_string()).copied();
+            if let Some(&(produced, received)) = sightings.get(&(id, 1)) {
+                timeline.produced = produced.and_then(DateTime::from_timestamp_micros);
+                timeline.received = DateTime::from_timestamp_micros(received);
+            }
+            Ok((id, timeline))
+        })
+        .collect()
+}
+
+/// The transfers in flight while a run sends: the most seen, and the last count.
+struct Backlog {
+    max: i64,
+    last: i64,
+}
+
+impl Backlog {
+    /// Runs `load`, counting `transfers_in_flight` every 100 ms until it ends.
+    async fn watch(
+        pool: &PgPool,
+        load: impl std::future::Future<Output = Run>,
+    ) -> anyhow::Result<(Run, Backlog)> {
+        let mut max = 0;
+        let count = || sqlx::query_scalar::<_, i64>("SELECT count(*) FROM transfers_in_flight");
+        let counting = async {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                match count().fetch_one(pool).await {
+                    Ok(now) => max = max.max(now),
+                    Err(err) => return err,
+                }
+            }
+        };
+        let run = tokio::select! {
+            run = load => run,
+            err = counting => return Err(err.into()),
+        };
+        let last = count().fetch_one(pool).await?;
+        Ok((
+            run,
+            Backlog {
+                max: max.max(last),
+                last,
+            },
+        ))
     }
 }
 
