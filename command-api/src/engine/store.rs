@@ -62,15 +62,24 @@ SELECT event_type, event_version, payload
   FROM events
  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1";
 
-/// The transfer steps recorded on an account for some transfers: the `events_transfer_step`
-/// index, whose predicate this repeats so that the planner uses it.
+/// The transfer steps recorded on an account for some transfers: one lookup per transfer in
+/// the `events_transfer_step` index, whose predicate this repeats so that the planner uses it.
+/// Each transfer is looked up on its own (`LATERAL`, kept from being flattened by `OFFSET 0`)
+/// because the statement is prepared: with `= ANY($2)`, the generic plan Postgres settles on
+/// searched the index by account alone and filtered the transfers, reading every step the
+/// account ever took (0.5 ms a call on an account of a few hundred transfers, growing with
+/// its history); an equality per transfer is searched on both columns in any plan.
 const RECORDED_STEPS: &str = "
-SELECT event_type, event_version, payload
-  FROM events
- WHERE aggregate_type = 'account' AND aggregate_id = $1
-   AND event_type IN ('TransferDebited', 'TransferDebitDeclined', 'TransferCredited',
-                      'TransferCreditDeclined', 'TransferRefunded')
-   AND (payload -> event_type ->> 'transfer_id') = ANY($2)";
+SELECT e.event_type, e.event_version, e.payload
+  FROM unnest($2::text[]) AS t(transfer_id)
+ CROSS JOIN LATERAL (
+       SELECT event_type, event_version, payload
+         FROM events
+        WHERE aggregate_type = 'account' AND aggregate_id = $1
+          AND event_type IN ('TransferDebited', 'TransferDebitDeclined', 'TransferCredited',
+                             'TransferCreditDeclined', 'TransferRefunded')
+          AND (payload -> event_type ->> 'transfer_id') = t.transfer_id
+       OFFSET 0) AS e";
 
 /// Events read by one statement of a load: bounds a load's memory and each statement's time,
 /// whatever the stream's length.
@@ -339,6 +348,42 @@ mod tests {
     use service_kit::testing::{TestDatabase, eventually};
 
     use super::*;
+
+    /// A step is looked up by account and transfer together, in the plan Postgres settles on
+    /// for the prepared statement too: so a lookup reads the few index entries of the
+    /// transfers at hand, however many transfers the account took part in.
+    #[tokio::test]
+    async fn recorded_steps_are_searched_by_account_and_transfer_in_the_generic_plan() {
+        let database = TestDatabase::create().await;
+        let mut conn = database.pool.acquire().await.unwrap();
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PREPARE steps(text, text[]) AS {RECORDED_STEPS}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: serde_json::Value =
+            sqlx::query_scalar("EXPLAIN (FORMAT JSON) EXECUTE steps('a', ARRAY['t'])")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        fn index_conditions(node: &serde_json::Value, found: &mut Vec<String>) {
+            if node["Index Name"] == "events_transfer_step" {
+                found.push(node["Index Cond"].as_str().unwrap_or_default().to_owned());
+            }
+            for child in node["Plans"].as_array().into_iter().flatten() {
+                index_conditions(child, found);
+            }
+        }
+        let mut conditions = Vec::new();
+        index_conditions(&plan[0]["Plan"], &mut conditions);
+        assert!(
+            !conditions.is_empty() && conditions.iter().all(|cond| cond.contains("transfer_id")),
+            "the index is not searched by transfer: {conditions:?} in {plan}"
+        );
+    }
 
     /// The migrations promise that postgres-es's own INSERT keeps working (it names the seven
     /// columns the writer may insert; defaults, the tenant column and the hash chain do the
