@@ -363,7 +363,7 @@ struct Stage {
 
 /// Microseconds since the epoch: the clock every milestone is read on (all the processes run
 /// on this machine).
-pub(crate) fn now_micros() -> i64 {
+fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| since.as_micros() as i64)

@@ -113,10 +113,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
          `command-api process-transfers` and the projector as release processes; {ACCOUNTS} accounts \
          funded well enough that every transfer completes. Closed-loop clients send as fast as they are \
          answered (a refused one waits its `Retry-After`); the steady run sends at a fixed rate, 80% of \
-         what the saturating run completed per second unless `--rate` is given. \"Completed/s\" counts \
+         what the saturating run completed per second (counted to its last final event, its drain \
+         included) unless `--rate` is given. \"Completed/s\" counts \
          the transfers whose final event was recorded while the run sent, over the time it sent; \
          \"in flight\" is `transfers_in_flight` (accepted, not final) sampled every 100 ms while it \
-         sent: its largest value and its value when the last request was sent. \"End to end\" is from \
+         sent: its largest value and its value when the run's last answer arrived. \"End to end\" is from \
          sending the request to the transfer's final event being \
          recorded (its `recorded_at` in the event store, same clock). A transfer is five appends in \
          four statements (request; debit; debited; credit; credited + completed) and one trip through \
@@ -215,6 +216,24 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             .collect();
         writeln!(out, "| {name} | {} |", cells.join(" | "))?;
     }
+    let traced = |ends: &HashMap<Uuid, Timeline>| {
+        ends.values()
+            .filter(|timeline| {
+                timeline.produced.is_some()
+                    && timeline.received.is_some()
+                    && timeline.first_step.is_some()
+            })
+            .count()
+    };
+    writeln!(
+        out,
+        "\nTransfers traced through every leg (the others count in the legs they can be timed for): \
+         {} of {} saturating, {} of {} steady.",
+        traced(&saturated_ends),
+        saturated_ends.len(),
+        traced(&steady_ends),
+        steady_ends.len(),
+    )?;
     writeln!(
         out,
         "\nOutcomes: {} completed, {} rejected, {} failed. Transfer requests refused with 503 \
@@ -530,6 +549,18 @@ async fn settled(
     .await?
     .into_iter()
     .collect();
+    // The probe may still be reading the last requests.
+    let probing = Instant::now();
+    while probing.elapsed() < Duration::from_secs(10)
+        && sent.iter().any(|(id, _)| {
+            !sightings
+                .lock()
+                .expect("sightings lock")
+                .contains_key(&(*id, 1))
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let sightings = sightings.lock().expect("sightings lock");
     rows.into_iter()
         .map(|(id, mut timeline)| {

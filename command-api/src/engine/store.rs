@@ -71,7 +71,7 @@ SELECT event_type, event_version, payload
 /// its history); an equality per transfer is searched on both columns in any plan.
 const RECORDED_STEPS: &str = "
 SELECT e.event_type, e.event_version, e.payload
-  FROM unnest($2::text[]) AS t(transfer_id)
+  FROM (SELECT DISTINCT unnest($2::text[])) AS t(transfer_id)
  CROSS JOIN LATERAL (
        SELECT event_type, event_version, payload
          FROM events

@@ -258,10 +258,18 @@ async fn a_logical_restore_continues_the_log_where_the_dump_left_it() {
     let app = TestApp::spawn().await;
     let account = app.open_account(&app.teller(), 0).await;
     app.deposit(account, 10).await.version();
-    // The relay had published everything before the dump.
-    let published = event_log::read_committed(&app.pool, LogPosition::START, 100)
-        .await
-        .unwrap();
+    // The relay had published everything before the dump: both events, once no older
+    // transaction of the cluster (another test's) holds them back.
+    let published = testing::eventually(std::time::Duration::from_secs(30), || async {
+        let read = event_log::read_committed(&app.pool, LogPosition::START, 100)
+            .await
+            .map_err(|err| err.to_string())?;
+        match read.len() {
+            2 => Ok(read),
+            n => Err(format!("{n} of 2 events readable")),
+        }
+    })
+    .await;
     let head = published.last().expect("events").position;
     assert!(
         event_log::advance_checkpoint(&app.pool, "kafka-relay", LogPosition::START, head)
@@ -276,7 +284,7 @@ async fn a_logical_restore_continues_the_log_where_the_dump_left_it() {
         .unwrap();
     assert_eq!(checkpoint, head);
     // Readable once no older transaction of the cluster (another test's) is open.
-    let unpublished = testing::eventually(std::time::Duration::from_secs(10), || async {
+    let unpublished = testing::eventually(std::time::Duration::from_secs(30), || async {
         let read = event_log::read_committed(&restored.pool, checkpoint, 100)
             .await
             .map_err(|err| err.to_string())?;
