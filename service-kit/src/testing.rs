@@ -29,6 +29,7 @@ use tokio::sync::OnceCell;
 use crate::SecretString;
 use crate::auth::{AuthConfig, TokenRequest, mint_hs256};
 use crate::db::{self, DatabaseConfig, ServiceRole};
+use crate::event_log::{self, LogPosition, LoggedEvent};
 use crate::kafka::KafkaConfig;
 
 /// The HS256 secret of every test service: [`auth`] verifies with it, [`token`] signs with it.
@@ -110,6 +111,27 @@ where
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
+}
+
+/// The `count` events of the log after `after`, once exactly that many are readable (within
+/// `within`): the log shows no event committed after the cluster's oldest open transaction
+/// began (see `event_log`), and another test's may be open for a while.
+pub async fn readable_events(
+    pool: &PgPool,
+    after: LogPosition,
+    count: usize,
+    within: Duration,
+) -> Vec<LoggedEvent> {
+    eventually(within, || async {
+        let read = event_log::read_committed(pool, after, 100)
+            .await
+            .map_err(|err| err.to_string())?;
+        match read.len() {
+            n if n == count => Ok(read),
+            n => Err(format!("{n} of {count} events readable")),
+        }
+    })
+    .await
 }
 
 struct Server {

@@ -303,14 +303,12 @@ async fn fetch_delay(kafka: &KafkaConfig, wait_ms: u32) -> anyhow::Result<FetchD
     // knows where to start.
     let topic = format!("{}.fetch-probe-{wait_ms}", kafka.topic_prefix);
     kafka.ensure_topics(std::slice::from_ref(&topic)).await?;
-    let consumer: StreamConsumer = kafka
-        .consumer(&format!("bench-fetch-probe-{wait_ms}"))
-        .create()?;
-    let mut partitions = TopicPartitionList::new();
-    for partition in 0..kafka.partitions {
-        partitions.add_partition_offset(&topic, partition, Offset::Beginning)?;
-    }
-    consumer.assign(&partitions)?;
+    let consumer = assigned(
+        &kafka,
+        &format!("bench-fetch-probe-{wait_ms}"),
+        &topic,
+        Offset::Beginning,
+    )?;
     let producer: FutureProducer = kafka.producer().create()?;
     let mut stream = consumer.stream();
     let mut samples = Vec::with_capacity(FETCH_PROBES);
@@ -378,6 +376,23 @@ struct Trace {
     visible: i64,
 }
 
+/// A consumer with the services' settings in `group`, reading every partition of `topic`
+/// from `start`.
+fn assigned(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    start: Offset,
+) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = kafka.consumer(group).create()?;
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..kafka.partitions {
+        partitions.add_partition_offset(topic, partition, start)?;
+    }
+    consumer.assign(&partitions)?;
+    Ok(consumer)
+}
+
 /// Each event as a consumer with the services' settings saw it on its topic: when the relay
 /// handed it to its producer (the message's create time, milliseconds precision) and when the
 /// consumer received it; by stream and sequence.
@@ -389,15 +404,12 @@ pub(crate) fn watch_topic(
     kafka: &KafkaConfig,
     aggregate: &'static str,
 ) -> anyhow::Result<(tokio::task::JoinHandle<anyhow::Result<()>>, Sightings)> {
-    let topic = kafka.events_topic(aggregate);
-    let probe: StreamConsumer = kafka
-        .consumer(&format!("bench-{aggregate}-probe"))
-        .create()?;
-    let mut partitions = TopicPartitionList::new();
-    for partition in 0..kafka.partitions {
-        partitions.add_partition_offset(&topic, partition, Offset::End)?;
-    }
-    probe.assign(&partitions)?;
+    let probe = assigned(
+        kafka,
+        &format!("bench-{aggregate}-probe"),
+        &kafka.events_topic(aggregate),
+        Offset::End,
+    )?;
     let sightings = Sightings::default();
     let recording = sightings.clone();
     let watching = tokio::spawn(async move {

@@ -344,8 +344,8 @@ mod tests {
     use domain::{Amount, Currency};
     use postgres_es::PostgresEventRepository;
     use service_kit::db::{self, ServiceRole};
-    use service_kit::event_log::{self, LogPosition};
-    use service_kit::testing::{TestDatabase, eventually};
+    use service_kit::event_log::LogPosition;
+    use service_kit::testing::{TestDatabase, eventually, readable_events};
 
     use super::*;
 
@@ -436,15 +436,12 @@ mod tests {
         assert_eq!(loaded.version, 2);
         assert_eq!(loaded.state.state().map(|open| open.balance), Some(7));
         // Readable once no older transaction of the cluster (another test's) is open.
-        let logged = eventually(Duration::from_secs(10), || async {
-            let logged = event_log::read_committed(&database.pool, LogPosition::START, 10)
-                .await
-                .map_err(|err| err.to_string())?;
-            match logged.len() {
-                2 => Ok(logged),
-                n => Err(format!("{n} events readable")),
-            }
-        })
+        let logged = readable_events(
+            &database.pool,
+            LogPosition::START,
+            2,
+            Duration::from_secs(10),
+        )
         .await;
         assert!(logged.iter().all(|event| event.tenant == "acme"));
         assert_eq!(

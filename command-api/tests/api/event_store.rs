@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use serde_json::json;
 use service_kit::event_log::{self, EVENT_COLUMNS, LogPosition, LoggedEvent};
 use service_kit::hash_chain::{BreakReason, ChainBreak, verify_stream};
@@ -260,16 +262,8 @@ async fn a_logical_restore_continues_the_log_where_the_dump_left_it() {
     app.deposit(account, 10).await.version();
     // The relay had published everything before the dump: both events, once no older
     // transaction of the cluster (another test's) holds them back.
-    let published = testing::eventually(std::time::Duration::from_secs(30), || async {
-        let read = event_log::read_committed(&app.pool, LogPosition::START, 100)
-            .await
-            .map_err(|err| err.to_string())?;
-        match read.len() {
-            2 => Ok(read),
-            n => Err(format!("{n} of 2 events readable")),
-        }
-    })
-    .await;
+    let published =
+        testing::readable_events(&app.pool, LogPosition::START, 2, Duration::from_secs(30)).await;
     let head = published.last().expect("events").position;
     assert!(
         event_log::advance_checkpoint(&app.pool, "kafka-relay", LogPosition::START, head)
@@ -284,16 +278,8 @@ async fn a_logical_restore_continues_the_log_where_the_dump_left_it() {
         .unwrap();
     assert_eq!(checkpoint, head);
     // Readable once no older transaction of the cluster (another test's) is open.
-    let unpublished = testing::eventually(std::time::Duration::from_secs(30), || async {
-        let read = event_log::read_committed(&restored.pool, checkpoint, 100)
-            .await
-            .map_err(|err| err.to_string())?;
-        match read.len() {
-            1 => Ok(read),
-            n => Err(format!("{n} events readable after the checkpoint")),
-        }
-    })
-    .await;
+    let unpublished =
+        testing::readable_events(&restored.pool, checkpoint, 1, Duration::from_secs(30)).await;
     assert_eq!(unpublished[0].sequence, 3);
     assert_eq!(unpublished[0].aggregate_id, account.to_string());
     let stream: Vec<LoggedEvent> = sqlx::query_as(&format!(
