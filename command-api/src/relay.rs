@@ -8,13 +8,21 @@
 //! keepalives on the connection let Postgres notice a leader whose host vanished within
 //! [`LEADER_KEEPALIVE`]'s bound, rather than the two hours of the kernel's default. The leader reads batches of final events after
 //! its checkpoint (see `service_kit::event_log`) and sends them with an idempotent producer,
-//! which keeps their order per partition. A few batches may be in flight at once; the
-//! checkpoint passes a batch only once the broker acknowledged it and every batch before. A
-//! failure before that resends from the checkpoint: duplicates are possible (consumers dedupe
-//! by `ce_id`), loss is not.
+//! which keeps their order per partition. A few batches may be in flight at once while a read
+//! fills a whole batch (a backlog); the checkpoint passes a batch only once the broker
+//! acknowledged it and every batch before. A failure before that resends from the checkpoint:
+//! duplicates are possible (consumers dedupe by `ce_id`), loss is not.
 //!
-//! It sleeps until an append in this process, a `NOTIFY ledger_events` from another replica,
-//! or a slow poll, whichever comes first.
+//! Once caught up, it sleeps until an append in this process, a `NOTIFY ledger_events` from
+//! another replica, or a slow poll, whichever comes first; but while a batch that did not fill
+//! up is unacknowledged, appends do not wake it: what they add goes out as one batch when the
+//! acknowledgement comes. Under load a batch then holds what one round trip to the broker
+//! gathered, rather than each append becoming a batch of its own. Every batch costs produce
+//! requests (one per partition), their acknowledgements and a checkpoint commit, and at a few
+//! thousand events a second those, not the events, were most of the relay's work: deposits as
+//! deployed ran at 0.50x the relay-off rate, the command API spending 180 µs a deposit against
+//! 96 with its relay off (`cargo xtask bench commands`, BENCHMARKS.md). A lone append still
+//! goes out at once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -213,6 +221,9 @@ impl Relay {
         let mut acked = event_log::load_checkpoint(&self.pool, READER).await?;
         let mut sent = acked;
         let mut in_flight: VecDeque<(LogPosition, Sent)> = VecDeque::new();
+        // Whether the last read filled a batch: then more are likely waiting, and the next
+        // read need not wait for an acknowledgement.
+        let mut backlog = false;
         let mut lag_measured = tokio::time::Instant::now() - LAG_INTERVAL;
         loop {
             if lag_measured.elapsed() >= LAG_INTERVAL {
@@ -228,23 +239,26 @@ impl Relay {
                 }
                 lag_measured = tokio::time::Instant::now();
             }
-            if in_flight.len() < MAX_IN_FLIGHT {
+            let may_read = in_flight.is_empty() || (backlog && in_flight.len() < MAX_IN_FLIGHT);
+            if may_read {
                 let batch =
                     event_log::read_committed(&self.pool, sent, self.config.batch_size).await?;
+                backlog = batch.len() as i64 >= self.config.batch_size;
                 if let Some(last) = batch.last().map(|event| event.position) {
+                    metrics::histogram!("ledger_relay_batch_events").record(batch.len() as f64);
                     *unconfirmed += batch.len() as u64;
                     in_flight.push_back((last, send(producer, &self.config.kafka, &batch).await?));
                     sent = last;
                     continue;
                 }
             }
-            // Nothing more to send now. Sleep until an acknowledgement, an append (while the
-            // window has room: reading the next batch does not wait for the broker), or the
-            // poll: soon if something waits behind an open transaction.
-            let window_open = in_flight.len() < MAX_IN_FLIGHT;
-            let wait = if window_open && event_log::has_pending(&self.pool, sent).await? {
+            // Nothing more to send now. Sleep until an acknowledgement, an append (only with
+            // nothing in flight: see the module's doc), or the poll: soon if something waits
+            // behind an open transaction.
+            let idle = in_flight.is_empty();
+            let wait = if idle && event_log::has_pending(&self.pool, sent).await? {
                 PENDING_POLL
-            } else if in_flight.is_empty() {
+            } else if idle {
                 self.config.idle_poll
             } else {
                 // Deliveries never time out (see `KafkaConfig::producer`), so a broker outage
@@ -259,8 +273,8 @@ impl Relay {
             };
             let acknowledged = tokio::select! {
                 result = front => Some(result),
-                () = self.signal.appended_here(), if window_open => None,
-                notification = listener.recv(), if window_open => {
+                () = self.signal.appended_here(), if idle => None,
+                notification = listener.recv(), if idle => {
                     notification?;
                     None
                 }

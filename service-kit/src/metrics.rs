@@ -20,8 +20,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// Events per group commit: one command's few, up to the many commands of a full batch.
-const BATCH_EVENTS_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Events per batch (`*_batch_events`): a group commit's, from one command's few up to the many
+/// commands of a full batch, and a relay batch's, up to `RELAY_BATCH_SIZE` (1000).
+const BATCH_EVENTS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// How often pending histogram samples are folded into buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -39,7 +42,7 @@ pub fn install(service: &'static str) -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .expect("the latency buckets are not empty")
                 .set_buckets_for_metric(
-                    Matcher::Full("ledger_append_batch_events".into()),
+                    Matcher::Suffix("_batch_events".into()),
                     BATCH_EVENTS_BUCKETS,
                 )
                 .expect("the batch event buckets are not empty")

@@ -443,6 +443,84 @@ impl OwnBroker {
             process.kill().await.unwrap();
         }
     }
+
+    /// Sends `signal` (`STOP` freezes the broker: it neither answers nor closes a connection;
+    /// `CONT` thaws it).
+    async fn signal(&self, signal: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .and_then(tokio::process::Child::id)
+            .expect("the broker runs");
+        let status = tokio::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}: {status}");
+    }
+}
+
+/// While a batch the relay sent is unacknowledged, appends do not each become a batch of
+/// their own: with the broker frozen under the first deposit's batch, nine more deposits wait
+/// and go out together once it answers. Each acknowledged batch moves the checkpoint once, so
+/// the checkpoint's moves count the batches: two at most (one if the relay read all ten at
+/// once), where a relay that reads on every append had sent four batches by the time it filled
+/// its window.
+#[tokio::test]
+async fn appends_made_while_a_batch_is_unacknowledged_go_out_as_one_batch() {
+    let broker = OwnBroker::start().await;
+    let mut system = System::start_with(
+        Duration::from_secs(30),
+        KafkaConfig {
+            topic_prefix: "batching".into(),
+            partitions: 2,
+            ..KafkaConfig::with_brokers(&broker.address)
+        },
+    )
+    .await;
+    let account = system.open(0).await;
+    system.published().await;
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE checkpoint_moves (global_position bigint NOT NULL);
+         CREATE FUNCTION record_checkpoint_move() RETURNS trigger
+             LANGUAGE plpgsql SECURITY DEFINER AS
+         $$ BEGIN INSERT INTO checkpoint_moves VALUES (NEW.global_position); RETURN NEW; END $$;
+         CREATE TRIGGER record_checkpoint_move AFTER UPDATE ON log_checkpoints
+             FOR EACH ROW WHEN (NEW.reader = '{}') EXECUTE FUNCTION record_checkpoint_move();",
+        command_api::relay::READER
+    ))
+    .execute(&system.pool)
+    .await
+    .unwrap();
+
+    broker.signal("STOP").await;
+    for _ in 0..10 {
+        system.move_money(account, 1).await;
+        // Time for a relay that reads on every append to read this one on its own.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.signal("CONT").await;
+    system.published().await;
+
+    let moves: Vec<i64> =
+        sqlx::query_scalar("SELECT global_position FROM checkpoint_moves ORDER BY global_position")
+            .fetch_all(&system.pool)
+            .await
+            .unwrap();
+    let head: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert!(
+        (1..=2).contains(&moves.len()) && moves.last() == Some(&head),
+        "the checkpoint moved to {moves:?} (the log's head is {head})"
+    );
+    assert_eq!(system.account_at(account, 11).await["balance"], 10);
+    // Kafka clients leave their group on drop, which needs the broker: stop them first.
+    system.kill_relay().await;
+    system.kill_projector().await;
+    drop(broker);
 }
 
 #[tokio::test]
