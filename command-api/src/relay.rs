@@ -16,13 +16,13 @@
 //! Once caught up, it sleeps until an append in this process, a `NOTIFY ledger_events` from
 //! another replica, or a slow poll, whichever comes first; but while a batch that did not fill
 //! up is unacknowledged, appends do not wake it: what they add goes out as one batch when the
-//! acknowledgement comes. Under load a batch then holds what one round trip to the broker
-//! gathered, rather than each append becoming a batch of its own. Every batch costs produce
-//! requests (one per partition), their acknowledgements and a checkpoint commit, and at a few
-//! thousand events a second those, not the events, were most of the relay's work: deposits as
-//! deployed ran at 0.50x the relay-off rate, the command API spending 180 µs a deposit against
-//! 96 with its relay off (`cargo xtask bench commands`, BENCHMARKS.md). A lone append still
-//! goes out at once.
+//! acknowledgement comes, so an append may wait for the batches in flight to be acknowledged
+//! before it is sent. Under load a batch then holds what one round trip gathered, rather than each
+//! append becoming a batch of its own: every batch costs produce requests (one per
+//! partition), their acknowledgements and a checkpoint commit, and at a few thousand events a
+//! second those, not the events, were most of the relay's work (`cargo xtask bench commands`
+//! as deployed: the command API's CPU per deposit fell by a fifth with this). An append with
+//! nothing in flight goes out at once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -265,20 +265,28 @@ impl Relay {
                 // holds batches in flight: the lock is checked this often meanwhile.
                 LOCK_CHECK
             };
-            let front = async {
-                match in_flight.front_mut() {
-                    Some((_, batch)) => (&mut batch.acknowledged).await,
-                    None => std::future::pending().await,
+            let wake_at = tokio::time::Instant::now() + wait;
+            let acknowledged = loop {
+                let front = async {
+                    match in_flight.front_mut() {
+                        Some((_, batch)) => (&mut batch.acknowledged).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    result = front => break Some(result),
+                    () = self.signal.appended_here(), if idle => break None,
+                    notification = listener.recv() => {
+                        notification?;
+                        // Taken even while a batch is in flight, or they would pile up in
+                        // Postgres's notification queue; what they announce goes out after
+                        // the acknowledgement.
+                        if idle {
+                            break None;
+                        }
+                    }
+                    () = tokio::time::sleep_until(wake_at) => break None,
                 }
-            };
-            let acknowledged = tokio::select! {
-                result = front => Some(result),
-                () = self.signal.appended_here(), if idle => None,
-                notification = listener.recv(), if idle => {
-                    notification?;
-                    None
-                }
-                () = tokio::time::sleep(wait) => None,
             };
             let Some(result) = acknowledged else {
                 still_leader(lock).await?;

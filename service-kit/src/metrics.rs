@@ -21,7 +21,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Events per batch (`*_batch_events`): a group commit's, from one command's few up to the many
-/// commands of a full batch, and a relay batch's, up to `RELAY_BATCH_SIZE` (1000).
+/// commands of a full batch, and a relay batch's, up to `RELAY_BATCH_SIZE` (1000 by default).
 const BATCH_EVENTS_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
