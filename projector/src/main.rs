@@ -10,6 +10,10 @@ use service_kit::db;
 use service_kit::http::shutdown_signal;
 use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
+/// The allocator of every Ledger service: why in `command-api/src/main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The projector: keeps the read models, rebuilds them, checks them. Configured by environment
 /// variables (README.md).
 #[derive(Parser)]

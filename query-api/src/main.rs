@@ -1,6 +1,10 @@
 use query_api::{Application, Config};
 use service_kit::telemetry::{self, LogFormat, TracingConfig};
 
+/// The allocator of every Ledger service: why in `command-api/src/main.rs`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(
