@@ -199,13 +199,16 @@ async fn read_account(
     tenant: &str,
     id: Uuid,
 ) -> Result<Option<AccountView>, QueryError> {
-    let account: Option<AccountView> = sqlx::query_as(&format!(
+    let mut connection = state.account_reads.get().await?;
+    let account: Result<Option<AccountView>, _> = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM ledger_account($1, $2)"
     ))
     .bind(tenant)
     .bind(id)
-    .fetch_optional(&state.pool)
-    .await?;
+    .fetch_optional(&mut *connection)
+    .await;
+    connection.keep_if_usable(&account);
+    let account = account?;
     if let Some(account) = &account
         && account.text_bytes() <= AccountView::MAX_TEXT_BYTES
     {

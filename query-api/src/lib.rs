@@ -24,6 +24,7 @@ use config::GraphqlConfig;
 use service_kit::auth::Authenticator;
 use service_kit::config::ConfigError;
 use service_kit::db::channels::ReadModelChange;
+use service_kit::db::kept::KeptConnections;
 use service_kit::db::{self, DatabaseError};
 use service_kit::http::{self, OpsServer, Readiness};
 use service_kit::server::{self, ServerLimits, Stopping};
@@ -46,6 +47,8 @@ pub use versions::FRESH_FOR;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pool: PgPool,
+    /// Some of `pool`'s connections, kept for the one-statement account reads (`db::kept`).
+    account_reads: KeptConnections,
     /// Verifies bearer tokens.
     auth: Arc<Authenticator>,
     /// Longest wait for a `min_version`.
@@ -191,6 +194,11 @@ impl Application {
             source,
         })?;
         let state = AppState {
+            // Half the pool, so transactions (lists, transfers, GraphQL) always find the rest.
+            account_reads: KeptConnections::new(
+                pool.clone(),
+                (config.database.max_connections as usize / 2).max(1),
+            ),
             pool,
             auth: auth.clone(),
             max_wait: config.max_wait,

@@ -32,6 +32,8 @@ pub const DATABASE_STATEMENT_TIMEOUT: Setting<Duration> = Setting::new(
     "server-side cap on any statement",
 );
 
+pub mod kept;
+
 /// `LISTEN`/`NOTIFY` channels between the processes.
 pub mod channels {
     /// Notified after events were appended: wakes relays of other replicas.
