@@ -534,13 +534,7 @@ mod tests {
                 .await
         };
         let cut = backend().await.unwrap();
-        // As a restart of Postgres does, from outside the pool.
-        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(cut)
-            .fetch_one(&database.pool)
-            .await
-            .unwrap();
-        assert!(terminated);
+        database.cut_backends(&[cut]).await;
         tokio::time::sleep(PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
         let replacement = backend().await.expect("the cut connection was handed out");
         assert_ne!(replacement, cut);

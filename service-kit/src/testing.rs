@@ -299,6 +299,35 @@ impl TestDatabase {
         Self { config, pool }
     }
 
+    /// Ends the sessions of `backends` from outside their pools, as a restart of Postgres
+    /// does, and waits until none is connected any more.
+    pub async fn cut_backends(&self, backends: &[i32]) {
+        let terminated: Vec<bool> =
+            sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
+                .bind(backends)
+                .fetch_all(&self.pool)
+                .await
+                .expect("terminate backends");
+        assert!(
+            terminated.iter().all(|&done| done),
+            "{backends:?}: {terminated:?}"
+        );
+        eventually(Duration::from_secs(5), || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                    .bind(backends)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|err| err.to_string())?;
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} of {backends:?} still connected"))
+            }
+        })
+        .await;
+    }
+
     /// This database as a service connects to it: as `role`'s login, with only the
     /// privileges production grants it.
     pub fn config_as(&self, role: ServiceRole) -> DatabaseConfig {

@@ -162,15 +162,20 @@ mod tests {
     use crate::db::{DatabaseConfig, connect};
     use crate::testing::TestDatabase;
 
-    /// A pool of one connection, and up to that one kept from it.
-    async fn one_connection(database: &TestDatabase) -> (PgPool, KeptConnections) {
-        let pool = connect(&DatabaseConfig {
-            max_connections: 1,
+    /// A pool of `max_connections` on `database`, whose waits end soon.
+    async fn pool_of(database: &TestDatabase, max_connections: u32) -> PgPool {
+        connect(&DatabaseConfig {
+            max_connections,
             acquire_timeout: Duration::from_millis(500),
             ..database.config.clone()
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A pool of one connection, and up to that one kept from it.
+    async fn one_connection(database: &TestDatabase) -> (PgPool, KeptConnections) {
+        let pool = pool_of(database, 1).await;
         let kept = KeptConnections::new(pool.clone(), 1);
         (pool, kept)
     }
@@ -209,13 +214,7 @@ mod tests {
     #[tokio::test]
     async fn the_pool_keeps_a_connection_for_everything_else() {
         let database = TestDatabase::create().await;
-        let pool = connect(&DatabaseConfig {
-            max_connections: 2,
-            acquire_timeout: Duration::from_millis(500),
-            ..database.config.clone()
-        })
-        .await
-        .unwrap();
+        let pool = pool_of(&database, 2).await;
         let kept = KeptConnections::new(pool.clone(), 2);
         let _in_use = kept.get().await.unwrap();
         assert!(matches!(kept.get().await, Err(sqlx::Error::PoolTimedOut)));
@@ -241,13 +240,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_use_sends_the_idle_kept_connections_back_to_the_pool() {
         let database = TestDatabase::create().await;
-        let pool = connect(&DatabaseConfig {
-            max_connections: 3,
-            ..database.config.clone()
-        })
-        .await
-        .unwrap();
-        let kept = KeptConnections::new(pool, 2);
+        let kept = KeptConnections::new(pool_of(&database, 3).await, 2);
         // Two connections in use at once, so two are kept, idle, after.
         let (first, second) = (kept.get().await.unwrap(), kept.get().await.unwrap());
         let mut cut = Vec::new();
@@ -258,12 +251,7 @@ mod tests {
             connection.keep_if_usable(&backend);
             cut.push(backend.unwrap());
         }
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
-            .bind(&cut)
-            .execute(&database.pool)
-            .await
-            .unwrap();
-        eventually_gone(&database, &cut).await;
+        database.cut_backends(&cut).await;
 
         let mut connection = kept.get().await.unwrap();
         let failed = sqlx::query("SELECT 1").execute(&mut *connection).await;
@@ -276,35 +264,12 @@ mod tests {
         );
     }
 
-    /// Waits until none of `backends` is connected any more.
-    async fn eventually_gone(database: &TestDatabase, backends: &[i32]) {
-        for _ in 0..100 {
-            let left: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
-                    .bind(backends)
-                    .fetch_one(&database.pool)
-                    .await
-                    .unwrap();
-            if left == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("backends {backends:?} still connected");
-    }
-
     #[tokio::test]
     async fn a_kept_connection_cut_while_idle_is_replaced_not_handed_out() {
         let database = TestDatabase::create().await;
         let (_pool, kept) = one_connection(&database).await;
         let cut = backend(&kept).await;
-        // As a restart of Postgres does, from outside the pool.
-        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(cut)
-            .fetch_one(&database.pool)
-            .await
-            .unwrap();
-        assert!(terminated);
+        database.cut_backends(&[cut]).await;
         tokio::time::sleep(PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
         assert_ne!(backend(&kept).await, cut);
     }
