@@ -182,9 +182,16 @@ impl Application {
             known.clone(),
         ));
         let auth = Arc::new(Authenticator::new(&config.auth)?);
+        // Half the pool, so transactions (lists, transfers, GraphQL) always find the rest.
+        let account_reads = KeptConnections::new(
+            pool.clone(),
+            (config.database.max_connections as usize / 2).max(1),
+        );
         let ops = OpsServer::bind(
             config.ops_listen,
-            Readiness::new(pool.clone()).with_token_keys(auth.clone()),
+            Readiness::new(pool.clone())
+                .with_token_keys(auth.clone())
+                .with_kept_connections(account_reads.clone()),
             "query-api",
             config.server,
         )
@@ -194,11 +201,7 @@ impl Application {
             source,
         })?;
         let state = AppState {
-            // Half the pool, so transactions (lists, transfers, GraphQL) always find the rest.
-            account_reads: KeptConnections::new(
-                pool.clone(),
-                (config.database.max_connections as usize / 2).max(1),
-            ),
+            account_reads,
             pool,
             auth: auth.clone(),
             max_wait: config.max_wait,

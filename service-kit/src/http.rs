@@ -25,6 +25,7 @@ use tracing::Span;
 
 use crate::auth::Authenticator;
 use crate::config::{ConfigError, Optional};
+use crate::db::kept::KeptConnections;
 use crate::kafka::BrokerProbe;
 use crate::problem::{Problem, ProblemType};
 use crate::server::ServerLimits;
@@ -245,6 +246,8 @@ pub enum Need {
 #[derive(Clone)]
 pub struct Readiness {
     pool: PgPool,
+    /// Connections kept out of `pool`, counted idle in its gauges while they are.
+    kept: Option<KeptConnections>,
     broker: Option<(BrokerProbe, Need)>,
     /// The APIs': whether tokens can be checked (an identity provider's keys are loaded).
     token_keys: Option<Arc<Authenticator>>,
@@ -272,6 +275,7 @@ impl Readiness {
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
+            kept: None,
             broker: None,
             token_keys: None,
             parked_streams: false,
@@ -284,6 +288,12 @@ impl Readiness {
     /// taking the projector out of service would stop them too.
     pub fn reporting_parked_streams(mut self) -> Self {
         self.parked_streams = true;
+        self
+    }
+
+    /// Counts the idle connections of `kept`, taken from the pool, as idle in its gauges.
+    pub fn with_kept_connections(mut self, kept: KeptConnections) -> Self {
+        self.kept = Some(kept);
         self
     }
 
@@ -402,9 +412,8 @@ fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
             "/metrics",
             get(move || {
                 let metrics = metrics.clone();
-                let pool = readiness.pool.clone();
+                crate::metrics::record_pool(&readiness.pool, readiness.kept.as_ref());
                 async move {
-                    crate::metrics::record_pool(&pool);
                     (
                         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                         metrics.render(),

@@ -14,6 +14,8 @@ use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 
+use crate::db::kept::KeptConnections;
+
 /// Request latency buckets, in seconds: from a cached read to a request that waited for a
 /// read model.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -108,11 +110,56 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Samples the pool's use; called on each scrape, so the gauges are as fresh as the scrape.
-pub fn record_pool(pool: &PgPool) {
+/// Connections `kept` out of the pool count as idle while they wait for their next use: to
+/// the pool they are in use, and `LedgerDbPoolSaturated` would see a query API that keeps half
+/// its pool as half saturated at rest.
+pub fn record_pool(pool: &PgPool, kept: Option<&KeptConnections>) {
     let size = pool.size() as f64;
-    let idle = pool.num_idle() as f64;
+    let idle = (pool.num_idle() + kept.map_or(0, KeptConnections::idle)) as f64;
     metrics::gauge!("ledger_db_pool_connections", "state" => "idle").set(idle);
     metrics::gauge!("ledger_db_pool_connections", "state" => "in_use").set(size - idle);
     metrics::gauge!("ledger_db_pool_max_connections")
         .set(f64::from(pool.options().get_max_connections()));
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+    use crate::db::{DatabaseConfig, connect};
+    use crate::testing::TestDatabase;
+
+    /// `ledger_db_pool_connections{state="in_use"}` as [`record_pool`] sets it.
+    fn in_use(pool: &PgPool, kept: &KeptConnections) -> f64 {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || record_pool(pool, Some(kept)));
+        let text = recorder.handle().render();
+        text.lines()
+            .find_map(|line| line.strip_prefix(r#"ledger_db_pool_connections{state="in_use"} "#))
+            .unwrap_or_else(|| panic!("no in_use gauge in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_counts_as_in_use_only_while_it_is() {
+        let database = TestDatabase::create().await;
+        let pool = connect(&DatabaseConfig {
+            max_connections: 4,
+            ..database.config.clone()
+        })
+        .await
+        .unwrap();
+        let kept = KeptConnections::new(pool.clone(), 2);
+        let mut connection = kept.get().await.unwrap();
+        let used = sqlx::query("SELECT 1").execute(&mut *connection).await;
+        assert_eq!(in_use(&pool, &kept), 1.0);
+        connection.keep_if_usable(&used);
+        assert_eq!(
+            in_use(&pool, &kept),
+            0.0,
+            "a kept connection waiting for its next use was counted in use"
+        );
+    }
 }

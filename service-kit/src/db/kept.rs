@@ -88,6 +88,11 @@ impl KeptConnections {
         Self(kept)
     }
 
+    /// How many kept connections wait for their next use.
+    pub fn idle(&self) -> usize {
+        self.0.status().available
+    }
+
     /// A connection for one use; see [`Kept::keep_if_usable`].
     pub async fn get(&self) -> Result<Kept, sqlx::Error> {
         match self.0.get().await {
