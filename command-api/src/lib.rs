@@ -119,7 +119,14 @@ impl Application {
         db::migrate(&pool).await?;
         let auth = Arc::new(Authenticator::new(&config.auth)?);
         let signal = AppendSignal::default();
-        let mut readiness = Readiness::new(pool.clone()).with_token_keys(auth.clone());
+        let commands = Arc::new(engine::CommandService::new(
+            pool.clone(),
+            &config.engine,
+            signal.clone(),
+        ));
+        let mut readiness = Readiness::new(pool.clone())
+            .with_token_keys(auth.clone())
+            .with_kept_connections(commands.append_connections());
         if let Some(relay) = &config.relay {
             readiness = readiness.with_broker(BrokerProbe::new(&relay.kafka)?, Need::Reported);
         }
@@ -130,11 +137,7 @@ impl Application {
             .transpose()?;
         let transfer_backlog = Arc::new(backlog::TransferBacklog::default());
         let state = AppState {
-            commands: Arc::new(engine::CommandService::new(
-                pool.clone(),
-                &config.engine,
-                signal.clone(),
-            )),
+            commands,
             auth: auth.clone(),
             query_api_url: config.query_api_url.clone().into(),
             transfer_backlog: transfer_backlog.clone(),

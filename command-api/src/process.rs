@@ -150,7 +150,9 @@ impl ProcessManager {
             .create_with_context(ConsumerLag("ledger_process_manager_lag_messages"))?;
         consumer.subscribe(&[&topic])?;
         let signal = AppendSignal::default();
+        let commands = CommandService::new(pool.clone(), &config.engine, signal.clone());
         let readiness = Readiness::new(pool.clone())
+            .with_kept_connections(commands.append_connections())
             .with_broker(BrokerProbe::new(&config.kafka)?, Need::Required);
         let ops = OpsServer::bind(config.listen, readiness, "process-manager", config.server)
             .await
@@ -159,7 +161,7 @@ impl ProcessManager {
                 source,
             })?;
         Ok(Self {
-            commands: CommandService::new(pool.clone(), &config.engine, signal.clone()),
+            commands,
             pool,
             consumer,
             signal,

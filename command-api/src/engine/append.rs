@@ -13,7 +13,8 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use service_kit::db::kept::KeptConnections;
+use sqlx::{PgExecutor, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
 
@@ -72,17 +73,30 @@ struct Pending {
 #[derive(Clone)]
 pub(crate) struct Appender {
     queue: mpsc::Sender<Pending>,
+    connections: KeptConnections,
 }
 
 impl Appender {
-    /// Starts `writers` writers, each with at most one batch in flight on `pool`.
+    /// Starts `writers` writers, each with at most one batch in flight on `pool`. A batch is
+    /// one statement, so the writers keep their connections out of the pool between batches
+    /// (`KeptConnections`: no ping on each release).
     pub(crate) fn start(pool: PgPool, writers: usize) -> Self {
         let (queue, receiver) = mpsc::channel(MAX_BATCH * writers);
         let receiver = Arc::new(Mutex::new(receiver));
+        let connections = KeptConnections::new(pool.clone(), writers);
         for _ in 0..writers {
-            tokio::spawn(write_batches(pool.clone(), receiver.clone()));
+            tokio::spawn(write_batches(
+                pool.clone(),
+                connections.clone(),
+                receiver.clone(),
+            ));
         }
-        Self { queue }
+        Self { queue, connections }
+    }
+
+    /// The connections the writers keep out of the pool.
+    pub(crate) fn connections(&self) -> &KeptConnections {
+        &self.connections
     }
 
     /// Writes `append` with whatever else is queued, once its batch has committed.
@@ -101,7 +115,11 @@ impl Appender {
     }
 }
 
-async fn write_batches(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+async fn write_batches(
+    pool: PgPool,
+    kept: KeptConnections,
+    queue: Arc<Mutex<mpsc::Receiver<Pending>>>,
+) {
     loop {
         let batch = {
             let mut queue = queue.lock().await;
@@ -121,17 +139,28 @@ async fn write_batches(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Pending>>>)
         for pending in &batch {
             span.follows_from(&pending.span);
         }
-        write(&pool, batch).instrument(span).await;
+        write(&pool, &kept, batch).instrument(span).await;
     }
 }
 
-async fn write(pool: &PgPool, batch: Vec<Pending>) {
+async fn write(pool: &PgPool, kept: &KeptConnections, batch: Vec<Pending>) {
     let events: usize = batch
         .iter()
         .map(|pending| pending.append.events.len())
         .sum();
     metrics::histogram!("ledger_append_batch_events").record(events as f64);
-    let result = insert(pool, batch.iter().map(|pending| &pending.append)).await;
+    let result = match kept.get().await {
+        Ok(mut connection) => {
+            let result = insert(
+                &mut *connection,
+                batch.iter().map(|pending| &pending.append),
+            )
+            .await;
+            connection.keep_if_usable(&result);
+            result
+        }
+        Err(err) => Err(err),
+    };
     match result {
         Ok(()) => {
             for pending in batch {
@@ -162,7 +191,7 @@ async fn write(pool: &PgPool, batch: Vec<Pending>) {
 }
 
 async fn insert<'a>(
-    pool: &PgPool,
+    executor: impl PgExecutor<'_>,
     appends: impl Iterator<Item = &'a Append>,
 ) -> Result<(), sqlx::Error> {
     let mut aggregate_types = Vec::new();
@@ -191,7 +220,7 @@ async fn insert<'a>(
         .bind(event_versions)
         .bind(payloads)
         .bind(metadata)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
@@ -254,7 +283,7 @@ mod tests {
                 )
             })
             .unzip();
-        write(pool, batch).await;
+        write(pool, &KeptConnections::new(pool.clone(), 1), batch).await;
         futures::future::join_all(answers)
             .await
             .into_iter()

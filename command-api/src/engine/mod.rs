@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use domain::{Account, AccountCommand, AccountEvent, Currency, Transfer, TransferCommand};
 use lru::LruCache;
 use serde::Serialize;
+use service_kit::db::kept::KeptConnections;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -148,6 +149,7 @@ pub(crate) struct CommandService {
     /// Tenant and currency of recently named accounts: only accounts that exist enter.
     facts: Mutex<LruCache<Uuid, AccountFacts>>,
     conflict_retries: u32,
+    append_connections: KeptConnections,
 }
 
 impl CommandService {
@@ -160,6 +162,7 @@ impl CommandService {
         );
         // At most one entry per cached account, and far smaller than the account's.
         let facts = LruCache::new(accounts.capacity());
+        let append_connections = appender.connections().clone();
         Self {
             accounts: Arc::new(accounts),
             transfers: Arc::new(Streams::new(
@@ -170,7 +173,13 @@ impl CommandService {
             facts: Mutex::new(facts),
             pool,
             conflict_retries: config.conflict_retries,
+            append_connections,
         }
+    }
+
+    /// The connections the append writers keep out of the pool, for its gauges.
+    pub(crate) fn append_connections(&self) -> KeptConnections {
+        self.append_connections.clone()
     }
 
     pub(crate) async fn account(
