@@ -35,6 +35,7 @@ const MIN_SECRET_BYTES: usize = 32;
 const LEEWAY_SECONDS: u64 = 5;
 
 pub mod oidc;
+mod verified;
 
 pub use oidc::OidcConfig;
 
@@ -391,6 +392,7 @@ pub struct Authenticator {
     validation: Validation,
     claims: ClaimMapping,
     budgets: Option<TenantBudgets>,
+    verified: verified::VerifiedTokens,
 }
 
 /// Where the key that checks a token comes from.
@@ -455,6 +457,7 @@ impl Authenticator {
             validation,
             claims: config.claims.clone(),
             budgets: config.rate_limit.map(TenantBudgets::new),
+            verified: verified::VerifiedTokens::new(Duration::from_secs(LEEWAY_SECONDS)),
         })
     }
 
@@ -498,6 +501,9 @@ impl Authenticator {
     /// As [`Authenticator::verify`], with the instant the token expires: for connections that
     /// outlive a request and must end with their token.
     pub async fn verify_until(&self, token: &str) -> Result<(Principal, SystemTime), AuthError> {
+        if let Some(verified) = self.verified.get(token, SystemTime::now()) {
+            return Ok(verified);
+        }
         let key = match &self.keys {
             Keys::Fixed(key) => key.clone(),
             Keys::Provider(provider) => provider.key_for(token).await?,
@@ -524,7 +530,9 @@ impl Authenticator {
             .and_then(serde_json::Value::as_u64)
             .map(|exp| UNIX_EPOCH + Duration::from_secs(exp))
             .ok_or(AuthError::InvalidToken("missing or malformed claims"))?;
-        Ok((self.principal(&claims)?, expires))
+        let principal = self.principal(&claims)?;
+        self.verified.keep(token, &principal, expires, &key);
+        Ok((principal, expires))
     }
 
     /// Who verified `claims` speak for, read where [`ClaimMapping`] says.
