@@ -528,7 +528,7 @@ impl Authenticator {
         let expires = claims
             .get("exp")
             .and_then(serde_json::Value::as_u64)
-            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp))
+            .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp)))
             .ok_or(AuthError::InvalidToken("missing or malformed claims"))?;
         let principal = self.principal(&claims)?;
         self.verified.keep(token, &principal, expires, &key);

@@ -138,14 +138,27 @@ impl DatabaseConfig {
     /// Reads [`DATABASE_URL`], [`DATABASE_MAX_CONNECTIONS`], [`DATABASE_ACQUIRE_TIMEOUT`] and
     /// [`DATABASE_STATEMENT_TIMEOUT`].
     pub fn from_env() -> Result<Self, ConfigError> {
-        let config = Self {
+        Self {
             url: DATABASE_URL.read()?.into(),
             max_connections: DATABASE_MAX_CONNECTIONS.read()?,
             acquire_timeout: DATABASE_ACQUIRE_TIMEOUT.read()?,
             statement_timeout: DATABASE_STATEMENT_TIMEOUT.read()?,
-        };
-        config.connect_options()?;
-        Ok(config)
+        }
+        .checked()
+    }
+
+    /// The config, if a service can run with it.
+    fn checked(self) -> Result<Self, ConfigError> {
+        if self.max_connections < 2 {
+            return Err(ConfigError::Invalid {
+                name: DATABASE_MAX_CONNECTIONS.name,
+                reason: "must be at least 2: the hot paths keep connections out of the pool \
+                         (`kept`), and everything else needs one"
+                    .into(),
+            });
+        }
+        self.connect_options()?;
+        Ok(self)
     }
 
     /// A config for `url` with the settings' defaults.
@@ -497,6 +510,26 @@ mod tests {
     use super::*;
 
     const URL: &str = "postgres://alice:p%40ss@db.example:6432/ledger?sslmode=require";
+
+    #[test]
+    fn a_pool_of_one_connection_is_refused() {
+        let one = DatabaseConfig {
+            max_connections: 1,
+            ..DatabaseConfig::with_url(URL)
+        };
+        assert!(matches!(
+            one.checked(),
+            Err(ConfigError::Invalid {
+                name: "DATABASE_MAX_CONNECTIONS",
+                ..
+            })
+        ));
+        let two = DatabaseConfig {
+            max_connections: 2,
+            ..DatabaseConfig::with_url(URL)
+        };
+        assert!(two.checked().is_ok());
+    }
 
     #[test]
     fn another_database_or_login_keeps_the_rest_of_the_url() {

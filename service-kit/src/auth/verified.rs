@@ -7,23 +7,31 @@
 //! A kept token stays valid as long as what made it valid: until its `exp` (with the same
 //! leeway as the check) and while the key that verified it is still one of ours. A provider's
 //! key set is replaced on each refresh, so a key it withdrew stops vouching for the tokens it
-//! signed at the refresh, as it does for tokens checked afresh. Kept by the token's full text
-//! (a hash of it could be made to collide by nobody, but equal text is the claim being made).
-//! The `lru` crate bounds the memory: at most [`CAPACITY`] tokens of at most
-//! [`MAX_TOKEN_BYTES`] each.
+//! signed at the refresh, as it does for tokens checked afresh. Kept by the token's SHA-256,
+//! so that the bearer tokens themselves are not held in memory; the `lru` crate bounds the
+//! entries at [`CAPACITY`]. A token longer than [`MAX_TOKEN_BYTES`] is neither looked up nor
+//! kept, so a client without one cannot make every request hash a huge header.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
+use sha2::{Digest, Sha256};
 
 use super::Principal;
 use super::oidc::VerifyingKey;
 
 /// Tokens kept at most: many more than the clients of one instance at once.
 const CAPACITY: usize = 4096;
-/// A longer token is checked each time: with [`CAPACITY`], this bounds the memory at 16 MiB.
+/// A longer token is checked each time.
 const MAX_TOKEN_BYTES: usize = 4096;
+
+type TokenHash = [u8; 32];
+
+/// The key `token` is kept under, if it may be kept at all.
+fn key_of(token: &str) -> Option<TokenHash> {
+    (token.len() <= MAX_TOKEN_BYTES).then(|| Sha256::digest(token.as_bytes()).into())
+}
 
 /// One verified token: who it speaks for, until when, and the key that verified it.
 #[derive(Clone)]
@@ -34,7 +42,7 @@ struct Verified {
 }
 
 pub(super) struct VerifiedTokens {
-    tokens: Mutex<LruCache<Box<str>, Verified>>,
+    tokens: Mutex<LruCache<TokenHash, Verified>>,
     /// As the check's: a token is still taken this long after its `exp`.
     leeway: Duration,
 }
@@ -50,12 +58,14 @@ impl VerifiedTokens {
     /// Who `token` speaks for and when it expires, if it was verified with a key still in use
     /// and has not expired by `now`.
     pub(super) fn get(&self, token: &str, now: SystemTime) -> Option<(Principal, SystemTime)> {
+        let key = key_of(token)?;
         let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
-        let verified = tokens.get(token)?;
-        if verified.key.strong_count() > 0 && now <= verified.expires + self.leeway {
+        let verified = tokens.get(&key)?;
+        let until = verified.expires.checked_add(self.leeway);
+        if verified.key.strong_count() > 0 && until.is_some_and(|until| now <= until) {
             Some((verified.principal.clone(), verified.expires))
         } else {
-            tokens.pop(token);
+            tokens.pop(&key);
             None
         }
     }
@@ -68,9 +78,9 @@ impl VerifiedTokens {
         expires: SystemTime,
         key: &Arc<VerifyingKey>,
     ) {
-        if token.len() > MAX_TOKEN_BYTES {
+        let Some(hash) = key_of(token) else {
             return;
-        }
+        };
         let verified = Verified {
             principal: principal.clone(),
             expires,
@@ -79,7 +89,7 @@ impl VerifiedTokens {
         self.tokens
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .put(token.into(), verified);
+            .put(hash, verified);
     }
 }
 
@@ -134,6 +144,15 @@ mod tests {
         let withdrawn = key();
         tokens.keep("t", &alice(), now + Duration::from_secs(60), &withdrawn);
         drop(withdrawn);
+        assert!(tokens.get("t", now).is_none());
+    }
+
+    #[test]
+    fn a_token_expiring_at_the_end_of_time_is_not_answered_from_memory() {
+        let (tokens, key, now) = (VerifiedTokens::new(LEEWAY), key(), SystemTime::now());
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(i64::MAX as u64);
+        assert!(expires.checked_add(LEEWAY).is_none());
+        tokens.keep("t", &alice(), expires, &key);
         assert!(tokens.get("t", now).is_none());
     }
 

@@ -67,14 +67,12 @@ impl managed::Manager for FromPool {
 }
 
 impl KeptConnections {
-    /// Keeps up to `size` of `pool`'s connections, but never all of them when it has more
-    /// than one: the rest stay in `pool` for everything else (a kept connection counts as in
-    /// use there). A wait for a kept connection is bounded by the pool's acquire timeout.
+    /// Keeps up to `size` of `pool`'s connections, but never more than half of them when it
+    /// has more than one: the rest stay in `pool` for everything else (a kept connection counts
+    /// as in use there). A wait for a kept connection is bounded by the pool's acquire timeout.
     pub fn new(pool: PgPool, size: usize) -> Self {
         let options = pool.options();
-        let size = size
-            .min((options.get_max_connections() as usize).saturating_sub(1))
-            .max(1);
+        let size = size.min(options.get_max_connections() as usize / 2).max(1);
         let wait = options.get_acquire_timeout();
         let kept = managed::Pool::builder(FromPool(pool))
             .max_size(size)
@@ -217,15 +215,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_pool_keeps_a_connection_for_everything_else() {
+    async fn the_pool_keeps_half_its_connections_for_everything_else() {
         let database = TestDatabase::create().await;
-        let pool = pool_of(&database, 2).await;
-        let kept = KeptConnections::new(pool.clone(), 2);
-        let _in_use = kept.get().await.unwrap();
+        let pool = pool_of(&database, 4).await;
+        let kept = KeptConnections::new(pool.clone(), 4);
+        let _in_use = (kept.get().await.unwrap(), kept.get().await.unwrap());
         assert!(matches!(kept.get().await, Err(sqlx::Error::PoolTimedOut)));
-        pool.acquire()
-            .await
-            .expect("the pool's last connection was kept");
+        let _others = (
+            pool.acquire()
+                .await
+                .expect("all but one connection were kept"),
+            pool.acquire().await.expect("more than half were kept"),
+        );
     }
 
     #[tokio::test]
@@ -245,7 +246,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_use_sends_the_idle_kept_connections_back_to_the_pool() {
         let database = TestDatabase::create().await;
-        let kept = KeptConnections::new(pool_of(&database, 3).await, 2);
+        let kept = KeptConnections::new(pool_of(&database, 4).await, 2);
         // Two connections in use at once, so two are kept, idle, after.
         let (first, second) = (kept.get().await.unwrap(), kept.get().await.unwrap());
         let mut cut = Vec::new();
