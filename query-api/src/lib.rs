@@ -182,11 +182,10 @@ impl Application {
             known.clone(),
         ));
         let auth = Arc::new(Authenticator::new(&config.auth)?);
-        // Half the pool, so transactions (lists, transfers, GraphQL) always find the rest.
-        let account_reads = KeptConnections::new(
-            pool.clone(),
-            (config.database.max_connections as usize / 2).max(1),
-        );
+        // As many as `KeptConnections` keeps: half the pool, so that transactions (lists,
+        // transfers, GraphQL) always find the rest.
+        let account_reads =
+            KeptConnections::new(pool.clone(), config.database.max_connections as usize);
         let ops = OpsServer::bind(
             config.ops_listen,
             Readiness::new(pool.clone())

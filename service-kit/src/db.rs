@@ -19,8 +19,11 @@ pub const DATABASE_URL: Setting<&str> = Setting::new(
     "postgres://postgres@127.0.0.1:5432/ledger",
     "the event store",
 );
-pub const DATABASE_MAX_CONNECTIONS: Setting<u32> =
-    Setting::new("DATABASE_MAX_CONNECTIONS", 16, "pool size per process");
+pub const DATABASE_MAX_CONNECTIONS: Setting<u32> = Setting::new(
+    "DATABASE_MAX_CONNECTIONS",
+    16,
+    "pool size per process (at least 2)",
+);
 pub const DATABASE_ACQUIRE_TIMEOUT: Setting<Duration> = Setting::new(
     "DATABASE_ACQUIRE_TIMEOUT_MS",
     Duration::from_secs(3),
