@@ -202,7 +202,9 @@ impl Application {
         if let Some(relay) = self.relay {
             background.spawn(relay.run(stopping.wait()));
         }
-        tracing::info!(addr = ?self.listener.local_addr().ok(), "command-api listening");
+        if let Ok(addr) = self.listener.local_addr() {
+            tracing::info!(%addr, "command-api listening");
+        }
         server::serve(self.listener, self.router, self.limits, stopping.wait()).await;
         background.join_all().await;
     }

@@ -246,7 +246,9 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        tracing::info!(addr = ?self.listener.local_addr().ok(), "query-api listening");
+        if let Ok(addr) = self.listener.local_addr() {
+            tracing::info!(%addr, "query-api listening");
+        }
         let stopping = Stopping::on(shutdown);
         let ops = tokio::spawn(self.ops.serve(stopping.wait()));
         let keys = tokio::spawn(self.auth.keep_keys_fresh(stopping.wait()));

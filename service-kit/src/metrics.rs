@@ -110,14 +110,18 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Samples the pool's use; called on each scrape, so the gauges are as fresh as the scrape.
-/// Connections `kept` out of the pool count as idle while they wait for their next use: to
-/// the pool they are in use, and `LedgerDbPoolSaturated` would see a query API that keeps half
-/// its pool as half saturated at rest.
+/// Connections `kept` out of the pool are `kept_idle` while they wait for their next use, apart
+/// from `idle`: to the pool they are in use, yet nothing else can take them, so
+/// `LedgerDbPoolSaturated` compares `in_use` with the maximum less `kept_idle` (what can still
+/// be taken). Counted in use, a query API that keeps half its pool looked half saturated at
+/// rest; counted idle, its shared half could run out while the alert saw half a pool free.
 pub fn record_pool(pool: &PgPool, kept: Option<&KeptConnections>) {
     let size = pool.size() as f64;
-    let idle = (pool.num_idle() + kept.map_or(0, KeptConnections::idle)) as f64;
+    let idle = pool.num_idle() as f64;
+    let kept_idle = kept.map_or(0, KeptConnections::idle) as f64;
     metrics::gauge!("ledger_db_pool_connections", "state" => "idle").set(idle);
-    metrics::gauge!("ledger_db_pool_connections", "state" => "in_use").set(size - idle);
+    metrics::gauge!("ledger_db_pool_connections", "state" => "kept_idle").set(kept_idle);
+    metrics::gauge!("ledger_db_pool_connections", "state" => "in_use").set(size - idle - kept_idle);
     metrics::gauge!("ledger_db_pool_max_connections")
         .set(f64::from(pool.options().get_max_connections()));
 }
@@ -130,14 +134,15 @@ mod tests {
     use crate::db::{DatabaseConfig, connect};
     use crate::testing::TestDatabase;
 
-    /// `ledger_db_pool_connections{state="in_use"}` as [`record_pool`] sets it.
-    fn in_use(pool: &PgPool, kept: &KeptConnections) -> f64 {
+    /// `ledger_db_pool_connections{state}` as [`record_pool`] sets it.
+    fn connections(pool: &PgPool, kept: &KeptConnections, state: &str) -> f64 {
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, || record_pool(pool, Some(kept)));
         let text = recorder.handle().render();
+        let prefix = format!(r#"ledger_db_pool_connections{{state="{state}"}} "#);
         text.lines()
-            .find_map(|line| line.strip_prefix(r#"ledger_db_pool_connections{state="in_use"} "#))
-            .unwrap_or_else(|| panic!("no in_use gauge in {text}"))
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {state} gauge in {text}"))
             .parse()
             .unwrap()
     }
@@ -154,12 +159,23 @@ mod tests {
         let kept = KeptConnections::new(pool.clone(), 2);
         let mut connection = kept.get().await.unwrap();
         let used = sqlx::query("SELECT 1").execute(&mut *connection).await;
-        assert_eq!(in_use(&pool, &kept), 1.0);
+        assert_eq!(connections(&pool, &kept, "in_use"), 1.0);
+        assert_eq!(connections(&pool, &kept, "kept_idle"), 0.0);
         connection.keep_if_usable(&used);
         assert_eq!(
-            in_use(&pool, &kept),
+            connections(&pool, &kept, "in_use"),
             0.0,
             "a kept connection waiting for its next use was counted in use"
+        );
+        assert_eq!(
+            connections(&pool, &kept, "kept_idle"),
+            1.0,
+            "a kept connection waiting for its next use was not counted kept"
+        );
+        assert_eq!(
+            connections(&pool, &kept, "idle"),
+            0.0,
+            "a kept connection was counted as one the pool can hand out"
         );
     }
 }

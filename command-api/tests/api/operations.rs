@@ -101,10 +101,15 @@ async fn metrics_count_requests_and_commands() {
         series("ledger_append_batch_events_bucket", &[r#"le="1""#]),
         "{text}"
     );
-    assert!(
-        series("ledger_db_pool_connections", &[r#"state="idle""#]),
-        "{text}"
-    );
+    for state in ["idle", "kept_idle", "in_use"] {
+        assert!(
+            series(
+                "ledger_db_pool_connections",
+                &[&format!(r#"state="{state}""#)]
+            ),
+            "{text}"
+        );
+    }
     assert!(series("ledger_db_pool_max_connections", &[]), "{text}");
     assert!(
         !text.contains(&account.to_string()),
