@@ -108,8 +108,15 @@ pub(crate) struct VerifyingKey {
     pub(crate) algorithm: Algorithm,
 }
 
+/// A key of the provider's, with the JWKS entry it was read from, to know it again at the next
+/// fetch.
+struct FetchedKey {
+    key: Arc<VerifyingKey>,
+    jwk: serde_json::Value,
+}
+
 /// The provider's keys by `kid`.
-type KeySet = HashMap<String, Arc<VerifyingKey>>;
+type KeySet = HashMap<String, FetchedKey>;
 
 /// The keys of one provider, shared by every request.
 pub(crate) struct ProviderKeys {
@@ -222,7 +229,7 @@ impl ProviderKeys {
 
     fn lookup(&self, kid: &str) -> Result<Option<Arc<VerifyingKey>>, AuthError> {
         let keys = self.current().ok_or(AuthError::KeysUnavailable)?;
-        Ok(keys.get(kid).cloned())
+        Ok(keys.get(kid).map(|fetched| fetched.key.clone()))
     }
 
     async fn fetch_for_unknown(&self, kid: &str) {
@@ -277,7 +284,7 @@ impl ProviderKeys {
             "outcome" => if outcome.is_ok() { "ok" } else { "error" },
         )
         .increment(1);
-        let keys = outcome?;
+        let keys = keep_unchanged(self.current().as_deref(), outcome?);
         tracing::debug!(
             trigger = trigger.as_str(),
             keys = keys.len(),
@@ -327,11 +334,31 @@ impl ProviderKeys {
     }
 }
 
+/// `fetched`, with each key that `previous` holds under the same `kid` from the same JWKS
+/// entry kept as it was. Tokens verified lately are remembered while the key that verified
+/// them is still one of ours (`super::verified`): a refresh that found the same keys would
+/// otherwise forget them all, and every client's next request would pay a full check again.
+fn keep_unchanged(previous: Option<&KeySet>, fetched: KeySet) -> KeySet {
+    let Some(previous) = previous else {
+        return fetched;
+    };
+    fetched
+        .into_iter()
+        .map(|(kid, fetched)| match previous.get(&kid) {
+            Some(kept) if kept.jwk == fetched.jwk => {
+                let key = kept.key.clone();
+                (kid, FetchedKey { key, ..fetched })
+            }
+            _ => (kid, fetched),
+        })
+        .collect()
+}
+
 /// The signing keys of `raw` we can use, by `kid`; the others are skipped.
 fn usable_keys(raw: Vec<serde_json::Value>) -> KeySet {
     let mut keys = KeySet::new();
     for raw in raw {
-        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw.clone()) else {
             tracing::debug!("skipping a JWKS entry that is not a key we can read");
             continue;
         };
@@ -353,8 +380,10 @@ fn usable_keys(raw: Vec<serde_json::Value>) -> KeySet {
         };
         match DecodingKey::from_jwk(&jwk) {
             Ok(key) => {
-                keys.entry(kid)
-                    .or_insert_with(|| Arc::new(VerifyingKey { key, algorithm }));
+                keys.entry(kid).or_insert_with(|| FetchedKey {
+                    key: Arc::new(VerifyingKey { key, algorithm }),
+                    jwk: raw,
+                });
             }
             Err(err) => tracing::warn!(kid, error = %err, "skipping a malformed key"),
         }
@@ -408,7 +437,7 @@ mod tests {
         ]);
         let mut found: Vec<(&str, Algorithm)> = keys
             .iter()
-            .map(|(kid, key)| (kid.as_str(), key.algorithm))
+            .map(|(kid, fetched)| (kid.as_str(), fetched.key.algorithm))
             .collect();
         found.sort_by_key(|(kid, _)| *kid);
         assert_eq!(
@@ -419,5 +448,33 @@ mod tests {
                 ("rsa", Algorithm::RS256)
             ]
         );
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_keys_it_found_unchanged_and_only_those() {
+        let ed = |kid: &str, x: &str| serde_json::json!({"kty": "OKP", "kid": kid, "crv": "Ed25519", "x": x});
+        let first = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+        let second = "A".repeat(43);
+        let before = usable_keys(vec![
+            ed("same", first),
+            ed("rotated", first),
+            ed("withdrawn", first),
+        ]);
+        let after = keep_unchanged(
+            Some(&before),
+            usable_keys(vec![
+                ed("same", first),
+                ed("rotated", &second),
+                ed("new", first),
+            ]),
+        );
+        assert!(Arc::ptr_eq(&before["same"].key, &after["same"].key));
+        assert!(
+            !Arc::ptr_eq(&before["rotated"].key, &after["rotated"].key),
+            "a key whose material changed under the same kid kept vouching"
+        );
+        assert_eq!(after["rotated"].jwk["x"], second.as_str());
+        assert!(after.contains_key("new"));
+        assert!(!after.contains_key("withdrawn"), "a withdrawn key was kept");
     }
 }

@@ -5,9 +5,10 @@
 //! and never enters.
 //!
 //! A kept token stays valid as long as what made it valid: until its `exp` (with the same
-//! leeway as the check) and while the key that verified it is still one of ours. A provider's
-//! key set is replaced on each refresh, so a key it withdrew stops vouching for the tokens it
-//! signed at the refresh, as it does for tokens checked afresh. Kept by the token's SHA-256,
+//! leeway as the check) and while the key that verified it is still one of ours. Each refresh
+//! of a provider's keys keeps only the keys it found again unchanged (`oidc`), so a key the
+//! provider withdrew or replaced stops vouching for the tokens it signed at the refresh, as it
+//! does for tokens checked afresh, and the others stay answered. Kept by the token's SHA-256,
 //! so that the bearer tokens themselves are not held in memory; the `lru` crate bounds the
 //! entries at [`CAPACITY`]. A token longer than [`MAX_TOKEN_BYTES`] is neither looked up nor
 //! kept, so a client without one cannot make every request hash a huge header.
