@@ -246,7 +246,7 @@ pub enum Need {
 #[derive(Clone)]
 pub struct Readiness {
     pool: PgPool,
-    /// Connections kept out of `pool`, counted idle in its gauges while they are.
+    /// Connections kept out of `pool`, counted `kept_idle` in its gauges while they wait.
     kept: Option<KeptConnections>,
     broker: Option<(BrokerProbe, Need)>,
     /// The APIs': whether tokens can be checked (an identity provider's keys are loaded).
@@ -291,7 +291,7 @@ impl Readiness {
         self
     }
 
-    /// Counts the idle connections of `kept`, taken from the pool, as idle in its gauges.
+    /// Counts the idle connections of `kept`, taken from the pool, as `kept_idle` in its gauges.
     pub fn with_kept_connections(mut self, kept: KeptConnections) -> Self {
         self.kept = Some(kept);
         self

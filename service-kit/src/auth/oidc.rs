@@ -358,7 +358,7 @@ fn keep_unchanged(previous: Option<&KeySet>, fetched: KeySet) -> KeySet {
 fn usable_keys(raw: Vec<serde_json::Value>) -> KeySet {
     let mut keys = KeySet::new();
     for raw in raw {
-        let Ok(jwk) = serde_json::from_value::<Jwk>(raw.clone()) else {
+        let Ok(jwk) = Jwk::deserialize(&raw) else {
             tracing::debug!("skipping a JWKS entry that is not a key we can read");
             continue;
         };
