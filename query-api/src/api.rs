@@ -11,9 +11,11 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::{AuthConfig, Authorized, RequiredRoles, Role};
+use service_kit::db;
 use service_kit::db::channels::ReadModel;
+use service_kit::db::kept::KeptConnections;
 use service_kit::http::{PathId, PathResource};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
@@ -187,6 +189,12 @@ pub(crate) async fn find_account(
         Some(account) => Ok(Some(account)),
         None => read_account(state, tenant, id).await,
     }
+}
+
+/// Up to `size` of `pool`'s connections kept for [`read_account`]. They act as the reader role
+/// for their whole session, so `ledger_account` need not switch to it (and back) on every read.
+pub(crate) fn account_reads(pool: PgPool, size: usize) -> KeptConnections {
+    KeptConnections::acting_as(pool, size, db::TENANT_READER_ROLE)
 }
 
 /// Account `id` as `tenant` sees it, read in one statement, one round trip (`ledger_account`,

@@ -1079,7 +1079,7 @@ mod tests {
     fn state(database: &TestDatabase) -> AppState {
         AppState {
             pool: database.pool.clone(),
-            account_reads: service_kit::db::kept::KeptConnections::new(database.pool.clone(), 1),
+            account_reads: crate::api::account_reads(database.pool.clone(), 1),
             auth: Arc::new(Authenticator::new(&testing::auth()).unwrap()),
             max_wait: Duration::from_secs(1),
             transfer_stalled_after: Duration::from_secs(120),

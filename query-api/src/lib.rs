@@ -185,7 +185,7 @@ impl Application {
         // As many as `KeptConnections` keeps: half the pool, so that transactions (lists,
         // transfers, GraphQL) always find the rest.
         let account_reads =
-            KeptConnections::new(pool.clone(), config.database.max_connections as usize);
+            api::account_reads(pool.clone(), config.database.max_connections as usize);
         let ops = OpsServer::bind(
             config.ops_listen,
             Readiness::new(pool.clone())

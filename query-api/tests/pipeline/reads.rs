@@ -213,6 +213,26 @@ async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
         [mine]
     );
     assert_eq!(session(&mut owner).await, before);
+
+    // A caller acting as the reader role already (the query API's kept connections) is not
+    // switched, and the tenant does not outlive its call either.
+    sqlx::query("SET ROLE ledger_tenant_reader")
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    let reader = session(&mut owner).await;
+    assert_eq!(reader, ("ledger_tenant_reader".into(), None));
+    assert_eq!(
+        read_through_function(&mut owner, TENANT, mine).await,
+        [mine]
+    );
+    assert!(
+        read_through_function(&mut owner, "globex", mine)
+            .await
+            .is_empty()
+    );
+    assert_eq!(session(&mut owner).await, reader);
+    owner.close_on_drop();
     drop(owner);
 
     // A rebuild swaps in a new table and drops the old; the function reads the new one.

@@ -14,6 +14,10 @@
 //! with it; a connection is pinged when it is taken from the pool, and a kept one idle for
 //! longer than [`PING_IF_IDLE_FOR`] before it is used again, as sqlx's pool does here
 //! (`pool_options`).
+//!
+//! Connections kept [`KeptConnections::acting_as`] a role take it for their session once, when
+//! they are taken from the pool, and are closed instead of going back to it: the pool's other
+//! users expect the login's own role.
 
 use std::ops::{Deref, DerefMut};
 
@@ -29,21 +33,36 @@ use super::PING_IF_IDLE_FOR;
 pub struct KeptConnections(managed::Pool<FromPool>);
 
 /// Takes the kept connections from sqlx's pool.
-struct FromPool(PgPool);
+struct FromPool {
+    pool: PgPool,
+    /// The role the connections take for their session, if not the login's.
+    role: Option<&'static str>,
+}
 
 impl managed::Manager for FromPool {
     type Type = PoolConnection<Postgres>;
     type Error = sqlx::Error;
 
-    /// A connection from the pool, pinged first: the pool hands out one used less than
-    /// [`PING_IF_IDLE_FOR`] ago unchecked, and it may have been cut since (Postgres
-    /// restarting cuts them all). A broken one is closed and the next taken, as many times as
-    /// the pool has connections.
+    /// A connection from the pool, pinged first (by taking the role, if there is one): the
+    /// pool hands out one used less than [`PING_IF_IDLE_FOR`] ago unchecked, and it may have
+    /// been cut since (Postgres restarting cuts them all). A broken one is closed and the next
+    /// taken, as many times as the pool has connections.
     async fn create(&self) -> Result<Self::Type, sqlx::Error> {
-        let mut tries = self.0.options().get_max_connections();
+        let mut tries = self.pool.options().get_max_connections();
         loop {
-            let mut connection = self.0.acquire().await?;
-            match connection.ping().await {
+            let mut connection = self.pool.acquire().await?;
+            let checked = match self.role {
+                None => connection.ping().await,
+                Some(role) => {
+                    connection.close_on_drop();
+                    sqlx::query("SELECT set_config('role', $1, false)")
+                        .bind(role)
+                        .execute(&mut *connection)
+                        .await
+                        .map(drop)
+                }
+            };
+            match checked {
                 Ok(()) => return Ok(connection),
                 Err(err) if tries == 0 => return Err(err),
                 Err(_) => {
@@ -71,10 +90,27 @@ impl KeptConnections {
     /// has more than one: the rest stay in `pool` for everything else (a kept connection counts
     /// as in use there). A wait for a kept connection is bounded by the pool's acquire timeout.
     pub fn new(pool: PgPool, size: usize) -> Self {
-        let options = pool.options();
+        Self::keep(FromPool { pool, role: None }, size)
+    }
+
+    /// As [`KeptConnections::new`], with each connection acting as `role` for its session (the
+    /// login must be a member of it, or a superuser). A connection leaves the kept ones closed,
+    /// never back in `pool`.
+    pub fn acting_as(pool: PgPool, size: usize, role: &'static str) -> Self {
+        Self::keep(
+            FromPool {
+                pool,
+                role: Some(role),
+            },
+            size,
+        )
+    }
+
+    fn keep(manager: FromPool, size: usize) -> Self {
+        let options = manager.pool.options();
         let size = size.min(options.get_max_connections() as usize / 2).max(1);
         let wait = options.get_acquire_timeout();
-        let kept = managed::Pool::builder(FromPool(pool))
+        let kept = managed::Pool::builder(manager)
             .max_size(size)
             // The connection used last is the one most likely still in Postgres's caches, and
             // the others go idle (and are pinged if used again) instead of taking turns.
@@ -162,7 +198,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::db::{DatabaseConfig, connect};
+    use crate::db::{DatabaseConfig, TENANT_READER_ROLE, connect};
     use crate::testing::TestDatabase;
 
     /// A pool of `max_connections` on `database`, whose waits end soon.
@@ -241,6 +277,36 @@ mod tests {
             .expect("the connection went back to the pool");
         drop(returned);
         backend(&kept).await;
+    }
+
+    async fn current_user(connection: &mut PgConnection) -> String {
+        sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(connection)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_acting_as_a_role_keeps_it_and_leaves_closed() {
+        let database = TestDatabase::create().await;
+        let pool = pool_of(&database, 1).await;
+        let login = current_user(&mut pool.acquire().await.unwrap()).await;
+        assert_ne!(login, TENANT_READER_ROLE);
+        let kept = KeptConnections::acting_as(pool.clone(), 1, TENANT_READER_ROLE);
+        for _ in 0..2 {
+            let mut connection = kept.get().await.unwrap();
+            let role = sqlx::query_scalar::<_, String>("SELECT current_user::text")
+                .fetch_one(&mut *connection)
+                .await;
+            connection.keep_if_usable(&role);
+            assert_eq!(role.unwrap(), TENANT_READER_ROLE);
+        }
+
+        // A use that did not finish: the connection leaves the kept ones, and the pool's next
+        // one is the login's own.
+        drop(kept.get().await.unwrap());
+        let mut next = pool.acquire().await.expect("the pool has a connection");
+        assert_eq!(current_user(&mut next).await, login);
     }
 
     #[tokio::test]
