@@ -115,6 +115,9 @@ pub(crate) struct CommandsOptions {
     /// One concurrency only, for profiling; nothing is written to BENCHMARKS.md.
     #[arg(long)]
     clients: Option<usize>,
+    /// With `--clients`: the system as deployed too (the full report always has it).
+    #[arg(long, requires = "clients")]
+    deployed: bool,
 }
 
 /// Runs `bench` in a release build of xtask: a debug-built load generator would eat the CPU the
@@ -259,9 +262,10 @@ async fn commands(options: &CommandsOptions) -> anyhow::Result<()> {
     launch::stop(&mut server).await;
     owner.close().await;
 
-    let deployed = match options.clients {
-        None => Some(as_deployed(&database, &watched, &client, &token, duration).await?),
-        Some(_) => None,
+    let deployed = if options.clients.is_none() || options.deployed {
+        Some(as_deployed(&database, &watched, &client, &token, duration).await?)
+    } else {
+        None
     };
 
     let report = report(&runs, deployed.as_ref(), seconds, hot_events).await?;
