@@ -92,8 +92,8 @@ pub const COMMAND_API_SNAPSHOT_EVERY: Setting<NonZeroU64> = Setting::new(
 /// For the command API and the process manager.
 pub const COMMAND_API_APPEND_WRITERS: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_APPEND_WRITERS",
-    NonZeroUsize::new(1).unwrap(),
-    "batches of appends in flight at once (each is one INSERT of every append queued when it starts); more writers mean smaller batches, and each batch costs Postgres a commit",
+    NonZeroUsize::new(2).unwrap(),
+    "batches of appends in flight at once (each is one INSERT of every append queued when it starts)",
 );
 pub const COMMAND_API_MAX_TRANSFERS_IN_FLIGHT: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_MAX_TRANSFERS_IN_FLIGHT",
