@@ -115,7 +115,8 @@ pub(crate) struct CommandsOptions {
     /// One concurrency only, for profiling; nothing is written to BENCHMARKS.md.
     #[arg(long)]
     clients: Option<usize>,
-    /// With `--clients`: the system as deployed too (the full report always has it).
+    /// With `--clients`: the system as deployed too, at 16 clients as in the full report
+    /// (its ratio is to the relay-off run at 16, so pair it with `--clients 16`).
     #[arg(long, requires = "clients")]
     deployed: bool,
 }

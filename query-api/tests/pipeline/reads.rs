@@ -214,8 +214,10 @@ async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
     );
     assert_eq!(session(&mut owner).await, before);
 
-    // A caller acting as the reader role already (the query API's kept connections) is not
-    // switched, and the tenant does not outlive its call either.
+    // A caller acting as the reader role already (the query API's kept connections): the
+    // policy still hides the row, and the tenant does not outlive the call, not even inside
+    // the caller's transaction.
+    owner.close_on_drop();
     sqlx::query("SET ROLE ledger_tenant_reader")
         .execute(&mut *owner)
         .await
@@ -226,13 +228,26 @@ async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
         read_through_function(&mut owner, TENANT, mine).await,
         [mine]
     );
+    assert_eq!(session(&mut owner).await, reader);
+    let mut tx = sqlx::Connection::begin(&mut *owner).await.unwrap();
+    assert_eq!(read_through_function(&mut tx, TENANT, mine).await, [mine]);
+    assert_eq!(session(&mut tx).await, reader);
+    tx.rollback().await.unwrap();
+    sqlx::query("ALTER POLICY tenant_rows ON accounts USING (false)")
+        .execute(api.pool())
+        .await
+        .unwrap();
     assert!(
-        read_through_function(&mut owner, "globex", mine)
+        read_through_function(&mut owner, TENANT, mine)
             .await
             .is_empty()
     );
-    assert_eq!(session(&mut owner).await, reader);
-    owner.close_on_drop();
+    sqlx::query(
+        "ALTER POLICY tenant_rows ON accounts USING (tenant = current_setting('ledger.tenant', true))",
+    )
+    .execute(api.pool())
+    .await
+    .unwrap();
     drop(owner);
 
     // A rebuild swaps in a new table and drops the old; the function reads the new one.

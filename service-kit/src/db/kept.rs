@@ -16,8 +16,10 @@
 //! (`pool_options`).
 //!
 //! Connections kept [`KeptConnections::acting_as`] a role take it for their session once, when
-//! they are taken from the pool, and are closed instead of going back to it: the pool's other
-//! users expect the login's own role.
+//! they are taken from the pool, and wherever the others go back to sqlx's pool they are closed
+//! instead: the pool's other users expect the login's own role, and a connection cut off
+//! mid-statement cannot be trusted to have switched back. The price is a new connection (and
+//! a Postgres backend) after each unfinished or broken use, where the others cost a ping.
 
 use std::ops::{Deref, DerefMut};
 
@@ -46,7 +48,9 @@ impl managed::Manager for FromPool {
     /// A connection from the pool, pinged first (by taking the role, if there is one): the
     /// pool hands out one used less than [`PING_IF_IDLE_FOR`] ago unchecked, and it may have
     /// been cut since (Postgres restarting cuts them all). A broken one is closed and the next
-    /// taken, as many times as the pool has connections.
+    /// taken, as many times as the pool has connections. A refusal that leaves the session
+    /// open (the login may not take the role) is returned at once: the next connection would
+    /// be refused too.
     async fn create(&self) -> Result<Self::Type, sqlx::Error> {
         let mut tries = self.pool.options().get_max_connections();
         loop {
@@ -54,6 +58,7 @@ impl managed::Manager for FromPool {
             let checked = match self.role {
                 None => connection.ping().await,
                 Some(role) => {
+                    // Before the await: a caller giving up mid-statement drops it here.
                     connection.close_on_drop();
                     sqlx::query("SELECT set_config('role', $1, false)")
                         .bind(role)
@@ -64,6 +69,9 @@ impl managed::Manager for FromPool {
             };
             match checked {
                 Ok(()) => return Ok(connection),
+                Err(sqlx::Error::Database(err)) if !ends_the_session(err.as_ref()) => {
+                    return Err(sqlx::Error::Database(err));
+                }
                 Err(err) if tries == 0 => return Err(err),
                 Err(_) => {
                     connection.close_on_drop();
@@ -139,14 +147,15 @@ impl KeptConnections {
 }
 
 /// A kept connection in use. Dropped without [`Kept::keep_if_usable`], it goes back to
-/// sqlx's pool (and its ping), not to the kept ones: the use may have stopped mid-statement.
+/// sqlx's pool (and its ping), or is closed if it acts as a role, not to the kept ones: the use
+/// may have stopped mid-statement.
 pub struct Kept(Option<Object<FromPool>>);
 
 impl Kept {
     /// Ends the use whose outcome is `outcome`: the connection is kept for the next use if the
     /// use succeeded or Postgres refused the statement without closing the session (the
-    /// connection is then in step with the server), and goes back to sqlx's pool otherwise.
-    /// So do the idle kept ones then: what cut this connection (Postgres restarting, the
+    /// connection is then in step with the server), and goes back to sqlx's pool (or is
+    /// closed, as above) otherwise. So do the idle kept ones then: what cut this connection (Postgres restarting, the
     /// network) may have cut them too, and one used less than [`PING_IF_IDLE_FOR`] ago would
     /// be handed out without a ping.
     pub fn keep_if_usable<T>(mut self, outcome: &Result<T, sqlx::Error>) {
@@ -293,14 +302,18 @@ mod tests {
         let login = current_user(&mut pool.acquire().await.unwrap()).await;
         assert_ne!(login, TENANT_READER_ROLE);
         let kept = KeptConnections::acting_as(pool.clone(), 1, TENANT_READER_ROLE);
+        let mut uses = Vec::new();
         for _ in 0..2 {
             let mut connection = kept.get().await.unwrap();
-            let role = sqlx::query_scalar::<_, String>("SELECT current_user::text")
-                .fetch_one(&mut *connection)
-                .await;
-            connection.keep_if_usable(&role);
-            assert_eq!(role.unwrap(), TENANT_READER_ROLE);
+            let used =
+                sqlx::query_as::<_, (String, i32)>("SELECT current_user::text, pg_backend_pid()")
+                    .fetch_one(&mut *connection)
+                    .await;
+            connection.keep_if_usable(&used);
+            uses.push(used.unwrap());
         }
+        assert_eq!(uses[0].0, TENANT_READER_ROLE);
+        assert_eq!(uses[0], uses[1], "one session, kept with its role");
 
         // A use that did not finish: the connection leaves the kept ones, and the pool's next
         // one is the login's own.
