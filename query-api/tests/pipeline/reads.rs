@@ -143,6 +143,21 @@ async fn read_through_function(
         .unwrap()
 }
 
+/// Makes the reader's policy on `accounts` show no row (`hide`), or its tenant's rows again.
+async fn hide_accounts(owner: &PgPool, hide: bool) {
+    let rows = if hide {
+        "false"
+    } else {
+        "tenant = current_setting('ledger.tenant', true)"
+    };
+    sqlx::query(&format!(
+        "ALTER POLICY tenant_rows ON accounts USING ({rows})"
+    ))
+    .execute(owner)
+    .await
+    .unwrap();
+}
+
 /// The role and the tenant setting of `connection`'s session.
 async fn session(connection: &mut sqlx::PgConnection) -> (String, Option<String>) {
     sqlx::query_as("SELECT current_user::text, nullif(current_setting('ledger.tenant', true), '')")
@@ -180,10 +195,7 @@ async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
         read_through_function(&mut owner, TENANT, mine).await,
         [mine]
     );
-    sqlx::query("ALTER POLICY tenant_rows ON accounts USING (false)")
-        .execute(&mut *owner)
-        .await
-        .unwrap();
+    hide_accounts(api.pool(), true).await;
     assert!(
         read_through_function(&mut owner, TENANT, mine)
             .await
@@ -193,12 +205,7 @@ async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
         api.get(TENANT, &path(mine), None).await.0,
         StatusCode::NOT_FOUND
     );
-    sqlx::query(
-        "ALTER POLICY tenant_rows ON accounts USING (tenant = current_setting('ledger.tenant', true))",
-    )
-    .execute(&mut *owner)
-    .await
-    .unwrap();
+    hide_accounts(api.pool(), false).await;
 
     // Neither the role nor the tenant outlives the call on the pooled connection, not even
     // inside the caller's transaction.
@@ -233,21 +240,13 @@ async fn an_account_read_is_one_statement_behind_both_tenant_walls() {
     assert_eq!(read_through_function(&mut tx, TENANT, mine).await, [mine]);
     assert_eq!(session(&mut tx).await, reader);
     tx.rollback().await.unwrap();
-    sqlx::query("ALTER POLICY tenant_rows ON accounts USING (false)")
-        .execute(api.pool())
-        .await
-        .unwrap();
+    hide_accounts(api.pool(), true).await;
     assert!(
         read_through_function(&mut owner, TENANT, mine)
             .await
             .is_empty()
     );
-    sqlx::query(
-        "ALTER POLICY tenant_rows ON accounts USING (tenant = current_setting('ledger.tenant', true))",
-    )
-    .execute(api.pool())
-    .await
-    .unwrap();
+    hide_accounts(api.pool(), false).await;
     drop(owner);
 
     // A rebuild swaps in a new table and drops the old; the function reads the new one.
