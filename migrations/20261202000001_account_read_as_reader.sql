@@ -2,9 +2,9 @@
 -- query API's kept account-read connections take `ledger_tenant_reader` for their whole
 -- session (`KeptConnections::acting_as`), so the switch and its undoing, about a fifth of
 -- Postgres's CPU per read, happen once per connection instead of once per read. Any other
--- caller (a member login that did not switch, or an owner or a superuser, who would bypass
--- row-level security) is switched for the call as before. The tenant is set for every call
--- either way and put back before it returns. The role's name is `db::TENANT_READER_ROLE`.
+-- caller is switched for the call as before: a member login that did not switch, and an owner
+-- or a superuser, who would otherwise bypass row-level security. The tenant is set for every
+-- call either way and put back before it returns. The role's name is `db::TENANT_READER_ROLE`.
 CREATE OR REPLACE FUNCTION ledger_account(wanted_tenant text, wanted_id uuid)
     RETURNS TABLE (
         id uuid, owner text, currency text, balance bigint, overdraft_limit bigint,

@@ -155,9 +155,9 @@ impl Kept {
     /// Ends the use whose outcome is `outcome`: the connection is kept for the next use if the
     /// use succeeded or Postgres refused the statement without closing the session (the
     /// connection is then in step with the server), and goes back to sqlx's pool (or is
-    /// closed, as above) otherwise. So do the idle kept ones then: what cut this connection (Postgres restarting, the
-    /// network) may have cut them too, and one used less than [`PING_IF_IDLE_FOR`] ago would
-    /// be handed out without a ping.
+    /// closed, as above) otherwise. So do the idle kept ones then: what cut this connection
+    /// (Postgres restarting, the network) may have cut them too, and one used less than
+    /// [`PING_IF_IDLE_FOR`] ago would be handed out without a ping.
     pub fn keep_if_usable<T>(mut self, outcome: &Result<T, sqlx::Error>) {
         match outcome {
             Ok(_) => drop(self.0.take()),
