@@ -61,10 +61,11 @@ async fn metrics_count_requests_and_commands() {
             .starts_with("text/plain")
     );
     let text = response.text().await.unwrap();
-    let series = |name: &str, labels: &[&str]| {
+    let line_of = |name: &str, labels: &[&str]| {
         text.lines()
-            .any(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
+            .find(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
     };
+    let series = |name: &str, labels: &[&str]| line_of(name, labels).is_some();
     assert!(
         series(
             "http_requests_total",
@@ -111,11 +112,7 @@ async fn metrics_count_requests_and_commands() {
         );
     }
     // The append writer keeps its connection once it has written (before it answers).
-    let kept_idle: f64 = text
-        .lines()
-        .find(|line| {
-            line.starts_with("ledger_db_pool_connections{") && line.contains(r#"state="kept_idle""#)
-        })
+    let kept_idle: f64 = line_of("ledger_db_pool_connections{", &[r#"state="kept_idle""#])
         .and_then(|line| line.split_whitespace().last())
         .unwrap_or_else(|| panic!("no kept_idle gauge in {text}"))
         .parse()
