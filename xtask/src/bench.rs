@@ -318,6 +318,10 @@ struct Deployed {
     /// How long after the load they both had caught up; `None`: not within
     /// [`CATCH_UP_WITHIN`].
     caught_up_after: Option<Duration>,
+    /// Ticks of the projector's and the broker's processes over the same span as
+    /// `measured.cpu`: in neither of its columns, but on the same cores.
+    projector: u64,
+    broker: u64,
 }
 
 /// Deposits over [`ACCOUNTS`] accounts at [`DEPLOYED_CLIENTS`] clients with the command API's
@@ -349,12 +353,23 @@ async fn as_deployed(
             .env("KAFKA_BROKERS", &kafka.brokers),
     ])
     .await?;
-    let watched = watched.with_service(
+    let pid = |which: usize, what: &str| {
         system
-            .first()
+            .get(which)
             .and_then(launch::Running::pid)
-            .context("the command API's pid")?,
+            .with_context(|| format!("the {what}'s pid"))
+    };
+    let watched = watched.with_service(pid(0, "command API")?);
+    let (projector, broker_pid) = (
+        pid(1, "projector")?,
+        broker.pid().context("the broker's pid")?,
     );
+    let companion_ticks = || -> anyhow::Result<[u64; 2]> {
+        Ok([
+            cpu::process_ticks(projector)?,
+            cpu::process_ticks(broker_pid)?,
+        ])
+    };
     let accounts = open_accounts(client, &api.base, token, ACCOUNTS).await?;
     let waited = Instant::now();
     while !Behind::now(&owner).await?.caught_up() {
@@ -375,6 +390,7 @@ async fn as_deployed(
     .await;
     // CPU until the relay and the projector have caught up: their share of the deposits'
     // cost includes what they still had to do when the load stopped.
+    let companions_before = companion_ticks()?;
     let ((run, behind, caught_up_after), cpu) = watched
         .around(async {
             let run = load(
@@ -400,6 +416,7 @@ async fn as_deployed(
             Ok((run, behind, caught_up_after))
         })
         .await?;
+    let companions_after = companion_ticks()?;
     launch::stop(&mut system).await;
     drop(broker);
     owner.close().await;
@@ -407,6 +424,8 @@ async fn as_deployed(
         measured: Measured { run, cpu },
         behind,
         caught_up_after,
+        projector: companions_after[0] - companions_before[0],
+        broker: companions_after[1] - companions_before[1],
     })
 }
 
@@ -887,12 +906,12 @@ async fn report(
          between commands and an append only inserts (see `command-api/src/engine/stream.rs`).\n"
     )?;
     if let Some(deployed) = deployed {
-        let relay_off = runs
-            .iter()
-            .find(|m| {
-                m.run.label == "deposits, 1000 accounts" && m.run.concurrency == DEPLOYED_CLIENTS
-            })
-            .map(|m| m.run.throughput());
+        let relay_off = runs.iter().find(|m| {
+            m.run.label == "deposits, 1000 accounts" && m.run.concurrency == DEPLOYED_CLIENTS
+        });
+        let on = &deployed.measured;
+        let per_deposit = |ticks: u64| cpu::Ticks::micros_per_op(ticks, on.run.ok);
+        let machine = |m: &Measured| cpu::Ticks::micros_per_op(m.cpu.busy, m.run.ok);
         writeln!(
             out,
             "As deployed (last row): a new database, the command API with its relay publishing to \
@@ -900,16 +919,22 @@ async fn report(
              consuming. Its CPU is counted until both had caught up after the load: the command \
              API's column holds its relay too, the Postgres column the relay's and the projector's \
              work in Postgres, and the bench's own look at how far behind they were (every \
-             100 ms once the load stopped); the projector's and the broker's own processes are in \
-             neither. \
+             100 ms once the load stopped). The projector's and the broker's own processes, in \
+             neither column, spent **{:.0} µs** and **{:.0} µs** per deposit; the whole machine \
+             (the load generator too) {:.0} µs per deposit as deployed against {} relay-off: on \
+             two saturated cores the first bounds the rate. \
              The relay-off runs were made on the database the earlier runs had grown, this one on \
              a new one (1000 accounts opened, then a 1 s warm-up). Against the relay-off run of {DEPLOYED_CLIENTS} \
              clients over 1000 accounts above: **{}** (target ≥ 0.8x). When the load stopped, the \
              relay had {} events unpublished and the projector {} account events unapplied; both \
              had caught up {}.\n",
+            per_deposit(deployed.projector),
+            per_deposit(deployed.broker),
+            machine(on),
+            relay_off.map_or_else(|| "-".to_owned(), |off| format!("{:.0} µs", machine(off))),
             relay_off.map_or_else(
                 || "-".to_owned(),
-                |off| format!("{:.2}x", deployed.measured.run.throughput() / off)
+                |off| format!("{:.2}x", on.run.throughput() / off.run.throughput())
             ),
             deployed.behind.unpublished,
             deployed.behind.unprojected,

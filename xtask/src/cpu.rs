@@ -86,10 +86,7 @@ impl Watched {
         };
         // After the command name: state (0), ppid (1), ..., utime (11), stime (12), cutime (13),
         // cstime (14).
-        let service = {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.service))?;
-            ticks(&stat_fields(&stat)?, &[11, 12])?
-        };
+        let service = process_ticks(self.service)?;
         let mut postgres = {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.postmaster))?;
             ticks(&stat_fields(&stat)?, &[11, 12, 13, 14])?
@@ -119,6 +116,16 @@ impl Watched {
             busy: crate::bench::machine_busy_ticks()?,
         })
     }
+}
+
+/// Ticks a running process has used so far, in user and system mode (`utime`, `stime`).
+pub(crate) fn process_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields = stat_fields(&stat)?;
+    [11, 12]
+        .iter()
+        .map(|&i| Ok(fields.get(i).context("/proc/<pid>/stat")?.parse::<u64>()?))
+        .sum()
 }
 
 /// The postmaster, whose children are every Postgres process: the parent of a backend.

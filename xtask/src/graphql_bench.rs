@@ -566,17 +566,7 @@ impl CpuSample {
         let busy = crate::bench::machine_busy_ticks()?;
         let mut sampled = Vec::new();
         for (label, pid) in processes {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            // The command name is in parentheses and may hold spaces; after it come fields 3
-            // onwards, utime and stime being fields 14 and 15.
-            let after_name = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
-            let times: Vec<u64> = after_name
-                .split_whitespace()
-                .skip(11)
-                .take(2)
-                .map(str::parse)
-                .collect::<Result<_, _>>()?;
-            sampled.push((label.clone(), times.iter().sum()));
+            sampled.push((label.clone(), crate::cpu::process_ticks(*pid)?));
         }
         Ok(Self {
             at: Instant::now(),
