@@ -922,7 +922,7 @@ async fn report(
              100 ms once the load stopped). The projector's and the broker's own processes, in \
              neither column, spent **{:.0} µs** and **{:.0} µs** per deposit; the whole machine \
              (the load generator too) {:.0} µs per deposit as deployed against {} relay-off: on \
-             two saturated cores the first bounds the rate. \
+             two saturated cores, the machine's CPU per deposit is what bounds the rate. \
              The relay-off runs were made on the database the earlier runs had grown, this one on \
              a new one (1000 accounts opened, then a 1 s warm-up). Against the relay-off run of {DEPLOYED_CLIENTS} \
              clients over 1000 accounts above: **{}** (target ≥ 0.8x). When the load stopped, the \

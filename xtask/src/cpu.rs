@@ -79,13 +79,6 @@ impl Watched {
     /// children's (`cutime`, `cstime`: backends that ended, pgbench's among them), plus each
     /// running child's; and the machine's busy ticks.
     pub(crate) fn sample(&self) -> anyhow::Result<Ticks> {
-        let ticks = |fields: &[&str], at: &[usize]| -> anyhow::Result<u64> {
-            at.iter()
-                .map(|&i| Ok(fields.get(i).context("/proc/<pid>/stat")?.parse::<u64>()?))
-                .sum()
-        };
-        // After the command name: state (0), ppid (1), ..., utime (11), stime (12), cutime (13),
-        // cstime (14).
         let service = process_ticks(self.service)?;
         let mut postgres = {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.postmaster))?;
@@ -121,9 +114,13 @@ impl Watched {
 /// Ticks a running process has used so far, in user and system mode (`utime`, `stime`).
 pub(crate) fn process_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields = stat_fields(&stat)?;
-    [11, 12]
-        .iter()
+    ticks(&stat_fields(&stat)?, &[11, 12])
+}
+
+/// The sum of `fields` at `at`. After the command name: state (0), ppid (1), ..., utime (11),
+/// stime (12), cutime (13), cstime (14).
+fn ticks(fields: &[&str], at: &[usize]) -> anyhow::Result<u64> {
+    at.iter()
         .map(|&i| Ok(fields.get(i).context("/proc/<pid>/stat")?.parse::<u64>()?))
         .sum()
 }
