@@ -40,6 +40,7 @@ mod graphql;
 mod transfers;
 mod versions;
 
+pub use api::WAIT_POLL;
 pub use config::Config;
 pub use versions::FRESH_FOR;
 

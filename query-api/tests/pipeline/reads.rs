@@ -3,7 +3,7 @@
 //! rows are written as the projector writes them, and notified as it notifies them
 //! (`notify_changed`), so no broker is needed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use service_kit::db::ServiceRole;
@@ -407,4 +407,29 @@ async fn an_account_read_at_its_notified_version_is_answered_from_memory_until_n
         }
     })
     .await;
+}
+
+/// A `min_version` past the account's notified version is not read at once: the row reaches it
+/// only by a commit whose notification is on its way, so the query waits for that. A version
+/// whose notification never comes is still found, by the look after the wait.
+#[tokio::test]
+async fn a_min_version_past_the_notified_version_waits_for_its_notification_before_reading() {
+    let api = QueryApi::start().await;
+    let id = Uuid::new_v4();
+    api.notify_until_heard(id, 3).await;
+    project(api.pool(), TENANT, id, 4, false).await;
+
+    let asked = Instant::now();
+    let (status, body) = api
+        .read(TENANT, &format!("/v1/accounts/{id}?min_version=4"))
+        .await;
+    assert_eq!(
+        (status, body["version"].as_i64()),
+        (StatusCode::OK, Some(4))
+    );
+    assert!(
+        asked.elapsed() >= query_api::WAIT_POLL,
+        "answered in {:?}: the row was read before the wait for its notification",
+        asked.elapsed()
+    );
 }
