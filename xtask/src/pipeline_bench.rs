@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
+use crate::cpu::{self, TICKS_PER_SECOND};
 use crate::launch::{self, Launch, Profile, Service, free_address};
 
 pub(crate) const SEED_ACCOUNTS: i64 = 1000;
@@ -78,7 +79,8 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     }
 
     println!("end-to-end latency at {rate} commands/s for {seconds} s...");
-    let latency = end_to_end(&database, &kafka, rate, seconds).await?;
+    let broker_pid = broker.pid().context("the broker's pid")?;
+    let latency = end_to_end(&database, &kafka, broker_pid, rate, seconds).await?;
     drop(broker);
 
     let mut out = String::new();
@@ -137,6 +139,24 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             stage.name,
             percentile_ms(&stage.samples, 0.50),
             percentile_ms(&stage.samples, 0.99),
+        )?;
+    }
+    writeln!(
+        out,
+        "\nCPU while the commands ran ({:.1} s), in cores of the machine's 2 and per command \
+         answered: the processes the stages above wait on share the machine with each other and \
+         with the bench (its client, the topic probe, the notification listener: the rest).\n",
+        latency.cpu.wall.as_secs_f64()
+    )?;
+    writeln!(out, "| process | cores | µs per command |")?;
+    writeln!(out, "|---|---:|---:|")?;
+    let commands = latency.samples.len();
+    for (name, ticks) in latency.cpu.rows() {
+        writeln!(
+            out,
+            "| {name} | {:.2} | {:.0} |",
+            ticks as f64 / TICKS_PER_SECOND / latency.cpu.wall.as_secs_f64(),
+            cpu::Ticks::micros_per_op(ticks, commands),
         )?;
     }
     writeln!(
@@ -348,6 +368,58 @@ struct Latency {
     stages: Vec<Stage>,
     /// Commands whose every milestone was seen, of those answered.
     traced: usize,
+    cpu: CpuSpent,
+}
+
+/// Ticks each process spent while the commands ran.
+#[derive(Default)]
+struct CpuSpent {
+    wall: Duration,
+    /// The services and the broker, by name.
+    processes: Vec<(String, u64)>,
+    postgres: u64,
+    machine: u64,
+}
+
+impl CpuSpent {
+    /// Each process, Postgres, the rest of the machine, and the machine as a whole.
+    fn rows(&self) -> Vec<(String, u64)> {
+        let mut rows = self.processes.clone();
+        rows.push(("Postgres".into(), self.postgres));
+        let named: u64 = rows.iter().map(|(_, ticks)| ticks).sum();
+        rows.push(("the rest".into(), self.machine.saturating_sub(named)));
+        rows.push(("the whole machine".into(), self.machine));
+        rows
+    }
+
+    /// What was spent between `earlier` and `self`, over `wall`.
+    fn since(self, earlier: &CpuSpent, wall: Duration) -> CpuSpent {
+        CpuSpent {
+            wall,
+            processes: self
+                .processes
+                .into_iter()
+                .zip(&earlier.processes)
+                .map(|((name, now), (_, before))| (name, now - before))
+                .collect(),
+            postgres: self.postgres - earlier.postgres,
+            machine: self.machine - earlier.machine,
+        }
+    }
+}
+
+/// What `processes` (by name and pid) and Postgres have spent so far.
+fn cpu_so_far(postgres: &cpu::Watched, processes: &[(String, u32)]) -> anyhow::Result<CpuSpent> {
+    let sample = postgres.sample()?;
+    Ok(CpuSpent {
+        wall: Duration::ZERO,
+        processes: processes
+            .iter()
+            .map(|(name, pid)| Ok((name.clone(), cpu::process_ticks(*pid)?)))
+            .collect::<anyhow::Result<_>>()?,
+        postgres: sample.postgres,
+        machine: sample.busy,
+    })
 }
 
 /// One stage of the way from a command's response to the query API's answer: each traced
@@ -504,6 +576,7 @@ fn stages(traces: &[Trace], sightings: &Sightings, commits: &Commits) -> (Vec<St
 async fn end_to_end(
     database: &DatabaseConfig,
     kafka: &KafkaConfig,
+    broker: u32,
     rate: u64,
     seconds: u64,
 ) -> anyhow::Result<Latency> {
@@ -563,6 +636,19 @@ async fn end_to_end(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let mut processes: Vec<(String, u32)> = services
+        .iter()
+        .map(|service| {
+            Ok((
+                service.label().to_owned(),
+                service.pid().context("a service exited")?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    processes.push(("broker (nisshi)".into(), broker));
+    let postgres = cpu::Watched::new(broker, &pool).await?;
+    let cpu_before = cpu_so_far(&postgres, &processes)?;
+    let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let total = rate * seconds;
@@ -613,6 +699,7 @@ async fn end_to_end(
         failed: 0,
         stages: Vec::new(),
         traced: 0,
+        cpu: CpuSpent::default(),
     };
     let mut traces = Vec::with_capacity(total as usize);
     while let Some(result) = tasks.join_next().await {
@@ -626,6 +713,7 @@ async fn end_to_end(
             None => latency.failed += 1,
         }
     }
+    latency.cpu = cpu_so_far(&postgres, &processes)?.since(&cpu_before, started.elapsed());
     latency.samples.sort_unstable();
     launch::stop(&mut services).await;
     // Every traced event was on the topic before its query answered, but the probe fetches on
