@@ -260,11 +260,12 @@ pub(crate) async fn account_at(
     // version, not at every commit of every account.
     let mut changes = state.changes.subscribe(Some((ReadModel::Account, id)));
     let mut stream_checked = false;
-    // While the account's notified version is short of `wanted`, the row can reach it only by
-    // a commit whose notification is on its way: the first look waits for that instead of
+    // While the account's notified version is short of `wanted`, the row reaches it by a
+    // commit whose notification is on its way: the first look waits for that instead of
     // reading a row that is almost always still behind (under a steady load, half of the
     // database's reads for `min_version` queries). A wait that ends without it, the
-    // notification lost or never sent, looks in the database as before.
+    // notification lost or never sent (a `projector rebuild` swaps rows in unnotified),
+    // looks in the database after at most `WAIT_POLL`, as before.
     let mut look = state
         .known
         .version(tenant, id)

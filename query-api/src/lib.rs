@@ -126,6 +126,8 @@ async fn watch_projections(
             while let Some(notification) = listener.try_recv().await? {
                 match serde_json::from_str::<ReadModelChange>(notification.payload()) {
                     Ok(change) => {
+                        // Entered before it is published: a `min_version` waiter that found
+                        // the version short subscribed first, so it hears the change.
                         known.record(&change);
                         changes.publish(change);
                     }

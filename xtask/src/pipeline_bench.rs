@@ -143,10 +143,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "\nCPU while the commands ran ({:.1} s), in cores of the machine's 2 and per command \
+        "\nCPU while the commands ran ({:.1} s), in cores of the machine's {} and per command \
          answered: the processes the stages above wait on share the machine with each other and \
          with the bench (its client, the topic probe, the notification listener: the rest).\n",
-        latency.cpu.wall.as_secs_f64()
+        latency.cpu.wall.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, usize::from),
     )?;
     writeln!(out, "| process | cores | µs per command |")?;
     writeln!(out, "|---|---:|---:|")?;
@@ -400,10 +401,11 @@ impl CpuSpent {
                 .processes
                 .into_iter()
                 .zip(&earlier.processes)
-                .map(|((name, now), (_, before))| (name, now - before))
+                .map(|((name, now), (_, before))| (name, now.saturating_sub(*before)))
                 .collect(),
-            postgres: self.postgres - earlier.postgres,
-            machine: self.machine - earlier.machine,
+            // Postgres's count can fall back by a backend that ended while it was read.
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            machine: self.machine.saturating_sub(earlier.machine),
         }
     }
 }
@@ -646,6 +648,8 @@ async fn end_to_end(
         })
         .collect::<anyhow::Result<_>>()?;
     processes.push(("broker (nisshi)".into(), broker));
+    // Postgres and the machine, through a watcher whose own service (the broker) goes unused:
+    // each process is read by `cpu_so_far`.
     let postgres = cpu::Watched::new(broker, &pool).await?;
     let cpu_before = cpu_so_far(&postgres, &processes)?;
     let started = Instant::now();
