@@ -1,5 +1,6 @@
 //! CPU time the benchmarks charge to each unit of work, from `/proc`: one service process, and
-//! Postgres as a whole. On a shared 2-core machine this is steadier than a rate.
+//! Postgres as a whole ([`Watched`]); named processes and the whole machine ([`Sample`]). On a
+//! shared 2-core machine this is steadier than a rate.
 
 use anyhow::Context;
 
@@ -108,6 +109,59 @@ impl Watched {
             postgres,
             busy: crate::bench::machine_busy_ticks()?,
         })
+    }
+}
+
+/// CPU time used so far, in ticks: the machine's busy time, and each named process's.
+pub(crate) struct Sample {
+    at: std::time::Instant,
+    busy: u64,
+    processes: Vec<(String, u64)>,
+}
+
+/// CPU used between two [`Sample`]s.
+pub(crate) struct Spent {
+    pub(crate) elapsed: std::time::Duration,
+    pub(crate) busy: u64,
+    pub(crate) processes: Vec<(String, u64)>,
+}
+
+impl Sample {
+    pub(crate) fn take(processes: &[(String, u32)]) -> anyhow::Result<Self> {
+        let busy = crate::bench::machine_busy_ticks()?;
+        let mut sampled = Vec::new();
+        for (label, pid) in processes {
+            sampled.push((label.clone(), process_ticks(*pid)?));
+        }
+        Ok(Self {
+            at: std::time::Instant::now(),
+            busy,
+            processes: sampled,
+        })
+    }
+
+    pub(crate) fn since(&self, earlier: &Self) -> Spent {
+        Spent {
+            elapsed: self.at.duration_since(earlier.at),
+            busy: self.busy - earlier.busy,
+            processes: self
+                .processes
+                .iter()
+                .zip(&earlier.processes)
+                .map(|((label, now), (_, then))| (label.clone(), now - then))
+                .collect(),
+        }
+    }
+}
+
+impl Spent {
+    pub(crate) fn cores(&self, ticks: u64) -> f64 {
+        ticks as f64 / TICKS_PER_SECOND / self.elapsed.as_secs_f64()
+    }
+
+    /// The whole machine's busy cores.
+    pub(crate) fn machine_cores(&self) -> f64 {
+        self.cores(self.busy)
     }
 }
 

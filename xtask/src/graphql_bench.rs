@@ -28,6 +28,7 @@ use crate::bench::{
     service_token, write_section,
 };
 use crate::broker;
+use crate::cpu;
 use crate::launch::{self, Profile, Service, free_address};
 
 const TENANT: &str = "bench";
@@ -36,9 +37,6 @@ const TENANT: &str = "bench";
 const CONNECT_AT_ONCE: usize = 100;
 /// How long the subscribers may take, after the last deposit was answered, to receive it.
 const DRAIN_WITHIN: Duration = Duration::from_secs(30);
-/// Linux reports process and machine CPU time in ticks of 1/100 s (`USER_HZ`, fixed at 100
-/// on every architecture the project runs on).
-const TICKS_PER_SECOND: f64 = 100.0;
 const SUBSCRIPTION: &str = "subscription ($id: UUID!) { accountChanged(id: $id) { version account { balance } entries { version amount } } }";
 const ACCOUNT_QUERY: &str = "query ($id: UUID!) { account(id: $id) { balance version } }";
 
@@ -80,9 +78,9 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     let database = DatabaseConfig::with_url(&server);
     launch::build(Profile::Release, &["command-api", "projector", "query-api"]).await?;
     // What else keeps the machine busy, measured before anything of ours runs.
-    let idle = CpuSample::take(&[])?;
+    let idle = cpu::Sample::take(&[])?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let background = CpuSample::take(&[])?.since(&idle).machine_cores();
+    let background = cpu::Sample::take(&[])?.since(&idle).machine_cores();
 
     reset_database(&database).await?;
     let broker = broker::start(broker::Storage::Memory).await?;
@@ -159,11 +157,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
     println!("{} deposits/s for {} s...", options.rate, options.seconds);
     let (sampling, sampler) = watch::channel(false);
     let peak = tokio::spawn(peak_rss(query_pid, sampler));
-    let cpu_before = CpuSample::take(&pids)?;
+    let cpu_before = cpu::Sample::take(&pids)?;
     let started = Instant::now();
     let deposits = deposit(&system, &accounts, options.rate, options.seconds).await;
     let load_elapsed = started.elapsed();
-    let cpu = CpuSample::take(&pids)?.since(&cpu_before);
+    let cpu = cpu::Sample::take(&pids)?.since(&cpu_before);
     let drained = subscribers.drain(&deposits).await;
     let deliveries = subscribers.finish().await?;
     sampling.send_replace(true);
@@ -547,59 +545,6 @@ async fn peak_rss(pid: u32, mut done: watch::Receiver<bool>) -> anyhow::Result<u
     Ok(peak.max(rss_kib(pid)?))
 }
 
-/// CPU time used so far, in ticks: the machine's busy time, and each named process's.
-struct CpuSample {
-    at: Instant,
-    busy: u64,
-    processes: Vec<(String, u64)>,
-}
-
-/// CPU used between two samples.
-struct CpuUse {
-    elapsed: Duration,
-    busy: u64,
-    processes: Vec<(String, u64)>,
-}
-
-impl CpuSample {
-    fn take(processes: &[(String, u32)]) -> anyhow::Result<Self> {
-        let busy = crate::bench::machine_busy_ticks()?;
-        let mut sampled = Vec::new();
-        for (label, pid) in processes {
-            sampled.push((label.clone(), crate::cpu::process_ticks(*pid)?));
-        }
-        Ok(Self {
-            at: Instant::now(),
-            busy,
-            processes: sampled,
-        })
-    }
-
-    fn since(&self, earlier: &Self) -> CpuUse {
-        CpuUse {
-            elapsed: self.at.duration_since(earlier.at),
-            busy: self.busy - earlier.busy,
-            processes: self
-                .processes
-                .iter()
-                .zip(&earlier.processes)
-                .map(|((label, now), (_, then))| (label.clone(), now - then))
-                .collect(),
-        }
-    }
-}
-
-impl CpuUse {
-    fn cores(&self, ticks: u64) -> f64 {
-        ticks as f64 / TICKS_PER_SECOND / self.elapsed.as_secs_f64()
-    }
-
-    /// The whole machine's busy cores.
-    fn machine_cores(&self) -> f64 {
-        self.cores(self.busy)
-    }
-}
-
 /// The same account read over either API.
 #[derive(Clone, Copy)]
 enum Read {
@@ -705,7 +650,7 @@ struct Measured<'a> {
     outcome: &'a Outcome,
     /// The query API's RSS in KiB: before the subscribers, with them idle, peak under load.
     rss: [u64; 3],
-    cpu: &'a CpuUse,
+    cpu: &'a cpu::Spent,
     reads: &'a [Run],
 }
 

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::bench::{SECRET, machine, percentile_ms, reset_database, service_token, write_section};
 use crate::broker;
-use crate::cpu::{self, TICKS_PER_SECOND};
+use crate::cpu;
 use crate::launch::{self, Launch, Profile, Service, free_address};
 
 pub(crate) const SEED_ACCOUNTS: i64 = 1000;
@@ -141,22 +141,24 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<()> {
             percentile_ms(&stage.samples, 0.99),
         )?;
     }
+    let spent = &latency.cpu;
     writeln!(
         out,
         "\nCPU while the commands ran ({:.1} s), in cores of the machine's {} and per command \
-         answered: the processes the stages above wait on share the machine with each other and \
-         with the bench (its client, the topic probe, the notification listener: the rest).\n",
-        latency.cpu.wall.as_secs_f64(),
+         answered: the processes the stages above wait on share the machine with each other \
+         and with the bench (its client, the topic probe, the notification listener: the \
+         rest).\n",
+        spent.processes.elapsed.as_secs_f64(),
         std::thread::available_parallelism().map_or(0, usize::from),
     )?;
     writeln!(out, "| process | cores | µs per command |")?;
     writeln!(out, "|---|---:|---:|")?;
     let commands = latency.samples.len();
-    for (name, ticks) in latency.cpu.rows() {
+    for (name, ticks) in spent.rows() {
         writeln!(
             out,
             "| {name} | {:.2} | {:.0} |",
-            ticks as f64 / TICKS_PER_SECOND / latency.cpu.wall.as_secs_f64(),
+            spent.processes.cores(ticks),
             cpu::Ticks::micros_per_op(ticks, commands),
         )?;
     }
@@ -372,56 +374,23 @@ struct Latency {
     cpu: CpuSpent,
 }
 
-/// Ticks each process spent while the commands ran.
-#[derive(Default)]
+/// CPU spent while the commands ran: by the services and the broker (by name) and the
+/// machine, and by Postgres.
 struct CpuSpent {
-    wall: Duration,
-    /// The services and the broker, by name.
-    processes: Vec<(String, u64)>,
+    processes: cpu::Spent,
     postgres: u64,
-    machine: u64,
 }
 
 impl CpuSpent {
     /// Each process, Postgres, the rest of the machine, and the machine as a whole.
     fn rows(&self) -> Vec<(String, u64)> {
-        let mut rows = self.processes.clone();
+        let mut rows = self.processes.processes.clone();
         rows.push(("Postgres".into(), self.postgres));
         let named: u64 = rows.iter().map(|(_, ticks)| ticks).sum();
-        rows.push(("the rest".into(), self.machine.saturating_sub(named)));
-        rows.push(("the whole machine".into(), self.machine));
+        rows.push(("the rest".into(), self.processes.busy.saturating_sub(named)));
+        rows.push(("the whole machine".into(), self.processes.busy));
         rows
     }
-
-    /// What was spent between `earlier` and `self`, over `wall`.
-    fn since(self, earlier: &CpuSpent, wall: Duration) -> CpuSpent {
-        CpuSpent {
-            wall,
-            processes: self
-                .processes
-                .into_iter()
-                .zip(&earlier.processes)
-                .map(|((name, now), (_, before))| (name, now.saturating_sub(*before)))
-                .collect(),
-            // Postgres's count can fall back by a backend that ended while it was read.
-            postgres: self.postgres.saturating_sub(earlier.postgres),
-            machine: self.machine.saturating_sub(earlier.machine),
-        }
-    }
-}
-
-/// What `processes` (by name and pid) and Postgres have spent so far.
-fn cpu_so_far(postgres: &cpu::Watched, processes: &[(String, u32)]) -> anyhow::Result<CpuSpent> {
-    let sample = postgres.sample()?;
-    Ok(CpuSpent {
-        wall: Duration::ZERO,
-        processes: processes
-            .iter()
-            .map(|(name, pid)| Ok((name.clone(), cpu::process_ticks(*pid)?)))
-            .collect::<anyhow::Result<_>>()?,
-        postgres: sample.postgres,
-        machine: sample.busy,
-    })
 }
 
 /// One stage of the way from a command's response to the query API's answer: each traced
@@ -648,11 +617,10 @@ async fn end_to_end(
         })
         .collect::<anyhow::Result<_>>()?;
     processes.push(("broker (nisshi)".into(), broker));
-    // Postgres and the machine, through a watcher whose own service (the broker) goes unused:
-    // each process is read by `cpu_so_far`.
+    // Postgres, through a watcher whose own service (the broker) goes unused: the processes
+    // are read by `cpu::Sample`.
     let postgres = cpu::Watched::new(broker, &pool).await?;
-    let cpu_before = cpu_so_far(&postgres, &processes)?;
-    let started = Instant::now();
+    let (cpu_before, postgres_before) = (cpu::Sample::take(&processes)?, postgres.sample()?);
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let total = rate * seconds;
@@ -698,27 +666,26 @@ async fn end_to_end(
             })
         });
     }
-    let mut latency = Latency {
-        samples: Vec::new(),
-        failed: 0,
-        stages: Vec::new(),
-        traced: 0,
-        cpu: CpuSpent::default(),
-    };
+    let (mut samples, mut failed) = (Vec::new(), 0);
     let mut traces = Vec::with_capacity(total as usize);
     while let Some(result) = tasks.join_next().await {
         match result.ok().flatten() {
             Some(trace) => {
-                latency
-                    .samples
-                    .push((trace.visible - trace.answered) as u32);
+                samples.push((trace.visible - trace.answered) as u32);
                 traces.push(trace);
             }
-            None => latency.failed += 1,
+            None => failed += 1,
         }
     }
-    latency.cpu = cpu_so_far(&postgres, &processes)?.since(&cpu_before, started.elapsed());
-    latency.samples.sort_unstable();
+    let cpu = CpuSpent {
+        processes: cpu::Sample::take(&processes)?.since(&cpu_before),
+        // Postgres's count can fall back by a backend that ended while it was read.
+        postgres: postgres
+            .sample()?
+            .postgres
+            .saturating_sub(postgres_before.postgres),
+    };
+    samples.sort_unstable();
     launch::stop(&mut services).await;
     // Every traced event was on the topic before its query answered, but the probe fetches on
     // its own schedule.
@@ -738,6 +705,12 @@ async fn end_to_end(
     watching_topic.abort();
     watching_commits.abort();
     pool.close().await;
-    (latency.stages, latency.traced) = stages(&traces, &sightings, &commits);
-    Ok(latency)
+    let (stages, traced) = stages(&traces, &sightings, &commits);
+    Ok(Latency {
+        samples,
+        failed,
+        stages,
+        traced,
+        cpu,
+    })
 }
