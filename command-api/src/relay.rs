@@ -22,7 +22,10 @@
 //! partition), their acknowledgements and a checkpoint commit, and at a few thousand events a
 //! second those, not the events, were most of the relay's work (`cargo xtask bench commands`
 //! as deployed: the command API's CPU per deposit fell by a fifth with this). An append with
-//! nothing in flight goes out at once.
+//! nothing in flight goes out at once. The relay reads only when something announced events
+//! (an append, a notification, the poll) or its last read filled a batch, and one read also
+//! tells whether events wait behind an open transaction: at a few hundred appends a second each
+//! append costs it one read and one checkpoint move, not reads that find nothing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,7 +59,8 @@ const LEADER_LOCK: i64 = 0x4c45_4447_4552;
 /// lock with it). A vanished leader is replaced within about 10 + 3 × 5 = 25 s plus
 /// `RELAY_LEADER_RETRY_MS`.
 const LEADER_KEEPALIVE: (u32, u32, u32) = (10, 5, 3);
-/// How often a leader waiting for the broker checks that its lock connection is alive.
+/// How often a leader checks that its lock connection is alive when no checkpoint move has
+/// shown it: while it waits for the broker, and when it is woken.
 const LOCK_CHECK: Duration = Duration::from_secs(1);
 /// How long the lock's connection may take to answer before the leader steps down: well
 /// under the keepalives' 25 s, after which Postgres gives the lock to another replica.
@@ -141,6 +145,7 @@ impl Relay {
                     err
                 }
             };
+            self.signal.set_local_relay_leads(false);
             // Only a leader measures lag; a deposed one must not report a frozen value.
             metrics::gauge!("ledger_relay_leader").set(0.0);
             metrics::gauge!("ledger_relay_lag_events").set(0.0);
@@ -189,6 +194,7 @@ impl Relay {
         }
         tracing::info!("relay is the leader");
         metrics::gauge!("ledger_relay_leader").set(1.0);
+        self.signal.set_local_relay_leads(true);
         // A producer per term: one that hit a fatal error (an idempotence violation after a
         // broker lost state, say) cannot be used again.
         let producer: FutureProducer = self.config.kafka.producer().create()?;
@@ -230,6 +236,17 @@ impl Relay {
         // read need not wait for an acknowledgement.
         let mut backlog = false;
         let mut lag_measured = tokio::time::Instant::now() - LAG_INTERVAL;
+        // When the lock's connection last answered: a ping or a checkpoint's move. Not yet in
+        // this term (setting up the topics and the listener may have taken a while): the
+        // first wake-up pings.
+        let mut lock_proven = tokio::time::Instant::now() - LOCK_CHECK;
+        // Whether the log may hold events after `sent` that no read has seen: set by whatever
+        // wakes the relay (every appender signals after its commit), cleared by a read that did
+        // not fill a batch. So an acknowledgement with nothing appended meanwhile costs no
+        // read that would find nothing.
+        let mut unread = true;
+        // Whether the last read saw events behind an open transaction.
+        let mut pending = false;
         loop {
             if lag_measured.elapsed() >= LAG_INTERVAL {
                 // Best effort: a failed measurement is no reason to stop relaying.
@@ -244,11 +261,15 @@ impl Relay {
                 }
                 lag_measured = tokio::time::Instant::now();
             }
-            let may_read = in_flight.is_empty() || (backlog && in_flight.len() < MAX_IN_FLIGHT);
+            let may_read =
+                unread && (in_flight.is_empty() || (backlog && in_flight.len() < MAX_IN_FLIGHT));
             if may_read {
-                let batch =
+                let read =
                     event_log::read_committed(&self.pool, sent, self.config.batch_size).await?;
+                let batch = read.events;
                 backlog = batch.len() as i64 >= self.config.batch_size;
+                unread = backlog;
+                pending = read.pending;
                 if let Some(last) = batch.last().map(|event| event.position) {
                     metrics::histogram!("ledger_relay_batch_events").record(batch.len() as f64);
                     *unconfirmed += batch.len() as u64;
@@ -261,7 +282,7 @@ impl Relay {
             // nothing in flight: see the module's doc), or the poll: soon if something waits
             // behind an open transaction.
             let idle = in_flight.is_empty();
-            let wait = if idle && event_log::has_pending(&self.pool, sent).await? {
+            let wait = if idle && pending {
                 PENDING_POLL
             } else if idle {
                 self.config.idle_poll
@@ -283,6 +304,7 @@ impl Relay {
                     () = self.signal.appended_here(), if idle => break None,
                     notification = listener.recv() => {
                         notification?;
+                        unread = true;
                         // Taken even while a batch is in flight, or they would pile up in
                         // Postgres's notification queue; what they announce goes out after
                         // the acknowledgement.
@@ -294,7 +316,15 @@ impl Relay {
                 }
             };
             let Some(result) = acknowledged else {
-                still_leader(lock).await?;
+                unread = true;
+                // Not on every wake-up: at a few hundred appends a second that was a round
+                // trip per append, and each batch's checkpoint proves the lock anyway. A leader
+                // whose lock was taken from it within the last LOCK_CHECK / 2 may so send one
+                // more batch before its checkpoint fails: duplicates, as after any term.
+                if lock_proven.elapsed() >= LOCK_CHECK / 2 {
+                    still_leader(lock).await?;
+                    lock_proven = tokio::time::Instant::now();
+                }
                 continue;
             };
             result?;
@@ -314,6 +344,7 @@ impl Relay {
             if !advanced {
                 return Err(RelayError::Deposed);
             }
+            lock_proven = tokio::time::Instant::now();
             *unconfirmed -= batch_events;
             acked = last;
         }

@@ -26,7 +26,9 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, RebuildError> {
     let mut events = 0;
     let mut position = LogPosition::START;
     loop {
-        let batch = event_log::read_committed(pool, position, BATCH).await?;
+        let batch = event_log::read_committed(pool, position, BATCH)
+            .await?
+            .events;
         let Some(last) = batch.last() else { break };
         position = last.position;
         for event in &batch {

@@ -421,6 +421,8 @@ impl Projector {
         changed.sort_unstable();
         changed.dedup();
         let changed_rows: Vec<&AccountRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
+        // Its notifications, delivered at commit, wake queries waiting for a `min_version`
+        // and feed subscriptions.
         store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
         let resumed: Vec<Uuid> = changed
             .iter()
@@ -430,12 +432,6 @@ impl Projector {
             .collect();
         parked.retain(|parked| already_parked.get(&parked.account_id) != Some(&parked.sequence));
         store::park(&mut tx, &parked, &resumed).await?;
-        if !changed_rows.is_empty() {
-            // Delivered at commit: wakes queries waiting for a `min_version`, and feeds
-            // subscriptions.
-            db::channels::notify_changed(&mut tx, db::channels::ReadModel::Account, &changed)
-                .await?;
-        }
         tx.commit().await?;
         if !parked.is_empty() || !resumed.is_empty() {
             record_parked_streams(&self.pool).await;

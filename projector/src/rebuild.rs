@@ -89,7 +89,9 @@ pub async fn rebuild(pool: &PgPool, show_progress: bool) -> Result<RebuildReport
         async move {
             let mut position = LogPosition::START;
             loop {
-                let batch = event_log::read_committed(&pool, position, BATCH).await?;
+                let batch = event_log::read_committed(&pool, position, BATCH)
+                    .await?
+                    .events;
                 let Some(last) = batch.last().map(|event| event.position) else {
                     return Ok::<_, sqlx::Error>(position);
                 };

@@ -3,27 +3,33 @@
 use std::collections::HashMap;
 
 use domain::AccountEvent;
+use service_kit::db::channels;
 use service_kit::event_log::{EVENT_COLUMNS, LoggedEvent};
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::model::{AccountRow, EntryRow};
 
-/// Which pair of tables to write: the live ones, or the ones a rebuild fills.
+/// Which pair of tables to write: the live ones, whose changes are notified, or the ones a
+/// rebuild fills.
 #[derive(Debug, Clone, Copy)]
 pub struct Tables {
     pub accounts: &'static str,
     pub entries: &'static str,
+    /// Whether [`save`] notifies the rows it moved ([`channels::READ_MODELS_CHANGED`]).
+    pub notified: bool,
 }
 
 impl Tables {
     pub const LIVE: Self = Self {
         accounts: "accounts",
         entries: "account_entries",
+        notified: true,
     };
     pub const REBUILD: Self = Self {
         accounts: "accounts_rebuild",
         entries: "account_entries_rebuild",
+        notified: false,
     };
 }
 
@@ -117,49 +123,89 @@ pub async fn all_rows(
         .collect())
 }
 
-/// Writes `rows` (insert or move forward, never back) and `entries` (once each).
+/// The columns of an `account_entries` row, in the order [`save`] binds them.
+const ENTRY_COLUMNS: &[(&str, &str)] = &[
+    ("account_id", "uuid"),
+    ("version", "int8"),
+    ("tenant", "text"),
+    ("kind", "text"),
+    ("amount", "int8"),
+    ("currency", "text"),
+    ("balance_after", "int8"),
+    ("event_id", "uuid"),
+    ("recorded_at", "timestamptz"),
+    ("transfer_id", "uuid"),
+];
+
+/// The statement of [`save`]: one round trip for the rows, the entries and, for tables that are
+/// [`Tables::notified`], the notifications of the rows it moved (delivered at commit).
+fn save_sql(tables: Tables) -> String {
+    let entry_arrays: Vec<String> = ENTRY_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| format!("${}::{kind}[]", ACCOUNT_COLUMNS.len() + i + 1))
+        .collect();
+    let result = if tables.notified {
+        channels::notify_rows_sql(channels::ReadModel::Account, "saved")
+    } else {
+        "SELECT count(*) FROM saved".to_owned()
+    };
+    format!(
+        "WITH saved AS ({} RETURNING tenant, id, version),
+              entered AS (INSERT INTO {} ({}) SELECT * FROM UNNEST({})
+                          ON CONFLICT (account_id, version) DO NOTHING)
+         {result}",
+        upsert(tables.accounts, ACCOUNT_COLUMNS),
+        tables.entries,
+        column_list(ENTRY_COLUMNS),
+        entry_arrays.join(", "),
+    )
+}
+
+/// Writes `rows` (insert or move forward, never back) and `entries` (once each); notifies the
+/// rows it moved if `tables` are [`Tables::notified`].
 pub async fn save(
     connection: &mut PgConnection,
     tables: Tables,
     rows: &[&AccountRow],
     entries: &[EntryRow],
 ) -> Result<(), sqlx::Error> {
-    if !rows.is_empty() {
-        sqlx::query(&upsert(tables.accounts, ACCOUNT_COLUMNS))
-            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-            .execute(&mut *connection)
-            .await?;
+    if rows.is_empty() && entries.is_empty() {
+        return Ok(());
     }
-    if !entries.is_empty() {
-        sqlx::query(&format!(
-            "INSERT INTO {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id)
-             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[],
-                                  $7::int8[], $8::uuid[], $9::timestamptz[], $10::uuid[])
-             ON CONFLICT (account_id, version) DO NOTHING",
-            tables.entries
-        ))
+    sqlx::query(&save_sql(tables))
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.account_id).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.version).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.tenant.as_str()).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.tenant.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(entries.iter().map(|e| e.kind).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.amount).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.currency.as_str()).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.currency.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(entries.iter().map(|e| e.balance_after).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.event_id).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.transfer_id).collect::<Vec<_>>())
-        .execute(&mut *connection)
+        .execute(connection)
         .await?;
-    }
     Ok(())
 }
 
@@ -196,8 +242,9 @@ pub async fn copy_entries(
     }
     let mut copy = connection
         .copy_in_raw(&format!(
-            "COPY {} (account_id, version, tenant, kind, amount, currency, balance_after, event_id, recorded_at, transfer_id) FROM STDIN",
-            tables.entries
+            "COPY {} ({}) FROM STDIN",
+            tables.entries,
+            column_list(ENTRY_COLUMNS)
         ))
         .await?;
     copy.send(data.into_bytes()).await?;

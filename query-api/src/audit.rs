@@ -368,7 +368,8 @@ pub(crate) async fn log_page(
     };
     let events =
         event_log::read_committed_of_tenant(&mut *state.scope(tenant).await?, tenant, after, limit)
-            .await?;
+            .await?
+            .events;
     let next_after = events.last().map_or(after, |last| last.position);
     Ok(LogPage {
         items: events.into_iter().map(AuditEventView::from).collect(),

@@ -83,6 +83,21 @@ pub mod channels {
         }
     }
 
+    /// A `SELECT` notifying [`READ_MODELS_CHANGED`] of each row of `rows` (an SQL source with
+    /// columns `tenant`, `id` and `version`, such as a table or an `INSERT ... RETURNING`),
+    /// as a change of `model`: the one form of the notification, used by [`notify_changed`] and
+    /// by statements that notify what they wrote. The channel and the model are constants, not
+    /// input.
+    pub fn notify_rows_sql(model: ReadModel, rows: &str) -> String {
+        format!(
+            "SELECT count(pg_notify('{READ_MODELS_CHANGED}',
+                                     json_build_object('model', '{}', 'tenant', tenant, 'id', id,
+                                                       'version', version)::text))
+               FROM {rows}",
+            model.name()
+        )
+    }
+
     /// Notifies [`READ_MODELS_CHANGED`] of the rows `ids` of `model`, as they are in the
     /// caller's transaction: Postgres delivers the notifications only when it commits, so a
     /// listener that reads the row on receipt sees this change.
@@ -91,14 +106,10 @@ pub mod channels {
         model: ReadModel,
         ids: &[Uuid],
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "SELECT pg_notify($1, json_build_object('model', $2::text, 'tenant', tenant,
-                                                    'id', id, 'version', version)::text)
-               FROM {} WHERE id = ANY($3)",
-            model.table()
+        sqlx::query(&notify_rows_sql(
+            model,
+            &format!("{} WHERE id = ANY($1)", model.table()),
         ))
-        .bind(READ_MODELS_CHANGED)
-        .bind(model.name())
         .bind(ids)
         .execute(connection)
         .await?;

@@ -166,42 +166,81 @@ impl<'r> sqlx::FromRow<'r, PgRow> for LoggedEvent {
 /// stops after `LIMIT` rows: the horizon is applied to that ordered prefix (rows at or past it
 /// all come after the rows before it), not inside the scan, where its unknown selectivity made
 /// the planner sort everything after the position (240 ms per batch half-way through a million
-/// events, against under 1 ms). The outer `ORDER BY` names `next.tx_id`: a bare `tx_id` would
-/// be the text output column, and sort 10000 before 9999. `$filter` narrows the inner scan (to one tenant, whose index
-/// has the same order after the tenant).
+/// events, against under 1 ms). Of the prefix's rows that are not final only the first is sent,
+/// marked so: it tells the reader that something waits behind an open transaction, in the same
+/// round trip. The outer `ORDER BY` names `marked.tx_id`: a bare `tx_id` would be the text
+/// output column, and sort 10000 before 9999. `$filter` narrows the inner scan (to one tenant,
+/// whose index has the same order after the tenant).
 macro_rules! read_committed_sql {
     ($filter:literal) => {
         concat!(
             "SELECT tx_id::text AS tx_id, global_position, aggregate_type, aggregate_id, sequence,
                     event_type, event_version, event_id, recorded_at, tenant, payload, metadata,
-                    prev_hash, hash
-               FROM (SELECT tx_id, global_position, aggregate_type, aggregate_id, sequence, event_type,
-                            event_version, event_id, recorded_at, coalesce(tenant, '') AS tenant,
-                            payload::text AS payload, metadata::text AS metadata, prev_hash, hash
-                       FROM events
-                      WHERE (tx_id, global_position) > ($1::text::xid8, $2) ",
+                    prev_hash, hash, is_final
+               FROM (SELECT next.*, next.tx_id < horizon.xmin AS is_final,
+                            lag(next.tx_id < horizon.xmin, 1, true)
+                              OVER (ORDER BY next.tx_id, next.global_position) AS follows_final
+                       FROM (SELECT tx_id, global_position, aggregate_type, aggregate_id, sequence,
+                                    event_type, event_version, event_id, recorded_at,
+                                    coalesce(tenant, '') AS tenant, payload::text AS payload,
+                                    metadata::text AS metadata, prev_hash, hash
+                               FROM events
+                              WHERE (tx_id, global_position) > ($1::text::xid8, $2) ",
             $filter,
             "
-                      ORDER BY tx_id, global_position
-                      LIMIT $3) AS next
-              WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
-              ORDER BY next.tx_id, next.global_position"
+                              ORDER BY tx_id, global_position
+                              LIMIT $3) AS next,
+                            (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) AS horizon
+                    ) AS marked
+              WHERE is_final OR follows_final
+              ORDER BY marked.tx_id, marked.global_position"
         )
     };
 }
 
+/// What the log holds after a position: the events a reader may take, and whether more wait.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Up to the limit asked for, in commit order, all of them final.
+    pub events: Vec<LoggedEvent>,
+    /// Events after these, among the first `limit` after the position, exist that are not
+    /// final yet (an older transaction is still open): a reader should look again soon rather
+    /// than wait for a notification. After a full batch it says nothing of what follows.
+    pub pending: bool,
+}
+
+impl Committed {
+    fn from_rows(rows: Vec<(LoggedEvent, bool)>) -> Self {
+        let mut committed = Self::default();
+        for (event, is_final) in rows {
+            if is_final {
+                committed.events.push(event);
+            } else {
+                committed.pending = true;
+            }
+        }
+        committed
+    }
+}
+
+fn marked_row(row: &PgRow) -> Result<(LoggedEvent, bool), sqlx::Error> {
+    Ok((sqlx::FromRow::from_row(row)?, row.try_get("is_final")?))
+}
+
 /// Up to `limit` events after `after`, in commit order, all of them final.
 pub async fn read_committed(
-    pool: &PgPool,
+    executor: impl PgExecutor<'_>,
     after: LogPosition,
     limit: i64,
-) -> Result<Vec<LoggedEvent>, sqlx::Error> {
-    sqlx::query_as(read_committed_sql!(""))
+) -> Result<Committed, sqlx::Error> {
+    let rows = sqlx::query(read_committed_sql!(""))
         .bind(after.tx_id.to_string())
         .bind(after.global_position)
         .bind(limit)
-        .fetch_all(pool)
-        .await
+        .try_map(|row: PgRow| marked_row(&row))
+        .fetch_all(executor)
+        .await?;
+    Ok(Committed::from_rows(rows))
 }
 
 /// As [`read_committed`], but only the events of `tenant`: the tenant's own log, in the same
@@ -211,34 +250,16 @@ pub async fn read_committed_of_tenant(
     tenant: &str,
     after: LogPosition,
     limit: i64,
-) -> Result<Vec<LoggedEvent>, sqlx::Error> {
-    sqlx::query_as(read_committed_sql!("AND tenant = $4"))
+) -> Result<Committed, sqlx::Error> {
+    let rows = sqlx::query(read_committed_sql!("AND tenant = $4"))
         .bind(after.tx_id.to_string())
         .bind(after.global_position)
         .bind(limit)
         .bind(tenant)
+        .try_map(|row: PgRow| marked_row(&row))
         .fetch_all(executor)
-        .await
-}
-
-/// True if events after `after` exist that are not final yet (an older transaction is still
-/// open): a reader should look again soon rather than wait for a notification.
-///
-/// The first such event in commit order, so that the commit-order index is the only cheap
-/// plan. `EXISTS (SELECT 1 FROM events WHERE ...)` let the planner guess that a third of the
-/// table lies after `after`, as it does for any inequality it cannot estimate, and scan the
-/// table for the first one: the whole table when there is none, every time the relay looked
-/// (2 ms on 10,000 events; Postgres drops an `ORDER BY` inside `EXISTS`, hence the count).
-pub async fn has_pending(pool: &PgPool, after: LogPosition) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) > 0
-           FROM (SELECT FROM events WHERE (tx_id, global_position) > ($1::text::xid8, $2)
-                  ORDER BY tx_id, global_position LIMIT 1) AS next",
-    )
-    .bind(after.tx_id.to_string())
-    .bind(after.global_position)
-    .fetch_one(pool)
-    .await
+        .await?;
+    Ok(Committed::from_rows(rows))
 }
 
 /// How far a reader at `after` is behind the log, for its metrics.

@@ -125,7 +125,8 @@ pub async fn readable_events(
     eventually(within, || async {
         let read = event_log::read_committed(pool, after, 100)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| err.to_string())?
+            .events;
         match read.len() {
             n if n == count => Ok(read),
             n => Err(format!("{n} of {count} events readable")),

@@ -423,7 +423,8 @@ async fn settle(pool: &PgPool) -> bool {
     while Instant::now() < deadline {
         let published = async {
             let checkpoint = event_log::load_checkpoint(pool, "kafka-relay").await?;
-            Ok::<_, sqlx::Error>(!event_log::has_pending(pool, checkpoint).await?)
+            let after = event_log::read_committed(pool, checkpoint, 1).await?;
+            Ok::<_, sqlx::Error>(after.events.is_empty() && !after.pending)
         };
         if matches!(published.await, Ok(true))
             && matches!(projector::check::check(pool).await, Ok(report) if report.differences.is_empty())

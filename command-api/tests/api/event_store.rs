@@ -168,7 +168,8 @@ async fn the_log_reads_in_commit_order_across_a_power_of_ten() {
     }
     let events = event_log::read_committed(&app.pool, event_log::LogPosition::START, 10)
         .await
-        .unwrap();
+        .unwrap()
+        .events;
     let order: Vec<(u64, &str)> = events
         .iter()
         .map(|e| (e.position.tx_id, e.aggregate_id.as_str()))

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
+use service_kit::db::channels;
+use sqlx::postgres::PgListener;
 
 use crate::system::{System, TENANT};
 
@@ -73,9 +75,9 @@ async fn a_late_committing_transaction_is_not_skipped() {
     for _ in 0..5 {
         last = system.move_money(fast, 10).await;
     }
-    // The relay looks at the log again after they committed (twice, so that a whole pass of
-    // its loop began after them: it reads, publishes, moves its checkpoint, and only then
-    // asks whether something waits) and still publishes nothing past the open transaction.
+    // The relay reads the log again after they committed (twice, so that a whole pass of its
+    // loop began after them: it reads, publishes what is final, moves its checkpoint, and
+    // reads again) and still publishes nothing past the open transaction.
     // (Held briefly: it holds back the relays of every other test on this server too.)
     let since = system.database_now().await;
     let looked = relay_looked_for_pending_events_after(&system, since).await;
@@ -122,9 +124,10 @@ async fn a_late_committing_transaction_is_not_skipped() {
     system.converged(Duration::from_secs(10)).await;
 }
 
-/// Waits (up to 10 s) until the relay, with nothing it may publish, asked whether events are
-/// waiting (behind an open transaction) in a query that started after `since`; returns when
-/// that query started. Seen in `pg_stat_activity`, where each session shows its last query.
+/// Waits (up to 10 s) until the relay, with nothing it may publish, read the log in a query that
+/// started after `since` (it reads again every `PENDING_POLL` while events wait behind an open
+/// transaction); returns when that query started. Seen in `pg_stat_activity`, where each
+/// session shows its last query.
 async fn relay_looked_for_pending_events_after(
     system: &System,
     since: chrono::DateTime<chrono::Utc>,
@@ -134,7 +137,7 @@ async fn relay_looked_for_pending_events_after(
         let started: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
             "SELECT max(query_start) FROM pg_stat_activity
               WHERE datname = current_database() AND state = 'idle' AND query_start > $1
-                AND query LIKE 'SELECT count(*) > 0%FROM (SELECT FROM events WHERE (tx_id, global_position) >%'",
+                AND query LIKE 'SELECT tx_id::text AS tx_id, global_position,%is_final%'",
         )
         .bind(since)
         .fetch_one(&system.pool)
@@ -145,15 +148,17 @@ async fn relay_looked_for_pending_events_after(
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the relay did not look for waiting events (event_log::has_pending) since {since}"
+            "the relay did not read the log (event_log::read_committed) since {since}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-#[tokio::test]
-async fn the_relay_in_the_command_api_publishes_too() {
-    let mut system = System::start().await;
+/// Starts a command API with its relay (idle poll 30 s, so that only a wake-up makes it publish
+/// soon) in place of the system's relay; returns its base URL once its relay leads.
+async fn command_api_leading_the_relay(system: &mut System) -> String {
+    // The killed relay's session may hold the lock a moment longer.
+    let killed = system.leader_pid().await;
     system.kill_relay().await;
     let app = command_api::Application::build(command_api::Config {
         relay: Some(command_api::relay::RelayConfig {
@@ -171,6 +176,22 @@ async fn the_relay_in_the_command_api_publishes_too() {
     .unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let leader = system.leader_pid().await;
+        if leader.is_some() && leader != killed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command API's relay did not take the lead"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    base
+}
+
+async fn open_through(system: &System, base: &str) -> uuid::Uuid {
     let reply: serde_json::Value = system
         .client
         .post(format!("{base}/v1/accounts"))
@@ -182,8 +203,45 @@ async fn the_relay_in_the_command_api_publishes_too() {
         .json()
         .await
         .unwrap();
-    let account = reply["account_id"].as_str().unwrap().parse().unwrap();
+    reply["account_id"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_relay_in_the_command_api_publishes_too() {
+    let mut system = System::start().await;
+    let base = command_api_leading_the_relay(&mut system).await;
+    let account = open_through(&system, &base).await;
     // The idle poll is 30 s: being visible within the query's wait shows the append woke it.
     let view = system.account_at(account, 1).await;
     assert_eq!(view["currency"], "USD");
+}
+
+/// Only the leader listens: a command API whose own relay leads wakes it directly and sends no
+/// `NOTIFY ledger_events`, which would only wake that same relay again; a command API whose
+/// relay does not lead still sends one.
+#[tokio::test]
+async fn only_appends_beside_a_relay_that_does_not_lead_notify_the_relays() {
+    let mut system = System::start().await;
+    let mut listener = PgListener::connect_with(&system.pool).await.unwrap();
+    listener.listen(channels::EVENTS_APPENDED).await.unwrap();
+    let base = command_api_leading_the_relay(&mut system).await;
+    let account = open_through(&system, &base).await;
+    system.account_at(account, 1).await;
+    // Notifications arrive in commit order: the leader's, had it sent one when it appended,
+    // would come before this one, sent after the event was published and projected.
+    sqlx::query("SELECT pg_notify($1, 'after the leader appended')")
+        .bind(channels::EVENTS_APPENDED)
+        .execute(&system.pool)
+        .await
+        .unwrap();
+    let first = listener.recv().await.unwrap();
+    assert_eq!(first.payload(), "after the leader appended");
+
+    // The system's command API runs no relay.
+    system.open(0).await;
+    let next = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("an append beside no leading relay sent no NOTIFY")
+        .unwrap();
+    assert_eq!(next.payload(), "");
 }
