@@ -488,6 +488,17 @@ impl TestSystem {
         .unwrap()
     }
 
+    /// Waits (up to 5 s) for a session other than `not` to hold the leadership lock.
+    pub async fn leader_other_than(&self, not: Option<i32>) -> i32 {
+        eventually(Duration::from_secs(5), || async {
+            match self.leader_pid().await {
+                Some(pid) if Some(pid) != not => Ok(pid),
+                leader => Err(format!("no relay took over: the leader is {leader:?}")),
+            }
+        })
+        .await
+    }
+
     /// Sessions holding the relay's leadership lock in this database.
     pub async fn leaders(&self) -> i64 {
         sqlx::query_scalar(

@@ -337,7 +337,7 @@ async fn a_leader_whose_lock_connection_is_cut_mid_stream_hands_over_and_loses_n
     // before the cut are still not under the checkpoint.
     let mut cut = None;
     for _ in 0..10 {
-        let leader = wait_for_leader(&system, None).await;
+        let leader = system.leader_other_than(None).await;
         let head = system.relay_backlog().await;
         let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
             .bind(leader)
@@ -352,7 +352,7 @@ async fn a_leader_whose_lock_connection_is_cut_mid_stream_hands_over_and_loses_n
         // The other relay took over and published them before the look: cut it in turn.
     }
     let first = cut.expect("every cut came after the leader had published all it had");
-    let second = wait_for_leader(&system, Some(first)).await;
+    let second = system.leader_other_than(Some(first)).await;
     done.store(true, Ordering::Relaxed);
     load.await.unwrap();
     system.converged(Duration::from_secs(60)).await;
@@ -367,17 +367,6 @@ async fn a_leader_whose_lock_connection_is_cut_mid_stream_hands_over_and_loses_n
     assert_eq!(system.leaders().await, 1);
     assert_eq!(system.leader_pid().await, Some(second));
     standby.abort();
-}
-
-/// Waits (up to 5 s) for a session other than `not` to hold the leadership lock.
-async fn wait_for_leader(system: &System, not: Option<i32>) -> i32 {
-    test_system::eventually(Duration::from_secs(5), || async {
-        match system.leader_pid().await {
-            Some(pid) if Some(pid) != not => Ok(pid),
-            leader => Err(format!("no relay took over: the leader is {leader:?}")),
-        }
-    })
-    .await
 }
 
 /// A broker of this test's own, storing in Postgres so that a restart keeps what it

@@ -176,18 +176,7 @@ async fn command_api_leading_the_relay(system: &mut System) -> String {
     .unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let leader = system.leader_pid().await;
-        if leader.is_some() && leader != killed {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command API's relay did not take the lead"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    system.leader_other_than(killed).await;
     base
 }
 
