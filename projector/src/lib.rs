@@ -44,7 +44,7 @@ use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use service_kit::retry;
 use service_kit::server::{ANY_LOCAL_PORT, ServerLimits};
 use service_kit::telemetry;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
 use crate::model::{AccountRow, EntryRow};
@@ -316,18 +316,17 @@ impl Projector {
         }
     }
 
-    /// Applies what `notices` announce, from the event store, in one transaction. Returns the
-    /// messages refused: those that are not exactly the stored event they name.
+    /// Applies what `notices` announce, from the event store, in one write: one statement, or
+    /// one transaction when streams are parked or resumed. Returns the messages refused: those
+    /// that are not exactly the stored event they name.
     async fn apply(&self, notices: &[Notice<'_, '_>]) -> Result<Vec<Rejected>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut connection = self.pool.acquire().await?;
         let mut ids: Vec<Uuid> = notices.iter().map(|notice| notice.account_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut rows: HashMap<Uuid, AccountRow> =
-            store::lock_rows(&mut tx, Tables::LIVE, &ids).await?;
-        // Streams parked earlier: only their blocking event is read again (it may be readable
-        // now), never the tail behind it, whatever a message announces.
-        let already_parked: HashMap<Uuid, i64> = store::parked_at(&mut tx, &ids).await?;
+        // `already_parked`: streams parked earlier. Only their blocking event is read again (it
+        // may be readable now), never the tail behind it, whatever a message announces.
+        let (mut rows, already_parked) = store::live_state(&mut connection, &ids).await?;
         let version_of =
             |rows: &HashMap<Uuid, AccountRow>, id: &Uuid| rows.get(id).map_or(0, |row| row.version);
         let mut exact = Vec::new();
@@ -347,7 +346,7 @@ impl Projector {
             .iter()
             .map(|(id, highest)| (*id, version_of(&rows, id), *highest))
             .collect();
-        let stored = store::announced_events(&mut tx, &exact, &ranges).await?;
+        let stored = store::announced_events(&mut connection, &exact, &ranges).await?;
 
         let mut changed: Vec<Uuid> = Vec::new();
         let mut entries: Vec<EntryRow> = Vec::new();
@@ -421,9 +420,6 @@ impl Projector {
         changed.sort_unstable();
         changed.dedup();
         let changed_rows: Vec<&AccountRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
-        // Its notifications, delivered at commit, wake queries waiting for a `min_version`
-        // and feed subscriptions.
-        store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
         let resumed: Vec<Uuid> = changed
             .iter()
             .filter(|id| already_parked.contains_key(id))
@@ -431,11 +427,18 @@ impl Projector {
             .copied()
             .collect();
         parked.retain(|parked| already_parked.get(&parked.account_id) != Some(&parked.sequence));
+        if parked.is_empty() && resumed.is_empty() {
+            // The usual batch: one statement, committed on its own, without the round trips
+            // of a transaction's BEGIN and COMMIT. Its notifications, delivered at commit, wake
+            // queries waiting for a `min_version` and feed subscriptions.
+            store::save(&mut connection, Tables::LIVE, &changed_rows, &entries).await?;
+            return Ok(refused);
+        }
+        let mut tx = connection.begin().await?;
+        store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
         store::park(&mut tx, &parked, &resumed).await?;
         tx.commit().await?;
-        if !parked.is_empty() || !resumed.is_empty() {
-            record_parked_streams(&self.pool).await;
-        }
+        record_parked_streams(&self.pool).await;
         Ok(refused)
     }
 

@@ -3,6 +3,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use projector::model::{AccountRow, EntryRow};
+use projector::store::{self, Tables};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -220,6 +222,60 @@ async fn redelivered_messages_change_nothing() {
         .query(&format!("/v1/accounts/{account}/entries"), &system.viewer())
         .await;
     assert_eq!(entries["items"].as_array().unwrap().len(), 4);
+    assert!(system.differences().await.is_empty());
+}
+
+/// The projector reads rows without locking them, so two projectors that overlap during a
+/// rebalance may both write an account: a write folded from an older row must neither move the
+/// row back nor replace an entry.
+#[tokio::test]
+async fn a_write_folded_from_an_older_row_changes_nothing() {
+    let system = System::start().await;
+    let account = system.open(0).await;
+    for amount in [10, 20, 30] {
+        system.move_money(account, amount).await;
+    }
+    system.projected(account, 4).await;
+    let mut connection = system.pool.acquire().await.unwrap();
+    let (rows, parked) = store::live_state(&mut connection, &[account])
+        .await
+        .unwrap();
+    assert!(parked.is_empty());
+    let newest = rows[&account].clone();
+    assert_eq!((newest.version, newest.balance), (4, 60));
+    let older = AccountRow {
+        version: 2,
+        balance: 999,
+        ..newest.clone()
+    };
+    let stale_entry = EntryRow {
+        account_id: account,
+        version: 2,
+        tenant: newest.tenant.clone(),
+        kind: "deposit",
+        amount: 999,
+        currency: newest.currency.clone(),
+        balance_after: 999,
+        event_id: uuid::Uuid::now_v7(),
+        recorded_at: newest.updated_at,
+        transfer_id: None,
+    };
+    store::save(&mut connection, Tables::LIVE, &[&older], &[stale_entry])
+        .await
+        .unwrap();
+
+    let (rows, _) = store::live_state(&mut connection, &[account])
+        .await
+        .unwrap();
+    assert_eq!(rows[&account], newest);
+    let entry: (i64, i64) = sqlx::query_as(
+        "SELECT amount, balance_after FROM account_entries WHERE account_id = $1 AND version = 2",
+    )
+    .bind(account)
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(entry, (10, 10));
     assert!(system.differences().await.is_empty());
 }
 
