@@ -44,7 +44,7 @@ use service_kit::kafka::{self, BrokerProbe, ConsumerLag, KafkaConfig, headers};
 use service_kit::retry;
 use service_kit::server::{ANY_LOCAL_PORT, ServerLimits};
 use service_kit::telemetry;
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::model::{AccountRow, EntryRow};
@@ -316,130 +316,47 @@ impl Projector {
         }
     }
 
-    /// Applies what `notices` announce, from the event store, in one write: one statement, or
-    /// one transaction when streams are parked or resumed. Returns the messages refused: those
-    /// that are not exactly the stored event they name.
+    /// Applies what `notices` announce, from the event store. Returns the messages refused:
+    /// those that are not exactly the stored event they name.
+    ///
+    /// The usual batch is read without locks and written by one statement (see
+    /// `store::live_state` for why that is safe). A batch that parks or resumes a stream is
+    /// folded again in a transaction with its rows locked, so that its parking and its rows
+    /// agree with what another projector overlapping it during a rebalance wrote meanwhile.
     async fn apply(&self, notices: &[Notice<'_, '_>]) -> Result<Vec<Rejected>, sqlx::Error> {
         let mut connection = self.pool.acquire().await?;
-        let mut ids: Vec<Uuid> = notices.iter().map(|notice| notice.account_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        // `already_parked`: streams parked earlier. Only their blocking event is read again (it
-        // may be readable now), never the tail behind it, whatever a message announces.
-        let (mut rows, already_parked) = store::live_state(&mut connection, &ids).await?;
-        let version_of =
-            |rows: &HashMap<Uuid, AccountRow>, id: &Uuid| rows.get(id).map_or(0, |row| row.version);
-        let mut exact = Vec::new();
-        let mut up_to: HashMap<Uuid, i64> = HashMap::new();
-        for notice in notices {
-            let id = notice.account_id;
-            if notice.sequence <= version_of(&rows, &id) || already_parked.contains_key(&id) {
-                exact.push((id, notice.sequence));
-            }
-            if notice.sequence > version_of(&rows, &id) {
-                let limit = already_parked.get(&id).copied().unwrap_or(i64::MAX);
-                let highest = up_to.entry(id).or_default();
-                *highest = (*highest).max(notice.sequence.min(limit));
-            }
+        let mut folded = fold(&mut connection, notices, false).await?;
+        if folded.parked.is_empty() && folded.resumed.is_empty() {
+            // Its notifications, delivered at commit, wake queries waiting for a `min_version`
+            // and feed subscriptions.
+            store::save(
+                &mut connection,
+                Tables::LIVE,
+                &folded.changed_rows(),
+                &folded.entries,
+            )
+            .await?;
+        } else {
+            let mut tx = connection.begin().await?;
+            folded = fold(&mut tx, notices, true).await?;
+            store::save(
+                &mut tx,
+                Tables::LIVE,
+                &folded.changed_rows(),
+                &folded.entries,
+            )
+            .await?;
+            store::park(&mut tx, &folded.parked, &folded.resumed).await?;
+            tx.commit().await?;
+            record_parked_streams(&self.pool).await;
         }
-        let ranges: Vec<(Uuid, i64, i64)> = up_to
-            .iter()
-            .map(|(id, highest)| (*id, version_of(&rows, id), *highest))
-            .collect();
-        let stored = store::announced_events(&mut connection, &exact, &ranges).await?;
-
-        let mut changed: Vec<Uuid> = Vec::new();
-        let mut entries: Vec<EntryRow> = Vec::new();
-        let mut parked: Vec<Parked> = Vec::new();
-        let mut refused = Vec::new();
-        for notice in notices {
-            let id = notice.account_id;
-            let message = notice.message;
-            let verified = match stored.get(&(id, notice.sequence)) {
-                None => Err(format!(
-                    "event {} of account {id} is not in the event store",
-                    notice.sequence
-                )),
-                Some(event) => {
-                    kafka::verify(event, message.key(), message.headers(), message.payload())
-                }
-            };
-            if let Err(reason) = verified {
-                metrics::counter!("ledger_projector_unverified_total").increment(1);
-                refused.push(Rejected {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    reason,
-                });
-                continue;
-            }
-            if parked.iter().any(|parked| parked.account_id == id) {
-                continue;
-            }
-            let mut row = rows.remove(&id);
-            let before = row.as_ref().map_or(0, |row| row.version);
-            let mut version = before;
-            while version < notice.sequence {
-                let next = version + 1;
-                let event = stored.get(&(id, next));
-                if event.is_none() && already_parked.get(&id).is_some_and(|at| next > *at) {
-                    // Resumed, but only its blocking event was read: the account's next
-                    // message (or `projector rebuild`) brings the rest.
-                    break;
-                }
-                let applied = match event {
-                    None => Err(format!("event {next} is missing from the event store")),
-                    Some(stored) => store::decode(stored)
-                        .map_err(|err| err.to_string())
-                        .and_then(|(_, event)| {
-                            model::apply(&mut row, id, stored, &event, &mut entries)
-                                .map_err(|err| err.to_string())
-                        }),
-                };
-                if let Err(reason) = applied {
-                    if already_parked.get(&id) != Some(&next) {
-                        tracing::error!(account = %id, sequence = next, reason, "parking an account stream the projection cannot continue");
-                        metrics::counter!("ledger_projector_parked_total").increment(1);
-                    }
-                    parked.push(Parked {
-                        account_id: id,
-                        sequence: next,
-                        reason,
-                    });
-                    break;
-                }
-                version = next;
-            }
-            if version > before {
-                changed.push(id);
-            }
-            if let Some(row) = row {
-                rows.insert(id, row);
-            }
+        for parked in &folded.parked {
+            tracing::error!(account = %parked.account_id, sequence = parked.sequence, reason = parked.reason, "parked an account stream the projection cannot continue");
+            metrics::counter!("ledger_projector_parked_total").increment(1);
         }
-        changed.sort_unstable();
-        changed.dedup();
-        let changed_rows: Vec<&AccountRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
-        let resumed: Vec<Uuid> = changed
-            .iter()
-            .filter(|id| already_parked.contains_key(id))
-            .filter(|id| !parked.iter().any(|parked| parked.account_id == **id))
-            .copied()
-            .collect();
-        parked.retain(|parked| already_parked.get(&parked.account_id) != Some(&parked.sequence));
-        if parked.is_empty() && resumed.is_empty() {
-            // The usual batch: one statement, committed on its own, without the round trips
-            // of a transaction's BEGIN and COMMIT. Its notifications, delivered at commit, wake
-            // queries waiting for a `min_version` and feed subscriptions.
-            store::save(&mut connection, Tables::LIVE, &changed_rows, &entries).await?;
-            return Ok(refused);
-        }
-        let mut tx = connection.begin().await?;
-        store::save(&mut tx, Tables::LIVE, &changed_rows, &entries).await?;
-        store::park(&mut tx, &parked, &resumed).await?;
-        tx.commit().await?;
-        record_parked_streams(&self.pool).await;
-        Ok(refused)
+        metrics::counter!("ledger_projector_unverified_total")
+            .increment(folded.refused.len() as u64);
+        Ok(folded.refused)
     }
 
     /// Refolds the transfers the messages name; retries database failures until they pass.
@@ -549,6 +466,147 @@ impl Projector {
             }
         }
     }
+}
+
+/// What a batch of account messages changes in the read model.
+struct Folded {
+    rows: HashMap<Uuid, AccountRow>,
+    /// The accounts whose rows moved, in id order.
+    changed: Vec<Uuid>,
+    entries: Vec<EntryRow>,
+    /// Streams parked by this batch (not those parked before at the same event).
+    parked: Vec<Parked>,
+    /// Streams parked before that moved on.
+    resumed: Vec<Uuid>,
+    refused: Vec<Rejected>,
+}
+
+impl Folded {
+    fn changed_rows(&self) -> Vec<&AccountRow> {
+        self.changed
+            .iter()
+            .filter_map(|id| self.rows.get(id))
+            .collect()
+    }
+}
+
+/// Folds what `notices` announce onto the live rows, from the stored events (with the rows
+/// locked if `lock`); writes nothing.
+async fn fold(
+    connection: &mut PgConnection,
+    notices: &[Notice<'_, '_>],
+    lock: bool,
+) -> Result<Folded, sqlx::Error> {
+    let mut ids: Vec<Uuid> = notices.iter().map(|notice| notice.account_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // `already_parked`: streams parked earlier. Only their blocking event is read again (it
+    // may be readable now), never the tail behind it, whatever a message announces.
+    let (mut rows, already_parked) = store::live_state(connection, &ids, lock).await?;
+    let version_of =
+        |rows: &HashMap<Uuid, AccountRow>, id: &Uuid| rows.get(id).map_or(0, |row| row.version);
+    let mut exact = Vec::new();
+    let mut up_to: HashMap<Uuid, i64> = HashMap::new();
+    for notice in notices {
+        let id = notice.account_id;
+        if notice.sequence <= version_of(&rows, &id) || already_parked.contains_key(&id) {
+            exact.push((id, notice.sequence));
+        }
+        if notice.sequence > version_of(&rows, &id) {
+            let limit = already_parked.get(&id).copied().unwrap_or(i64::MAX);
+            let highest = up_to.entry(id).or_default();
+            *highest = (*highest).max(notice.sequence.min(limit));
+        }
+    }
+    let ranges: Vec<(Uuid, i64, i64)> = up_to
+        .iter()
+        .map(|(id, highest)| (*id, version_of(&rows, id), *highest))
+        .collect();
+    let stored = store::announced_events(connection, &exact, &ranges).await?;
+
+    let mut changed: Vec<Uuid> = Vec::new();
+    let mut entries: Vec<EntryRow> = Vec::new();
+    let mut parked: Vec<Parked> = Vec::new();
+    let mut refused = Vec::new();
+    for notice in notices {
+        let id = notice.account_id;
+        let message = notice.message;
+        let verified = match stored.get(&(id, notice.sequence)) {
+            None => Err(format!(
+                "event {} of account {id} is not in the event store",
+                notice.sequence
+            )),
+            Some(event) => {
+                kafka::verify(event, message.key(), message.headers(), message.payload())
+            }
+        };
+        if let Err(reason) = verified {
+            refused.push(Rejected {
+                partition: message.partition(),
+                offset: message.offset(),
+                reason,
+            });
+            continue;
+        }
+        if parked.iter().any(|parked| parked.account_id == id) {
+            continue;
+        }
+        let mut row = rows.remove(&id);
+        let before = row.as_ref().map_or(0, |row| row.version);
+        let mut version = before;
+        while version < notice.sequence {
+            let next = version + 1;
+            let event = stored.get(&(id, next));
+            if event.is_none() && already_parked.get(&id).is_some_and(|at| next > *at) {
+                // Resumed, but only its blocking event was read: the account's next
+                // message (or `projector rebuild`) brings the rest.
+                break;
+            }
+            let applied = match event {
+                None => Err(format!("event {next} is missing from the event store")),
+                Some(stored) => store::decode(stored)
+                    .map_err(|err| err.to_string())
+                    .and_then(|(_, event)| {
+                        model::apply(&mut row, id, stored, &event, &mut entries)
+                            .map_err(|err| err.to_string())
+                    }),
+            };
+            if let Err(reason) = applied {
+                parked.push(Parked {
+                    account_id: id,
+                    sequence: next,
+                    reason,
+                });
+                break;
+            }
+            version = next;
+        }
+        if version > before {
+            changed.push(id);
+        }
+        if let Some(row) = row {
+            rows.insert(id, row);
+        }
+    }
+    changed.sort_unstable();
+    changed.dedup();
+    let resumed: Vec<Uuid> = changed
+        .iter()
+        .filter(|id| already_parked.contains_key(id))
+        .filter(|id| !parked.iter().any(|parked| parked.account_id == **id))
+        .copied()
+        .collect();
+    parked.retain(|parked| already_parked.get(&parked.account_id) != Some(&parked.sequence));
+    // In id order, as the rows: two projectors parking the same streams cannot deadlock.
+    parked.sort_by_key(|parked| parked.account_id);
+    Ok(Folded {
+        rows,
+        changed,
+        entries,
+        parked,
+        resumed,
+        refused,
+    })
 }
 
 /// Sets `ledger_projector_parked_streams` from the table.

@@ -86,23 +86,28 @@ pub fn upsert(table: &str, columns: &[(&str, &str)]) -> String {
 /// key on its own (as in [`announced_events`]): as `id = ANY($1)`, the generic plan scanned the
 /// whole table of a few thousand accounts and compared each row with every id of the batch.
 ///
-/// Nothing is locked: [`save`] moves a row only to a higher version and writes each entry once,
-/// and every row is the fold of its stream up to its version, so two projectors that overlap
-/// during a rebalance write the same rows and entries, and the newer fold wins. Unlocked, the
-/// reads need no transaction around them, and the usual batch costs three round trips (this,
-/// [`announced_events`], [`save`]) where `FOR UPDATE` took six.
+/// With `lock`, the rows are locked until the transaction ends, in id order (so that two
+/// projectors cannot deadlock). The usual batch needs no lock: [`save`] moves a row only to a
+/// higher version and writes each entry once, and every row is the fold of its stream up to its
+/// version, so two projectors that overlap during a rebalance write the same rows and entries,
+/// and the newer fold wins. Unlocked, the reads need no transaction around them, and the batch
+/// costs three round trips (this, [`announced_events`], [`save`]) where `FOR UPDATE` took six.
+/// Parking and resuming streams is what needs the lock: a parking written from a stale read
+/// would stop a stream that another projector moved past.
 pub async fn live_state(
     connection: &mut PgConnection,
     ids: &[Uuid],
+    lock: bool,
 ) -> Result<(HashMap<Uuid, AccountRow>, HashMap<Uuid, i64>), sqlx::Error> {
     let found: Vec<PgRow> = sqlx::query(&format!(
-        "SELECT a.*, p.account_id AS parked_account, p.sequence AS parked_at
+        "SELECT a.*, p.account_id AS parked_account, p.sequence AS parked_sequence
            FROM (SELECT a.* FROM UNNEST($1::uuid[]) AS w(id),
-                        LATERAL (SELECT {} FROM {} WHERE id = w.id OFFSET 0) AS a) AS a
+                        LATERAL (SELECT {} FROM {} WHERE id = w.id OFFSET 0 {}) AS a) AS a
            FULL JOIN (SELECT account_id, sequence FROM projector_parked_streams
                        WHERE account_id = ANY($1)) AS p ON p.account_id = a.id",
         column_list(ACCOUNT_COLUMNS),
-        Tables::LIVE.accounts
+        Tables::LIVE.accounts,
+        if lock { "FOR UPDATE" } else { "" },
     ))
     .bind(ids)
     .fetch_all(connection)
@@ -114,7 +119,7 @@ pub async fn live_state(
             rows.insert(row.id, row);
         }
         if let Some(id) = found.try_get::<Option<Uuid>, _>("parked_account")? {
-            parked.insert(id, found.try_get("parked_at")?);
+            parked.insert(id, found.try_get("parked_sequence")?);
         }
     }
     Ok((rows, parked))

@@ -237,7 +237,7 @@ async fn a_write_folded_from_an_older_row_changes_nothing() {
     }
     system.projected(account, 4).await;
     let mut connection = system.pool.acquire().await.unwrap();
-    let (rows, parked) = store::live_state(&mut connection, &[account])
+    let (rows, parked) = store::live_state(&mut connection, &[account], false)
         .await
         .unwrap();
     assert!(parked.is_empty());
@@ -264,7 +264,7 @@ async fn a_write_folded_from_an_older_row_changes_nothing() {
         .await
         .unwrap();
 
-    let (rows, _) = store::live_state(&mut connection, &[account])
+    let (rows, _) = store::live_state(&mut connection, &[account], false)
         .await
         .unwrap();
     assert_eq!(rows[&account], newest);
