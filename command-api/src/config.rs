@@ -95,6 +95,12 @@ pub const COMMAND_API_APPEND_WRITERS: Setting<NonZeroUsize> = Setting::new(
     NonZeroUsize::new(2).unwrap(),
     "batches of appends in flight at once (each is one INSERT of every append queued when it starts)",
 );
+/// Read by `main`, which builds the runtime before anything else runs.
+pub const COMMAND_API_WORKER_THREADS: Setting<NonZeroUsize> = Setting::new(
+    "COMMAND_API_WORKER_THREADS",
+    NonZeroUsize::new(1).unwrap(),
+    "threads of the process's async runtime: one spares the wake-ups between threads that a request's hops (connection, stream, writer) cost with two (`cargo xtask bench commands`, 1 client: 207-255 µs of CPU per deposit against 329-358, p50 0.71-0.82 ms against 0.90-1.01; 16 clients: about a tenth less CPU) and carried 5,000-6,000 deposits/s; more where the command API has cores of its own",
+);
 pub const COMMAND_API_MAX_TRANSFERS_IN_FLIGHT: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_MAX_TRANSFERS_IN_FLIGHT",
     NonZeroUsize::new(1000).unwrap(),
@@ -134,6 +140,7 @@ pub const SETTINGS: Settings = &[
     &COMMAND_API_AGGREGATE_CACHE_BYTES,
     &COMMAND_API_CONFLICT_RETRIES,
     &COMMAND_API_APPEND_WRITERS,
+    &COMMAND_API_WORKER_THREADS,
     &COMMAND_API_SNAPSHOT_EVERY,
     &COMMAND_API_MAX_TRANSFERS_IN_FLIGHT,
     &COMMAND_API_MAX_TRANSFERS_IN_FLIGHT_PER_TENANT,

@@ -2,6 +2,7 @@
 //! `clap` parses the subcommand: usage, `--help` and errors from a maintained parser.
 
 use clap::{Parser, Subcommand};
+use command_api::config::COMMAND_API_WORKER_THREADS;
 use command_api::process::{ProcessConfig, ProcessManager};
 use command_api::relay::{Relay, RelayConfig};
 use command_api::{AppendSignal, Application, Config};
@@ -34,9 +35,16 @@ enum Command {
     Migrate,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(COMMAND_API_WORKER_THREADS.read()?.get())
+        .enable_all()
+        .build()?
+        .block_on(run(command))
+}
+
+async fn run(command: Option<Command>) -> anyhow::Result<()> {
     let service = match command {
         Some(Command::ProcessTransfers) => "process-manager",
         Some(Command::Relay) => "relay",
