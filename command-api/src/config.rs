@@ -99,7 +99,7 @@ pub const COMMAND_API_APPEND_WRITERS: Setting<NonZeroUsize> = Setting::new(
 pub const COMMAND_API_WORKER_THREADS: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_WORKER_THREADS",
     NonZeroUsize::new(1).unwrap(),
-    "threads of the process's async runtime: one spares the wake-ups between threads that a request's hops (connection, stream, writer) cost with two (`cargo xtask bench commands`, 1 client: 207-255 µs of CPU per deposit against 329-358, p50 0.71-0.82 ms against 0.90-1.01; 16 clients: about a tenth less CPU) and carried 5,000-6,000 deposits/s; more where the command API has cores of its own",
+    "threads of the process's async runtime: with one, a request's hops between its connection, stream and writer tasks need no wake-ups across threads (`cargo xtask bench commands` at 1 client, four interleaved pairs: 2.3 context switches per deposit against 4.0 with two, 207-284 µs of CPU against 329-414, p50 0.71-0.93 ms against 0.90-1.13; at 16 clients about a tenth less CPU, 5,000-6,000 deposits/s); more where the command API has cores of its own",
 );
 pub const COMMAND_API_MAX_TRANSFERS_IN_FLIGHT: Setting<NonZeroUsize> = Setting::new(
     "COMMAND_API_MAX_TRANSFERS_IN_FLIGHT",
