@@ -15,6 +15,12 @@ use tokio::process::{Child, Command};
 /// suite loading two cores, Node loading `oidc-provider` has taken longer than 30 s.
 const START_WITHIN: Duration = Duration::from_secs(90);
 
+/// Providers starting at once in this process. A test binary starts one per test, all
+/// together; nine Node processes loading `oidc-provider` on two cores at once each took so
+/// long that one missed [`START_WITHIN`] in CI, where one after the other each starts in a
+/// second or two.
+static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Why the provider could not be started or asked.
 #[derive(Debug, thiserror::Error)]
 pub enum DevProviderError {
@@ -163,6 +169,10 @@ impl DevProvider {
     /// listens.
     pub async fn start(port: u16, config: &serde_json::Value) -> Result<Self, DevProviderError> {
         ensure_installed().await?;
+        let _starting = STARTING
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let mut child = Command::new("node")
             .arg("server.mjs")
             .current_dir(launcher_directory())
